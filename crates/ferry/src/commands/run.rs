@@ -1,0 +1,276 @@
+//! `ferry run`: boots a VM with the test guest, streams its console, and
+//! ends with a verdict on the guest's own memory checks.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_testguest::console::Line;
+use ferry_testguest::workload::Workload;
+use ferry_vmm::{GuestImage, Vm, VmConfig, VmEvent};
+
+use crate::size::{parse_size, show_size};
+use crate::watch::{GuestWatch, Seen};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmArgs {
+    /// Guest memory, with a unit: 512M, 1G, 4GiB.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub mem: u64,
+    /// Number of vCPUs; each runs its own share of the workload [default: 1].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=ferry_testguest::MAX_VCPUS as i64))]
+    pub vcpus: Option<u32>,
+    /// idle, or dirty:WS_MB:RATE[:FILL_MB] (RATE in MiB/s or `max`) [default: idle].
+    #[arg(long)]
+    pub workload: Option<Workload>,
+    /// Guest ELF to boot instead of the built-in test guest.
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Fault in all guest memory before the guest starts.
+    #[arg(long)]
+    pub prealloc: bool,
+}
+
+impl VmArgs {
+    pub fn vcpus(&self) -> u32 {
+        self.vcpus.unwrap_or(1)
+    }
+
+    pub fn workload(&self) -> Workload {
+        self.workload.unwrap_or(Workload::Idle)
+    }
+
+    /// Checks what can be checked before touching KVM, then builds the config.
+    pub fn to_config(&self) -> anyhow::Result<VmConfig> {
+        ferry_vmm::memory::check_size(self.mem, ferry_vmm::memory::host_available_bytes()?)
+            .context("--mem")?;
+        let workload = self.workload();
+        let needed = ferry_testguest::guest_mem_needed(&workload);
+        if needed >= self.mem {
+            bail!(
+                "workload {} does not fit: it needs {} but the guest has only {} of memory (--mem)",
+                workload,
+                show_size(needed),
+                show_size(self.mem)
+            );
+        }
+        let image = match &self.guest {
+            Some(path) => GuestImage::File(path.clone()),
+            None => GuestImage::Bytes(ferry_testguest::GUEST_ELF.into()),
+        };
+        Ok(VmConfig {
+            mem_bytes: self.mem,
+            vcpus: self.vcpus(),
+            image,
+            cmdline: ferry_testguest::guest_cmdline(&workload, self.vcpus(), None),
+            prealloc: self.prealloc,
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Stop the VM after this long (e.g. 5s, 500ms); default: until Ctrl-C.
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Do not echo the guest console.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Print the final report as one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why the watch loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    DurationReached,
+    Signal,
+    GuestStopped,
+    Predicate,
+}
+
+/// Boots a VM, returning it and the instant the command started.
+pub fn boot(args: &VmArgs) -> anyhow::Result<(Vm, std::sync::mpsc::Receiver<VmEvent>)> {
+    let config = args.to_config()?;
+    let mut vm = Vm::start(config).context("cannot start the VM")?;
+    let events = vm.take_events().expect("events are taken once, here");
+    Ok((vm, events))
+}
+
+/// Feeds events into `watch` until the duration passes, a signal arrives,
+/// the guest stops by itself, or `done` says so; echoes the console unless
+/// `quiet`.
+pub fn watch_until(
+    events: &std::sync::mpsc::Receiver<VmEvent>,
+    watch: &mut GuestWatch,
+    deadline: Option<Instant>,
+    quiet: bool,
+    mut done: impl FnMut(&GuestWatch) -> bool,
+) -> Ending {
+    let interrupted = interrupt_flag();
+    loop {
+        if interrupted.load(Ordering::Relaxed) {
+            return Ending::Signal;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ending::DurationReached;
+        }
+        let Ok(event) = events.recv_timeout(Duration::from_millis(20)) else {
+            continue;
+        };
+        let had_heartbeat = watch.first_heartbeat_ms.is_some();
+        let had_ready = watch.ready_ms.is_some();
+        match watch.observe(&event) {
+            Seen::Console(text, parsed) => {
+                if !quiet {
+                    println!("{text}");
+                }
+                if !had_heartbeat && matches!(parsed, Line::Heartbeat(_)) {
+                    eprintln!(
+                        "ferry: first heartbeat {:.1} ms after start",
+                        watch.first_heartbeat_ms.unwrap_or_default()
+                    );
+                }
+                if !had_ready && matches!(parsed, Line::Ready(_)) {
+                    eprintln!(
+                        "ferry: READY {:.1} ms after start",
+                        watch.ready_ms.unwrap_or_default()
+                    );
+                }
+            }
+            Seen::Stopped(reason) => {
+                eprintln!("ferry: {reason}");
+                return Ending::GuestStopped;
+            }
+        }
+        if done(watch) {
+            return Ending::Predicate;
+        }
+    }
+}
+
+/// SIGINT/SIGTERM set this flag instead of killing us, so the VM is
+/// stopped cleanly and the report still printed.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            if let Err(e) = signal_hook::flag::register(sig, flag.clone()) {
+                eprintln!("ferry: cannot handle signal {sig}: {e}");
+            }
+        }
+        flag
+    })
+    .clone()
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let start = Instant::now();
+    let (mut vm, events) = boot(&args.vm)?;
+    eprintln!(
+        "ferry: VM started: {} vCPU(s), {} memory{}, workload {}, TSC {} kHz ({:.1} ms to create)",
+        args.vm.vcpus(),
+        show_size(args.vm.mem),
+        if args.vm.prealloc {
+            " (preallocated)"
+        } else {
+            ""
+        },
+        args.vm.workload(),
+        vm.tsc_khz(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    let mut watch = GuestWatch::new(start);
+    let deadline = args.duration.map(|d| start + d);
+    let ending = watch_until(&events, &mut watch, deadline, args.quiet, |_| false);
+    vm.stop();
+    for event in events.try_iter() {
+        if let Seen::Console(text, _) = watch.observe(&event) {
+            if !args.quiet {
+                println!("{text}");
+            }
+        }
+    }
+    let ok = watch.memory_ok() && watch.stopped.is_none() && watch.sequence_breaks == 0;
+    let report = RunReport {
+        mem_bytes: args.vm.mem,
+        vcpus: args.vm.vcpus(),
+        workload: args.vm.workload().to_string(),
+        prealloc: args.vm.prealloc,
+        ended_by: format!("{ending:?}"),
+        wall_ms: watch.elapsed().as_secs_f64() * 1e3,
+        verdict: if ok { "ok" } else { "FAILED" },
+        guest: &watch,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print_table();
+    }
+    Ok(ok)
+}
+
+#[derive(serde::Serialize)]
+struct RunReport<'a> {
+    mem_bytes: u64,
+    vcpus: u32,
+    workload: String,
+    prealloc: bool,
+    ended_by: String,
+    wall_ms: f64,
+    verdict: &'static str,
+    guest: &'a GuestWatch,
+}
+
+impl RunReport<'_> {
+    fn print_table(&self) {
+        let g = self.guest;
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+        let rows = [
+            (
+                "VM",
+                format!(
+                    "{} vCPU, {}, {}",
+                    self.vcpus,
+                    show_size(self.mem_bytes),
+                    self.workload
+                ),
+            ),
+            (
+                "ran for",
+                format!("{:.1} s ({})", self.wall_ms / 1e3, self.ended_by),
+            ),
+            ("start to first heartbeat", ms(g.first_heartbeat_ms)),
+            ("start to READY", ms(g.ready_ms)),
+            (
+                "heartbeats",
+                format!("{} (sequence breaks: {})", g.heartbeats, g.sequence_breaks),
+            ),
+            (
+                "pages written / verified",
+                format!("{} / {}", g.pages_written, g.pages_verified),
+            ),
+            ("full sweeps verified", g.sweeps.to_string()),
+            (
+                "longest stall seen by guest",
+                format!("{:.3} ms", g.max_stall_us as f64 / 1e3),
+            ),
+            ("verification errors", g.errors.to_string()),
+            (
+                "stopped by guest",
+                g.stopped.clone().unwrap_or_else(|| "-".into()),
+            ),
+            ("verdict", self.verdict.to_string()),
+        ];
+        println!();
+        for (k, v) in rows {
+            println!("  {k:<30} {v}");
+        }
+    }
+}
