@@ -1,6 +1,7 @@
 //! `ferry`: the one command-line tool. Thin: it parses flags, calls the
 //! crates that do the work, and prints what they report.
 
+mod api;
 mod commands;
 mod duration;
 mod size;
@@ -21,6 +22,10 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Boot a VM, run a dirtying workload, print the verification verdict.
     Demo(commands::demo::DemoArgs),
+    /// Write a snapshot of a running VM (`ferry run --api SOCKET`) to a file.
+    Snapshot(commands::snapshot::SnapshotArgs),
+    /// Continue a VM from a snapshot file.
+    Restore(commands::restore::RestoreArgs),
 }
 
 fn main() {
@@ -28,6 +33,8 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Demo(args) => commands::demo::demo(args),
+        Command::Snapshot(args) => commands::snapshot::snapshot(args),
+        Command::Restore(args) => commands::restore::restore(args),
     };
     match result {
         Ok(true) => {}

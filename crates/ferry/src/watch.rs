@@ -17,6 +17,10 @@ pub struct GuestWatch {
     /// From the start of the command to the READY line.
     pub ready_ms: Option<f64>,
     pub heartbeats: u64,
+    /// The first heartbeat seen, and the stall it reported: after a
+    /// restore or migration, the blackout the guest itself measured.
+    pub first_seq: Option<u64>,
+    pub first_stall_us: u64,
     pub last_seq: Option<u64>,
     /// Heartbeats whose sequence number did not follow the previous one.
     pub sequence_breaks: u64,
@@ -77,6 +81,8 @@ impl GuestWatch {
     fn heartbeat(&mut self, hb: &Heartbeat, at: Instant) {
         if self.first_heartbeat_ms.is_none() {
             self.first_heartbeat_ms = Some(self.since_start(at));
+            self.first_seq = Some(hb.seq);
+            self.first_stall_us = hb.stall_us;
         }
         if let Some(prev) = self.last_seq {
             if hb.seq != prev + 1 {

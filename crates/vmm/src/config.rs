@@ -41,18 +41,16 @@ pub enum ConfigError {
     TooManyVcpus { asked: u32, max: usize },
 }
 
-impl VmConfig {
-    /// Checks what depends on the host; memory is checked when it is made.
-    pub fn validate(&self, host: &KvmHost) -> Result<(), ConfigError> {
-        if self.vcpus == 0 {
-            return Err(ConfigError::NoVcpus);
-        }
-        if self.vcpus as usize > host.max_vcpus() {
-            return Err(ConfigError::TooManyVcpus {
-                asked: self.vcpus,
-                max: host.max_vcpus(),
-            });
-        }
-        Ok(())
+/// Checks a vCPU count against the host; memory is checked when it is made.
+pub fn check_vcpus(vcpus: u32, host: &KvmHost) -> Result<(), ConfigError> {
+    if vcpus == 0 {
+        return Err(ConfigError::NoVcpus);
     }
+    if vcpus as usize > host.max_vcpus() {
+        return Err(ConfigError::TooManyVcpus {
+            asked: vcpus,
+            max: host.max_vcpus(),
+        });
+    }
+    Ok(())
 }

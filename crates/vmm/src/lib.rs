@@ -5,11 +5,14 @@
 
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod events;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod page_runs;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

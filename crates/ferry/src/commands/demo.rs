@@ -41,7 +41,9 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
     let mut watch = GuestWatch::new(start);
     let want = args.sweeps;
     let ending = watch_until(
+        &mut vm,
         &events,
+        None,
         &mut watch,
         Some(start + Duration::from_secs(60)),
         !args.verbose,

@@ -11,8 +11,11 @@ use ferry_testguest::console::Line;
 use ferry_testguest::workload::Workload;
 use ferry_vmm::{GuestImage, Vm, VmConfig, VmEvent};
 
+use crate::api::{ApiServer, Pending};
 use crate::size::{parse_size, show_size};
 use crate::watch::{GuestWatch, Seen};
+use ferry_vmm::control::{Request, Response};
+use ferry_vmm::snapshot::take_snapshot;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmArgs {
@@ -74,6 +77,16 @@ impl VmArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
+    #[command(flatten)]
+    pub supervise: SuperviseArgs,
+}
+
+/// How a VM is watched once it runs: shared by `run` and `restore`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SuperviseArgs {
+    /// Serve the VM's API (snapshot, status) on this Unix socket.
+    #[arg(long)]
+    pub api: Option<PathBuf>,
     /// Stop the VM after this long (e.g. 5s, 500ms); default: until Ctrl-C.
     #[arg(long, value_parser = crate::duration::parse_duration)]
     pub duration: Option<Duration>,
@@ -92,6 +105,8 @@ pub enum Ending {
     Signal,
     GuestStopped,
     Predicate,
+    /// A snapshot with `stop` was taken: the VM lives on in the file.
+    SnapshotStopped,
 }
 
 /// Boots a VM, returning it and the instant the command started.
@@ -105,8 +120,11 @@ pub fn boot(args: &VmArgs) -> anyhow::Result<(Vm, std::sync::mpsc::Receiver<VmEv
 /// Feeds events into `watch` until the duration passes, a signal arrives,
 /// the guest stops by itself, or `done` says so; echoes the console unless
 /// `quiet`.
+#[allow(clippy::too_many_arguments)]
 pub fn watch_until(
+    vm: &mut Vm,
     events: &std::sync::mpsc::Receiver<VmEvent>,
+    api: Option<&ApiServer>,
     watch: &mut GuestWatch,
     deadline: Option<Instant>,
     quiet: bool,
@@ -114,6 +132,11 @@ pub fn watch_until(
 ) -> Ending {
     let interrupted = interrupt_flag();
     loop {
+        while let Some(pending) = api.and_then(ApiServer::try_next) {
+            if let Some(ending) = serve_request(vm, pending) {
+                return ending;
+            }
+        }
         if interrupted.load(Ordering::Relaxed) {
             return Ending::Signal;
         }
@@ -154,6 +177,44 @@ pub fn watch_until(
     }
 }
 
+/// Carries out one API request on the VM this thread owns.
+fn serve_request(vm: &mut Vm, pending: Pending) -> Option<Ending> {
+    match pending.request.clone() {
+        Request::Status => {
+            pending.answer(Response::Status {
+                vcpus: vm.machine().vcpus,
+                mem_bytes: vm.machine().mem_bytes,
+                uptime_ms: vm.started_at().elapsed().as_secs_f64() * 1e3,
+            });
+            None
+        }
+        Request::Snapshot { path, stop } => match take_snapshot(vm, &path, stop) {
+            Ok(report) => {
+                eprintln!(
+                    "ferry: snapshot written to {} ({} bytes, paused {:.1} ms{})",
+                    path.display(),
+                    report.stats.file_bytes,
+                    report.pause_ms,
+                    if report.stopped { ", VM stopped" } else { "" }
+                );
+                let stopped = report.stopped;
+                pending.answer(Response::Snapshot(report));
+                stopped.then_some(Ending::SnapshotStopped)
+            }
+            Err(e) => {
+                eprintln!(
+                    "ferry: snapshot to {} failed, VM resumed: {e}",
+                    path.display()
+                );
+                pending.answer(Response::Error {
+                    message: format!("snapshot failed (the VM was resumed): {e}"),
+                });
+                None
+            }
+        },
+    }
+}
+
 /// SIGINT/SIGTERM set this flag instead of killing us, so the VM is
 /// stopped cleanly and the report still printed.
 fn interrupt_flag() -> Arc<AtomicBool> {
@@ -172,7 +233,13 @@ fn interrupt_flag() -> Arc<AtomicBool> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let start = Instant::now();
-    let (mut vm, events) = boot(&args.vm)?;
+    let api = args
+        .supervise
+        .api
+        .as_deref()
+        .map(ApiServer::bind)
+        .transpose()?;
+    let (vm, events) = boot(&args.vm)?;
     eprintln!(
         "ferry: VM started: {} vCPU(s), {} memory{}, workload {}, TSC {} kHz ({:.1} ms to create)",
         args.vm.vcpus(),
@@ -186,9 +253,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
         vm.tsc_khz(),
         start.elapsed().as_secs_f64() * 1e3
     );
+    supervise(vm, events, api, start, &args.supervise, None)
+}
+
+/// Watches a running VM until it should end, stops it and prints the
+/// report; true when the guest's checks passed.
+pub fn supervise(
+    mut vm: Vm,
+    events: std::sync::mpsc::Receiver<VmEvent>,
+    api: Option<ApiServer>,
+    start: Instant,
+    args: &SuperviseArgs,
+    restored: Option<RestoreFigures>,
+) -> anyhow::Result<bool> {
     let mut watch = GuestWatch::new(start);
     let deadline = args.duration.map(|d| start + d);
-    let ending = watch_until(&events, &mut watch, deadline, args.quiet, |_| false);
+    let ending = watch_until(
+        &mut vm,
+        &events,
+        api.as_ref(),
+        &mut watch,
+        deadline,
+        args.quiet,
+        |_| false,
+    );
     vm.stop();
     for event in events.try_iter() {
         if let Seen::Console(text, _) = watch.observe(&event) {
@@ -198,14 +286,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
         }
     }
     let ok = watch.memory_ok() && watch.stopped.is_none() && watch.sequence_breaks == 0;
+    let machine = vm.machine();
     let report = RunReport {
-        mem_bytes: args.vm.mem,
-        vcpus: args.vm.vcpus(),
-        workload: args.vm.workload().to_string(),
-        prealloc: args.vm.prealloc,
+        mem_bytes: machine.mem_bytes,
+        vcpus: machine.vcpus,
+        cmdline: machine.cmdline.clone(),
         ended_by: format!("{ending:?}"),
         wall_ms: watch.elapsed().as_secs_f64() * 1e3,
         verdict: if ok { "ok" } else { "FAILED" },
+        restored,
         guest: &watch,
     };
     if args.json {
@@ -216,15 +305,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// What a restore measured, for the report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreFigures {
+    pub file: PathBuf,
+    pub restore_ms: f64,
+    pub memory_bytes: u64,
+    pub read_mib_per_s: f64,
+}
+
 #[derive(serde::Serialize)]
 struct RunReport<'a> {
     mem_bytes: u64,
     vcpus: u32,
-    workload: String,
-    prealloc: bool,
+    cmdline: String,
     ended_by: String,
     wall_ms: f64,
     verdict: &'static str,
+    restored: Option<RestoreFigures>,
     guest: &'a GuestWatch,
 }
 
@@ -232,14 +330,14 @@ impl RunReport<'_> {
     fn print_table(&self) {
         let g = self.guest;
         let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
-        let rows = [
+        let mut rows = vec![
             (
                 "VM",
                 format!(
                     "{} vCPU, {}, {}",
                     self.vcpus,
                     show_size(self.mem_bytes),
-                    self.workload
+                    self.cmdline
                 ),
             ),
             (
@@ -247,7 +345,30 @@ impl RunReport<'_> {
                 format!("{:.1} s ({})", self.wall_ms / 1e3, self.ended_by),
             ),
             ("start to first heartbeat", ms(g.first_heartbeat_ms)),
-            ("start to READY", ms(g.ready_ms)),
+        ];
+        if let Some(r) = &self.restored {
+            rows.push(("restored from", r.file.display().to_string()));
+            rows.push((
+                "restore time",
+                format!(
+                    "{:.1} ms ({} read at {:.0} MiB/s)",
+                    r.restore_ms,
+                    show_size(r.memory_bytes),
+                    r.read_mib_per_s
+                ),
+            ));
+            rows.push((
+                "first heartbeat after restore",
+                g.first_seq.map_or("-".into(), |s| format!("seq {s}")),
+            ));
+            rows.push((
+                "stall the guest saw",
+                format!("{:.1} ms", g.first_stall_us as f64 / 1e3),
+            ));
+        } else {
+            rows.push(("start to READY", ms(g.ready_ms)));
+        }
+        rows.extend([
             (
                 "heartbeats",
                 format!("{} (sequence breaks: {})", g.heartbeats, g.sequence_breaks),
@@ -267,7 +388,7 @@ impl RunReport<'_> {
                 g.stopped.clone().unwrap_or_else(|| "-".into()),
             ),
             ("verdict", self.verdict.to_string()),
-        ];
+        ]);
         println!();
         for (k, v) in rows {
             println!("  {k:<30} {v}");

@@ -26,6 +26,13 @@ impl IoBus {
         }
     }
 
+    /// COM1's registers, for the state record.
+    /// COM1's registers and the console line in progress.
+    pub fn serial_state(&self) -> (vm_superio::serial::SerialState, Vec<u8>) {
+        let serial = self.serial.lock().unwrap();
+        (serial.state(), serial.writer().pending().to_vec())
+    }
+
     /// A port write; `data` holds every byte of a `rep outs`.
     pub fn pio_out(&self, port: u16, data: &[u8]) -> PioOutcome {
         match port {

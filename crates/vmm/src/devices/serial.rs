@@ -37,6 +37,20 @@ impl LineSink {
         }
     }
 
+    /// Continues a line another VMM started (snapshot, migration), so a
+    /// line cut by the pause arrives whole.
+    pub fn with_pending(events: Sender<VmEvent>, pending: &[u8]) -> Self {
+        let mut sink = Self::new(events);
+        sink.partial
+            .extend_from_slice(&pending[..pending.len().min(MAX_LINE)]);
+        sink
+    }
+
+    /// The bytes of a line not yet ended.
+    pub fn pending(&self) -> &[u8] {
+        &self.partial
+    }
+
     fn emit(&mut self) {
         let text = String::from_utf8_lossy(&self.partial)
             .trim_end_matches('\r')

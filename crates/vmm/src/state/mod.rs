@@ -75,6 +75,8 @@ impl From<&SerialRegisters> for vm_superio::serial::SerialState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStates {
     pub serial: SerialRegisters,
+    /// Console bytes of a line the guest had not finished when paused.
+    pub console_pending: Vec<u8>,
 }
 
 #[derive(Debug)]

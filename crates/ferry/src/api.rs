@@ -1,0 +1,147 @@
+//! The VM's API socket (`ferry run --api PATH`): a Unix socket speaking one
+//! JSON request and one JSON response per line. Connections are served on
+//! their own threads; the requests reach the thread that owns the VM, which
+//! answers them between console events.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ferry_vmm::control::{Request, Response};
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 << 10;
+/// How long a client waits for the VM's owner to answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A request waiting for the VM's owner, and where the answer goes.
+pub struct Pending {
+    pub request: Request,
+    reply: Sender<Response>,
+}
+
+impl Pending {
+    pub fn answer(self, response: Response) {
+        // The client may have gone; the work is done either way.
+        let _ = self.reply.send(response);
+    }
+}
+
+pub struct ApiServer {
+    path: PathBuf,
+    requests: Receiver<Pending>,
+}
+
+impl ApiServer {
+    pub fn bind(path: &Path) -> anyhow::Result<Self> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "--api {}: a file that is not a socket is in the way",
+                    path.display()
+                );
+            }
+            if UnixStream::connect(path).is_ok() {
+                bail!("--api {}: another VM already listens there", path.display());
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("--api {}: cannot listen", path.display()))?;
+        let (tx, rx) = channel();
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                for stream in listener.incoming().map_while(Result::ok) {
+                    let tx = tx.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || serve(stream, tx));
+                }
+            })
+            .context("spawning the API thread")?;
+        Ok(Self {
+            path: path.to_owned(),
+            requests: rx,
+        })
+    }
+
+    pub fn try_next(&self) -> Option<Pending> {
+        self.requests.try_recv().ok()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, owner: Sender<Pending>) {
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    })
+    .take(MAX_REQUEST);
+    let mut writer = stream;
+    let mut line = String::new();
+    let response = match reader.read_line(&mut line) {
+        Ok(0) => return,
+        Err(e) => Response::Error {
+            message: format!("cannot read the request: {e}"),
+        },
+        Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
+            Err(e) => Response::Error {
+                message: format!("malformed request: {e}"),
+            },
+            Ok(request) => {
+                let (reply, answer) = channel();
+                if owner.send(Pending { request, reply }).is_err() {
+                    Response::Error {
+                        message: "the VM is gone".into(),
+                    }
+                } else {
+                    answer
+                        .recv_timeout(ANSWER_TIMEOUT)
+                        .unwrap_or(Response::Error {
+                            message: "the VM did not answer in time".into(),
+                        })
+                }
+            }
+        },
+    };
+    let mut text = serde_json::to_string(&response).unwrap_or_default();
+    text.push('\n');
+    let _ = writer.write_all(text.as_bytes());
+}
+
+/// Sends one request to a VM's API socket and returns its answer.
+pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach a VM at {} (is `ferry run --api` running?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT + Duration::from_secs(5)))?;
+    let mut text = serde_json::to_string(request)?;
+    text.push('\n');
+    stream.write_all(text.as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .take(1 << 20)
+        .read_line(&mut line)
+        .context("reading the VM's answer")?;
+    if line.is_empty() {
+        bail!(
+            "the VM at {} closed the connection without answering",
+            socket.display()
+        );
+    }
+    serde_json::from_str(line.trim()).context("the VM's answer is not valid JSON")
+}
