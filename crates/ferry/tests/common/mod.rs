@@ -41,9 +41,15 @@ pub struct RunningFerry {
 }
 
 impl RunningFerry {
+    /// `ferry run ARGS`.
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_command("run", args)
+    }
+
+    /// `ferry COMMAND ARGS` for a command that runs a VM (run, restore).
+    pub fn spawn_command(command: &str, args: &[&str]) -> Self {
         let mut child = ferry()
-            .arg("run")
+            .arg(command)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -88,6 +94,25 @@ impl RunningFerry {
                     self.seen.join("\n")
                 ),
             }
+        }
+    }
+
+    /// Waits for the process to end by itself (e.g. after `snapshot --stop`).
+    pub fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // The reader thread ends at EOF; collect what it still has.
+                while let Ok((text, _)) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(text);
+                }
+                return (status, std::mem::take(&mut self.seen));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ferry did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -175,4 +200,58 @@ impl Drop for ForeignRam {
         // SAFETY: ptr/len are exactly what mmap returned.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
+}
+
+/// A fresh directory for one test's files, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ferry-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.0.join(file).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `ferry snapshot SOCKET FILE [extra]`: its exit status and output.
+pub fn snapshot(socket: &str, file: &str, extra: &[&str]) -> std::process::Output {
+    ferry()
+        .args(["snapshot", socket, file])
+        .args(extra)
+        .output()
+        .expect("run ferry snapshot")
+}
+
+/// Waits until `socket` accepts connections (the API is up).
+pub fn wait_for_socket(socket: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "API socket {socket} never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The next heartbeat, or a panic with the console so far.
+pub fn next_heartbeat(
+    vm: &mut RunningFerry,
+    timeout: Duration,
+) -> ferry_testguest::console::Heartbeat {
+    vm.wait_for(timeout, |l| match l {
+        Line::Heartbeat(hb) => Some(hb.clone()),
+        _ => None,
+    })
 }
