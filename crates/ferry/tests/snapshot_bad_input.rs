@@ -80,6 +80,7 @@ fn corrupt_and_mismatched_snapshots_are_refused() {
     vm.wait_exit(Duration::from_secs(20));
     let bytes = std::fs::read(&good).unwrap();
     let state_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    let data_offset = u64::from_le_bytes(bytes[32..40].try_into().unwrap()) as usize;
 
     let variant = |name: &str, data: &[u8]| {
         let path = dir.path(name);
@@ -89,21 +90,23 @@ fn corrupt_and_mismatched_snapshots_are_refused() {
     // Truncated anywhere: header, state record, memory, trailer.
     for (name, len) in [
         ("t-header.snap", 20),
-        ("t-state.snap", 32 + state_len / 2),
+        ("t-state.snap", 48 + state_len / 2),
         ("t-memory.snap", bytes.len() / 2),
         ("t-trailer.snap", bytes.len() - 3),
     ] {
         restore_refused(&variant(name, &bytes[..len]), &[], &["truncated"]);
     }
-    // A flipped byte anywhere: magic, state record, a memory page, trailer.
+    // A flipped byte anywhere: magic, state record, index padding, a memory
+    // page, trailer.
     for (name, at, words) in [
         ("f-magic.snap", 2, &["not a Ferry snapshot"][..]),
-        ("f-state.snap", 32 + state_len / 2, &["corrupt"][..]),
+        ("f-state.snap", 48 + state_len / 2, &["corrupt"][..]),
         (
             "f-memory.snap",
-            32 + state_len + 16 + 4096 + 7,
+            data_offset + 4096 + 7,
             &["memory checksum"][..],
         ),
+        ("f-index.snap", data_offset - 1, &["metadata checksum"][..]),
         ("f-trailer.snap", bytes.len() - 12, &["corrupt"][..]),
     ] {
         let mut bad = bytes.clone();

@@ -99,7 +99,14 @@ fn print_table(r: &SnapshotReport) {
             "write + fsync",
             format!("{:.1} ms + {:.1} ms", r.write_ms, r.fsync_ms),
         ),
-        ("throughput", format!("{:.0} MiB/s", r.write_mib_per_s)),
+        (
+            "throughput",
+            format!(
+                "{:.0} MiB/s ({})",
+                r.write_mib_per_s,
+                if s.direct_io { "direct I/O" } else { "page cache" }
+            ),
+        ),
     ];
     for (k, v) in rows {
         println!("  {k:<16} {v}");

@@ -1,11 +1,13 @@
-//! Writing a snapshot: temporary file, big sequential writes straight from
-//! guest memory, fsync, rename, fsync of the directory.
+//! Writing a snapshot: scan memory for non-zero runs, write the metadata,
+//! then every run straight from guest RAM by direct I/O, the trailer,
+//! fsync, rename, and fsync of the directory.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::aligned::{open_direct, round_up, AlignedBuf, BLOCK};
 use super::*;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::page_runs::for_each_nonzero_run;
@@ -22,16 +24,13 @@ pub unsafe fn write_snapshot(
     memory: &GuestMemory,
 ) -> Result<SnapshotStats, SnapshotError> {
     let tmp = temp_name(path);
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
+    let (file, direct_io) = open_direct(&tmp, OpenOptions::new().write(true).create_new(true))
         .map_err(|source| SnapshotError::Create {
             path: tmp.clone(),
             source,
         })?;
     // SAFETY: the caller guarantees guest memory is quiescent.
-    let result = unsafe { write_all(file, &tmp, state, memory) }.and_then(|stats| {
+    let result = unsafe { write_all(file, direct_io, &tmp, state, memory) }.and_then(|stats| {
         std::fs::rename(&tmp, path).map_err(|source| SnapshotError::Write {
             path: path.to_owned(),
             source,
@@ -62,10 +61,17 @@ fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+struct Run {
+    gpa: u64,
+    host: *const u8,
+    len: usize,
+}
+
 /// # Safety
 /// As `write_snapshot`.
 unsafe fn write_all(
-    file: File,
+    mut file: File,
+    direct_io: bool,
     tmp: &Path,
     state: &[u8],
     memory: &GuestMemory,
@@ -75,42 +81,62 @@ unsafe fn write_all(
         path: tmp.to_owned(),
         source,
     };
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let mut header = Vec::with_capacity(HEADER_BYTES);
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&VERSION.to_le_bytes());
-    header.extend_from_slice(&0u32.to_le_bytes());
-    header.extend_from_slice(&(state.len() as u64).to_le_bytes());
-    header.extend_from_slice(&0u64.to_le_bytes());
-    out.write_all(&header).map_err(werr)?;
-    out.write_all(state).map_err(werr)?;
-
-    let mut crc = crc32fast::Hasher::new();
-    let mut pages = 0u64;
-    let mut memory_bytes = 0u64;
-    // SAFETY: the caller guarantees guest memory is quiescent.
+    let mut runs = Vec::new();
+    // SAFETY: the caller guarantees guest memory is quiescent, so the runs
+    // found now still hold the same bytes when they are written below.
     let zero_pages = unsafe {
-        for_each_nonzero_run(memory, |run| {
-            let mut head = [0u8; CHUNK_HEADER_BYTES];
-            head[..8].copy_from_slice(&run.gpa.to_le_bytes());
-            head[8..].copy_from_slice(&(run.bytes.len() as u64).to_le_bytes());
-            crc.update(&head);
-            crc.update(run.bytes);
-            pages += run.bytes.len() as u64 / PAGE_SIZE;
-            memory_bytes += run.bytes.len() as u64;
-            out.write_all(&head)?;
-            out.write_all(run.bytes)
+        for_each_nonzero_run::<()>(memory, |run| {
+            runs.push(Run {
+                gpa: run.gpa,
+                host: run.bytes.as_ptr(),
+                len: run.bytes.len(),
+            });
+            Ok(())
         })
     }
-    .map_err(werr)?;
-    let mut end = [0u8; CHUNK_HEADER_BYTES];
-    end[..8].copy_from_slice(&END_OF_MEMORY.to_le_bytes());
-    crc.update(&end);
-    out.write_all(&end).map_err(werr)?;
-    out.write_all(&pages.to_le_bytes()).map_err(werr)?;
-    out.write_all(&crc.finalize().to_le_bytes()).map_err(werr)?;
-    out.write_all(END_MAGIC).map_err(werr)?;
-    let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
+    .unwrap_or_default();
+
+    let meta_len = HEADER_BYTES + state.len() + runs.len() * RUN_ENTRY_BYTES;
+    let data_offset = round_up(meta_len as u64);
+    let mut meta = AlignedBuf::zeroed(data_offset as usize);
+    {
+        let m = meta.as_mut_slice();
+        m[..8].copy_from_slice(MAGIC);
+        m[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        m[16..24].copy_from_slice(&(state.len() as u64).to_le_bytes());
+        m[24..32].copy_from_slice(&(runs.len() as u64).to_le_bytes());
+        m[32..40].copy_from_slice(&data_offset.to_le_bytes());
+        m[HEADER_BYTES..HEADER_BYTES + state.len()].copy_from_slice(state);
+        let mut at = HEADER_BYTES + state.len();
+        for run in &runs {
+            m[at..at + 8].copy_from_slice(&run.gpa.to_le_bytes());
+            m[at + 8..at + 16].copy_from_slice(&(run.len as u64).to_le_bytes());
+            at += RUN_ENTRY_BYTES;
+        }
+        let crc = metadata_crc(m);
+        m[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+    file.write_all(meta.as_slice()).map_err(werr)?;
+
+    let mut crc = crc32fast::Hasher::new();
+    let mut memory_bytes = 0u64;
+    for run in &runs {
+        // SAFETY: the run came from `for_each_nonzero_run` over live,
+        // quiescent guest RAM; it is page-aligned, so direct I/O can use it.
+        let bytes = unsafe { std::slice::from_raw_parts(run.host, run.len) };
+        crc.update(bytes);
+        file.write_all(bytes).map_err(werr)?;
+        memory_bytes += run.len as u64;
+    }
+    let pages = memory_bytes / PAGE_SIZE;
+    let mut trailer = AlignedBuf::zeroed(BLOCK);
+    {
+        let t = trailer.as_mut_slice();
+        t[..8].copy_from_slice(END_MAGIC);
+        t[8..16].copy_from_slice(&pages.to_le_bytes());
+        t[16..20].copy_from_slice(&crc.finalize().to_le_bytes());
+    }
+    file.write_all(trailer.as_slice()).map_err(werr)?;
     let copy_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     file.sync_all().map_err(werr)?;
@@ -122,6 +148,7 @@ unsafe fn write_all(
         pages_written: pages,
         zero_pages_skipped: zero_pages,
         file_bytes,
+        direct_io,
         copy_ms,
         fsync_ms,
     })
