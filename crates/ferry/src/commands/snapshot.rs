@@ -104,7 +104,11 @@ fn print_table(r: &SnapshotReport) {
             format!(
                 "{:.0} MiB/s ({})",
                 r.write_mib_per_s,
-                if s.direct_io { "direct I/O" } else { "page cache" }
+                if s.direct_io {
+                    "direct I/O"
+                } else {
+                    "page cache"
+                }
             ),
         ),
     ];
