@@ -19,6 +19,7 @@ use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::serial::{ConsoleSerial, IrqLine, LineSink};
 use crate::devices::IoBus;
+use crate::dirty::{DirtyError, DirtyPages};
 pub use crate::events::{ConsoleLine, StopReason, VmEvent};
 use crate::kvm::{KvmError, KvmHost};
 use crate::layout;
@@ -285,6 +286,17 @@ impl Vm {
                 console_pending,
             },
         })
+    }
+
+    /// Starts or stops tracking which pages the guest and the VMM write.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), DirtyError> {
+        crate::dirty::set_logging(&self.vm_fd, &self.ram, on)
+    }
+
+    /// Every page written since the previous harvest (or since logging was
+    /// turned on); clears the record.
+    pub fn harvest_dirty(&self) -> Result<DirtyPages, DirtyError> {
+        crate::dirty::harvest(&self.vm_fd, &self.ram)
     }
 
     /// Stops and joins every vCPU thread. Idempotent.
