@@ -6,7 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{kvm_or_skip, next_heartbeat, snapshot, wait_for_socket, RunningFerry, TempDir};
+use common::{
+    kvm_or_skip, next_heartbeat, ready_vm_with_api, snapshot, wait_for_socket, RunningFerry,
+    TempDir,
+};
 use ferry_testguest::console::{Heartbeat, Line};
 
 /// Takes a snapshot with --stop and waits for the VM's process to end;
@@ -80,22 +83,8 @@ fn ten_snapshot_restore_cycles_keep_every_page() {
         return;
     }
     let dir = TempDir::new("cycles");
-    let socket = dir.path("vm.sock");
-    let mut vm = RunningFerry::spawn(&[
-        "--mem",
-        "1G",
-        "--vcpus",
-        "2",
-        "--workload",
-        "dirty:256:100",
-        "--api",
-        &socket,
-    ]);
-    vm.wait_for(Duration::from_secs(30), |l| {
-        matches!(l, Line::Ready(_)).then_some(())
-    });
+    let (mut vm, socket) = ready_vm_with_api(&dir, "1G", "2", "dirty:256:100");
     next_heartbeat(&mut vm, Duration::from_secs(5));
-    wait_for_socket(&socket);
     for cycle in 0..10 {
         let file = dir.path(&format!("cycle{cycle}.snap"));
         let before = snapshot_and_stop(vm, &socket, &file);
@@ -112,22 +101,8 @@ fn snapshot_of_an_unthrottled_writer_has_no_stale_page() {
         return;
     }
     let dir = TempDir::new("max");
-    let socket = dir.path("vm.sock");
     let file = dir.path("max.snap");
-    let mut vm = RunningFerry::spawn(&[
-        "--mem",
-        "1G",
-        "--vcpus",
-        "2",
-        "--workload",
-        "dirty:256:max",
-        "--api",
-        &socket,
-    ]);
-    vm.wait_for(Duration::from_secs(30), |l| {
-        matches!(l, Line::Ready(_)).then_some(())
-    });
-    wait_for_socket(&socket);
+    let (mut vm, socket) = ready_vm_with_api(&dir, "1G", "2", "dirty:256:max");
     // A snapshot that resumes: the VM goes on with no error.
     let out = snapshot(&socket, &file, &[]);
     assert!(

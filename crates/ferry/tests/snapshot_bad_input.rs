@@ -7,28 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    ferry, kvm_or_skip, next_heartbeat, snapshot, wait_for_socket, RunningFerry, TempDir,
+    ferry, kvm_or_skip, next_heartbeat, ready_vm_with_api, snapshot, RunningFerry, TempDir,
 };
-use ferry_testguest::console::Line;
 
 /// A small running VM with an API socket, READY.
 fn small_vm(dir: &TempDir) -> (RunningFerry, String) {
-    let socket = dir.path("vm.sock");
-    let mut vm = RunningFerry::spawn(&[
-        "--mem",
-        "256M",
-        "--vcpus",
-        "2",
-        "--workload",
-        "dirty:32:50",
-        "--api",
-        &socket,
-    ]);
-    vm.wait_for(Duration::from_secs(30), |l| {
-        matches!(l, Line::Ready(_)).then_some(())
-    });
-    wait_for_socket(&socket);
-    (vm, socket)
+    ready_vm_with_api(dir, "256M", "2", "dirty:32:50")
 }
 
 /// `ferry restore FILE ARGS` must fail fast, start no VM, and say `words`.

@@ -8,7 +8,6 @@ use anyhow::{bail, Context};
 use ferry_vmm::snapshot::read_snapshot;
 use ferry_vmm::Vm;
 
-use crate::api::ApiServer;
 use crate::commands::run::{supervise, RestoreFigures, SuperviseArgs};
 use crate::size::{parse_size, show_size};
 
@@ -49,12 +48,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<bool> {
             vcpus
         );
     }
-    let api = args
-        .supervise
-        .api
-        .as_deref()
-        .map(ApiServer::bind)
-        .transpose()?;
+    let api = args.supervise.bind_api()?;
     let record_read = start.elapsed();
     let mut loaded = None;
     let mut vm = Vm::restore(&record, args.prealloc, |ram| {

@@ -98,6 +98,14 @@ pub struct SuperviseArgs {
     pub json: bool,
 }
 
+impl SuperviseArgs {
+    /// Starts serving `--api`, if asked, before the VM exists: a socket
+    /// that cannot be bound must fail the command before anything runs.
+    pub fn bind_api(&self) -> anyhow::Result<Option<ApiServer>> {
+        self.api.as_deref().map(ApiServer::bind).transpose()
+    }
+}
+
 /// Why the watch loop ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ending {
@@ -233,12 +241,7 @@ fn interrupt_flag() -> Arc<AtomicBool> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let start = Instant::now();
-    let api = args
-        .supervise
-        .api
-        .as_deref()
-        .map(ApiServer::bind)
-        .transpose()?;
+    let api = args.supervise.bind_api()?;
     let (vm, events) = boot(&args.vm)?;
     eprintln!(
         "ferry: VM started: {} vCPU(s), {} memory{}, workload {}, TSC {} kHz ({:.1} ms to create)",

@@ -255,3 +255,29 @@ pub fn next_heartbeat(
         _ => None,
     })
 }
+
+/// `ferry run` with an API socket in `dir`, waited for until the guest is
+/// READY and the socket answers.
+pub fn ready_vm_with_api(
+    dir: &TempDir,
+    mem: &str,
+    vcpus: &str,
+    workload: &str,
+) -> (RunningFerry, String) {
+    let socket = dir.path("vm.sock");
+    let mut vm = RunningFerry::spawn(&[
+        "--mem",
+        mem,
+        "--vcpus",
+        vcpus,
+        "--workload",
+        workload,
+        "--api",
+        &socket,
+    ]);
+    vm.wait_for(Duration::from_secs(30), |l| {
+        matches!(l, Line::Ready(_)).then_some(())
+    });
+    wait_for_socket(&socket);
+    (vm, socket)
+}
