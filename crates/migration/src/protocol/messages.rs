@@ -1,0 +1,312 @@
+//! The control messages of a migration, as serde types; each travels as the
+//! postcard encoding of its struct in a frame of its own kind.
+
+use std::io::{Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::frame::{read_header, read_payload, write_frame, FrameHeader, FrameKind};
+use super::pages::PAGE_SIZE;
+use super::version::{negotiate, VersionRange};
+use crate::error::ProtocolError;
+
+/// Opens every Hello, so that a peer that merely happens to frame like us
+/// (or a test talking to the wrong port) is told apart at once.
+pub const HELLO_MAGIC: [u8; 8] = *b"FERRYMIG";
+
+/// Which end of a migration a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Owns the running VM and sends it.
+    Source,
+    /// Reserves memory, receives, and resumes the VM after the commit.
+    Destination,
+}
+
+/// The source's first frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: [u8; 8],
+    pub versions: VersionRange,
+    pub role: Role,
+}
+
+impl Hello {
+    pub fn new(role: Role) -> Self {
+        Self {
+            magic: HELLO_MAGIC,
+            versions: VersionRange::SUPPORTED,
+            role,
+        }
+    }
+
+    /// The answer a peer that plays `our_role` with `ours` gives.
+    pub fn answer(&self, ours: VersionRange, our_role: Role) -> HelloAck {
+        if self.magic != HELLO_MAGIC {
+            return HelloAck::Refused {
+                reason: format!("bad hello magic {:02x?}", self.magic),
+            };
+        }
+        if self.role == our_role {
+            return HelloAck::Refused {
+                reason: format!("both sides claim the {:?} role", our_role),
+            };
+        }
+        match negotiate(ours, self.versions) {
+            Ok(version) => HelloAck::Accepted { version },
+            Err(e) => HelloAck::Refused {
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloAck {
+    Accepted { version: u16 },
+    Refused { reason: String },
+}
+
+/// A range of guest RAM, guest-physical start and length in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRange {
+    pub gpa: u64,
+    pub len: u64,
+}
+
+/// What the source asks the destination to host: enough to check
+/// compatibility and reserve memory before a single page moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    /// Sorted, non-overlapping, page aligned; their lengths sum to mem_bytes.
+    pub ram_ranges: Vec<RamRange>,
+    pub tsc_khz: u32,
+    /// The guest's CPUID entries in the VMM's own encoding; the protocol
+    /// only carries them.
+    pub cpuid: Vec<u8>,
+    /// Named capabilities the VM relies on (devices, KVM features); the
+    /// destination refuses any it cannot offer.
+    pub features: Vec<String>,
+}
+
+/// An Offer that cannot describe a real VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidOffer {
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    #[error("RAM range {gpa:#x}+{len:#x} is empty, unaligned or wraps the address space")]
+    BadRange { gpa: u64, len: u64 },
+    #[error("RAM ranges at {0:#x} and {1:#x} overlap or are out of order")]
+    Unordered(u64, u64),
+    #[error("RAM ranges add up to {ranges} bytes, the offer says {mem_bytes}")]
+    SizeMismatch { ranges: u64, mem_bytes: u64 },
+}
+
+impl Offer {
+    /// Checks that the offer is self-consistent; compatibility with this
+    /// host is the destination's own decision.
+    pub fn validate(&self) -> Result<(), InvalidOffer> {
+        if self.vcpus == 0 {
+            return Err(InvalidOffer::NoVcpus);
+        }
+        let page = PAGE_SIZE as u64;
+        let mut total: u64 = 0;
+        let mut prev_end: Option<(u64, u64)> = None;
+        for r in &self.ram_ranges {
+            let bad = InvalidOffer::BadRange {
+                gpa: r.gpa,
+                len: r.len,
+            };
+            let end = r.gpa.checked_add(r.len).ok_or(bad.clone())?;
+            if r.len == 0 || r.gpa % page != 0 || r.len % page != 0 {
+                return Err(bad);
+            }
+            if let Some((prev_gpa, prev_end)) = prev_end {
+                if r.gpa < prev_end {
+                    return Err(InvalidOffer::Unordered(prev_gpa, r.gpa));
+                }
+            }
+            prev_end = Some((r.gpa, end));
+            total = total.saturating_add(r.len);
+        }
+        if total != self.mem_bytes {
+            return Err(InvalidOffer::SizeMismatch {
+                ranges: total,
+                mem_bytes: self.mem_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// True if `len` bytes at `gpa` lie inside one of the RAM ranges: what a
+    /// destination's page sink checks before it writes.
+    pub fn covers(&self, gpa: u64, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        self.ram_ranges
+            .iter()
+            .any(|r| r.gpa <= gpa && end <= r.gpa.saturating_add(r.len))
+    }
+}
+
+/// The destination checked the offer and reserved its memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accept {
+    pub reserved_bytes: u64,
+}
+
+/// The destination will not host this VM; the source keeps running it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refuse {
+    pub reason: String,
+}
+
+/// Closes a round of Pages frames; `pages` counts data and zero pages sent
+/// in the round, so the destination can check it missed none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundEnd {
+    pub round: u32,
+    pub pages: u64,
+}
+
+/// The destination loaded the state record (echoed by length and crc32 so
+/// the acknowledgment cannot be mistaken for one of another record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateLoaded {
+    pub state_len: u64,
+    pub state_crc: u32,
+}
+
+/// The source gives the VM up: from here on the destination owns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit;
+
+/// The destination took ownership and resumes the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed;
+
+/// Either side gives up; before the commit, the VM stays on the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Abort {
+    pub reason: String,
+}
+
+/// Any control message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    Offer(Offer),
+    Accept(Accept),
+    Refuse(Refuse),
+    RoundEnd(RoundEnd),
+    StateLoaded(StateLoaded),
+    Commit(Commit),
+    Committed(Committed),
+    Abort(Abort),
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs into a Vec cannot fail.
+    postcard::to_stdvec(value).expect("control messages always encode")
+}
+
+fn decode<T: DeserializeOwned>(kind: FrameKind, payload: &[u8]) -> Result<T, ProtocolError> {
+    let malformed = |reason: String| ProtocolError::Malformed { kind, reason };
+    let (value, rest) = postcard::take_from_bytes(payload).map_err(|e| malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(malformed(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(value)
+}
+
+impl Message {
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Self::Hello(_) => FrameKind::Hello,
+            Self::HelloAck(_) => FrameKind::HelloAck,
+            Self::Offer(_) => FrameKind::Offer,
+            Self::Accept(_) => FrameKind::Accept,
+            Self::Refuse(_) => FrameKind::Refuse,
+            Self::RoundEnd(_) => FrameKind::RoundEnd,
+            Self::StateLoaded(_) => FrameKind::StateLoaded,
+            Self::Commit(_) => FrameKind::Commit,
+            Self::Committed(_) => FrameKind::Committed,
+            Self::Abort(_) => FrameKind::Abort,
+        }
+    }
+
+    /// The frame payload.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Hello(m) => encode(m),
+            Self::HelloAck(m) => encode(m),
+            Self::Offer(m) => encode(m),
+            Self::Accept(m) => encode(m),
+            Self::Refuse(m) => encode(m),
+            Self::RoundEnd(m) => encode(m),
+            Self::StateLoaded(m) => encode(m),
+            Self::Commit(m) => encode(m),
+            Self::Committed(m) => encode(m),
+            Self::Abort(m) => encode(m),
+        }
+    }
+
+    /// Decodes the payload of a control frame; every byte must be used.
+    pub fn decode(kind: FrameKind, payload: &[u8]) -> Result<Self, ProtocolError> {
+        Ok(match kind {
+            FrameKind::Hello => Self::Hello(decode(kind, payload)?),
+            FrameKind::HelloAck => Self::HelloAck(decode(kind, payload)?),
+            FrameKind::Offer => Self::Offer(decode(kind, payload)?),
+            FrameKind::Accept => Self::Accept(decode(kind, payload)?),
+            FrameKind::Refuse => Self::Refuse(decode(kind, payload)?),
+            FrameKind::RoundEnd => Self::RoundEnd(decode(kind, payload)?),
+            FrameKind::StateLoaded => Self::StateLoaded(decode(kind, payload)?),
+            FrameKind::Commit => Self::Commit(decode(kind, payload)?),
+            FrameKind::Committed => Self::Committed(decode(kind, payload)?),
+            FrameKind::Abort => Self::Abort(decode(kind, payload)?),
+            FrameKind::Pages | FrameKind::State => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "a control message",
+                    got: kind,
+                })
+            }
+        })
+    }
+}
+
+/// Sends one control message as one frame (one vectored write).
+pub fn write_message(w: &mut impl Write, message: &Message) -> Result<(), ProtocolError> {
+    write_frame(w, message.kind(), &message.encode())
+}
+
+/// Reads the payload of a control frame whose header was just read;
+/// `scratch` is reused across calls.
+pub fn read_message(
+    r: &mut impl Read,
+    header: &FrameHeader,
+    scratch: &mut Vec<u8>,
+) -> Result<Message, ProtocolError> {
+    if !header.kind.is_control() {
+        return Err(ProtocolError::Unexpected {
+            expected: "a control message",
+            got: header.kind,
+        });
+    }
+    read_payload(r, header, scratch)?;
+    Message::decode(header.kind, scratch)
+}
+
+/// Reads the next frame, which must be a control message.
+pub fn recv_message(r: &mut impl Read, scratch: &mut Vec<u8>) -> Result<Message, ProtocolError> {
+    let header = read_header(r)?;
+    read_message(r, &header, scratch)
+}
+
+#[cfg(test)]
+#[path = "messages_tests.rs"]
+mod tests;

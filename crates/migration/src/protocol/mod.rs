@@ -1,0 +1,91 @@
+//! The wire protocol of a pre-copy live migration: framed, versioned,
+//! checksummed, and ending in a commit handshake that decides where the VM
+//! lives.
+//!
+//! # The sequence
+//!
+//! ```text
+//!  source (owns the running VM)                    destination (holds nothing yet)
+//!  ────────────────────────────                    ───────────────────────────────
+//!  Hello{magic, versions min..max, Source}   ──▶
+//!                                            ◀──   HelloAck{Accepted{version}}
+//!                                                  | HelloAck{Refused{reason}}    (names both ranges)
+//!  Offer{mem_bytes, vcpus, ram_ranges,       ──▶
+//!        tsc_khz, cpuid, features}                 checks vCPUs, memory, CPUID, features;
+//!                                                  reserves the memory
+//!                                            ◀──   Accept{reserved_bytes} | Refuse{reason}
+//!
+//!  round 1: every page, zero pages as zero runs
+//!  Pages ... Pages                           ──▶   writes pages into reserved memory
+//!  RoundEnd{round: 1, pages}                 ──▶   checks the page count
+//!  rounds 2..n: pages dirtied since the last round
+//!  Pages ... RoundEnd{round: n, pages}       ──▶
+//!
+//!  blackout: pause the vCPUs
+//!  Pages ... (last dirty pages)              ──▶
+//!  RoundEnd{round: n+1, pages}               ──▶
+//!  State(encoded state record, ≤ 32 MiB)     ──▶   loads the state record
+//!                                            ◀──   StateLoaded{state_len, state_crc}
+//!  ═════════════════ commit point: the source gives the VM up ═════════════════
+//!  Commit                                    ──▶   the destination owns the VM
+//!                                            ◀──   Committed                    (and resumes it)
+//!  source VM torn down
+//!
+//!  Abort{reason} may be sent by either side at any point; the receiver of
+//!  an Abort stops, and so does a side whose stream fails.
+//! ```
+//!
+//! # Where the VM runs when something fails
+//!
+//! Up to and including the moment the source has sent `Commit`, the source
+//! owns the VM. A refused Hello or Offer, an `Abort` from either side, a
+//! peer that disconnects or crashes, a truncated or corrupt frame, a
+//! protocol violation or a timeout, anywhere up to `StateLoaded`: the
+//! source resumes its vCPUs if it had paused them (or never paused them, if
+//! the failure came before the blackout), reports the reason, and the
+//! destination discards everything it received and frees its reservation.
+//! No page the destination wrote is ever run before the commit, which is why
+//! a Pages frame may land in destination memory before its checksum is
+//! verified.
+//!
+//! The source sends `Commit` only after a `StateLoaded` that echoes the
+//! length and crc32 of the state it sent. The destination resumes the VM
+//! only after it received `Commit`, so at no moment do both run it. The
+//! one window left, the `Commit` frame itself getting lost, is the classic
+//! two-generals gap: a destination that holds a loaded state but never sees
+//! `Commit` must not resume, and a source that sent `Commit` but never sees
+//! `Committed` must not resume either; resolving that (asking the
+//! destination, or an agent, who owns the VM) belongs to the layer above.
+//!
+//! # Errors
+//!
+//! [`ProtocolError::is_retryable`](crate::ProtocolError::is_retryable) tells link failures (peer closed, stream
+//! cut short, i/o error, timeout), after which a new attempt may succeed,
+//! from corruption and violations, which are fatal to this peer pairing.
+
+mod batch;
+mod frame;
+mod messages;
+mod pages;
+mod version;
+
+#[cfg(test)]
+mod sequence_tests;
+
+pub use batch::{BatchError, PageBatch};
+pub use frame::{
+    read_header, read_payload, read_state, write_frame, write_frame_vectored, write_state,
+    FrameHeader, FrameKind, FRAME_MAGIC, HEADER_LEN, KNOWN_FLAGS, MAX_CONTROL_PAYLOAD,
+    MAX_PAGES_PAYLOAD, MAX_STATE_PAYLOAD,
+};
+pub use messages::{
+    read_message, recv_message, write_message, Abort, Accept, Commit, Committed, Hello, HelloAck,
+    InvalidOffer, Message, Offer, RamRange, Refuse, Role, RoundEnd, StateLoaded, HELLO_MAGIC,
+};
+pub use pages::{
+    read_pages_into, write_pages, PageRun, PageSink, PagesSummary, MAX_BATCH_DATA_BYTES,
+    MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, PAGE_SIZE,
+};
+pub use version::{
+    negotiate, NegotiationError, VersionRange, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+};
