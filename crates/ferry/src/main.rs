@@ -2,6 +2,7 @@
 //! crates that do the work, and prints what they report.
 
 mod api;
+mod bench;
 mod commands;
 mod duration;
 mod size;

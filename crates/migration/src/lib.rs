@@ -1,11 +1,19 @@
-//! Ferry's migration engine, independent of KVM; for now the wire protocol
-//! both sides of a migration speak.
+//! Ferry's migration engine, independent of KVM: the wire protocol, the
+//! pre-copy strategy with its switchover and auto-converge policy, the
+//! bandwidth cap, the commit handshake and the report.
 //!
-//! Nothing here knows about KVM or guest memory mappings: the protocol moves
-//! opaque descriptions, page batches and an opaque state record, so it can be
-//! tested against plain buffers and in-process sockets.
+//! Nothing here knows about KVM or guest memory mappings: the engine drives
+//! any VM that implements the traits in [`guest`], so its logic is tested
+//! against an in-memory guest ([`synthetic`]) as well as real VMs.
 
+pub mod bandwidth;
+pub mod bitmap;
 pub mod error;
+pub mod guest;
+pub mod policy;
+pub mod precopy;
 pub mod protocol;
+pub mod stats;
+pub mod synthetic;
 
 pub use error::ProtocolError;

@@ -4,6 +4,7 @@
 //! drives it through the controls it exposes.
 
 pub mod boot;
+pub mod compat;
 pub mod config;
 pub mod control;
 pub mod devices;

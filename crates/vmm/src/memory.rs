@@ -96,6 +96,61 @@ impl GuestRam {
         &self.file
     }
 
+    /// Where `len` bytes at guest address `gpa` live in this process, if
+    /// they all lie inside one region.
+    pub fn host_range(&self, gpa: u64, len: usize) -> Option<*mut u8> {
+        self.regions()
+            .into_iter()
+            .find_map(|(start, region_len, host)| {
+                let offset = gpa.checked_sub(start.0)?;
+                let end = offset.checked_add(len as u64)?;
+                (end <= region_len).then_some((host + offset) as *mut u8)
+            })
+    }
+
+    /// Copies guest memory at `gpa` into `dst` while vCPUs may be writing
+    /// it: a page rewritten meanwhile may arrive torn, which is why a
+    /// migration reads only pages the dirty log will report again if they
+    /// change. False if the range is not inside one region.
+    pub fn copy_out(&self, gpa: u64, dst: &mut [u8]) -> bool {
+        let Some(src) = self.host_range(gpa, dst.len()) else {
+            return false;
+        };
+        // SAFETY: `host_range` checked that the whole range lies inside one
+        // mapping that `self` keeps alive; `dst` is a separate Rust buffer,
+        // so the two cannot overlap. Concurrent guest writes only change
+        // the bytes read, never the validity of either pointer.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        true
+    }
+
+    /// The guest ranges that have ever been written (by the guest, the VMM
+    /// or a restore): the memfd allocates a page on its first write, so
+    /// every other page still reads as zero and need not be read at all.
+    /// (guest address, length), ascending, page aligned.
+    pub fn populated(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        let mut file_offset = 0u64;
+        for (start, len, _) in self.regions() {
+            let end = file_offset + len;
+            let mut at = file_offset;
+            while at < end {
+                let Some(data) = seek(fd, at, libc::SEEK_DATA)? else {
+                    break;
+                };
+                if data >= end {
+                    break;
+                }
+                let hole = seek(fd, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+                out.push((start.0 + (data - file_offset), hole - data));
+                at = hole;
+            }
+            file_offset = end;
+        }
+        Ok(out)
+    }
+
     /// (guest address, length, host address) per region, for KVM slots.
     pub fn regions(&self) -> Vec<(GuestAddress, u64, u64)> {
         use vm_memory::GuestMemoryBackend;
@@ -104,6 +159,22 @@ impl GuestRam {
             .map(|r| (r.start_addr(), r.len(), r.as_ptr() as u64))
             .collect()
     }
+}
+
+/// lseek(2) for SEEK_DATA / SEEK_HOLE; None when there is no more data.
+fn seek(fd: i32, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    // SAFETY: lseek only reads its integer arguments; an invalid descriptor
+    // or offset is reported through the return value.
+    let at = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+    if at < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(at as u64))
 }
 
 /// Refuses sizes the guest cannot use or the host cannot back.
@@ -201,5 +272,24 @@ mod tests {
         let v: u32 = ram.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0xdead_beef);
         assert_eq!(ram.regions().len(), 1);
+    }
+
+    #[test]
+    fn populated_ranges_follow_first_writes() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(8 << 20, false).unwrap();
+        assert!(ram.populated().unwrap().is_empty());
+        ram.memory().write_obj(1u8, GuestAddress(0x3000)).unwrap();
+        ram.memory().write_obj(1u8, GuestAddress(0x5123)).unwrap();
+        let got = ram.populated().unwrap();
+        // shmem reports data at page granularity (or coarser for huge pages).
+        assert!(got.iter().any(|&(a, l)| a <= 0x3000 && 0x3000 < a + l));
+        assert!(got.iter().any(|&(a, l)| a <= 0x5000 && 0x5000 < a + l));
+        let total: u64 = got.iter().map(|r| r.1).sum();
+        assert!(total < 8 << 20, "{got:x?}");
+        let mut page = vec![0u8; 4096];
+        assert!(ram.copy_out(0x5000, &mut page));
+        assert_eq!(page[0x123], 1);
+        assert!(!ram.copy_out((8 << 20) - 100, &mut page));
     }
 }

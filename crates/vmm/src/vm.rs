@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 use vm_superio::serial::NoEvents;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -29,6 +31,7 @@ use crate::state::{
     VcpuStateError,
 };
 use crate::vcpu::gate::{RunGate, Want};
+use crate::vcpu::throttle::Throttle;
 use crate::vcpu::{self, kick, setup, SharedVcpu};
 
 /// COM1's interrupt line.
@@ -84,6 +87,16 @@ pub enum VmError {
     SerialState(String),
     #[error("loading guest memory failed: {0}")]
     LoadMemory(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the state record describes {what} {saved}, but this VM was built with {built}")]
+    ShapeMismatch {
+        what: &'static str,
+        saved: String,
+        built: String,
+    },
+    #[error("the state record holds {saved} vCPU states for a VM of {built} vCPUs")]
+    VcpuCountMismatch { saved: usize, built: u32 },
+    #[error("no state has been loaded into the incoming VM")]
+    NothingLoaded,
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -103,6 +116,7 @@ struct Parts {
 // Field order is drop order: vCPU threads and fds go before the VM fd, and
 // the VM before the memory its slots point into.
 pub struct Vm {
+    throttle: Option<Throttle>,
     threads: Vec<JoinHandle<()>>,
     vcpus: Vec<SharedVcpu>,
     gate: Arc<RunGate>,
@@ -112,6 +126,7 @@ pub struct Vm {
     _host: KvmHost,
     machine: MachineConfig,
     msr_indices: Vec<u32>,
+    cpuid: Vec<kvm_cpuid_entry2>,
     events: Option<Receiver<VmEvent>>,
     started_at: Instant,
 }
@@ -138,7 +153,8 @@ impl Vm {
             setup::configure(fd, i as u32, entry, &cpuid)?;
         }
         let machine = machine_config(config.mem_bytes, config.vcpus, cmdline, parts.tsc_khz);
-        Self::launch(parts, machine, None, started_at)
+        let cpuid = cpuid.as_slice().to_vec();
+        Self::launch(parts, machine, cpuid, None, started_at)
     }
 
     /// Rebuilds a VM from `record`: `load_memory` fills its (zeroed) RAM,
@@ -152,31 +168,19 @@ impl Vm {
     where
         E: std::error::Error + Send + Sync + 'static,
     {
-        let started_at = Instant::now();
         let config = &record.config;
-        let parts = build(config.mem_bytes, config.vcpus, prealloc)?;
-        if parts.tsc_khz != config.tsc_khz {
-            for fd in &parts.vcpu_fds {
-                fd.set_tsc_khz(config.tsc_khz)
-                    .map_err(|source| VmError::TscMismatch {
-                        saved_khz: config.tsc_khz,
-                        host_khz: parts.tsc_khz,
-                        source,
-                    })?;
-            }
-        }
-        load_memory(parts.ram.memory()).map_err(|e| VmError::LoadMemory(Box::new(e)))?;
-        record.machine.restore(&parts.vm_fd)?;
-        for (state, fd) in record.vcpus.iter().zip(&parts.vcpu_fds) {
-            state.restore(fd)?;
-        }
-        Self::launch(parts, config.clone(), Some(&record.devices), started_at)
+        let mut incoming =
+            IncomingVm::new(config.mem_bytes, config.vcpus, config.tsc_khz, prealloc)?;
+        load_memory(incoming.parts.ram.memory()).map_err(|e| VmError::LoadMemory(Box::new(e)))?;
+        incoming.load_state(record)?;
+        incoming.start()
     }
 
     /// Wires devices and starts one thread per vCPU.
     fn launch(
         parts: Parts,
         machine: MachineConfig,
+        cpuid: Vec<kvm_cpuid_entry2>,
         devices: Option<&DeviceStates>,
         started_at: Instant,
     ) -> Result<Self, VmError> {
@@ -190,6 +194,7 @@ impl Vm {
             .map(|fd| Arc::new(Mutex::new(fd)))
             .collect();
         let mut vm = Self {
+            throttle: None,
             threads: Vec::new(),
             vcpus,
             gate,
@@ -199,6 +204,7 @@ impl Vm {
             _host: parts.host,
             machine,
             msr_indices: parts.msr_indices,
+            cpuid,
             events: Some(events_rx),
             started_at,
         };
@@ -246,8 +252,43 @@ impl Vm {
         self.started_at
     }
 
+    /// The CPUID every vCPU runs with: what a destination must offer.
+    pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.cpuid
+    }
+
+    /// Parks every vCPU for `percent` of each short period (0 = full
+    /// speed): auto-converge's brake on a guest that outruns the link.
+    pub fn set_throttle(&mut self, percent: u32) -> Result<(), VmError> {
+        if percent == 0 {
+            self.throttle = None;
+            return Ok(());
+        }
+        if let Some(t) = &self.throttle {
+            t.set(percent);
+            return Ok(());
+        }
+        use std::os::unix::thread::JoinHandleExt;
+        let ids = self.threads.iter().map(|t| t.as_pthread_t()).collect();
+        let throttle =
+            Throttle::start(self.gate.clone(), ids, percent).map_err(|source| VmError::Io {
+                what: "spawning the throttle thread",
+                source,
+            })?;
+        self.throttle = Some(throttle);
+        Ok(())
+    }
+
+    /// The brake in force, in percent of time parked.
+    pub fn throttle_percent(&self) -> u32 {
+        self.throttle.as_ref().map_or(0, Throttle::percent)
+    }
+
     /// Stops every vCPU outside KVM_RUN; returns once all have stopped.
-    pub fn pause(&self) -> Result<Duration, VmError> {
+    /// Any throttle is released first, so it cannot resume them behind
+    /// the caller's back.
+    pub fn pause(&mut self) -> Result<Duration, VmError> {
+        self.throttle = None;
         let t0 = Instant::now();
         self.gate.set(Want::Pause);
         self.kick_all();
@@ -301,6 +342,7 @@ impl Vm {
 
     /// Stops and joins every vCPU thread. Idempotent.
     pub fn stop(&mut self) {
+        self.throttle = None;
         self.gate.set(Want::Stop);
         self.kick_all();
         for t in self.threads.drain(..) {
@@ -319,6 +361,96 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A VM built to receive one that runs elsewhere: its memory and vCPUs
+/// exist and pages can be written into it, but nothing runs until the
+/// state is loaded and [`start`](Self::start) is called. Dropping it at
+/// any point discards everything, which is what an aborted migration needs.
+pub struct IncomingVm {
+    parts: Parts,
+    loaded: Option<(MachineConfig, Vec<kvm_cpuid_entry2>, DeviceStates)>,
+}
+
+impl IncomingVm {
+    /// Builds KVM VM, memory and vCPUs for a guest of this shape; with
+    /// `prealloc` every page of memory is faulted in now.
+    pub fn new(mem_bytes: u64, vcpus: u32, tsc_khz: u32, prealloc: bool) -> Result<Self, VmError> {
+        let parts = build(mem_bytes, vcpus, prealloc)?;
+        if parts.tsc_khz != tsc_khz {
+            for fd in &parts.vcpu_fds {
+                fd.set_tsc_khz(tsc_khz)
+                    .map_err(|source| VmError::TscMismatch {
+                        saved_khz: tsc_khz,
+                        host_khz: parts.tsc_khz,
+                        source,
+                    })?;
+            }
+        }
+        Ok(Self {
+            parts,
+            loaded: None,
+        })
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.parts.ram
+    }
+
+    /// The guest memory at `gpa..gpa+len` for writing incoming pages, or
+    /// None if that is not all inside one RAM region.
+    pub fn memory_mut(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+        let host = self.parts.ram.host_range(gpa, len)?;
+        // SAFETY: `host_range` checked that the range lies inside one live
+        // mapping owned by `self.parts.ram`; no vCPU has run (they are
+        // started only by `start`, which consumes self) and the `&mut self`
+        // borrow makes this the only reference into guest memory meanwhile.
+        Some(unsafe { std::slice::from_raw_parts_mut(host, len) })
+    }
+
+    /// Puts every piece of saved state into the vCPUs and the VM; nothing
+    /// runs yet. The record must describe a VM of exactly this shape.
+    pub fn load_state(&mut self, record: &StateRecord) -> Result<(), VmError> {
+        let config = &record.config;
+        let built = machine_config(
+            self.parts.ram.size(),
+            self.parts.vcpu_fds.len() as u32,
+            String::new(),
+            config.tsc_khz,
+        );
+        if config.mem_bytes != built.mem_bytes || config.ram_ranges != built.ram_ranges {
+            return Err(VmError::ShapeMismatch {
+                what: "memory",
+                saved: format!("{} bytes in {:x?}", config.mem_bytes, config.ram_ranges),
+                built: format!("{} bytes in {:x?}", built.mem_bytes, built.ram_ranges),
+            });
+        }
+        if record.vcpus.len() != self.parts.vcpu_fds.len() || config.vcpus != built.vcpus {
+            return Err(VmError::VcpuCountMismatch {
+                saved: record.vcpus.len(),
+                built: built.vcpus,
+            });
+        }
+        record.machine.restore(&self.parts.vm_fd)?;
+        for (state, fd) in record.vcpus.iter().zip(&self.parts.vcpu_fds) {
+            state.restore(fd)?;
+        }
+        let cpuid = record
+            .vcpus
+            .first()
+            .map(|v| v.cpuid.clone())
+            .unwrap_or_default();
+        self.loaded = Some((config.clone(), cpuid, record.devices.clone()));
+        Ok(())
+    }
+
+    /// Starts the vCPUs where the loaded state left them.
+    pub fn start(self) -> Result<Vm, VmError> {
+        let Some((machine, cpuid, devices)) = self.loaded else {
+            return Err(VmError::NothingLoaded);
+        };
+        Vm::launch(self.parts, machine, cpuid, Some(&devices), Instant::now())
     }
 }
 

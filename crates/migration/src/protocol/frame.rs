@@ -58,10 +58,11 @@ pub enum FrameKind {
     Commit = 10,
     Committed = 11,
     Abort = 12,
+    Resumed = 13,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 12] = [
+    pub const ALL: [FrameKind; 13] = [
         Self::Hello,
         Self::HelloAck,
         Self::Offer,
@@ -74,6 +75,7 @@ impl FrameKind {
         Self::Commit,
         Self::Committed,
         Self::Abort,
+        Self::Resumed,
     ];
 
     pub fn from_u16(value: u16) -> Option<Self> {
@@ -109,6 +111,7 @@ impl FrameKind {
             Self::Commit => "Commit",
             Self::Committed => "Committed",
             Self::Abort => "Abort",
+            Self::Resumed => "Resumed",
         }
     }
 }

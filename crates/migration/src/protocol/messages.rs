@@ -195,6 +195,15 @@ pub struct Abort {
     pub reason: String,
 }
 
+/// After `Committed`, once the guest has run on the destination: what it
+/// reported about the switchover (its own measured stall), for the
+/// source's report. Optional: a source that never gets it still succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    pub guest_stall_us: Option<u64>,
+    pub first_seq: Option<u64>,
+}
+
 /// Any control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -208,6 +217,7 @@ pub enum Message {
     Commit(Commit),
     Committed(Committed),
     Abort(Abort),
+    Resumed(Resumed),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -237,6 +247,7 @@ impl Message {
             Self::Commit(_) => FrameKind::Commit,
             Self::Committed(_) => FrameKind::Committed,
             Self::Abort(_) => FrameKind::Abort,
+            Self::Resumed(_) => FrameKind::Resumed,
         }
     }
 
@@ -253,6 +264,7 @@ impl Message {
             Self::Commit(m) => encode(m),
             Self::Committed(m) => encode(m),
             Self::Abort(m) => encode(m),
+            Self::Resumed(m) => encode(m),
         }
     }
 
@@ -269,6 +281,7 @@ impl Message {
             FrameKind::Commit => Self::Commit(decode(kind, payload)?),
             FrameKind::Committed => Self::Committed(decode(kind, payload)?),
             FrameKind::Abort => Self::Abort(decode(kind, payload)?),
+            FrameKind::Resumed => Self::Resumed(decode(kind, payload)?),
             FrameKind::Pages | FrameKind::State => {
                 return Err(ProtocolError::Unexpected {
                     expected: "a control message",

@@ -52,6 +52,10 @@ fn every_message() -> Vec<Message> {
         Message::Abort(Abort {
             reason: "operator cancelled".into(),
         }),
+        Message::Resumed(Resumed {
+            guest_stall_us: Some(4200),
+            first_seq: None,
+        }),
     ]
 }
 

@@ -29,7 +29,8 @@
 //!  ═════════════════ commit point: the source gives the VM up ═════════════════
 //!  Commit                                    ──▶   the destination owns the VM
 //!                                            ◀──   Committed                    (and resumes it)
-//!  source VM torn down
+//!  source VM torn down                       ◀──   Resumed{guest stall}         (optional, once
+//!                                                  the guest has run: for the report)
 //!
 //!  Abort{reason} may be sent by either side at any point; the receiver of
 //!  an Abort stops, and so does a side whose stream fails.
@@ -80,7 +81,8 @@ pub use frame::{
 };
 pub use messages::{
     read_message, recv_message, write_message, Abort, Accept, Commit, Committed, Hello, HelloAck,
-    InvalidOffer, Message, Offer, RamRange, Refuse, Role, RoundEnd, StateLoaded, HELLO_MAGIC,
+    InvalidOffer, Message, Offer, RamRange, Refuse, Resumed, Role, RoundEnd, StateLoaded,
+    HELLO_MAGIC,
 };
 pub use pages::{
     read_pages_into, write_pages, PageRun, PageSink, PagesSummary, MAX_BATCH_DATA_BYTES,

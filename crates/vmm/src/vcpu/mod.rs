@@ -6,6 +6,7 @@
 pub mod gate;
 pub mod kick;
 pub mod setup;
+pub mod throttle;
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,1093 @@
+//! QEMU's own live migration of the test guest on this machine, measured
+//! the way the baseline harness (`shared/qemu-baseline/migrate.py`) measures
+//! it, so that `ferry bench` can put QEMU and Ferry side by side.
+//!
+//! One run: a source QEMU (`-S`) and a destination QEMU (`-incoming defer`)
+//! start together; the source continues once both QMP sockets are attached;
+//! after READY and `settle` of heartbeats the source migrates over
+//! `tcp:127.0.0.1` with post-copy off; `query-migrate` is polled until it
+//! ends; then the destination's heartbeats decide whether the guest really
+//! continued. The numbers QEMU reports come from its final `query-migrate`;
+//! the stall is the one the guest itself measured (`stall_us`).
+//!
+//! Both QEMUs are stopped (QMP `quit`, SIGKILL after 2 s) and the temporary
+//! directory removed on every path out, panics included.
+
+// Nothing calls this yet outside its tests: `ferry bench` will. Remove
+// this once it does.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use std::collections::VecDeque;
+use std::env;
+use std::fmt;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use ferry_testguest::console::{parse_line, Exit, Heartbeat, Line, Ready};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::qmp::{Qmp, QmpError};
+
+const QEMU_BINARY: &str = "qemu-system-x86_64";
+const MIB: u64 = 1 << 20;
+/// The guest's pages are 4 KiB: 256 to a MiB.
+const PAGES_PER_MIB: u64 = 256;
+/// The baseline's bandwidth cap: high enough that loopback TCP, not QEMU's
+/// 128 MiB/s default, is the limit.
+const DEFAULT_MAX_BANDWIDTH: u64 = 10 << 30;
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long QEMU gets to open its QMP socket.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Each QMP answer; all the commands used here answer at once.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How long the destination is watched after `completed`.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Destination heartbeats whose `stall_us` count as the blackout: the
+/// switchover lands in the first, a slow resume shows in the next few.
+const STALL_HEARTBEATS: usize = 5;
+const MIN_DST_HEARTBEATS: usize = 5;
+const QUIT_GRACE: Duration = Duration::from_secs(2);
+/// Lines kept for error messages.
+const TAIL_LINES: usize = 20;
+
+/// One QEMU live migration of the test guest.
+#[derive(Debug, Clone)]
+pub struct QemuMigration {
+    /// The same ELF file Ferry boots (QEMU enters it through its PVH note).
+    pub guest_elf: PathBuf,
+    /// Guest RAM; a whole number of MiB.
+    pub mem_bytes: u64,
+    /// E.g. `workload=dirty:256:100 cpus=1`. No `tsc_khz=`: under QEMU the
+    /// guest calibrates against the PIT. Only one vCPU runs under QEMU.
+    pub guest_cmdline: String,
+    /// `-mem-prealloc` on both source and destination.
+    pub prealloc: bool,
+    /// `downtime-limit`; `None` keeps QEMU's default (300 ms in 7.2).
+    pub downtime_ms: Option<u64>,
+    /// `max-bandwidth` in bytes/s; `None` means 10 GiB/s like the baseline.
+    pub max_bandwidth: Option<u64>,
+    /// `microvm` (boots in ~0.2 s) or `q35` (~3.5 s, what the baseline used).
+    pub machine: String,
+    /// Heartbeats after READY before migrating.
+    pub settle: Duration,
+    /// From `migrate` to `completed`; past it the migration is cancelled.
+    pub timeout: Duration,
+}
+
+impl QemuMigration {
+    /// The bench's defaults: microvm, no preallocation, QEMU's downtime
+    /// limit, the baseline's bandwidth cap, 1 s settle, 60 s timeout.
+    pub fn new(
+        guest_elf: impl Into<PathBuf>,
+        mem_bytes: u64,
+        guest_cmdline: impl Into<String>,
+    ) -> Self {
+        QemuMigration {
+            guest_elf: guest_elf.into(),
+            mem_bytes,
+            guest_cmdline: guest_cmdline.into(),
+            prealloc: false,
+            downtime_ms: None,
+            max_bandwidth: None,
+            machine: "microvm".into(),
+            settle: Duration::from_secs(1),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What one migration measured. Times are milliseconds; NaN (null in JSON)
+/// where there was nothing to measure.
+#[derive(Debug, Clone, Serialize)]
+pub struct QemuOutcome {
+    /// `total-time` of QEMU's final `query-migrate` on the source.
+    pub total_ms: f64,
+    /// `downtime`: QEMU's own count, without the destination's resume.
+    pub downtime_ms: f64,
+    /// `setup-time`.
+    pub setup_ms: f64,
+    /// `ram.transferred`.
+    pub transferred_bytes: u64,
+    /// `ram.dirty-sync-count`: the pre-copy iterations.
+    pub dirty_syncs: u64,
+    /// `ram.mbps`: megabits per second.
+    pub mbps: f64,
+    /// Longest `stall_us` over the destination's first 5 heartbeats: the
+    /// blackout the guest saw (the baseline's `hb_guest_max_gap_ms`).
+    pub guest_stall_ms: f64,
+    /// Host time from the last source heartbeat line to the first
+    /// destination one (coarse: heartbeats come every 100 ms).
+    pub host_gap_ms: f64,
+    pub last_src_seq: Option<u64>,
+    pub first_dst_seq: Option<u64>,
+    pub dst_heartbeats: u64,
+    /// Whole working sets the destination verified after its first
+    /// heartbeat, i.e. wholly after the switchover: pages written since
+    /// then / working-set pages (every write is preceded by a verify, and
+    /// a sweep walks the pages in order, so any WS consecutive writes
+    /// cover every page). 0 for a workload without a working set.
+    pub dst_sweeps_verified: u64,
+    /// The guest's `err` count (pages that failed verification), any side.
+    pub errors: u64,
+    /// The destination runs, its heartbeats continue the source's, the
+    /// write counter did not go back, no errors, and for a dirty workload
+    /// a whole working set was verified after the move.
+    pub verified: bool,
+    /// Why `verified` is false (empty when it is true).
+    pub verify_failures: Vec<String>,
+    /// Every `query-migrate` status seen, in order.
+    pub statuses: Vec<String>,
+    /// `downtime-limit` and `max-bandwidth` as QEMU reported them before
+    /// migrating.
+    pub downtime_limit_ms: u64,
+    pub max_bandwidth: u64,
+    pub qemu_version: String,
+    /// From starting QEMU to the guest's READY line.
+    pub boot_to_ready_ms: f64,
+    /// The whole run, QEMU start and shutdown included.
+    pub wall_ms: f64,
+}
+
+/// Why a QEMU migration run could not produce an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("{QEMU_BINARY} not found on PATH: install with scripts/setup.sh (Debian package qemu-system-x86)")]
+    QemuMissing,
+    #[error("bad QEMU migration settings: {0}")]
+    Config(String),
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the {role} QEMU exited early ({status}); its output ends with:\n{tail}")]
+    ExitedEarly {
+        role: Role,
+        status: String,
+        tail: String,
+    },
+    #[error("QMP `{command}` on the {role} QEMU failed: {source}")]
+    Qmp {
+        role: Role,
+        command: String,
+        #[source]
+        source: QmpError,
+    },
+    #[error("the guest did not print READY within {} s; its console ends with:\n{console_tail}", .waited.as_secs())]
+    NotReady {
+        waited: Duration,
+        console_tail: String,
+    },
+    #[error("the guest on the {role} stopped: EXIT code={} reason={}", .exit.code, .exit.reason)]
+    GuestExited { role: Role, exit: Exit },
+    #[error("the guest printed no heartbeat in the {settle:?} after READY")]
+    NoHeartbeat { settle: Duration },
+    #[error("QEMU's migration ended `{status}`: {desc}")]
+    MigrationFailed { status: String, desc: String },
+    #[error("the migration did not complete within {after:?} (last status `{status}`, {transferred} bytes sent); cancelled with migrate_cancel")]
+    Timeout {
+        after: Duration,
+        status: String,
+        transferred: u64,
+    },
+}
+
+/// Which side of the migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        })
+    }
+}
+
+impl Role {
+    fn tag(self) -> &'static str {
+        match self {
+            Role::Source => "src",
+            Role::Destination => "dst",
+        }
+    }
+}
+
+/// `qemu-system-x86_64` from PATH.
+pub fn qemu_binary() -> Result<PathBuf, QemuError> {
+    let path = env::var_os("PATH").ok_or(QemuError::QemuMissing)?;
+    env::split_paths(&path)
+        .map(|dir| dir.join(QEMU_BINARY))
+        .find(|candidate| {
+            fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .ok_or(QemuError::QemuMissing)
+}
+
+/// Runs one migration; see the module documentation.
+pub fn run_qemu_migration(m: &QemuMigration) -> Result<QemuOutcome, QemuError> {
+    let started = Instant::now();
+    check_settings(m)?;
+    let binary = qemu_binary()?;
+    let dir = TempDir::create()?;
+    let port = free_port()?;
+    let uri = format!("tcp:127.0.0.1:{port}");
+    tracing::info!(
+        machine = %m.machine,
+        mem_mib = m.mem_bytes / MIB,
+        cmdline = %m.guest_cmdline,
+        prealloc = m.prealloc,
+        "starting source and destination QEMU"
+    );
+    // Declared after `dir`, so dropped (QEMU stopped) before it is removed.
+    let mut src = Vm::start(&binary, m, Role::Source, dir.path())?;
+    let mut dst = Vm::start(&binary, m, Role::Destination, dir.path())?;
+    let result = migrate(m, &mut src, &mut dst, &uri, started);
+    // Both at once, so the two grace periods overlap.
+    src.request_quit();
+    dst.request_quit();
+    drop(src);
+    drop(dst);
+    drop(dir);
+    result.map(|mut outcome| {
+        outcome.wall_ms = ms(started.elapsed());
+        tracing::info!(
+            total_ms = outcome.total_ms,
+            downtime_ms = outcome.downtime_ms,
+            guest_stall_ms = outcome.guest_stall_ms,
+            verified = outcome.verified,
+            "QEMU migration done"
+        );
+        outcome
+    })
+}
+
+fn check_settings(m: &QemuMigration) -> Result<(), QemuError> {
+    if m.mem_bytes == 0 || m.mem_bytes % MIB != 0 {
+        return Err(QemuError::Config(format!(
+            "memory must be a whole number of MiB above 0, got {} bytes",
+            m.mem_bytes
+        )));
+    }
+    if !m.guest_elf.is_file() {
+        return Err(QemuError::Config(format!(
+            "guest ELF {} does not exist",
+            m.guest_elf.display()
+        )));
+    }
+    if m.machine.is_empty() {
+        return Err(QemuError::Config("no machine type".into()));
+    }
+    Ok(())
+}
+
+/// Everything after both QEMUs have started; the caller stops them.
+fn migrate(
+    m: &QemuMigration,
+    src: &mut Vm,
+    dst: &mut Vm,
+    uri: &str,
+    started: Instant,
+) -> Result<QemuOutcome, QemuError> {
+    src.attach_qmp()?;
+    dst.attach_qmp()?;
+    let qemu_version = src.qmp.as_ref().and_then(Qmp::version).unwrap_or_default();
+    src.execute("cont", None)?;
+
+    // Boot.
+    let ready_deadline = Instant::now() + READY_TIMEOUT;
+    let state = src
+        .console
+        .wait_until(ready_deadline, |s| s.ready.is_some() || s.exit.is_some());
+    let ready = state.ready.clone();
+    drop(state);
+    src.check_alive()?;
+    dst.check_alive()?;
+    let Some((ready_at, ready)) = ready else {
+        return Err(QemuError::NotReady {
+            waited: READY_TIMEOUT,
+            console_tail: src.console.tail(),
+        });
+    };
+    let boot_to_ready_ms = ms(ready_at - started);
+    tracing::info!(
+        boot_to_ready_ms,
+        ws_mb = ready.ws_mb,
+        "guest READY on the source"
+    );
+
+    // Settle: the workload runs at its steady rate before the migration.
+    drop(
+        src.console
+            .wait_until(ready_at + m.settle, |s| s.exit.is_some()),
+    );
+    src.check_alive()?;
+    dst.check_alive()?;
+    let settled = src.console.lock().heartbeats.last().cloned();
+    match settled {
+        Some((at, hb)) if at > ready_at => {
+            tracing::info!(seq = hb.seq, rate_mibs = hb.rate_mibs, "settled; migrating")
+        }
+        _ => return Err(QemuError::NoHeartbeat { settle: m.settle }),
+    }
+
+    // Configure: pre-copy only, the baseline's bandwidth cap.
+    let caps = json!({ "capabilities": [{ "capability": "postcopy-ram", "state": false }] });
+    dst.execute("migrate-set-capabilities", Some(caps.clone()))?;
+    src.execute("migrate-set-capabilities", Some(caps))?;
+    let mut params = json!({ "max-bandwidth": m.max_bandwidth.unwrap_or(DEFAULT_MAX_BANDWIDTH) });
+    if let Some(limit) = m.downtime_ms {
+        params["downtime-limit"] = json!(limit);
+    }
+    src.execute("migrate-set-parameters", Some(params))?;
+    let effective = src.execute("query-migrate-parameters", None)?;
+    let downtime_limit_ms = effective["downtime-limit"].as_u64().unwrap_or(0);
+    let max_bandwidth = effective["max-bandwidth"].as_u64().unwrap_or(0);
+    dst.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+
+    // Migrate.
+    let t_migrate = Instant::now();
+    src.execute("migrate", Some(json!({ "uri": uri })))?;
+    let mut statuses: Vec<String> = Vec::new();
+    let info = loop {
+        let info = src.execute("query-migrate", None)?;
+        let status = info["status"].as_str().unwrap_or("none").to_owned();
+        if statuses.last() != Some(&status) {
+            tracing::info!(
+                status = %status,
+                after_ms = ms(t_migrate.elapsed()),
+                "QEMU migration status"
+            );
+            statuses.push(status.clone());
+        }
+        match status.as_str() {
+            "completed" => break info,
+            "failed" | "cancelled" => {
+                let mut desc = info["error-desc"]
+                    .as_str()
+                    .unwrap_or("QEMU gave no error-desc")
+                    .to_owned();
+                // The usual reason for a failure on the source is the
+                // destination dying; its output says why.
+                if let Err(e) = dst.check_alive() {
+                    desc = format!("{desc}; {e}");
+                }
+                return Err(QemuError::MigrationFailed { status, desc });
+            }
+            _ => {}
+        }
+        if t_migrate.elapsed() > m.timeout {
+            if let Err(e) = src.execute("migrate_cancel", None) {
+                tracing::warn!("migrate_cancel: {e}");
+            }
+            return Err(QemuError::Timeout {
+                after: m.timeout,
+                status,
+                transferred: info["ram"]["transferred"].as_u64().unwrap_or(0),
+            });
+        }
+        thread::sleep(POLL_INTERVAL);
+    };
+    let ram = &info["ram"];
+    let float = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+
+    // The destination: until the guest has shown it continued, or 10 s.
+    let ws_pages = ready.ws_mb * PAGES_PER_MIB;
+    let verify_deadline = Instant::now() + VERIFY_TIMEOUT;
+    drop(dst.console.wait_until(verify_deadline, |s| {
+        s.exit.is_some() || s.page_errors > 0 || dst_done(&s.heartbeats, ws_pages)
+    }));
+    let dst_status = match dst.execute("query-status", None) {
+        Ok(v) => v["status"].as_str().unwrap_or("?").to_owned(),
+        Err(e) => format!("unknown ({e})"),
+    };
+    let src_console = src.console.lock().clone_for_verdict();
+    let dst_console = dst.console.lock().clone_for_verdict();
+    let verdict = judge(&src_console, &dst_console, &dst_status, ws_pages);
+    if !verdict.failures.is_empty() {
+        tracing::warn!(
+            failures = ?verdict.failures,
+            "destination not verified; its console ends with:\n{}",
+            dst.console.tail()
+        );
+    }
+
+    Ok(QemuOutcome {
+        total_ms: float(&info["total-time"]),
+        downtime_ms: float(&info["downtime"]),
+        setup_ms: float(&info["setup-time"]),
+        transferred_bytes: ram["transferred"].as_u64().unwrap_or(0),
+        dirty_syncs: ram["dirty-sync-count"].as_u64().unwrap_or(0),
+        mbps: float(&ram["mbps"]),
+        guest_stall_ms: verdict.guest_stall_ms,
+        host_gap_ms: verdict.host_gap_ms,
+        last_src_seq: verdict.last_src_seq,
+        first_dst_seq: verdict.first_dst_seq,
+        dst_heartbeats: dst_console.heartbeats.len() as u64,
+        dst_sweeps_verified: verdict.dst_sweeps_verified,
+        errors: verdict.errors,
+        verified: verdict.failures.is_empty(),
+        verify_failures: verdict.failures,
+        statuses,
+        downtime_limit_ms,
+        max_bandwidth,
+        qemu_version,
+        boot_to_ready_ms,
+        wall_ms: f64::NAN,
+    })
+}
+
+/// Enough destination heartbeats to judge, and (with a working set) a
+/// whole working set rewritten, so verified, since the first of them.
+fn dst_done(heartbeats: &[(Instant, Heartbeat)], ws_pages: u64) -> bool {
+    heartbeats.len() >= MIN_DST_HEARTBEATS
+        && (ws_pages == 0 || sweeps_since_first(heartbeats, ws_pages) >= 1)
+}
+
+fn sweeps_since_first(heartbeats: &[(Instant, Heartbeat)], ws_pages: u64) -> u64 {
+    match (heartbeats.first(), heartbeats.last()) {
+        (Some((_, first)), Some((_, last))) if ws_pages > 0 => {
+            last.wr.saturating_sub(first.wr) / ws_pages
+        }
+        _ => 0,
+    }
+}
+
+struct Verdict {
+    guest_stall_ms: f64,
+    host_gap_ms: f64,
+    last_src_seq: Option<u64>,
+    first_dst_seq: Option<u64>,
+    dst_sweeps_verified: u64,
+    errors: u64,
+    failures: Vec<String>,
+}
+
+/// The checks of the baseline's `heartbeat_continued` and
+/// `dst_full_sweep_verified`, on what both consoles printed.
+fn judge(src: &ConsoleState, dst: &ConsoleState, dst_status: &str, ws_pages: u64) -> Verdict {
+    let mut failures = Vec::new();
+    let last_src = src.heartbeats.last();
+    let first_dst = dst.heartbeats.first();
+    let errors = src
+        .heartbeats
+        .iter()
+        .chain(&dst.heartbeats)
+        .map(|(_, hb)| hb.err)
+        .chain([src.page_errors, dst.page_errors])
+        .max()
+        .unwrap_or(0);
+
+    if dst_status != "running" {
+        failures.push(format!("destination status is {dst_status}, not running"));
+    }
+    if let Some(exit) = &dst.exit {
+        failures.push(format!(
+            "destination guest stopped: EXIT code={} reason={}",
+            exit.code, exit.reason
+        ));
+    }
+    if errors > 0 {
+        failures.push(format!("{errors} pages failed verification"));
+    }
+    if dst.heartbeats.len() < MIN_DST_HEARTBEATS {
+        failures.push(format!(
+            "{} destination heartbeats, want at least {MIN_DST_HEARTBEATS}",
+            dst.heartbeats.len()
+        ));
+    }
+    match (last_src, first_dst) {
+        (Some((_, s)), Some((_, d))) => {
+            // A heartbeat line the switchover cut in two reaches neither
+            // console whole (head on the source, tail on the destination),
+            // so one number is skipped; the tail shows as a garbled line.
+            let skipped_ok = dst.other_before_first_hb && d.seq == s.seq + 2;
+            if d.seq != s.seq + 1 && !skipped_ok {
+                failures.push(format!(
+                    "destination heartbeats start at seq={} after the source's seq={}",
+                    d.seq, s.seq
+                ));
+            }
+            if d.wr < s.wr {
+                failures.push(format!("write counter went back: {} -> {}", s.wr, d.wr));
+            }
+        }
+        (None, _) => failures.push("no source heartbeat".into()),
+        (_, None) => failures.push("no destination heartbeat".into()),
+    }
+    for pair in dst.heartbeats.windows(2) {
+        let (a, b) = (&pair[0].1, &pair[1].1);
+        if b.seq != a.seq + 1 || b.wr < a.wr {
+            failures.push(format!(
+                "destination heartbeats jump: seq={} wr={} then seq={} wr={}",
+                a.seq, a.wr, b.seq, b.wr
+            ));
+            break;
+        }
+    }
+    let dst_sweeps_verified = sweeps_since_first(&dst.heartbeats, ws_pages);
+    if ws_pages > 0 && dst_sweeps_verified == 0 {
+        failures.push(format!(
+            "the working set ({ws_pages} pages) was not verified in full within {VERIFY_TIMEOUT:?} after the move"
+        ));
+    }
+    let guest_stall_ms = dst
+        .heartbeats
+        .iter()
+        .take(STALL_HEARTBEATS)
+        .map(|(_, hb)| hb.stall_us as f64 / 1e3)
+        .reduce(f64::max)
+        .unwrap_or(f64::NAN);
+    let host_gap_ms = match (last_src, first_dst) {
+        (Some((s, _)), Some((d, _))) => ms(d.saturating_duration_since(*s)),
+        _ => f64::NAN,
+    };
+    Verdict {
+        guest_stall_ms,
+        host_gap_ms,
+        last_src_seq: last_src.map(|(_, hb)| hb.seq),
+        first_dst_seq: first_dst.map(|(_, hb)| hb.seq),
+        dst_sweeps_verified,
+        errors,
+        failures,
+    }
+}
+
+/// One QEMU process, its console and its QMP connection. Dropping it
+/// stops QEMU: `quit`, then SIGKILL after [`QUIT_GRACE`].
+struct Vm {
+    role: Role,
+    child: Child,
+    qmp_path: PathBuf,
+    qmp: Option<Qmp>,
+    console: Arc<Console>,
+    /// QEMU's stderr, last lines.
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    stderr_reader: Option<JoinHandle<()>>,
+    quit_requested: Option<Instant>,
+}
+
+impl Vm {
+    fn start(binary: &Path, m: &QemuMigration, role: Role, dir: &Path) -> Result<Vm, QemuError> {
+        let qmp_path = dir.join(format!("{}-qmp.sock", role.tag()));
+        let mut cmd = Command::new(binary);
+        cmd.args([
+            "-name",
+            &format!("ferry-bench-{},debug-threads=on", role.tag()),
+        ])
+        .args(["-accel", "kvm", "-machine", &m.machine])
+        .args(["-cpu", "host,-arch-capabilities"])
+        .args(["-m", &format!("{}M", m.mem_bytes / MIB), "-smp", "1"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        // The console goes to a pipe the reader thread timestamps.
+        .args(["-serial", "stdio"])
+        // The guest's EXIT writes its code to port 0x501; QEMU then
+        // stops instead of leaving the guest spinning.
+        .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"])
+        .arg("-kernel")
+        .arg(&m.guest_elf)
+        .args(["-append", &m.guest_cmdline])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        if m.prealloc {
+            cmd.arg("-mem-prealloc");
+        }
+        match role {
+            // Paused until both QMP connections are up, so the boot is timed
+            // from a known point.
+            Role::Source => cmd.arg("-S"),
+            Role::Destination => cmd.args(["-incoming", "defer"]),
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        tracing::debug!(?cmd, "{role} QEMU");
+        let mut child = cmd.spawn().map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => QemuError::QemuMissing,
+            _ => QemuError::Io {
+                what: format!("start the {role} QEMU ({})", binary.display()),
+                source,
+            },
+        })?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr_pipe = child.stderr.take().expect("stderr is piped");
+        let console = Console::spawn_reader(role, stdout);
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr_reader = {
+            let stderr = Arc::clone(&stderr);
+            thread::spawn(move || keep_tail(stderr_pipe, &stderr))
+        };
+        Ok(Vm {
+            role,
+            child,
+            qmp_path,
+            qmp: None,
+            console,
+            stderr,
+            stderr_reader: Some(stderr_reader),
+            quit_requested: None,
+        })
+    }
+
+    /// Connects to QMP once QEMU has opened its socket.
+    fn attach_qmp(&mut self) -> Result<(), QemuError> {
+        let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            match Qmp::connect(&self.qmp_path, QMP_TIMEOUT) {
+                Ok(qmp) => {
+                    self.qmp = Some(qmp);
+                    return Ok(());
+                }
+                // Not listening yet.
+                Err(QmpError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) && Instant::now() < deadline =>
+                {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(source) => return Err(self.qmp_error("connect", source)),
+            }
+        }
+    }
+
+    fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
+        let Some(qmp) = self.qmp.as_mut() else {
+            return Err(self.qmp_error(command, QmpError::Closed));
+        };
+        qmp.execute(command, arguments)
+            .map_err(|source| self.qmp_error(command, source))
+    }
+
+    /// A QMP failure, or QEMU's own exit when that is what caused it.
+    fn qmp_error(&mut self, command: &str, source: QmpError) -> QemuError {
+        if !matches!(source, QmpError::Command { .. }) {
+            // QEMU closes QMP a moment before it is reaped.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < deadline {
+                if let Err(e) = self.check_alive() {
+                    return e;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        QemuError::Qmp {
+            role: self.role,
+            command: command.to_owned(),
+            source,
+        }
+    }
+
+    /// `Err` if QEMU has exited (or its guest printed EXIT, after which
+    /// isa-debug-exit stops QEMU).
+    fn check_alive(&mut self) -> Result<(), QemuError> {
+        if let Some(exit) = self.console.lock().exit.clone() {
+            return Err(QemuError::GuestExited {
+                role: self.role,
+                exit,
+            });
+        }
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(self.exited(status)),
+            Err(source) => Err(QemuError::Io {
+                what: format!("wait for the {} QEMU", self.role),
+                source,
+            }),
+        }
+    }
+
+    fn exited(&mut self, status: ExitStatus) -> QemuError {
+        // The pipe closes when QEMU exits: the whole of stderr is in.
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        let mut tail: Vec<String> = lock(&self.stderr).iter().cloned().collect();
+        if tail.is_empty() {
+            tail.push("(nothing on stderr)".into());
+        }
+        tail.push(format!("console: {}", self.console.tail()));
+        QemuError::ExitedEarly {
+            role: self.role,
+            status: status.to_string(),
+            tail: tail.join("\n"),
+        }
+    }
+
+    /// Asks QEMU to quit, without waiting for it.
+    fn request_quit(&mut self) {
+        if self.quit_requested.is_some() {
+            return;
+        }
+        self.quit_requested = Some(Instant::now());
+        if let Some(mut qmp) = self.qmp.take() {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            // `quit` answers and then closes the connection; an error here
+            // changes nothing, SIGKILL follows if QEMU stays.
+            let _ = qmp.set_timeout(QUIT_GRACE / 2);
+            let _ = qmp.execute("quit", None);
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.request_quit();
+        let deadline = self.quit_requested.unwrap_or_else(Instant::now) + QUIT_GRACE;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+                _ => break,
+            }
+        }
+        tracing::warn!(
+            "the {} QEMU did not quit within {QUIT_GRACE:?}; killing it",
+            self.role
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a guest console printed, as the reader thread saw it.
+struct Console {
+    state: Mutex<ConsoleState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ConsoleState {
+    /// With the host time each line arrived.
+    heartbeats: Vec<(Instant, Heartbeat)>,
+    ready: Option<(Instant, Ready)>,
+    exit: Option<Exit>,
+    /// `ERR` lines.
+    page_errors: u64,
+    /// An unparsed line came before the first heartbeat: on the
+    /// destination, the tail of a heartbeat the switchover cut.
+    other_before_first_hb: bool,
+    tail: VecDeque<String>,
+    closed: bool,
+}
+
+impl ConsoleState {
+    fn clone_for_verdict(&self) -> ConsoleState {
+        ConsoleState {
+            heartbeats: self.heartbeats.clone(),
+            ready: self.ready.clone(),
+            exit: self.exit.clone(),
+            page_errors: self.page_errors,
+            other_before_first_hb: self.other_before_first_hb,
+            tail: VecDeque::new(),
+            closed: self.closed,
+        }
+    }
+
+    fn add(&mut self, text: &str, at: Instant) {
+        let line = text.trim_end_matches(['\n', '\r']);
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.to_owned());
+        match parse_line(line) {
+            Line::Heartbeat(hb) => self.heartbeats.push((at, hb)),
+            Line::Ready(r) => self.ready = Some((at, r)),
+            Line::Exit(e) => self.exit = Some(e),
+            Line::PageError(_) => self.page_errors += 1,
+            Line::Other(_) if self.heartbeats.is_empty() => self.other_before_first_hb = true,
+            Line::Boot(_) | Line::Other(_) => {}
+        }
+    }
+}
+
+impl Console {
+    fn spawn_reader(role: Role, stdout: impl Read + Send + 'static) -> Arc<Console> {
+        let console = Arc::new(Console {
+            state: Mutex::new(ConsoleState::default()),
+            changed: Condvar::new(),
+        });
+        let shared = Arc::clone(&console);
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let at = Instant::now();
+                let text = String::from_utf8_lossy(&buf);
+                tracing::trace!(role = %role, line = %text.trim_end(), "console");
+                let mut state = shared.lock();
+                if buf.ends_with(b"\n") {
+                    state.add(&text, at);
+                } else {
+                    // Cut off by QEMU's exit: for the tail only, a
+                    // truncated heartbeat would still parse.
+                    state.tail.push_back(format!("{} (partial line)", text));
+                }
+                shared.changed.notify_all();
+            }
+            shared.lock().closed = true;
+            shared.changed.notify_all();
+        });
+        console
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ConsoleState> {
+        lock(&self.state)
+    }
+
+    /// Waits until `done`, the end of the console (QEMU exited) or the
+    /// deadline, whichever comes first.
+    fn wait_until(
+        &self,
+        deadline: Instant,
+        mut done: impl FnMut(&ConsoleState) -> bool,
+    ) -> MutexGuard<'_, ConsoleState> {
+        let mut state = self.lock();
+        while !done(&state) && !state.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        state
+    }
+
+    fn tail(&self) -> String {
+        let state = self.lock();
+        if state.tail.is_empty() {
+            return "(nothing)".into();
+        }
+        state.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// A reader thread cannot leave the state half-updated, so a poisoned lock
+/// is still good to read.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn keep_tail(pipe: impl Read, tail: &Mutex<VecDeque<String>>) {
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+        let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+        tracing::debug!(stderr = %text, "QEMU");
+        let mut tail = lock(tail);
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(text);
+        line.clear();
+    }
+}
+
+/// A port on 127.0.0.1 nobody listens on right now (the kernel's choice).
+fn free_port() -> Result<u16, QemuError> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|source| QemuError::Io {
+            what: "find a free TCP port on 127.0.0.1".into(),
+            source,
+        })
+}
+
+/// A fresh directory for the QMP sockets, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create() -> Result<TempDir, QemuError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = env::temp_dir().join(format!("ferry-qemu-{}-{n}", std::process::id()));
+            match fs::create_dir(&path) {
+                Ok(()) => return Ok(TempDir(path)),
+                // Left by an earlier process with the same pid.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(source) => {
+                    return Err(QemuError::Io {
+                        what: format!("create {}", path.display()),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kvm() -> bool {
+        let present = Path::new("/dev/kvm").exists();
+        if !present {
+            eprintln!("SKIPPED: /dev/kvm missing");
+        }
+        present
+    }
+
+    fn migration(cmdline: &str) -> QemuMigration {
+        QemuMigration {
+            settle: Duration::from_secs(1),
+            ..QemuMigration::new(ferry_testguest::guest_elf_path(), 512 * MIB, cmdline)
+        }
+    }
+
+    #[test]
+    fn qemu_migrates_dirty_guest() {
+        if !kvm() {
+            return;
+        }
+        let m = migration("workload=dirty:64:100 cpus=1");
+        let outcome = run_qemu_migration(&m).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{}", serde_json::to_string_pretty(&outcome).unwrap());
+        assert!(outcome.verified, "{:?}", outcome.verify_failures);
+        assert_eq!(outcome.errors, 0);
+        assert!(
+            outcome.transferred_bytes > 64 * MIB,
+            "{}",
+            outcome.transferred_bytes
+        );
+        assert!(
+            outcome.guest_stall_ms < 1000.0,
+            "{}",
+            outcome.guest_stall_ms
+        );
+        assert!(outcome.dst_sweeps_verified >= 1);
+    }
+
+    #[test]
+    fn errors_say_what_went_wrong() {
+        if !kvm() {
+            return;
+        }
+        let err = run_qemu_migration(&QemuMigration {
+            machine: "no-such-machine".into(),
+            ..migration("workload=idle")
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&err, QemuError::ExitedEarly { role: Role::Source, tail, .. } if tail.contains("unsupported machine type")),
+            "{err}"
+        );
+
+        let err = run_qemu_migration(&migration("workload=dirty:64:fast")).unwrap_err();
+        assert!(
+            matches!(&err, QemuError::GuestExited { exit, .. } if exit.code == 1),
+            "{err}"
+        );
+
+        // 1 MiB/s cannot move 64 MiB in a second.
+        let err = run_qemu_migration(&QemuMigration {
+            max_bandwidth: Some(MIB),
+            timeout: Duration::from_secs(1),
+            ..migration("workload=dirty:64:100")
+        })
+        .unwrap_err();
+        assert!(matches!(err, QemuError::Timeout { .. }), "{err}");
+    }
+
+    fn hb(seq: u64, wr: u64, stall_us: u64) -> (Instant, Heartbeat) {
+        let hb = Heartbeat {
+            seq,
+            t_ms: seq * 100,
+            wr,
+            ver: wr,
+            err: 0,
+            sweeps: 0,
+            fsweeps: 0,
+            stall_us,
+            rate_mibs: 100,
+        };
+        (Instant::now(), hb)
+    }
+
+    fn console(heartbeats: Vec<(Instant, Heartbeat)>) -> ConsoleState {
+        ConsoleState {
+            heartbeats,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn judges_continuity_and_the_sweep_after_the_move() {
+        let src = console(vec![hb(9, 900, 40), hb(10, 1000, 40)]);
+        let dst = console(
+            (11..17)
+                .map(|s| hb(s, s * 100 + 50, if s == 11 { 80_000 } else { 50 }))
+                .collect(),
+        );
+        let v = judge(&src, &dst, "running", 500);
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        assert_eq!(v.guest_stall_ms, 80.0);
+        assert_eq!(v.dst_sweeps_verified, 1);
+
+        // Not yet a whole working set since the first destination heartbeat.
+        let v = judge(&src, &dst, "running", 501);
+        assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
+
+        // A skipped heartbeat is only fine when its cut tail is there.
+        let mut dst2 = console((12..18).map(|s| hb(s, s * 100, 50)).collect());
+        assert!(!judge(&src, &dst2, "running", 0).failures.is_empty());
+        dst2.other_before_first_hb = true;
+        assert!(judge(&src, &dst2, "running", 0).failures.is_empty());
+
+        // A restarted guest, a paused destination.
+        let dst3 = console((0..6).map(|s| hb(s, s * 100, 50)).collect());
+        let v = judge(&src, &dst3, "paused", 0);
+        assert_eq!(v.failures.len(), 3, "{:?}", v.failures);
+    }
+}

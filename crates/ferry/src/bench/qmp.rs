@@ -1,0 +1,231 @@
+//! A small blocking client for QMP, the QEMU Machine Protocol: JSON objects,
+//! one a line, over a Unix socket. Enough to drive a migration: the greeting,
+//! `qmp_capabilities`, and commands answered in order. Asynchronous events
+//! that arrive between a command and its answer are skipped (logged at debug
+//! level): nothing here waits on an event, `query-migrate` is polled instead.
+
+// Nothing calls this yet outside its tests: `ferry bench` will. Remove
+// this once it does.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// Why a QMP exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("QEMU did not answer on QMP within {0:?}")]
+    Timeout(Duration),
+    #[error("QEMU closed the QMP connection")]
+    Closed,
+    #[error("unexpected QMP message: {0}")]
+    Protocol(String),
+    /// QEMU refused or failed the command; `class` is QEMU's error class
+    /// (usually `GenericError`), `desc` its human-readable reason.
+    #[error("{class}: {desc}")]
+    Command { class: String, desc: String },
+}
+
+/// One QMP connection in command mode.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    timeout: Duration,
+    next_id: u64,
+    /// Bytes of a line not yet complete: kept across a timed-out read so
+    /// the next read does not start in the middle of a message.
+    pending: Vec<u8>,
+    greeting: Value,
+}
+
+impl Qmp {
+    /// Connects to a QMP server socket (one attempt) and negotiates.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        Qmp::handshake(UnixStream::connect(path)?, timeout)
+    }
+
+    /// Reads the greeting on an open connection and leaves capability
+    /// negotiation mode. Every later read waits at most `timeout`.
+    pub fn handshake(stream: UnixStream, timeout: Duration) -> Result<Qmp, QmpError> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+            timeout,
+            next_id: 0,
+            pending: Vec::new(),
+            greeting: Value::Null,
+        };
+        let greeting = qmp.read_message()?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!(
+                "expected the QMP greeting, got {greeting}"
+            )));
+        }
+        qmp.greeting = greeting;
+        qmp.execute("qmp_capabilities", None)?;
+        Ok(qmp)
+    }
+
+    /// QEMU's version as the greeting gave it, e.g. `7.2.22`.
+    pub fn version(&self) -> Option<String> {
+        let v = self.greeting.pointer("/QMP/version/qemu")?;
+        Some(format!("{}.{}.{}", v["major"], v["minor"], v["micro"]))
+    }
+
+    /// Changes how long later reads and writes wait.
+    pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.writer.set_read_timeout(Some(timeout))?;
+        self.writer.set_write_timeout(Some(timeout))?;
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    /// Runs one command and returns its `return` value.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| self.io_error(e))?;
+        loop {
+            let mut reply = self.read_message()?;
+            if let Some(event) = reply.get("event") {
+                tracing::debug!(%event, "QMP event");
+                continue;
+            }
+            // An answer to an earlier command that timed out: its caller
+            // has already given up on it.
+            if reply.get("id").and_then(Value::as_u64) != Some(id) {
+                tracing::debug!(%reply, "stale QMP answer skipped");
+                continue;
+            }
+            if let Some(ret) = reply.get_mut("return") {
+                return Ok(ret.take());
+            }
+            if let Some(err) = reply.get("error") {
+                let text = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+                return Err(QmpError::Command {
+                    class: text("class"),
+                    desc: text("desc"),
+                });
+            }
+            return Err(QmpError::Protocol(reply.to_string()));
+        }
+    }
+
+    fn read_message(&mut self) -> Result<Value, QmpError> {
+        loop {
+            let complete = match self.reader.read_until(b'\n', &mut self.pending) {
+                Ok(0) => return Err(QmpError::Closed),
+                Ok(_) => self.pending.ends_with(b"\n"),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.io_error(e)),
+            };
+            if !complete {
+                // End of stream in the middle of a line.
+                return Err(QmpError::Closed);
+            }
+            let line = std::mem::take(&mut self.pending);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            return serde_json::from_slice(&line).map_err(|e| {
+                QmpError::Protocol(format!("{e} in {:?}", String::from_utf8_lossy(&line)))
+            });
+        }
+    }
+
+    fn io_error(&self, e: io::Error) -> QmpError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => QmpError::Timeout(self.timeout),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => QmpError::Closed,
+            _ => QmpError::Io(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    /// A scripted QEMU: checks each command it receives and sends the
+    /// canned lines back.
+    fn fake_qemu(script: Vec<(&'static str, Vec<String>)>) -> (UnixStream, thread::JoinHandle<()>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let handle = thread::spawn(move || {
+            let mut reader = BufReader::new(server.try_clone().unwrap());
+            let mut out = server;
+            out.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 22, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": []}}\r\n").unwrap();
+            for (want, replies) in script {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let msg: Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(msg["execute"], want, "{line}");
+                let id = msg["id"].to_string();
+                for reply in replies {
+                    out.write_all(reply.replace("ID", &id).as_bytes()).unwrap();
+                    out.write_all(b"\r\n").unwrap();
+                }
+            }
+        });
+        (client, handle)
+    }
+
+    #[test]
+    fn negotiates_skips_events_and_reports_errors() {
+        let (stream, server) = fake_qemu(vec![
+            ("qmp_capabilities", vec![r#"{"return": {}, "id": ID}"#.into()]),
+            (
+                "query-status",
+                vec![
+                    r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}"#.into(),
+                    r#"{"return": {"status": "running", "running": true}, "id": ID}"#.into(),
+                ],
+            ),
+            (
+                "migrate",
+                vec![r#"{"id": ID, "error": {"class": "GenericError", "desc": "There's a migration process in progress"}}"#.into()],
+            ),
+        ]);
+        let mut qmp = Qmp::handshake(stream, Duration::from_secs(5)).unwrap();
+        assert_eq!(qmp.version().as_deref(), Some("7.2.22"));
+        let status = qmp.execute("query-status", None).unwrap();
+        assert_eq!(status["status"], "running");
+        let err = qmp
+            .execute("migrate", Some(json!({"uri": "tcp:127.0.0.1:1"})))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "GenericError: There's a migration process in progress"
+        );
+        server.join().unwrap();
+        assert!(matches!(
+            qmp.execute("query-status", None),
+            Err(QmpError::Closed)
+        ));
+    }
+
+    #[test]
+    fn a_silent_qemu_times_out() {
+        let (client, _server) = UnixStream::pair().unwrap();
+        let err = Qmp::handshake(client, Duration::from_millis(50))
+            .err()
+            .expect("no greeting");
+        assert!(matches!(err, QmpError::Timeout(_)), "{err}");
+    }
+}

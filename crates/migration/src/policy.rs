@@ -1,0 +1,240 @@
+//! Pure decisions of a pre-copy migration, from measurements only: when to
+//! switch over (the predicted blackout fits the target), and when the guest
+//! outruns the link and must be braked (auto-converge). No I/O here, so
+//! every rule is unit-tested with made-up rounds.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// The blackout the operator accepts (`--downtime`).
+    pub downtime_target: Duration,
+    /// What a blackout costs besides sending pages: saving, sending and
+    /// loading the state, the commit round trip, restarting the vCPUs.
+    pub fixed_blackout: Duration,
+    /// Brake a guest that outruns the link instead of looping forever.
+    pub auto_converge: bool,
+    /// First brake, and the step it grows by each round without progress.
+    pub throttle_start: u32,
+    pub throttle_step: u32,
+    pub throttle_max: u32,
+    /// After this many rounds the blackout is taken whatever it costs: a
+    /// migration must finish.
+    pub max_rounds: u32,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            downtime_target: Duration::from_millis(20),
+            fixed_blackout: Duration::from_millis(2),
+            auto_converge: true,
+            throttle_start: 30,
+            throttle_step: 20,
+            throttle_max: 99,
+            max_rounds: 40,
+        }
+    }
+}
+
+/// What the engine measured up to the harvest that ends a round.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundFacts {
+    /// The round just sent (1 = the full pass).
+    pub round: u32,
+    /// Bytes dirtied since the previous harvest: what is left to send.
+    pub dirty_bytes: u64,
+    /// Time since the previous harvest.
+    pub elapsed: Duration,
+    /// The send rate the last round achieved, bytes/s.
+    pub send_rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    /// Pause and send what is left.
+    Switchover { predicted: Duration, forced: bool },
+    /// Send another round, with this brake on the guest.
+    NextRound { predicted: Duration, throttle: u32 },
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    config: PolicyConfig,
+    previous_dirty: Option<u64>,
+    throttle: u32,
+    stuck_at_max: u32,
+}
+
+impl Policy {
+    pub fn new(config: PolicyConfig) -> Self {
+        Self {
+            config,
+            previous_dirty: None,
+            throttle: 0,
+            stuck_at_max: 0,
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    /// The blackout sending `bytes` at `rate` would cost.
+    pub fn predict(&self, bytes: u64, rate: f64) -> Duration {
+        let send = if rate > 0.0 {
+            Duration::from_secs_f64(bytes as f64 / rate)
+        } else if bytes == 0 {
+            Duration::ZERO
+        } else {
+            Duration::MAX / 4
+        };
+        self.config.fixed_blackout.saturating_add(send)
+    }
+
+    pub fn decide(&mut self, facts: RoundFacts) -> Decision {
+        let predicted = self.predict(facts.dirty_bytes, facts.send_rate);
+        let previous = self.previous_dirty.replace(facts.dirty_bytes);
+        if predicted <= self.config.downtime_target {
+            return Decision::Switchover {
+                predicted,
+                forced: false,
+            };
+        }
+        if facts.round >= self.config.max_rounds {
+            return Decision::Switchover {
+                predicted,
+                forced: true,
+            };
+        }
+        let dirty_rate = facts.dirty_bytes as f64 / facts.elapsed.as_secs_f64().max(1e-6);
+        // Rounds that no longer shrink, or a guest that writes about as fast
+        // as we send, will not converge by themselves.
+        let outrunning = facts.send_rate > 0.0 && dirty_rate >= 0.9 * facts.send_rate;
+        let not_shrinking = facts.round >= 3
+            && previous.is_some_and(|p| facts.dirty_bytes as f64 >= 0.9 * p as f64);
+        if self.config.auto_converge && (outrunning || not_shrinking) {
+            if self.throttle >= self.config.throttle_max {
+                self.stuck_at_max += 1;
+                if self.stuck_at_max >= 3 {
+                    return Decision::Switchover {
+                        predicted,
+                        forced: true,
+                    };
+                }
+            }
+            self.throttle = if self.throttle == 0 {
+                self.config.throttle_start
+            } else {
+                self.throttle + self.config.throttle_step
+            }
+            .min(self.config.throttle_max);
+        }
+        Decision::NextRound {
+            predicted,
+            throttle: self.throttle,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GBPS: f64 = 3e9;
+
+    fn facts(round: u32, dirty_mib: u64, elapsed_ms: u64) -> RoundFacts {
+        RoundFacts {
+            round,
+            dirty_bytes: dirty_mib * MIB,
+            elapsed: Duration::from_millis(elapsed_ms),
+            send_rate: GBPS,
+        }
+    }
+
+    fn target(ms: u64) -> Policy {
+        Policy::new(PolicyConfig {
+            downtime_target: Duration::from_millis(ms),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn an_idle_guest_switches_over_after_the_first_pass() {
+        let mut p = target(10);
+        let d = p.decide(facts(1, 0, 50));
+        assert!(
+            matches!(d, Decision::Switchover { forced: false, .. }),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_shrinking_dirty_set_converges_without_a_brake() {
+        let mut p = target(10);
+        // 1 GiB/s writer, 3 GB/s link: each round a third of the last.
+        let d = p.decide(facts(1, 90, 90));
+        assert_eq!(
+            d,
+            Decision::NextRound {
+                predicted: p.predict(90 * MIB, GBPS),
+                throttle: 0
+            }
+        );
+        assert!(matches!(
+            p.decide(facts(2, 30, 30)),
+            Decision::NextRound { throttle: 0, .. }
+        ));
+        // 10 MiB at 3 GB/s is ~3.5 ms plus 2 ms fixed: under 10 ms.
+        assert!(matches!(
+            p.decide(facts(3, 10, 10)),
+            Decision::Switchover { forced: false, .. }
+        ));
+    }
+
+    #[test]
+    fn a_guest_that_outruns_the_link_is_braked_harder_each_round() {
+        let mut p = target(10);
+        // Writes 3.2 GB/s against a 3 GB/s link.
+        let mut throttles = Vec::new();
+        for round in 1..=4 {
+            match p.decide(facts(round, 256, 80)) {
+                Decision::NextRound { throttle, .. } => throttles.push(throttle),
+                d => panic!("round {round}: {d:?}"),
+            }
+        }
+        assert_eq!(throttles, vec![30, 50, 70, 90]);
+    }
+
+    #[test]
+    fn the_blackout_is_forced_when_nothing_else_helps() {
+        let mut p = Policy::new(PolicyConfig {
+            downtime_target: Duration::from_millis(1),
+            max_rounds: 5,
+            ..Default::default()
+        });
+        let mut last = None;
+        for round in 1..=5 {
+            last = Some(p.decide(facts(round, 100, 1000)));
+        }
+        assert!(matches!(
+            last,
+            Some(Decision::Switchover { forced: true, .. })
+        ));
+    }
+
+    #[test]
+    fn without_auto_converge_no_brake_is_applied() {
+        let mut p = Policy::new(PolicyConfig {
+            auto_converge: false,
+            ..Default::default()
+        });
+        for round in 1..=3 {
+            assert!(matches!(
+                p.decide(facts(round, 256, 50)),
+                Decision::NextRound { throttle: 0, .. }
+            ));
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The destination side: answer the handshake, judge the offer and reserve
+//! the VM (through the caller's `accept`), write every page into memory
+//! nothing runs on, load the state, and start the VM only after `Commit`.
+//! Any failure before that drops the incoming VM: nothing is left.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::bitmap::PageBitmap;
+use crate::guest::IncomingGuest;
+use crate::precopy::error::{error_chain, ReceiveError};
+use crate::protocol::{
+    read_header, read_message, read_pages_into, read_state, write_message, Abort, Accept,
+    Committed, FrameKind, HelloAck, Message, Offer, PageSink, Refuse, Resumed, Role, StateLoaded,
+    VersionRange,
+};
+
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// Longest silence from the source before the migration is abandoned.
+    pub io_timeout: Duration,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self {
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the destination measured.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReceiveReport {
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    /// Offer to Accept: the compatibility check and the reservation.
+    pub reserve_ms: f64,
+    pub rounds: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub state_bytes: u64,
+    /// Decoding and loading the state record.
+    pub load_ms: f64,
+    /// Commit received to vCPUs started.
+    pub start_ms: f64,
+    pub total_ms: f64,
+}
+
+/// A received VM, running, and the stream to tell the source how the guest
+/// fared ([`send_resumed`]).
+pub struct Received<R> {
+    pub vm: R,
+    pub report: ReceiveReport,
+    pub stream: TcpStream,
+}
+
+/// Receives one VM over `stream`. `accept` judges the offer and builds the
+/// incoming VM, or says why not (the source is told, and keeps its VM).
+pub fn receive<G: IncomingGuest>(
+    mut stream: TcpStream,
+    options: &ReceiveOptions,
+    accept: impl FnOnce(&Offer) -> Result<G, String>,
+) -> Result<Received<G::Running>, ReceiveError> {
+    let t0 = Instant::now();
+    let mut report = ReceiveReport::default();
+    let result = drive(&mut stream, options, accept, &mut report, t0);
+    match result {
+        Ok(vm) => {
+            report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+            Ok(Received { vm, report, stream })
+        }
+        Err(e) => {
+            // Tell the source why, unless it is the one that gave up.
+            if !matches!(e, ReceiveError::SourceAborted(_) | ReceiveError::Refused(_)) {
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+                let _ = write_message(
+                    &mut stream,
+                    &Message::Abort(Abort {
+                        reason: format!("destination: {}", error_chain(&e)),
+                    }),
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+/// After the VM ran on this side: what the guest measured, for the
+/// source's report. Best effort: the source may have gone.
+pub fn send_resumed(stream: &mut TcpStream, guest_stall_us: Option<u64>, first_seq: Option<u64>) {
+    let _ = write_message(
+        stream,
+        &Message::Resumed(Resumed {
+            guest_stall_us,
+            first_seq,
+        }),
+    );
+    let _ = stream.flush();
+}
+
+fn drive<G: IncomingGuest>(
+    stream: &mut TcpStream,
+    options: &ReceiveOptions,
+    accept: impl FnOnce(&Offer) -> Result<G, String>,
+    report: &mut ReceiveReport,
+    t0: Instant,
+) -> Result<G::Running, ReceiveError> {
+    let stage = "setting up the connection";
+    let io = |e: std::io::Error| ReceiveError::Protocol {
+        stage,
+        source: e.into(),
+    };
+    stream.set_nodelay(true).map_err(io)?;
+    stream
+        .set_read_timeout(Some(options.io_timeout))
+        .map_err(io)?;
+    stream
+        .set_write_timeout(Some(options.io_timeout))
+        .map_err(io)?;
+    let mut scratch = Vec::new();
+
+    let stage = "handshake";
+    let hello = match next_message(stream, &mut scratch, stage)? {
+        Message::Hello(h) => h,
+        other => return Err(unexpected(stage, "Hello", other.kind())),
+    };
+    let ack = hello.answer(VersionRange::SUPPORTED, Role::Destination);
+    write_message(stream, &Message::HelloAck(ack.clone()))
+        .map_err(ReceiveError::protocol(stage))?;
+    if let HelloAck::Refused { reason } = ack {
+        return Err(ReceiveError::Refused(reason));
+    }
+
+    let stage = "judging the offer";
+    let offer = match next_message(stream, &mut scratch, stage)? {
+        Message::Offer(o) => o,
+        other => return Err(unexpected(stage, "Offer", other.kind())),
+    };
+    report.mem_bytes = offer.mem_bytes;
+    report.vcpus = offer.vcpus;
+    let t_reserve = Instant::now();
+    let judged = offer
+        .validate()
+        .map_err(|e| format!("invalid offer: {e}"))
+        .and_then(|()| accept(&offer));
+    let mut guest = match judged {
+        Ok(g) => g,
+        Err(reason) => {
+            let _ = write_message(
+                stream,
+                &Message::Refuse(Refuse {
+                    reason: reason.clone(),
+                }),
+            );
+            return Err(ReceiveError::Refused(reason));
+        }
+    };
+    report.reserve_ms = t_reserve.elapsed().as_secs_f64() * 1e3;
+    write_message(
+        stream,
+        &Message::Accept(Accept {
+            reserved_bytes: offer.mem_bytes,
+        }),
+    )
+    .map_err(ReceiveError::protocol(stage))?;
+
+    let mut sink = TrackingSink {
+        guest: &mut guest,
+        written: PageBitmap::new(&offer.ram_ranges),
+    };
+    let mut round_pages = 0u64;
+    let mut state_len = None;
+    let stage = "receiving pages";
+    loop {
+        let header = read_header(stream).map_err(ReceiveError::protocol(stage))?;
+        match header.kind {
+            FrameKind::Pages => {
+                let got = read_pages_into(stream, &header, &mut sink)
+                    .map_err(ReceiveError::protocol(stage))?;
+                round_pages += got.pages();
+                report.pages += got.pages();
+                report.zero_pages += got.zero_pages;
+            }
+            FrameKind::State => {
+                let stage = "loading the VM state";
+                let mut state = Vec::new();
+                read_state(stream, &header, &mut state).map_err(ReceiveError::protocol(stage))?;
+                let t_load = Instant::now();
+                sink.guest
+                    .load_state(&state)
+                    .map_err(|source| ReceiveError::Guest { stage, source })?;
+                report.load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+                report.state_bytes = state.len() as u64;
+                write_message(
+                    stream,
+                    &Message::StateLoaded(StateLoaded {
+                        state_len: state.len() as u64,
+                        state_crc: crc32fast::hash(&state),
+                    }),
+                )
+                .map_err(ReceiveError::protocol(stage))?;
+                state_len = Some(state.len());
+            }
+            kind => {
+                let message = read_message(stream, &header, &mut scratch)
+                    .map_err(ReceiveError::protocol(stage))?;
+                match message {
+                    Message::RoundEnd(end) => {
+                        if end.pages != round_pages {
+                            return Err(ReceiveError::PageCount {
+                                round: end.round,
+                                said: end.pages,
+                                got: round_pages,
+                            });
+                        }
+                        report.rounds = end.round;
+                        round_pages = 0;
+                    }
+                    Message::Commit(_) if state_len.is_some() => break,
+                    Message::Abort(a) => return Err(ReceiveError::SourceAborted(a.reason)),
+                    _ => {
+                        return Err(unexpected(
+                            stage,
+                            if state_len.is_some() {
+                                "Commit"
+                            } else {
+                                "Pages, RoundEnd or State"
+                            },
+                            kind,
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    // Committed: the VM is ours from here on, whatever happens to the link.
+    let t_start = Instant::now();
+    let vm = guest.start().map_err(|source| ReceiveError::Guest {
+        stage: "starting the VM after the commit",
+        source,
+    })?;
+    report.start_ms = t_start.elapsed().as_secs_f64() * 1e3;
+    let _ = write_message(stream, &Message::Committed(Committed));
+    let _ = stream.flush();
+    let _ = t0;
+    Ok(vm)
+}
+
+fn next_message(
+    stream: &mut TcpStream,
+    scratch: &mut Vec<u8>,
+    stage: &'static str,
+) -> Result<Message, ReceiveError> {
+    let header = read_header(stream).map_err(ReceiveError::protocol(stage))?;
+    let message = read_message(stream, &header, scratch).map_err(ReceiveError::protocol(stage))?;
+    if let Message::Abort(a) = message {
+        return Err(ReceiveError::SourceAborted(a.reason));
+    }
+    Ok(message)
+}
+
+fn unexpected(stage: &'static str, expected: &'static str, got: FrameKind) -> ReceiveError {
+    ReceiveError::Unexpected {
+        stage,
+        expected,
+        got,
+    }
+}
+
+/// Writes pages into the incoming VM and remembers which it wrote, so a
+/// zero run clears only pages that hold data (fresh memory is zero).
+struct TrackingSink<'g, G> {
+    guest: &'g mut G,
+    written: PageBitmap,
+}
+
+impl<G: IncomingGuest> PageSink for TrackingSink<'_, G> {
+    fn data_target(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+        self.written.set_range(gpa, len as u64, true);
+        self.guest.memory_mut(gpa, len)
+    }
+
+    fn zero_range(&mut self, gpa: u64, len: u64) -> bool {
+        let page = crate::protocol::PAGE_SIZE;
+        let written: Vec<bool> = (0..len / page as u64)
+            .map(|i| self.written.contains(gpa + i * page as u64))
+            .collect();
+        let Some(mem) = self.guest.memory_mut(gpa, len as usize) else {
+            return false;
+        };
+        for (i, _) in written.iter().enumerate().filter(|(_, w)| **w) {
+            mem[i * page..(i + 1) * page].fill(0);
+        }
+        self.written.set_range(gpa, len, false);
+        true
+    }
+}

@@ -1,0 +1,11 @@
+//! Pre-copy live migration: the VM keeps running while its memory is sent
+//! in rounds, then pauses briefly for the last pages and its state.
+
+pub mod destination;
+pub mod error;
+pub mod send;
+pub mod source;
+
+pub use destination::{receive, send_resumed, ReceiveOptions, ReceiveReport, Received};
+pub use error::{error_chain, MigrateError, ReceiveError};
+pub use source::{migrate, Failure, PrecopyOptions};

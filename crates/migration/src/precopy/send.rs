@@ -1,0 +1,196 @@
+//! The page scanner and sender: copies runs of guest pages into a batch
+//! buffer, tells zero pages apart (they travel as zero runs, no payload),
+//! and writes each batch as one Pages frame, paced to the bandwidth cap.
+
+use std::io::Write;
+use std::time::Instant;
+
+use crate::bandwidth::Pacer;
+use crate::guest::{GuestError, SourceGuest};
+use crate::protocol::{write_pages, PageRun, MAX_BATCH_DATA_BYTES, MAX_BATCH_RUNS, PAGE_SIZE};
+use crate::ProtocolError;
+
+/// What sending a set of runs did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SentCounts {
+    pub pages: u64,
+    pub zero_pages: u64,
+    /// Bytes on the wire (frame payloads, headers not counted).
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("reading guest memory failed: {0}")]
+    Guest(GuestError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// A pending run inside the batch buffer: where its pages start.
+#[derive(Debug, Clone, Copy)]
+struct Staged {
+    run: PageRun,
+    offset: usize,
+}
+
+pub struct PageSender {
+    buf: Vec<u8>,
+    cap: usize,
+    filled: usize,
+    data: Vec<Staged>,
+    zeros: Vec<PageRun>,
+    pacer: Pacer,
+    /// Totals over the sender's life.
+    pub total: SentCounts,
+}
+
+impl PageSender {
+    pub fn new(pacer: Pacer) -> Self {
+        let cap = pacer.batch_bytes(MAX_BATCH_DATA_BYTES);
+        Self {
+            buf: vec![0; cap],
+            cap,
+            filled: 0,
+            data: Vec::new(),
+            zeros: Vec::new(),
+            pacer,
+            total: SentCounts::default(),
+        }
+    }
+
+    /// Sends every page of `runs`; `on_batch` hears the totals after each
+    /// frame (for progress and the bytes-over-time record).
+    pub fn send_runs<G: SourceGuest + ?Sized>(
+        &mut self,
+        guest: &G,
+        w: &mut impl Write,
+        runs: &[PageRun],
+        on_batch: &mut dyn FnMut(&SentCounts),
+    ) -> Result<SentCounts, SendError> {
+        let before = self.total;
+        for run in runs {
+            let mut gpa = run.gpa;
+            let mut left = u64::from(run.pages);
+            while left > 0 {
+                let room = (self.cap - self.filled) / PAGE_SIZE;
+                if room == 0
+                    || self.data.len() + 2 > MAX_BATCH_RUNS
+                    || self.zeros.len() + 2 > MAX_BATCH_RUNS
+                {
+                    self.flush(w, on_batch)?;
+                    continue;
+                }
+                let n = left.min(room as u64) as usize;
+                self.stage(guest, gpa, n)?;
+                gpa += (n * PAGE_SIZE) as u64;
+                left -= n as u64;
+            }
+        }
+        self.flush(w, on_batch)?;
+        Ok(SentCounts {
+            pages: self.total.pages - before.pages,
+            zero_pages: self.total.zero_pages - before.zero_pages,
+            bytes: self.total.bytes - before.bytes,
+        })
+    }
+
+    /// Copies `n` pages at `gpa` into the buffer and sorts them into data
+    /// and zero runs. Zero pages keep their slot in the buffer (unsent).
+    fn stage<G: SourceGuest + ?Sized>(
+        &mut self,
+        guest: &G,
+        gpa: u64,
+        n: usize,
+    ) -> Result<(), SendError> {
+        let start = self.filled;
+        let bytes = n * PAGE_SIZE;
+        guest
+            .read(gpa, &mut self.buf[start..start + bytes])
+            .map_err(SendError::Guest)?;
+        self.filled += bytes;
+        for i in 0..n {
+            let offset = start + i * PAGE_SIZE;
+            let page_gpa = gpa + (i * PAGE_SIZE) as u64;
+            if is_zero(&self.buf[offset..offset + PAGE_SIZE]) {
+                match self.zeros.last_mut() {
+                    Some(z) if z.gpa + z.bytes() == page_gpa => z.pages += 1,
+                    _ => self.zeros.push(PageRun {
+                        gpa: page_gpa,
+                        pages: 1,
+                    }),
+                }
+            } else {
+                match self.data.last_mut() {
+                    Some(d)
+                        if d.run.gpa + d.run.bytes() == page_gpa
+                            && d.offset + d.run.bytes() as usize == offset =>
+                    {
+                        d.run.pages += 1
+                    }
+                    _ => self.data.push(Staged {
+                        run: PageRun {
+                            gpa: page_gpa,
+                            pages: 1,
+                        },
+                        offset,
+                    }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(
+        &mut self,
+        w: &mut impl Write,
+        on_batch: &mut dyn FnMut(&SentCounts),
+    ) -> Result<(), SendError> {
+        if self.data.is_empty() && self.zeros.is_empty() {
+            self.filled = 0;
+            return Ok(());
+        }
+        let runs: Vec<PageRun> = self.data.iter().map(|s| s.run).collect();
+        let slices: Vec<&[u8]> = self
+            .data
+            .iter()
+            .map(|s| &self.buf[s.offset..s.offset + s.run.bytes() as usize])
+            .collect();
+        let data_bytes: u64 = runs.iter().map(PageRun::bytes).sum();
+        let payload = data_bytes + 8 + 12 * (runs.len() + self.zeros.len()) as u64;
+        let wait = self.pacer.delay_for(payload, Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        write_pages(w, &runs, &self.zeros, &slices)?;
+        let zero_pages: u64 = self.zeros.iter().map(|z| u64::from(z.pages)).sum();
+        self.total.pages += data_bytes / PAGE_SIZE as u64 + zero_pages;
+        self.total.zero_pages += zero_pages;
+        self.total.bytes += payload;
+        self.data.clear();
+        self.zeros.clear();
+        self.filled = 0;
+        on_batch(&self.total);
+        Ok(())
+    }
+}
+
+/// True if the page holds only zero bytes; stops at the first non-zero
+/// word, so data pages cost a few loads.
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().expect("8-byte chunk")) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_are_found() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+    }
+}

@@ -1,0 +1,558 @@
+//! The source side of a pre-copy migration: handshake and reservation,
+//! a full first pass, rounds of dirty pages until the predicted blackout
+//! fits the target (braking a guest that outruns the link), then the
+//! blackout and the commit. Before the commit any failure resumes the VM
+//! here; after it the VM is the destination's.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::bandwidth::Pacer;
+use crate::bitmap::PageBitmap;
+use crate::guest::SourceGuest;
+use crate::policy::{Decision, Policy, PolicyConfig, RoundFacts};
+use crate::precopy::error::{error_chain, MigrateError};
+use crate::precopy::send::{PageSender, SentCounts};
+use crate::protocol::{
+    read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
+    HelloAck, Message, Offer, PageRun, RamRange, Role, RoundEnd, PAGE_SIZE,
+};
+use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
+
+/// How often the progress callback hears from a running migration.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// Below this many bytes a round's send rate says more about latency than
+/// about the link, and is not used to predict the blackout.
+const RATE_SAMPLE_MIN: u64 = 4 << 20;
+/// The rate assumed until one has been measured: loopback-class links do
+/// several times better, so this only errs towards one more round.
+const ASSUMED_RATE: f64 = 1e9;
+/// Progress timeline resolution.
+const TIMELINE_EVERY_MS: f64 = 10.0;
+
+#[derive(Debug, Clone)]
+pub struct PrecopyOptions {
+    pub policy: PolicyConfig,
+    /// `--bandwidth`, bytes per second.
+    pub bandwidth: Option<u64>,
+    /// Longest wait for any read or write on the stream.
+    pub io_timeout: Duration,
+    /// How long to wait, after the commit, for the destination's report of
+    /// what the guest saw.
+    pub guest_report_wait: Duration,
+}
+
+impl Default for PrecopyOptions {
+    fn default() -> Self {
+        Self {
+            policy: PolicyConfig::default(),
+            bandwidth: None,
+            io_timeout: Duration::from_secs(30),
+            guest_report_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A migration that did not complete.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: MigrateError,
+    /// True when the VM runs on the source again (always, unless the
+    /// commit was sent and its acknowledgment never came).
+    pub vm_running: bool,
+    pub report: Box<MigrationReport>,
+}
+
+impl Failure {
+    pub fn reason(&self) -> String {
+        error_chain(&self.error)
+    }
+}
+
+/// Live state of one migration, shared by its steps.
+struct Run<'p> {
+    t0: Instant,
+    report: MigrationReport,
+    progress: &'p mut dyn FnMut(&Progress),
+    last_progress: Instant,
+    paused: bool,
+    throttle: u32,
+    commit_sent: bool,
+    rate: Option<f64>,
+    last_dirty_rate: f64,
+}
+
+impl Run<'_> {
+    fn ms(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn tell(
+        &mut self,
+        phase: &str,
+        round: u32,
+        round_bytes: u64,
+        round_sent: u64,
+        round_start: Instant,
+        force: bool,
+    ) {
+        let now = Instant::now();
+        if !force && now.duration_since(self.last_progress) < PROGRESS_EVERY {
+            return;
+        }
+        self.last_progress = now;
+        let round_ms = now.duration_since(round_start).as_secs_f64() * 1e3;
+        let throughput = mib_per_s(round_sent, round_ms);
+        let remaining = round_bytes.saturating_sub(round_sent);
+        let progress = Progress {
+            phase: phase.into(),
+            round,
+            remaining_bytes: remaining,
+            round_bytes,
+            sent_bytes: self.report.bytes_sent + round_sent,
+            dirty_rate_mibs: self.last_dirty_rate,
+            throughput_mibs: throughput,
+            throttle_percent: self.throttle,
+            elapsed_ms: self.ms(),
+            eta_ms: (throughput > 0.0)
+                .then(|| remaining as f64 / (1 << 20) as f64 / throughput * 1e3),
+        };
+        (self.progress)(&progress);
+    }
+}
+
+/// Migrates `guest` over `stream` (connected to a `ferry receive`).
+/// On success the VM belongs to the destination: the caller must stop it
+/// here and never run it again.
+pub fn migrate<G: SourceGuest + ?Sized>(
+    guest: &mut G,
+    mut stream: TcpStream,
+    destination: &str,
+    options: &PrecopyOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, Failure> {
+    let mut run = Run {
+        t0: Instant::now(),
+        report: MigrationReport {
+            mode: "precopy".into(),
+            outcome: "running".into(),
+            destination: destination.into(),
+            downtime_target_ms: options.policy.downtime_target.as_secs_f64() * 1e3,
+            bandwidth_limit: options.bandwidth,
+            ..Default::default()
+        },
+        progress,
+        last_progress: Instant::now(),
+        paused: false,
+        throttle: 0,
+        commit_sent: false,
+        rate: None,
+        last_dirty_rate: 0.0,
+    };
+    match drive(guest, &mut stream, options, &mut run) {
+        Ok(()) => {
+            run.report.outcome = "committed".into();
+            run.report.guest = wait_guest_report(&mut stream, options.guest_report_wait);
+            let rounds = run.report.rounds.len() as u32;
+            run.tell("committed", rounds, 0, 0, Instant::now(), true);
+            Ok(run.report)
+        }
+        Err(error) => {
+            let vm_running = if run.commit_sent {
+                false
+            } else {
+                let reason = error_chain(&error);
+                // Best effort: the destination may be gone already.
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+                let _ = write_message(&mut stream, &Message::Abort(Abort { reason }));
+                let _ = guest.set_throttle(0);
+                let _ = guest.set_dirty_logging(false);
+                if run.paused {
+                    guest.resume().is_ok()
+                } else {
+                    true
+                }
+            };
+            run.report.outcome = if vm_running {
+                "aborted: VM running on the source".into()
+            } else {
+                "commit unacknowledged: VM paused".into()
+            };
+            run.report.total_ms = run.ms();
+            Err(Failure {
+                error,
+                vm_running,
+                report: Box::new(run.report),
+            })
+        }
+    }
+}
+
+fn drive<G: SourceGuest + ?Sized>(
+    guest: &mut G,
+    stream: &mut TcpStream,
+    options: &PrecopyOptions,
+    run: &mut Run<'_>,
+) -> Result<(), MigrateError> {
+    let stage = "setting up the connection";
+    stream
+        .set_nodelay(true)
+        .map_err(|e| MigrateError::Protocol {
+            stage,
+            source: e.into(),
+        })?;
+    stream
+        .set_read_timeout(Some(options.io_timeout))
+        .and_then(|()| stream.set_write_timeout(Some(options.io_timeout)))
+        .map_err(|e| MigrateError::Protocol {
+            stage,
+            source: e.into(),
+        })?;
+    run.tell("setup", 0, 0, 0, Instant::now(), true);
+    handshake(guest, stream, run)?;
+    run.report.setup_ms = run.ms();
+
+    let mut policy = Policy::new(options.policy.clone());
+    let mut sender = PageSender::new(Pacer::new(options.bandwidth));
+    let mut scratch = Vec::new();
+    guest
+        .set_dirty_logging(true)
+        .map_err(MigrateError::guest("starting dirty logging"))?;
+    let mut last_harvest = Instant::now();
+    let populated = guest
+        .populated()
+        .map_err(MigrateError::guest("finding the populated memory"))?;
+    let mut runs = ranges_to_runs(&populated);
+    let mut round = 1u32;
+    let (dirty, predicted, forced) = loop {
+        let sent = send_round(guest, stream, &mut sender, run, round, &runs, false)?;
+        poll_abort(stream, &mut scratch)?;
+        let round_report = run
+            .report
+            .rounds
+            .last_mut()
+            .expect("send_round adds the round");
+        if sent.bytes >= RATE_SAMPLE_MIN {
+            run.rate = Some(sent.bytes as f64 / (round_report.duration_ms / 1e3).max(1e-6));
+        }
+        let dirty = guest
+            .harvest_dirty()
+            .map_err(MigrateError::guest("harvesting dirty pages"))?;
+        let elapsed = last_harvest.elapsed();
+        last_harvest = Instant::now();
+        run.last_dirty_rate = mib_per_s(dirty.bytes(), elapsed.as_secs_f64() * 1e3);
+        round_report.dirty_rate_mibs = run.last_dirty_rate;
+        let facts = RoundFacts {
+            round,
+            dirty_bytes: dirty.bytes(),
+            elapsed,
+            send_rate: run.rate.unwrap_or(ASSUMED_RATE),
+        };
+        match policy.decide(facts) {
+            Decision::Switchover { predicted, forced } => break (dirty, predicted, forced),
+            Decision::NextRound { throttle, .. } => {
+                if throttle != run.throttle {
+                    guest
+                        .set_throttle(throttle)
+                        .map_err(MigrateError::guest("throttling the guest"))?;
+                    run.throttle = throttle;
+                    run.report.max_throttle_percent = run.report.max_throttle_percent.max(throttle);
+                }
+                runs = dirty.runs();
+                round += 1;
+            }
+        }
+    };
+    blackout(
+        guest,
+        stream,
+        &mut sender,
+        run,
+        round + 1,
+        dirty,
+        predicted,
+        forced,
+    )
+}
+
+/// Hello, then the Offer; returns the RAM ranges the destination reserved.
+fn handshake<G: SourceGuest + ?Sized>(
+    guest: &G,
+    stream: &mut TcpStream,
+    run: &mut Run<'_>,
+) -> Result<(), MigrateError> {
+    let mut scratch = Vec::new();
+    let stage = "handshake";
+    write_message(stream, &Message::Hello(Hello::new(Role::Source)))
+        .map_err(MigrateError::protocol(stage))?;
+    match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::HelloAck(HelloAck::Accepted { .. }) => {}
+        Message::HelloAck(HelloAck::Refused { reason }) => {
+            return Err(MigrateError::Refused(reason))
+        }
+        Message::Abort(a) => return Err(MigrateError::PeerAborted(a.reason)),
+        other => {
+            return Err(MigrateError::Unexpected {
+                stage,
+                expected: "HelloAck",
+                got: other.kind(),
+            })
+        }
+    }
+    let vm = guest
+        .describe()
+        .map_err(MigrateError::guest("describing the VM"))?;
+    run.report.mem_bytes = vm.mem_bytes;
+    run.report.vcpus = vm.vcpus;
+    let offer = Offer {
+        mem_bytes: vm.mem_bytes,
+        vcpus: vm.vcpus,
+        ram_ranges: vm.ram_ranges,
+        tsc_khz: vm.tsc_khz,
+        cpuid: vm.cpuid,
+        features: vm.features,
+    };
+    let stage = "offering the VM";
+    write_message(stream, &Message::Offer(offer)).map_err(MigrateError::protocol(stage))?;
+    match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::Accept(_) => Ok(()),
+        Message::Refuse(r) => Err(MigrateError::Refused(r.reason)),
+        Message::Abort(a) => Err(MigrateError::PeerAborted(a.reason)),
+        other => Err(MigrateError::Unexpected {
+            stage,
+            expected: "Accept or Refuse",
+            got: other.kind(),
+        }),
+    }
+}
+
+/// Sends one round of pages and its RoundEnd; records it in the report.
+fn send_round<G: SourceGuest + ?Sized>(
+    guest: &G,
+    stream: &mut TcpStream,
+    sender: &mut PageSender,
+    run: &mut Run<'_>,
+    round: u32,
+    runs: &[PageRun],
+    blackout: bool,
+) -> Result<SentCounts, MigrateError> {
+    let stage = if blackout {
+        "sending the last pages"
+    } else {
+        "sending pages"
+    };
+    let round_bytes: u64 = runs.iter().map(PageRun::bytes).sum();
+    let start = Instant::now();
+    let base = sender.total;
+    let phase = if blackout { "blackout" } else { "round" };
+    run.tell(phase, round, round_bytes, 0, start, true);
+    let mut last_sample = -TIMELINE_EVERY_MS;
+    let sent = {
+        let mut on_batch = |total: &SentCounts| {
+            let in_round = (total.pages - base.pages) * PAGE_SIZE as u64;
+            let now_ms = run.ms();
+            if now_ms - last_sample >= TIMELINE_EVERY_MS {
+                last_sample = now_ms;
+                let bytes = run.report.bytes_sent + (total.bytes - base.bytes);
+                run.report.timeline.push((now_ms, bytes));
+            }
+            run.tell(phase, round, round_bytes, in_round, start, false);
+        };
+        sender
+            .send_runs(guest, stream, runs, &mut on_batch)
+            .map_err(|e| match e {
+                crate::precopy::send::SendError::Guest(g) => {
+                    MigrateError::Guest { stage, source: g }
+                }
+                crate::precopy::send::SendError::Protocol(p) => {
+                    MigrateError::Protocol { stage, source: p }
+                }
+            })?
+    };
+    write_message(
+        stream,
+        &Message::RoundEnd(RoundEnd {
+            round,
+            pages: sent.pages,
+        }),
+    )
+    .map_err(MigrateError::protocol(stage))?;
+    let duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    run.report.bytes_sent += sent.bytes;
+    run.report.pages_sent += sent.pages;
+    run.report.zero_pages += sent.zero_pages;
+    let now_ms = run.ms();
+    run.report.timeline.push((now_ms, run.report.bytes_sent));
+    run.report.rounds.push(RoundReport {
+        round,
+        pages: sent.pages,
+        zero_pages: sent.zero_pages,
+        bytes_sent: sent.bytes,
+        duration_ms,
+        throughput_mibs: mib_per_s(sent.bytes, duration_ms),
+        dirty_rate_mibs: 0.0,
+        throttle_percent: run.throttle,
+        blackout,
+    });
+    Ok(sent)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn blackout<G: SourceGuest + ?Sized>(
+    guest: &mut G,
+    stream: &mut TcpStream,
+    sender: &mut PageSender,
+    run: &mut Run<'_>,
+    round: u32,
+    mut dirty: PageBitmap,
+    predicted: Duration,
+    forced: bool,
+) -> Result<(), MigrateError> {
+    let t_pause = Instant::now();
+    guest
+        .pause()
+        .map_err(MigrateError::guest("pausing the VM"))?;
+    run.paused = true;
+    run.throttle = 0;
+    let pause_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+    let last = guest
+        .harvest_dirty()
+        .map_err(MigrateError::guest("harvesting the last dirty pages"))?;
+    dirty.union_with(&last);
+    let sent = send_round(guest, stream, sender, run, round, &dirty.runs(), true)?;
+
+    let t_save = Instant::now();
+    let state = guest
+        .save_state()
+        .map_err(MigrateError::guest("saving the VM state"))?;
+    let state_save_ms = t_save.elapsed().as_secs_f64() * 1e3;
+    let t_state = Instant::now();
+    let stage = "sending the VM state";
+    write_state(stream, &state).map_err(MigrateError::protocol(stage))?;
+    stream.flush().map_err(|e| MigrateError::Protocol {
+        stage,
+        source: e.into(),
+    })?;
+    let crc = crc32fast::hash(&state);
+    let mut scratch = Vec::new();
+    let stage = "waiting for the destination to load the state";
+    match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::StateLoaded(ack) => {
+            if ack.state_len != state.len() as u64 || ack.state_crc != crc {
+                return Err(MigrateError::StateMismatch {
+                    len: state.len() as u64,
+                    crc,
+                    got_len: ack.state_len,
+                    got_crc: ack.state_crc,
+                });
+            }
+        }
+        Message::Abort(a) => return Err(MigrateError::PeerAborted(a.reason)),
+        other => {
+            return Err(MigrateError::Unexpected {
+                stage,
+                expected: "StateLoaded",
+                got: other.kind(),
+            })
+        }
+    }
+    let state_load_ms = t_state.elapsed().as_secs_f64() * 1e3;
+    let t_commit = Instant::now();
+    write_message(stream, &Message::Commit(Commit))
+        .map_err(|e| MigrateError::CommitUnacknowledged(error_chain(&e)))?;
+    run.commit_sent = true;
+    match recv_message(stream, &mut scratch) {
+        Ok(Message::Committed(_)) => {}
+        Ok(other) => {
+            return Err(MigrateError::CommitUnacknowledged(format!(
+                "the destination sent {} instead of Committed",
+                other.kind()
+            )))
+        }
+        Err(e) => return Err(MigrateError::CommitUnacknowledged(error_chain(&e))),
+    }
+    let b = &mut run.report.blackout;
+    b.host_downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+    b.predicted_ms = predicted.as_secs_f64() * 1e3;
+    b.forced = forced;
+    b.pause_ms = pause_ms;
+    b.final_pages = sent.pages;
+    b.final_bytes = sent.bytes;
+    b.state_bytes = state.len() as u64;
+    b.state_save_ms = state_save_ms;
+    b.state_load_ms = state_load_ms;
+    b.commit_ms = t_commit.elapsed().as_secs_f64() * 1e3;
+    run.report.total_ms = run.ms();
+    run.report.throughput_mibs = mib_per_s(
+        run.report.bytes_sent,
+        run.report.total_ms - run.report.setup_ms,
+    );
+    Ok(())
+}
+
+/// A destination that gave up mid-round says why in an Abort frame; look
+/// for one without blocking, between rounds.
+fn poll_abort(stream: &mut TcpStream, scratch: &mut Vec<u8>) -> Result<(), MigrateError> {
+    let stage = "checking on the destination";
+    let io = |e: std::io::Error| MigrateError::Protocol {
+        stage,
+        source: e.into(),
+    };
+    stream.set_nonblocking(true).map_err(io)?;
+    let mut byte = [0u8; 1];
+    let peeked = stream.peek(&mut byte);
+    stream.set_nonblocking(false).map_err(io)?;
+    match peeked {
+        Ok(0) => Err(MigrateError::Protocol {
+            stage,
+            source: crate::ProtocolError::PeerClosed,
+        }),
+        Ok(_) => {
+            let header = read_header(stream).map_err(MigrateError::protocol(stage))?;
+            match read_message(stream, &header, scratch).map_err(MigrateError::protocol(stage))? {
+                Message::Abort(a) => Err(MigrateError::PeerAborted(a.reason)),
+                other => Err(MigrateError::Unexpected {
+                    stage,
+                    expected: "nothing (or Abort)",
+                    got: other.kind(),
+                }),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// After the commit: the destination's word on what the guest saw.
+fn wait_guest_report(stream: &mut TcpStream, wait: Duration) -> GuestSeen {
+    if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+        return GuestSeen::default();
+    }
+    let mut scratch = Vec::new();
+    match recv_message(stream, &mut scratch) {
+        Ok(Message::Resumed(r)) => GuestSeen {
+            stall_ms: r.guest_stall_us.map(|us| us as f64 / 1e3),
+            first_seq: r.first_seq,
+        },
+        _ => GuestSeen::default(),
+    }
+}
+
+fn ranges_to_runs(ranges: &[RamRange]) -> Vec<PageRun> {
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut gpa = r.gpa;
+        let mut pages = r.len / PAGE_SIZE as u64;
+        while pages > 0 {
+            let n = pages.min(u64::from(u32::MAX));
+            out.push(PageRun {
+                gpa,
+                pages: n as u32,
+            });
+            gpa += n * PAGE_SIZE as u64;
+            pages -= n;
+        }
+    }
+    out
+}

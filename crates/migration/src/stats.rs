@@ -1,0 +1,124 @@
+//! What a migration measured: live progress while it runs and the report
+//! at the end (for a table and for `--json`).
+
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of a running migration, for a progress bar.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    /// "setup", "round", "blackout", "committed".
+    pub phase: String,
+    pub round: u32,
+    /// Bytes still to send in this round.
+    pub remaining_bytes: u64,
+    /// Bytes to send in this round in all.
+    pub round_bytes: u64,
+    pub sent_bytes: u64,
+    /// The guest's dirty rate measured at the last harvest.
+    pub dirty_rate_mibs: f64,
+    /// Send rate over the current round.
+    pub throughput_mibs: f64,
+    pub throttle_percent: u32,
+    pub elapsed_ms: f64,
+    /// Time left in this round at the current rate.
+    pub eta_ms: Option<f64>,
+}
+
+/// One round of pages.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoundReport {
+    pub round: u32,
+    /// Pages sent (data and zero) and how many were zero (no payload).
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes_sent: u64,
+    pub duration_ms: f64,
+    pub throughput_mibs: f64,
+    /// Dirty rate measured at the harvest that ended this round.
+    pub dirty_rate_mibs: f64,
+    /// Throttle in force while this round was sent.
+    pub throttle_percent: u32,
+    /// True for the pages sent while the VM was paused.
+    pub blackout: bool,
+}
+
+/// The blackout: from the last vCPU stop on the source to the destination's
+/// acknowledgment that its vCPUs run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BlackoutReport {
+    /// Pause on the source to `Committed` received: an upper bound on the
+    /// host-side downtime (it includes half a round trip).
+    pub host_downtime_ms: f64,
+    pub predicted_ms: f64,
+    /// Whether the switchover was forced (round limit or brake exhausted)
+    /// rather than chosen because the prediction fit the target.
+    pub forced: bool,
+    pub pause_ms: f64,
+    pub final_pages: u64,
+    pub final_bytes: u64,
+    pub state_bytes: u64,
+    pub state_save_ms: f64,
+    /// From sending the state to the destination's `StateLoaded`.
+    pub state_load_ms: f64,
+    pub commit_ms: f64,
+}
+
+/// What the guest itself saw, reported by the destination after it ran.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GuestSeen {
+    /// The longest stall the guest measured across the switchover.
+    pub stall_ms: Option<f64>,
+    pub first_seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MigrationReport {
+    pub mode: String,
+    pub outcome: String,
+    pub destination: String,
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub downtime_target_ms: f64,
+    pub bandwidth_limit: Option<u64>,
+    /// Connect, handshake and the destination's reservation.
+    pub setup_ms: f64,
+    /// From the start to the commit acknowledged.
+    pub total_ms: f64,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub throughput_mibs: f64,
+    pub max_throttle_percent: u32,
+    pub rounds: Vec<RoundReport>,
+    pub blackout: BlackoutReport,
+    pub guest: GuestSeen,
+    /// (milliseconds since start, bytes sent so far), about every 10 ms:
+    /// the evidence that a bandwidth cap held.
+    pub timeline: Vec<(f64, u64)>,
+}
+
+impl MigrationReport {
+    /// The most bytes sent in any window of `window_ms`, from the timeline.
+    pub fn peak_bytes_in_window(&self, window_ms: f64) -> u64 {
+        let t = &self.timeline;
+        let mut best = 0;
+        let mut lo = 0;
+        for hi in 0..t.len() {
+            while t[hi].0 - t[lo].0 > window_ms {
+                lo += 1;
+            }
+            // Bytes counted at a sample were sent before it: the window
+            // (t[lo-1], t[hi]] holds what was sent between those samples.
+            let base = if lo == 0 { 0 } else { t[lo - 1].1 };
+            best = best.max(t[hi].1 - base);
+        }
+        best
+    }
+}
+
+pub fn mib_per_s(bytes: u64, ms: f64) -> f64 {
+    if ms <= 0.0 {
+        return 0.0;
+    }
+    bytes as f64 / (1 << 20) as f64 / (ms / 1e3)
+}

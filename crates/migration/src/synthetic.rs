@@ -1,0 +1,248 @@
+//! An in-memory guest for the engine's own tests: plain memory, a writer
+//! thread that rewrites pages while the "VM" runs and records them as
+//! dirty, and pause/resume/throttle that really stop that writer. It has
+//! no vCPUs and no KVM: it proves the engine's logic, never a real VM.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::bitmap::PageBitmap;
+use crate::guest::{GuestError, IncomingGuest, SourceGuest, VmDescription};
+use crate::protocol::{RamRange, PAGE_SIZE};
+
+struct Shared {
+    mem: Mutex<Vec<u8>>,
+    dirty: Mutex<Option<PageBitmap>>,
+    ranges: Vec<RamRange>,
+    paused: AtomicBool,
+    quit: AtomicBool,
+    throttle: AtomicU32,
+    writes: AtomicU64,
+}
+
+/// A source "VM" of `pages` pages whose writer dirties `rate` pages per ms.
+pub struct SyntheticSource {
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+    pub state: Vec<u8>,
+}
+
+impl SyntheticSource {
+    /// Memory starts with every even page holding data and odd ones zero.
+    pub fn new(pages: usize, pages_per_ms: u64) -> Self {
+        let mut mem = vec![0u8; pages * PAGE_SIZE];
+        for (i, page) in mem.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            if i % 2 == 0 {
+                stamp(page, i, 1);
+            }
+        }
+        let ranges = vec![RamRange {
+            gpa: 0,
+            len: (pages * PAGE_SIZE) as u64,
+        }];
+        let shared = Arc::new(Shared {
+            mem: Mutex::new(mem),
+            dirty: Mutex::new(None),
+            ranges,
+            paused: AtomicBool::new(false),
+            quit: AtomicBool::new(false),
+            throttle: AtomicU32::new(0),
+            writes: AtomicU64::new(0),
+        });
+        let writer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || write_loop(&shared, pages, pages_per_ms))
+        };
+        Self {
+            shared,
+            writer: Some(writer),
+            state: b"synthetic vcpu state".to_vec(),
+        }
+    }
+
+    pub fn memory(&self) -> Vec<u8> {
+        self.shared.mem.lock().unwrap().clone()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.shared.paused.load(Ordering::SeqCst)
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.shared.writes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for SyntheticSource {
+    fn drop(&mut self) {
+        self.shared.quit.store(true, Ordering::SeqCst);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Page content that names its page and generation.
+fn stamp(page: &mut [u8], index: usize, generation: u64) {
+    for (i, word) in page.chunks_exact_mut(8).enumerate() {
+        let v = (index as u64) << 32 ^ generation << 8 ^ i as u64 | 1;
+        word.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn write_loop(shared: &Shared, pages: usize, pages_per_ms: u64) {
+    let mut generation = 2u64;
+    let mut next = 0usize;
+    while !shared.quit.load(Ordering::SeqCst) {
+        let throttle = shared.throttle.load(Ordering::Relaxed);
+        if shared.paused.load(Ordering::SeqCst) || pages_per_ms == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let tick = Instant::now();
+        {
+            let mut mem = shared.mem.lock().unwrap();
+            // Re-check under the lock: pause() takes it after setting the flag.
+            if shared.paused.load(Ordering::SeqCst) {
+                continue;
+            }
+            let mut dirty = shared.dirty.lock().unwrap();
+            for _ in 0..pages_per_ms {
+                let index = next % pages;
+                // Every third page written becomes zero: zero runs in later
+                // rounds must clear data the destination already holds.
+                if generation % 3 == 0 {
+                    mem[index * PAGE_SIZE..(index + 1) * PAGE_SIZE].fill(0);
+                } else {
+                    stamp(
+                        &mut mem[index * PAGE_SIZE..(index + 1) * PAGE_SIZE],
+                        index,
+                        generation,
+                    );
+                }
+                if let Some(d) = dirty.as_mut() {
+                    d.set_range((index * PAGE_SIZE) as u64, PAGE_SIZE as u64, true);
+                }
+                next += 7;
+                generation += 1;
+                shared.writes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let slept = Duration::from_millis(1) * (100 + throttle) / 100;
+        std::thread::sleep(slept.saturating_sub(tick.elapsed()));
+    }
+}
+
+impl SourceGuest for SyntheticSource {
+    fn describe(&self) -> Result<VmDescription, GuestError> {
+        let mem_bytes = self.shared.ranges.iter().map(|r| r.len).sum();
+        Ok(VmDescription {
+            mem_bytes,
+            vcpus: 1,
+            ram_ranges: self.shared.ranges.clone(),
+            tsc_khz: 1_000_000,
+            cpuid: vec![1, 2, 3],
+            features: vec!["synthetic".into()],
+        })
+    }
+
+    fn populated(&self) -> Result<Vec<RamRange>, GuestError> {
+        Ok(self.shared.ranges.clone())
+    }
+
+    fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
+        let mem = self.shared.mem.lock().unwrap();
+        let start = gpa as usize;
+        let src = mem
+            .get(start..start + dst.len())
+            .ok_or_else(|| format!("read outside memory at {gpa:#x}"))?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), GuestError> {
+        *self.shared.dirty.lock().unwrap() = on.then(|| PageBitmap::new(&self.shared.ranges));
+        Ok(())
+    }
+
+    fn harvest_dirty(&mut self) -> Result<PageBitmap, GuestError> {
+        let mut dirty = self.shared.dirty.lock().unwrap();
+        let fresh = PageBitmap::new(&self.shared.ranges);
+        Ok(dirty.replace(fresh).ok_or("dirty logging is off")?)
+    }
+
+    fn set_throttle(&mut self, percent: u32) -> Result<(), GuestError> {
+        self.shared.throttle.store(percent, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.shared.paused.store(true, Ordering::SeqCst);
+        // Taking the lock waits out a write in progress.
+        drop(self.shared.mem.lock().unwrap());
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        self.shared.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
+        Ok(self.state.clone())
+    }
+}
+
+/// The receiving end: a zeroed buffer of the offered size.
+pub struct SyntheticIncoming {
+    pub mem: Vec<u8>,
+    pub state: Option<Vec<u8>>,
+    /// Refuse `load_state` (to test a destination that fails late).
+    pub fail_load: bool,
+}
+
+impl SyntheticIncoming {
+    pub fn new(bytes: u64) -> Self {
+        Self {
+            mem: vec![0; bytes as usize],
+            state: None,
+            fail_load: false,
+        }
+    }
+}
+
+/// What a started synthetic VM is: its memory and state.
+pub struct SyntheticRunning {
+    pub mem: Vec<u8>,
+    pub state: Vec<u8>,
+}
+
+impl IncomingGuest for SyntheticIncoming {
+    type Running = SyntheticRunning;
+
+    fn memory_mut(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+        let start = usize::try_from(gpa).ok()?;
+        self.mem.get_mut(start..start.checked_add(len)?)
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
+        if self.fail_load {
+            return Err("this synthetic destination refuses every state".into());
+        }
+        self.state = Some(state.to_vec());
+        Ok(())
+    }
+
+    fn start(self) -> Result<SyntheticRunning, GuestError> {
+        Ok(SyntheticRunning {
+            mem: self.mem,
+            state: self.state.ok_or("started without a state")?,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "synthetic_tests.rs"]
+mod tests;
