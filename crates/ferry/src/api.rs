@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Duration;
 
+use crate::control::{Request, Response};
 use anyhow::{bail, Context};
-use ferry_vmm::control::{Request, Response};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 << 10;
@@ -27,6 +27,12 @@ pub struct Pending {
 impl Pending {
     pub fn answer(self, response: Response) {
         // The client may have gone; the work is done either way.
+        let _ = self.reply.send(response);
+    }
+
+    /// A line before the answer (migration progress); the client may have
+    /// gone, which must not stop the work.
+    pub fn progress(&self, response: Response) {
         let _ = self.reply.send(response);
     }
 }
@@ -106,22 +112,43 @@ fn serve(stream: UnixStream, owner: Sender<Pending>) {
                         message: "the VM is gone".into(),
                     }
                 } else {
-                    answer
-                        .recv_timeout(ANSWER_TIMEOUT)
-                        .unwrap_or(Response::Error {
-                            message: "the VM did not answer in time".into(),
-                        })
+                    loop {
+                        let response =
+                            answer
+                                .recv_timeout(ANSWER_TIMEOUT)
+                                .unwrap_or(Response::Error {
+                                    message: "the VM did not answer in time".into(),
+                                });
+                        if response.is_final() {
+                            break response;
+                        }
+                        // A client that went away does not stop the work.
+                        let _ = write_line(&mut writer, &response);
+                    }
                 }
             }
         },
     };
-    let mut text = serde_json::to_string(&response).unwrap_or_default();
+    let _ = write_line(&mut writer, &response);
+}
+
+fn write_line(w: &mut impl Write, response: &Response) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(response).unwrap_or_default();
     text.push('\n');
-    let _ = writer.write_all(text.as_bytes());
+    w.write_all(text.as_bytes())
 }
 
 /// Sends one request to a VM's API socket and returns its answer.
 pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+    call_with_progress(socket, request, |_| {})
+}
+
+/// Like [`call`], handing every progress line to `on_progress` first.
+pub fn call_with_progress(
+    socket: &Path,
+    request: &Request,
+    mut on_progress: impl FnMut(&Response),
+) -> anyhow::Result<Response> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach a VM at {} (is `ferry run --api` running?)",
@@ -132,16 +159,24 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
     let mut text = serde_json::to_string(request)?;
     text.push('\n');
     stream.write_all(text.as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .take(1 << 20)
-        .read_line(&mut line)
-        .context("reading the VM's answer")?;
-    if line.is_empty() {
-        bail!(
-            "the VM at {} closed the connection without answering",
-            socket.display()
-        );
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        (&mut reader)
+            .take(16 << 20)
+            .read_line(&mut line)
+            .context("reading the VM's answer")?;
+        if line.is_empty() {
+            bail!(
+                "the VM at {} closed the connection without answering",
+                socket.display()
+            );
+        }
+        let response: Response =
+            serde_json::from_str(line.trim()).context("the VM's answer is not valid JSON")?;
+        if response.is_final() {
+            return Ok(response);
+        }
+        on_progress(&response);
     }
-    serde_json::from_str(line.trim()).context("the VM's answer is not valid JSON")
 }

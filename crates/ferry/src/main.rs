@@ -4,7 +4,10 @@
 mod api;
 mod bench;
 mod commands;
+mod control;
 mod duration;
+mod migration;
+mod report;
 mod size;
 mod watch;
 
@@ -27,6 +30,10 @@ enum Command {
     Snapshot(commands::snapshot::SnapshotArgs),
     /// Continue a VM from a snapshot file.
     Restore(commands::restore::RestoreArgs),
+    /// Live-migrate a running VM (`ferry run --api SOCKET`) to a `ferry receive`.
+    Migrate(commands::migrate::MigrateArgs),
+    /// Wait for one incoming live migration, then run the VM here.
+    Receive(commands::receive::ReceiveArgs),
 }
 
 fn main() {
@@ -36,6 +43,8 @@ fn main() {
         Command::Demo(args) => commands::demo::demo(args),
         Command::Snapshot(args) => commands::snapshot::snapshot(args),
         Command::Restore(args) => commands::restore::restore(args),
+        Command::Migrate(args) => commands::migrate::migrate(args),
+        Command::Receive(args) => commands::receive::receive(args),
     };
     match result {
         Ok(true) => {}

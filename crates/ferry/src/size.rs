@@ -31,6 +31,19 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is too large"))
 }
 
+/// A rate: a size per second, `200MiB/s`, `2GiB/s` (the `/s` may be left out).
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let size = t.strip_suffix("/s").unwrap_or(t);
+    let bytes = parse_size(size).map_err(|e| format!("{e} (a rate is e.g. 200MiB/s)"))?;
+    if bytes == 0 {
+        return Err(format!(
+            "'{text}' would send nothing; leave --bandwidth out for no cap"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Bytes as MiB or GiB for people.
 pub fn show_size(bytes: u64) -> String {
     if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {

@@ -96,6 +96,15 @@ pub fn check_incoming(
     check_cpuid(vm.cpuid, host.supported_cpuid()?.as_slice())
 }
 
+/// The CPUID table as it travels in an offer.
+pub fn encode_cpuid(entries: &[kvm_cpuid_entry2]) -> Vec<u8> {
+    postcard::to_stdvec(entries).expect("CPUID entries always encode")
+}
+
+pub fn decode_cpuid(bytes: &[u8]) -> Result<Vec<kvm_cpuid_entry2>, String> {
+    postcard::from_bytes(bytes).map_err(|e| format!("the offered CPUID table is malformed: {e}"))
+}
+
 /// Every feature bit the VM was shown must be one this host supports.
 pub fn check_cpuid(vm: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Result<(), Incompatible> {
     let find = |set: &[kvm_cpuid_entry2], leaf: u32, index: u32| {

@@ -6,7 +6,6 @@
 pub mod boot;
 pub mod compat;
 pub mod config;
-pub mod control;
 pub mod devices;
 pub mod dirty;
 pub mod events;

@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 pub mod demo;
+pub mod migrate;
+pub mod receive;
 pub mod restore;
 pub mod run;
 pub mod snapshot;

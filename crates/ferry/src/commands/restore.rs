@@ -76,5 +76,13 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<bool> {
         memory_bytes: stats.memory_bytes,
         read_mib_per_s: stats.memory_bytes as f64 / (1 << 20) as f64 / read_secs.max(1e-9),
     };
-    supervise(vm, events, api, start, &args.supervise, Some(figures))
+    supervise(
+        vm,
+        events,
+        api,
+        start,
+        &args.supervise,
+        super::run::Extra::Restored(figures),
+        &mut |_| {},
+    )
 }

@@ -12,9 +12,9 @@ use ferry_testguest::workload::Workload;
 use ferry_vmm::{GuestImage, Vm, VmConfig, VmEvent};
 
 use crate::api::{ApiServer, Pending};
+use crate::control::{Request, Response};
 use crate::size::{parse_size, show_size};
 use crate::watch::{GuestWatch, Seen};
-use ferry_vmm::control::{Request, Response};
 use ferry_vmm::snapshot::take_snapshot;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -115,6 +115,11 @@ pub enum Ending {
     Predicate,
     /// A snapshot with `stop` was taken: the VM lives on in the file.
     SnapshotStopped,
+    /// The VM was live-migrated away and runs on the destination.
+    Migrated,
+    /// The commit was sent but never acknowledged: the VM is paused here
+    /// and must not run until an operator knows where it lives.
+    MigrationInDoubt,
 }
 
 /// Boots a VM, returning it and the instant the command started.
@@ -196,6 +201,40 @@ fn serve_request(vm: &mut Vm, pending: Pending) -> Option<Ending> {
             });
             None
         }
+        Request::Migrate(request) => {
+            let result = crate::migration::outgoing::migrate_vm(vm, &request, &mut |p| {
+                pending.progress(Response::Progress(p.clone()))
+            });
+            match result {
+                Ok(report) => {
+                    eprintln!(
+                        "ferry: VM migrated to {} in {:.1} ms (host downtime {:.2} ms); stopped here",
+                        request.to, report.total_ms, report.blackout.host_downtime_ms
+                    );
+                    pending.answer(Response::Migrated(Box::new(report)));
+                    Some(Ending::Migrated)
+                }
+                Err(failure) => {
+                    let reason = failure.reason();
+                    eprintln!(
+                        "ferry: migration to {} failed: {reason}; {}",
+                        request.to,
+                        if failure.vm_running {
+                            "the VM runs here"
+                        } else {
+                            "the VM is PAUSED here"
+                        }
+                    );
+                    let vm_running = failure.vm_running;
+                    pending.answer(Response::MigrationFailed {
+                        reason,
+                        vm_running,
+                        report: failure.report,
+                    });
+                    (!vm_running).then_some(Ending::MigrationInDoubt)
+                }
+            }
+        }
         Request::Snapshot { path, stop } => match take_snapshot(vm, &path, stop) {
             Ok(report) => {
                 eprintln!(
@@ -256,7 +295,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
         vm.tsc_khz(),
         start.elapsed().as_secs_f64() * 1e3
     );
-    supervise(vm, events, api, start, &args.supervise, None)
+    supervise(
+        vm,
+        events,
+        api,
+        start,
+        &args.supervise,
+        Extra::Booted,
+        &mut |_| {},
+    )
+}
+
+/// How the supervised VM came to run here, for the report.
+pub enum Extra {
+    Booted,
+    Restored(RestoreFigures),
+    Received(ferry_migration::precopy::ReceiveReport),
 }
 
 /// Watches a running VM until it should end, stops it and prints the
@@ -267,7 +321,8 @@ pub fn supervise(
     api: Option<ApiServer>,
     start: Instant,
     args: &SuperviseArgs,
-    restored: Option<RestoreFigures>,
+    extra: Extra,
+    on_watch: &mut dyn FnMut(&GuestWatch),
 ) -> anyhow::Result<bool> {
     let mut watch = GuestWatch::new(start);
     let deadline = args.duration.map(|d| start + d);
@@ -278,7 +333,10 @@ pub fn supervise(
         &mut watch,
         deadline,
         args.quiet,
-        |_| false,
+        |w| {
+            on_watch(w);
+            false
+        },
     );
     vm.stop();
     for event in events.try_iter() {
@@ -288,7 +346,15 @@ pub fn supervise(
             }
         }
     }
-    let ok = watch.memory_ok() && watch.stopped.is_none() && watch.sequence_breaks == 0;
+    let ok = watch.memory_ok()
+        && watch.stopped.is_none()
+        && watch.sequence_breaks == 0
+        && ending != Ending::MigrationInDoubt;
+    let (restored, received) = match extra {
+        Extra::Booted => (None, None),
+        Extra::Restored(r) => (Some(r), None),
+        Extra::Received(r) => (None, Some(r)),
+    };
     let machine = vm.machine();
     let report = RunReport {
         mem_bytes: machine.mem_bytes,
@@ -298,6 +364,7 @@ pub fn supervise(
         wall_ms: watch.elapsed().as_secs_f64() * 1e3,
         verdict: if ok { "ok" } else { "FAILED" },
         restored,
+        received,
         guest: &watch,
     };
     if args.json {
@@ -326,6 +393,7 @@ struct RunReport<'a> {
     wall_ms: f64,
     verdict: &'static str,
     restored: Option<RestoreFigures>,
+    received: Option<ferry_migration::precopy::ReceiveReport>,
     guest: &'a GuestWatch,
 }
 
@@ -367,6 +435,22 @@ impl RunReport<'_> {
             rows.push((
                 "stall the guest saw",
                 format!("{:.1} ms", g.first_stall_us as f64 / 1e3),
+            ));
+        } else if let Some(r) = &self.received {
+            rows.push((
+                "received by live migration",
+                format!(
+                    "{} rounds, {} pages ({} zero), state {} B loaded in {:.2} ms",
+                    r.rounds, r.pages, r.zero_pages, r.state_bytes, r.load_ms
+                ),
+            ));
+            rows.push((
+                "first heartbeat here",
+                g.first_seq.map_or("-".into(), |s| format!("seq {s}")),
+            ));
+            rows.push((
+                "stall the guest saw",
+                format!("{:.2} ms", g.first_stall_us as f64 / 1e3),
             ));
         } else {
             rows.push(("start to READY", ms(g.ready_ms)));

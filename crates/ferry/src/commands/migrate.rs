@@ -1,0 +1,148 @@
+//! `ferry migrate SOCKET --to ADDR`: live-migrates the VM served at SOCKET
+//! (`ferry run --api SOCKET`) to a `ferry receive` at ADDR, with a live
+//! progress bar, then prints the report.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use ferry_migration::stats::Progress;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::api::call_with_progress;
+use crate::control::{MigrateRequest, Request, Response};
+use crate::report::print_migration_report;
+
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The VM's API socket (`ferry run --api SOCKET`).
+    pub socket: PathBuf,
+    /// The destination, host:port of a `ferry receive --listen`.
+    #[arg(long)]
+    pub to: String,
+    /// The blackout to aim for (e.g. 10ms).
+    #[arg(long, default_value = "20ms", value_parser = crate::duration::parse_duration)]
+    pub downtime: Duration,
+    /// Cap on the send rate, e.g. 200MiB/s or 2GiB/s; default: no cap.
+    #[arg(long, value_parser = crate::size::parse_rate)]
+    pub bandwidth: Option<u64>,
+    /// Never throttle the guest, even when it outruns the link.
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// Print the report as one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl MigrateArgs {
+    pub fn request(&self) -> MigrateRequest {
+        MigrateRequest {
+            to: self.to.clone(),
+            downtime_ms: self.downtime.as_secs_f64() * 1e3,
+            bandwidth: self.bandwidth,
+            auto_converge: !self.no_auto_converge,
+        }
+    }
+}
+
+/// Shows progress: a bar on a terminal, a line per round otherwise.
+pub struct ProgressView {
+    bar: Option<ProgressBar>,
+    last_round: Option<(String, u32)>,
+}
+
+impl ProgressView {
+    pub fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{prefix:>12} [{bar:30}] {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        Self {
+            bar,
+            last_round: None,
+        }
+    }
+
+    pub fn show(&mut self, p: &Progress) {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let key = (p.phase.clone(), p.round);
+        let new_round = self.last_round.as_ref() != Some(&key);
+        self.last_round = Some(key);
+        let summary = format!(
+            "{:.1} MiB left, {:.0} MiB/s, dirty {:.0} MiB/s, throttle {}%, ETA {}",
+            mib(p.remaining_bytes),
+            p.throughput_mibs,
+            p.dirty_rate_mibs,
+            p.throttle_percent,
+            p.eta_ms.map_or("-".into(), |e| format!("{e:.0} ms"))
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_prefix(format!("{} {}", p.phase, p.round));
+                bar.set_length(p.round_bytes.max(1));
+                bar.set_position(p.round_bytes.saturating_sub(p.remaining_bytes));
+                bar.set_message(summary);
+            }
+            None if new_round => eprintln!(
+                "ferry: {} {}: {:.1} MiB to send, dirty {:.0} MiB/s, throttle {}%, {:.0} ms elapsed",
+                p.phase,
+                p.round,
+                mib(p.round_bytes),
+                p.dirty_rate_mibs,
+                p.throttle_percent,
+                p.elapsed_ms
+            ),
+            None => {}
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+pub fn migrate(args: MigrateArgs) -> anyhow::Result<bool> {
+    let mut view = ProgressView::new();
+    let answer = call_with_progress(&args.socket, &Request::Migrate(args.request()), |r| {
+        if let Response::Progress(p) = r {
+            view.show(p);
+        }
+    });
+    view.finish();
+    match answer? {
+        Response::Migrated(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_migration_report(&report);
+            }
+            Ok(true)
+        }
+        Response::MigrationFailed {
+            reason,
+            vm_running,
+            report,
+        } => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            let place = if vm_running {
+                "the VM is running on the source"
+            } else {
+                "the VM is PAUSED on the source and must not be resumed until it is known whether the destination runs it"
+            };
+            eprintln!("ferry: migration failed: {reason}; {place}");
+            Ok(false)
+        }
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the VM: {other:?}"),
+    }
+}

@@ -1,0 +1,88 @@
+//! `ferry receive --listen ADDR`: the destination of one live migration.
+//! Judges the offer against this host, receives the VM, starts it only
+//! after the commit, then supervises it like `ferry run` (with `--api`, so
+//! it can be migrated on again).
+
+use std::net::TcpListener;
+use std::time::Instant;
+
+use anyhow::Context;
+use ferry_migration::precopy::{error_chain, receive as receive_vm, send_resumed, ReceiveOptions};
+use ferry_vmm::compat::IncomingLimits;
+
+use super::run::{supervise, Extra, SuperviseArgs};
+use crate::migration::incoming::accept;
+
+#[derive(Debug, clap::Args)]
+pub struct ReceiveArgs {
+    /// host:port to listen on; port 0 picks a free one (printed on stderr).
+    #[arg(long)]
+    pub listen: String,
+    /// Fault in all of the VM's memory when it is reserved.
+    #[arg(long)]
+    pub prealloc: bool,
+    /// Refuse VMs with more memory than this (e.g. 4G).
+    #[arg(long, value_parser = crate::size::parse_size)]
+    pub max_mem: Option<u64>,
+    /// Refuse VMs with more vCPUs than this.
+    #[arg(long)]
+    pub max_vcpus: Option<u32>,
+    #[command(flatten)]
+    pub supervise: SuperviseArgs,
+}
+
+pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
+    let api = args.supervise.bind_api()?;
+    let listener = TcpListener::bind(&args.listen)
+        .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
+    eprintln!("ferry: listening on {}", listener.local_addr()?);
+    let (stream, peer) = listener
+        .accept()
+        .context("accepting the source's connection")?;
+    drop(listener);
+    let start = Instant::now();
+    let limits = IncomingLimits {
+        max_mem_bytes: args.max_mem,
+        max_vcpus: args.max_vcpus,
+    };
+    let prealloc = args.prealloc;
+    let received = match receive_vm(stream, &ReceiveOptions::default(), |offer| {
+        accept(offer, &limits, prealloc)
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "ferry: incoming migration from {peer} failed: {}; no VM runs here",
+                error_chain(&e)
+            );
+            return Ok(false);
+        }
+    };
+    let mut vm = received.vm;
+    let report = received.report;
+    let mut stream = received.stream;
+    eprintln!(
+        "ferry: VM received from {peer} ({} vCPU, {} MiB, {} rounds, state loaded in {:.2} ms, started {:.2} ms after the commit)",
+        report.vcpus,
+        report.mem_bytes >> 20,
+        report.rounds,
+        report.load_ms,
+        report.start_ms
+    );
+    let events = vm.take_events().expect("a fresh VM has its events");
+    let mut told = false;
+    supervise(
+        vm,
+        events,
+        api,
+        start,
+        &args.supervise,
+        Extra::Received(report),
+        &mut |watch| {
+            if !told && watch.first_seq.is_some() {
+                told = true;
+                send_resumed(&mut stream, Some(watch.first_stall_us), watch.first_seq);
+            }
+        },
+    )
+}

@@ -1,0 +1,63 @@
+//! The commands a running VM's owner accepts over its API socket, and its
+//! answers. One JSON object per line; a migration answers with progress
+//! lines before its final answer.
+
+use std::path::PathBuf;
+
+use ferry_migration::stats::{MigrationReport, Progress};
+use ferry_vmm::snapshot::SnapshotReport;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    /// What is running here.
+    Status,
+    /// Pause, write a snapshot to `path`, then resume (or stop).
+    Snapshot { path: PathBuf, stop: bool },
+    /// Live-migrate the VM to a `ferry receive` at `to`.
+    Migrate(MigrateRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// host:port of the destination.
+    pub to: String,
+    /// The blackout to aim for.
+    pub downtime_ms: f64,
+    /// Send-rate cap, bytes per second.
+    pub bandwidth: Option<u64>,
+    /// Brake a guest that outruns the link.
+    pub auto_converge: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status {
+        vcpus: u32,
+        mem_bytes: u64,
+        uptime_ms: f64,
+    },
+    Snapshot(SnapshotReport),
+    /// Not final: a migration is under way.
+    Progress(Progress),
+    /// The VM now runs on the destination; this one is stopped.
+    Migrated(Box<MigrationReport>),
+    /// The migration failed; `vm_running` says whether the VM runs here.
+    MigrationFailed {
+        reason: String,
+        vm_running: bool,
+        report: Box<MigrationReport>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+impl Response {
+    /// True for the last line a request gets.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Self::Progress(_))
+    }
+}

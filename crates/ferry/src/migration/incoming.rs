@@ -1,0 +1,70 @@
+//! The destination: judges an offer against this host, builds the VM it
+//! describes, and hands the engine its memory and state loader.
+
+use ferry_migration::guest::{GuestError, IncomingGuest};
+use ferry_migration::protocol::Offer;
+use ferry_vmm::compat::{check_incoming, decode_cpuid, IncomingLimits, OfferedVm};
+use ferry_vmm::state::StateRecord;
+use ferry_vmm::vm::IncomingVm;
+use ferry_vmm::{KvmHost, Vm};
+
+use super::source::VM_FEATURES;
+
+pub struct Incoming(pub IncomingVm);
+
+/// Checks the offer against this host and `limits`, then reserves (and
+/// with `prealloc` faults in) the VM's memory. Err is the reason the
+/// source is told.
+pub fn accept(offer: &Offer, limits: &IncomingLimits, prealloc: bool) -> Result<Incoming, String> {
+    if let Some(unknown) = offer
+        .features
+        .iter()
+        .find(|f| !VM_FEATURES.contains(&f.as_str()))
+    {
+        return Err(format!(
+            "the VM needs feature {unknown:?}, which this host does not offer"
+        ));
+    }
+    let cpuid = decode_cpuid(&offer.cpuid)?;
+    let host = KvmHost::open().map_err(|e| e.to_string())?;
+    let vm = OfferedVm {
+        mem_bytes: offer.mem_bytes,
+        vcpus: offer.vcpus,
+        tsc_khz: offer.tsc_khz,
+        cpuid: &cpuid,
+    };
+    check_incoming(&host, &vm, limits).map_err(|e| e.to_string())?;
+    let incoming = IncomingVm::new(offer.mem_bytes, offer.vcpus, offer.tsc_khz, prealloc)
+        .map_err(|e| format!("cannot build the VM here: {e}"))?;
+    let built: Vec<(u64, u64)> = incoming
+        .ram()
+        .regions()
+        .iter()
+        .map(|r| (r.0 .0, r.1))
+        .collect();
+    let offered: Vec<(u64, u64)> = offer.ram_ranges.iter().map(|r| (r.gpa, r.len)).collect();
+    if built != offered {
+        return Err(format!(
+            "the VM's RAM layout {offered:x?} differs from this host's {built:x?}"
+        ));
+    }
+    Ok(Incoming(incoming))
+}
+
+impl IncomingGuest for Incoming {
+    type Running = Vm;
+
+    fn memory_mut(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+        self.0.memory_mut(gpa, len)
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
+        let record = StateRecord::decode(state)?;
+        self.0.load_state(&record)?;
+        Ok(())
+    }
+
+    fn start(self) -> Result<Vm, GuestError> {
+        Ok(self.0.start()?)
+    }
+}

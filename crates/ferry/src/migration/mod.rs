@@ -1,0 +1,6 @@
+//! The glue between the VMM and the migration engine: a running `Vm` as
+//! the engine's source, an `IncomingVm` as its destination.
+
+pub mod incoming;
+pub mod outgoing;
+pub mod source;

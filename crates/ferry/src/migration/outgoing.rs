@@ -1,0 +1,70 @@
+//! The source side, inside the process that owns the VM: connect to the
+//! destination and let the engine move the VM.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use ferry_migration::policy::PolicyConfig;
+use ferry_migration::precopy::{migrate, Failure, MigrateError, PrecopyOptions};
+use ferry_migration::stats::{MigrationReport, Progress};
+use ferry_vmm::Vm;
+
+use super::source::VmSource;
+use crate::control::MigrateRequest;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Migrates `vm` as `request` says. On success the VM is stopped here (it
+/// runs on the destination); on failure it runs here unless the commit
+/// was sent and never acknowledged.
+pub fn migrate_vm(
+    vm: &mut Vm,
+    request: &MigrateRequest,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, Failure> {
+    let options = PrecopyOptions {
+        policy: PolicyConfig {
+            downtime_target: Duration::from_secs_f64(request.downtime_ms / 1e3),
+            auto_converge: request.auto_converge,
+            ..Default::default()
+        },
+        bandwidth: request.bandwidth,
+        ..Default::default()
+    };
+    let stream = match connect(&request.to) {
+        Ok(s) => s,
+        Err(error) => {
+            return Err(Failure {
+                error,
+                vm_running: true,
+                report: Box::new(MigrationReport {
+                    mode: "precopy".into(),
+                    outcome: "aborted: VM running on the source".into(),
+                    destination: request.to.clone(),
+                    ..Default::default()
+                }),
+            })
+        }
+    };
+    let result = migrate(&mut VmSource(vm), stream, &request.to, &options, progress);
+    if result.is_ok() {
+        vm.stop();
+    }
+    result
+}
+
+fn connect(to: &str) -> Result<TcpStream, MigrateError> {
+    let failed = |source| MigrateError::Connect {
+        addr: to.into(),
+        source,
+    };
+    let addrs: Vec<_> = to.to_socket_addrs().map_err(failed)?.collect();
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(failed(last))
+}

@@ -1,0 +1,86 @@
+//! A running VM as the migration engine's source.
+
+use ferry_migration::bitmap::{PageBitmap, RangeBits};
+use ferry_migration::guest::{GuestError, SourceGuest, VmDescription};
+use ferry_migration::protocol::RamRange;
+use ferry_vmm::compat::encode_cpuid;
+use ferry_vmm::Vm;
+
+/// Features every Ferry VM relies on; a destination refuses names it does
+/// not know.
+pub const VM_FEATURES: &[&str] = &["irqchip", "pit2", "com1"];
+
+pub struct VmSource<'a>(pub &'a mut Vm);
+
+impl SourceGuest for VmSource<'_> {
+    fn describe(&self) -> Result<VmDescription, GuestError> {
+        let m = self.0.machine();
+        Ok(VmDescription {
+            mem_bytes: m.mem_bytes,
+            vcpus: m.vcpus,
+            ram_ranges: m
+                .ram_ranges
+                .iter()
+                .map(|&(gpa, len)| RamRange { gpa, len })
+                .collect(),
+            tsc_khz: m.tsc_khz,
+            cpuid: encode_cpuid(self.0.cpuid()),
+            features: VM_FEATURES.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    fn populated(&self) -> Result<Vec<RamRange>, GuestError> {
+        Ok(self
+            .0
+            .ram()
+            .populated()?
+            .into_iter()
+            .map(|(gpa, len)| RamRange { gpa, len })
+            .collect())
+    }
+
+    fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
+        if self.0.ram().copy_out(gpa, dst) {
+            Ok(())
+        } else {
+            Err(format!("{} bytes at {gpa:#x} are not guest RAM", dst.len()).into())
+        }
+    }
+
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), GuestError> {
+        Ok(self.0.set_dirty_logging(on)?)
+    }
+
+    fn harvest_dirty(&mut self) -> Result<PageBitmap, GuestError> {
+        let dirty = self.0.harvest_dirty()?;
+        Ok(PageBitmap {
+            ranges: dirty
+                .regions
+                .into_iter()
+                .map(|r| RangeBits {
+                    gpa: r.base,
+                    pages: r.pages,
+                    bits: r.bits,
+                })
+                .collect(),
+        })
+    }
+
+    fn set_throttle(&mut self, percent: u32) -> Result<(), GuestError> {
+        Ok(self.0.set_throttle(percent)?)
+    }
+
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.0.pause()?;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        self.0.resume();
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
+        Ok(self.0.save_state()?.encode())
+    }
+}

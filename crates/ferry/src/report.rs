@@ -1,0 +1,90 @@
+//! A migration report for people: one table, then one row per round.
+
+use ferry_migration::stats::MigrationReport;
+
+use crate::size::show_size;
+
+pub fn print_migration_report(r: &MigrationReport) {
+    let ms = |v: f64| format!("{v:.1} ms");
+    let stall = r
+        .guest
+        .stall_ms
+        .map_or("- (destination did not report)".into(), |v| {
+            format!("{v:.2} ms")
+        });
+    let rows = [
+        ("outcome", r.outcome.clone()),
+        (
+            "VM",
+            format!("{} vCPU, {}", r.vcpus, show_size(r.mem_bytes)),
+        ),
+        ("destination", r.destination.clone()),
+        (
+            "mode / downtime target",
+            format!("{} / {:.1} ms", r.mode, r.downtime_target_ms),
+        ),
+        (
+            "bandwidth cap",
+            r.bandwidth_limit
+                .map_or("none".into(), |b| format!("{:.0} MiB/s", b as f64 / (1 << 20) as f64)),
+        ),
+        ("setup", ms(r.setup_ms)),
+        ("total", ms(r.total_ms)),
+        (
+            "host-side downtime",
+            format!(
+                "{:.2} ms (predicted {:.2} ms{})",
+                r.blackout.host_downtime_ms,
+                r.blackout.predicted_ms,
+                if r.blackout.forced { ", FORCED" } else { "" }
+            ),
+        ),
+        ("stall the guest measured", stall),
+        (
+            "blackout parts",
+            format!(
+                "pause {:.2} ms, last {} pages, state {} B saved in {:.2} ms, loaded+acked in {:.2} ms, commit {:.2} ms",
+                r.blackout.pause_ms,
+                r.blackout.final_pages,
+                r.blackout.state_bytes,
+                r.blackout.state_save_ms,
+                r.blackout.state_load_ms,
+                r.blackout.commit_ms
+            ),
+        ),
+        (
+            "sent",
+            format!(
+                "{:.1} MiB, {} pages ({} zero, no payload)",
+                r.bytes_sent as f64 / (1 << 20) as f64,
+                r.pages_sent,
+                r.zero_pages
+            ),
+        ),
+        ("throughput", format!("{:.0} MiB/s ({:.1} Gbit/s)", r.throughput_mibs, r.throughput_mibs * 8.0 * 1.048576 / 1e3)),
+        ("max throttle", format!("{}%", r.max_throttle_percent)),
+    ];
+    println!();
+    for (k, v) in rows {
+        println!("  {k:<26} {v}");
+    }
+    println!();
+    println!(
+        "  {:>5} {:>9} {:>9} {:>10} {:>9} {:>10} {:>11} {:>8}",
+        "round", "pages", "zero", "MiB sent", "ms", "MiB/s", "dirty MiB/s", "throttle"
+    );
+    for round in &r.rounds {
+        println!(
+            "  {:>5} {:>9} {:>9} {:>10.1} {:>9.1} {:>10.0} {:>11.0} {:>7}%{}",
+            round.round,
+            round.pages,
+            round.zero_pages,
+            round.bytes_sent as f64 / (1 << 20) as f64,
+            round.duration_ms,
+            round.throughput_mibs,
+            round.dirty_rate_mibs,
+            round.throttle_percent,
+            if round.blackout { "  (blackout)" } else { "" }
+        );
+    }
+}
