@@ -314,7 +314,8 @@ impl Vm {
             .map(|(i, vcpu)| {
                 // A parked vCPU thread has released its lock.
                 let fd = vcpu.lock().unwrap();
-                VcpuState::save(&fd, i as u32, &self.msr_indices)
+                let cpuid = setup::vcpu_cpuid(&self.cpuid, i as u32);
+                VcpuState::save(&fd, i as u32, &self.msr_indices, cpuid)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let (serial, console_pending) = self.bus.serial_state();

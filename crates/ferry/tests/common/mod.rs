@@ -281,3 +281,454 @@ pub fn ready_vm_with_api(
     wait_for_socket(&socket);
     (vm, socket)
 }
+
+// ---------------------------------------------------------------------------
+// Live migration: `ferry run`, `ferry receive` and `ferry migrate` as separate
+// processes whose stdout and stderr are both read line by line.
+
+/// Which output stream of a child a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Out,
+    Err,
+}
+
+/// A `ferry` child with both output streams captured (stderr lines are also
+/// echoed, prefixed with the child's name, for the test log). Killed on drop.
+pub struct FerryProc {
+    pub name: String,
+    pub child: Child,
+    lines: Receiver<(Stream, Option<String>)>,
+    /// Every stdout line read so far (the guest console, reports).
+    pub out: Vec<String>,
+    /// Every stderr line read so far.
+    pub err: Vec<String>,
+    open_streams: usize,
+    status: Option<std::process::ExitStatus>,
+}
+
+impl FerryProc {
+    /// `ferry ARGS`, named `name` in the log.
+    pub fn spawn(name: &str, args: &[&str]) -> Self {
+        let mut child = ferry()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn ferry {args:?}: {e}"));
+        let (tx, rx) = channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let tx_out = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx_out.send((Stream::Out, Some(line))).is_err() {
+                    return;
+                }
+            }
+            let _ = tx_out.send((Stream::Out, None));
+        });
+        let label = name.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{label}] {line}");
+                if tx.send((Stream::Err, Some(line))).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send((Stream::Err, None));
+        });
+        eprintln!("[{name}] started: ferry {}", args.join(" "));
+        Self {
+            name: name.to_owned(),
+            child,
+            lines: rx,
+            out: Vec::new(),
+            err: Vec::new(),
+            open_streams: 2,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything read so far, for failure messages.
+    pub fn transcript(&self) -> String {
+        let tail = |v: &[String]| v[v.len().saturating_sub(60)..].join("\n");
+        format!(
+            "--- {} stdout (last 60 lines) ---\n{}\n--- {} stderr ---\n{}",
+            self.name,
+            tail(&self.out),
+            self.name,
+            self.err.join("\n")
+        )
+    }
+
+    fn record(&mut self, stream: Stream, line: Option<String>) -> Option<(Stream, String)> {
+        match line {
+            None => {
+                self.open_streams -= 1;
+                None
+            }
+            Some(text) => {
+                match stream {
+                    Stream::Out => self.out.push(text.clone()),
+                    Stream::Err => self.err.push(text.clone()),
+                }
+                Some((stream, text))
+            }
+        }
+    }
+
+    /// Reads lines until `pick` accepts one; panics with the transcript if
+    /// none comes within `timeout` or both streams end first.
+    pub fn wait_line<T>(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut pick: impl FnMut(Stream, &str) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.open_streams == 0 {
+                panic!(
+                    "{}: waiting for {what}: the process closed its output ({:?})\n{}",
+                    self.name,
+                    self.child.try_wait(),
+                    self.transcript()
+                );
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((stream, line)) => {
+                    if let Some((stream, text)) = self.record(stream, line) {
+                        if let Some(v) = pick(stream, &text) {
+                            return v;
+                        }
+                    }
+                }
+                Err(_) => panic!(
+                    "{}: no {what} within {timeout:?}\n{}",
+                    self.name,
+                    self.transcript()
+                ),
+            }
+        }
+    }
+
+    /// The next stdout line that is a heartbeat.
+    pub fn next_heartbeat(&mut self, timeout: Duration) -> ferry_testguest::console::Heartbeat {
+        self.wait_line(timeout, "heartbeat", |s, text| {
+            match (s, parse_line(text)) {
+                (Stream::Out, Line::Heartbeat(hb)) => Some(hb),
+                _ => None,
+            }
+        })
+    }
+
+    /// Reads whatever has arrived, without waiting.
+    pub fn drain(&mut self) {
+        while let Ok((stream, line)) = self.lines.try_recv() {
+            self.record(stream, line);
+        }
+    }
+
+    /// Waits for the process to exit by itself and for the end of both its
+    /// streams; panics if it does not within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.status {
+                break s;
+            }
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                self.status = Some(s);
+                break s;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} did not exit within {timeout:?}\n{}",
+                    self.name,
+                    self.transcript()
+                );
+            }
+            if let Ok((stream, line)) = self.lines.recv_timeout(Duration::from_millis(20)) {
+                self.record(stream, line);
+            }
+        };
+        // The streams end when the process (and anything that inherited
+        // them) is gone; bounded anyway.
+        let drain_deadline = Instant::now() + Duration::from_secs(5);
+        while self.open_streams > 0 {
+            let left = drain_deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((stream, line)) => {
+                    self.record(stream, line);
+                }
+                Err(_) => break,
+            }
+        }
+        eprintln!("[{}] exited: {status}", self.name);
+        status
+    }
+
+    /// SIGKILL, then reaps the process.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+        }
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// SIGTERM (as Ctrl-C would: ferry stops the VM and prints its report),
+    /// then waits for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        if self.status.is_none() && self.child.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill(2) on our own child's pid with a valid signal.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
+        self.wait_exit(timeout)
+    }
+
+    /// All heartbeats on stdout so far, in order.
+    pub fn heartbeats(&self) -> Vec<ferry_testguest::console::Heartbeat> {
+        self.out
+            .iter()
+            .filter_map(|l| match parse_line(l) {
+                Line::Heartbeat(hb) => Some(hb),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `ERR` lines (pages that failed the guest's verification) so far.
+    pub fn page_errors(&self) -> Vec<String> {
+        self.out
+            .iter()
+            .filter(|l| matches!(parse_line(l), Line::PageError(_)))
+            .cloned()
+            .collect()
+    }
+
+    /// The JSON document a `--json` command printed last on stdout (from
+    /// the last line that is exactly `{`).
+    pub fn json_report(&self) -> serde_json::Value {
+        let start = self
+            .out
+            .iter()
+            .rposition(|l| l == "{")
+            .unwrap_or_else(|| panic!("{}: no JSON report\n{}", self.name, self.transcript()));
+        let text = self.out[start..].join("\n");
+        serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("{}: the JSON report does not parse: {e}\n{text}", self.name)
+        })
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.err.join("\n")
+    }
+}
+
+impl Drop for FerryProc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `ferry run --mem MEM --vcpus VCPUS --workload WORKLOAD --api DIR/NAME.sock`,
+/// waited for until the guest is READY and the API socket answers.
+pub fn migration_source(
+    dir: &TempDir,
+    name: &str,
+    mem: &str,
+    vcpus: &str,
+    workload: &str,
+) -> (FerryProc, String) {
+    let socket = dir.path(&format!("{name}.sock"));
+    let mut vm = FerryProc::spawn(
+        name,
+        &[
+            "run",
+            "--mem",
+            mem,
+            "--vcpus",
+            vcpus,
+            "--workload",
+            workload,
+            "--api",
+            &socket,
+            "--duration",
+            "300s",
+        ],
+    );
+    vm.wait_line(Duration::from_secs(60), "READY", |s, text| {
+        (s == Stream::Out && matches!(parse_line(text), Line::Ready(_))).then_some(())
+    });
+    wait_for_socket(&socket);
+    (vm, socket)
+}
+
+/// `ferry receive --listen 127.0.0.1:0 ARGS`; returns it with the port it
+/// printed.
+pub fn migration_destination(name: &str, args: &[&str]) -> (FerryProc, u16) {
+    let mut all = vec!["receive", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let mut dst = FerryProc::spawn(name, &all);
+    let port = dst.wait_line(Duration::from_secs(20), "the listening port", |s, text| {
+        let rest = text.strip_prefix("ferry: listening on ")?;
+        (s == Stream::Err).then_some(())?;
+        rest.trim().rsplit(':').next()?.parse::<u16>().ok()
+    });
+    (dst, port)
+}
+
+/// `ferry receive` with an API socket DIR/NAME.sock, so the VM it gets can
+/// be migrated on; stops by itself after 300 s at the latest.
+pub fn migration_destination_with_api(dir: &TempDir, name: &str) -> (FerryProc, u16, String) {
+    let socket = dir.path(&format!("{name}.sock"));
+    let (dst, port) =
+        migration_destination(name, &["--api", &socket, "--duration", "300s", "--json"]);
+    (dst, port, socket)
+}
+
+/// `ferry migrate SOCKET --to 127.0.0.1:PORT ARGS`, running.
+pub fn start_migrate(name: &str, socket: &str, port: u16, args: &[&str]) -> FerryProc {
+    let to = format!("127.0.0.1:{port}");
+    let mut all = vec!["migrate", socket, "--to", &to];
+    all.extend_from_slice(args);
+    FerryProc::spawn(name, &all)
+}
+
+/// The destination's guest must continue exactly where the source's
+/// stopped (`first.seq == last_source.seq + 1`), with no error, and then
+/// complete a whole sweep of its working set on the destination (`sweeps`
+/// up by 2 over the first heartbeat there). Returns the first and the last
+/// heartbeat read.
+pub fn verify_arrival(
+    dst: &mut FerryProc,
+    last_source: &ferry_testguest::console::Heartbeat,
+    timeout: Duration,
+) -> (
+    ferry_testguest::console::Heartbeat,
+    ferry_testguest::console::Heartbeat,
+) {
+    let deadline = Instant::now() + timeout;
+    let first = dst.next_heartbeat(Duration::from_secs(20));
+    assert_eq!(
+        first.seq,
+        last_source.seq + 1,
+        "the destination's first heartbeat must continue the source's sequence \
+         (source's last {last_source:?}, destination's first {first:?})\n{}",
+        dst.transcript()
+    );
+    assert!(
+        first.wr >= last_source.wr && first.ver >= last_source.ver,
+        "the guest's counters went backwards: {last_source:?} then {first:?}"
+    );
+    assert!(
+        first.t_ms >= last_source.t_ms,
+        "the guest clock went backwards"
+    );
+    assert_eq!(
+        first.err,
+        0,
+        "errors on arrival: {first:?}\n{}",
+        dst.transcript()
+    );
+    let target = first.sweeps + 2;
+    let mut prev = first.clone();
+    let last = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{}: no full sweep on the destination within {timeout:?} (from {first:?} to {prev:?})",
+            dst.name
+        );
+        let hb = dst.next_heartbeat(left);
+        assert_eq!(
+            hb.seq,
+            prev.seq + 1,
+            "heartbeat sequence broke on {}",
+            dst.name
+        );
+        assert_eq!(
+            hb.err,
+            0,
+            "bad pages on the destination: {hb:?}\n{}",
+            dst.transcript()
+        );
+        prev = hb.clone();
+        if hb.sweeps >= target {
+            break hb;
+        }
+    };
+    let errs = dst.page_errors();
+    assert!(errs.is_empty(), "ERR lines on {}: {errs:?}", dst.name);
+    eprintln!(
+        "[{}] verified: seq {} -> {} (source's last {}), sweeps {} -> {}, err 0, first stall {} us",
+        dst.name, first.seq, last.seq, last_source.seq, first.sweeps, last.sweeps, first.stall_us
+    );
+    (first, last)
+}
+
+/// The VM still runs here and still verifies its memory: heartbeats keep
+/// coming in sequence from the next one on, `err=0`, until at least one more
+/// whole sweep (`sweeps` up by 2). Returns the heartbeats read.
+pub fn verify_still_running(
+    vm: &mut FerryProc,
+    timeout: Duration,
+) -> Vec<ferry_testguest::console::Heartbeat> {
+    let deadline = Instant::now() + timeout;
+    let first = vm.next_heartbeat(Duration::from_secs(10));
+    assert_eq!(first.err, 0, "bad pages on {}: {first:?}", vm.name);
+    let target = first.sweeps + 2;
+    let mut seen = vec![first.clone()];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{}: no full sweep within {timeout:?} (from {first:?} to {:?})",
+            vm.name,
+            seen.last()
+        );
+        let hb = vm.next_heartbeat(left.min(Duration::from_secs(10)));
+        let prev = seen.last().unwrap();
+        assert_eq!(
+            hb.seq,
+            prev.seq + 1,
+            "heartbeat sequence broke on {}",
+            vm.name
+        );
+        assert!(
+            hb.wr > prev.wr,
+            "{} stopped writing: {prev:?} then {hb:?}",
+            vm.name
+        );
+        assert_eq!(
+            hb.err,
+            0,
+            "bad pages on {}: {hb:?}\n{}",
+            vm.name,
+            vm.transcript()
+        );
+        let done = hb.sweeps >= target;
+        seen.push(hb);
+        if done {
+            break;
+        }
+    }
+    let errs = vm.page_errors();
+    assert!(errs.is_empty(), "ERR lines on {}: {errs:?}", vm.name);
+    let last = seen.last().unwrap();
+    eprintln!(
+        "[{}] still running and verified: seq {} -> {}, sweeps {} -> {}, err 0",
+        vm.name, first.seq, last.seq, first.sweeps, last.sweeps
+    );
+    seen
+}

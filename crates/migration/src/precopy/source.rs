@@ -159,6 +159,7 @@ pub fn migrate<G: SourceGuest + ?Sized>(
             Ok(run.report)
         }
         Err(error) => {
+            let error = peer_reason(&mut stream, error);
             let vm_running = if run.commit_sent {
                 false
             } else {
@@ -522,6 +523,32 @@ fn poll_abort(stream: &mut TcpStream, scratch: &mut Vec<u8>) -> Result<(), Migra
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
         Err(e) => Err(io(e)),
     }
+}
+
+/// A write that failed because the destination hung up may have a reason
+/// waiting in the stream: an Abort it sent before closing. Prefer that.
+fn peer_reason(stream: &mut TcpStream, error: MigrateError) -> MigrateError {
+    let link_failed =
+        matches!(&error, MigrateError::Protocol { source, .. } if source.is_retryable());
+    if !link_failed {
+        return error;
+    }
+    if stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .is_err()
+    {
+        return error;
+    }
+    let mut scratch = Vec::new();
+    // Skip what the destination sent before its Abort (nothing, normally).
+    for _ in 0..4 {
+        match recv_message(stream, &mut scratch) {
+            Ok(Message::Abort(a)) => return MigrateError::PeerAborted(a.reason),
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    error
 }
 
 /// After the commit: the destination's word on what the guest saw.

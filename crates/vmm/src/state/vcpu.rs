@@ -3,7 +3,7 @@
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -55,7 +55,15 @@ impl std::fmt::Debug for VcpuState {
 impl VcpuState {
     /// Reads everything from a parked vCPU. `msr_indices` are the MSRs KVM
     /// says can be saved; those this vCPU refuses to read are left out.
-    pub fn save(fd: &VcpuFd, index: u32, msr_indices: &[u32]) -> Result<Self, VcpuStateError> {
+    /// `cpuid` is the table the VMM gave this vCPU: KVM_GET_CPUID2 on some
+    /// hosts (PVM) answers with bits KVM would never accept as supported,
+    /// which would make every destination look incompatible.
+    pub fn save(
+        fd: &VcpuFd,
+        index: u32,
+        msr_indices: &[u32],
+        cpuid: Vec<kvm_cpuid_entry2>,
+    ) -> Result<Self, VcpuStateError> {
         let err = |what| {
             move |source| VcpuStateError::Ioctl {
                 vcpu: index,
@@ -63,11 +71,6 @@ impl VcpuState {
                 source,
             }
         };
-        let cpuid = fd
-            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(err("KVM_GET_CPUID2"))?
-            .as_slice()
-            .to_vec();
         // Order follows the kernel's advice: events last on save's side
         // does not matter, but MP state first keeps a halted vCPU halted.
         Ok(Self {

@@ -2,7 +2,9 @@
 //! paging on, flat ring-3 segments and the TSS the boot module wrote. This
 //! is the measured recipe that runs a guest with no ring-0 code on PVM.
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, CpuId, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, CpuId, KVM_MP_STATE_RUNNABLE,
+};
 use kvm_ioctls::VcpuFd;
 
 use crate::boot::{BootEntry, GDT_BYTES, TSS_LIMIT, TSS_SELECTOR, USER_CS, USER_DS};
@@ -130,9 +132,21 @@ fn set_long_mode_ring3(sregs: &mut kvm_sregs) {
     sregs.efer = EFER_SCE_LME_LMA_NX;
 }
 
+/// The CPUID table vCPU `index` runs with: the VM's table with that
+/// vCPU's own APIC ID.
+pub fn vcpu_cpuid(base: &[kvm_cpuid_entry2], index: u32) -> Vec<kvm_cpuid_entry2> {
+    let mut entries = base.to_vec();
+    patch_entries(&mut entries, index);
+    entries
+}
+
 /// Gives each vCPU its own APIC ID in the leaves that report it.
 fn patch_cpuid(cpuid: &mut CpuId, index: u32) {
-    for entry in cpuid.as_mut_slice() {
+    patch_entries(cpuid.as_mut_slice(), index);
+}
+
+fn patch_entries(entries: &mut [kvm_cpuid_entry2], index: u32) {
+    for entry in entries {
         match entry.function {
             1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (index << 24),
             0xb | 0x1f => entry.edx = index,

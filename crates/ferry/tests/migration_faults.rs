@@ -1,0 +1,530 @@
+//! Live migrations that fail: a destination killed mid-way, a link cut in
+//! the blackout, a corrupted frame, a destination that refuses the VM, no
+//! destination at all, and bad command lines. Every time the VM must end
+//! up running on the source and still verifying its memory, `ferry migrate`
+//! must say why it failed (exit 1), and the destination must hold no VM.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{
+    kvm_or_skip, migration_destination, migration_source, start_migrate, verify_still_running,
+    FerryProc, Stream, TempDir,
+};
+use ferry_testguest::console::Heartbeat;
+
+const HEADER_LEN: usize = 20;
+const KIND_PAGES: u16 = 6;
+const KIND_STATE: u16 = 8;
+
+/// `ferry migrate` must fail (exit 1) and say why on stderr; returns the
+/// reason it gave.
+fn migrate_failed(mig: &mut FerryProc, timeout: Duration) -> String {
+    let status = mig.wait_exit(timeout);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "ferry migrate must fail with exit 1\n{}",
+        mig.transcript()
+    );
+    let line = mig
+        .err
+        .iter()
+        .find_map(|l| l.strip_prefix("ferry: migration failed: "))
+        .unwrap_or_else(|| {
+            panic!(
+                "no `ferry: migration failed: REASON` line\n{}",
+                mig.transcript()
+            )
+        })
+        .to_owned();
+    assert!(
+        line.ends_with("; the VM is running on the source"),
+        "the VM must be running on the source: {line}"
+    );
+    if mig.out.iter().any(|l| l == "{") {
+        let report = mig.json_report();
+        assert_eq!(report["outcome"], "aborted: VM running on the source");
+    }
+    line
+}
+
+/// The source printed that the migration failed and that the VM runs
+/// there; waits for that line, then checks that the guest runs on and
+/// verifies a whole sweep after it.
+fn source_runs_on_after_failure(src: &mut FerryProc, port: u16) -> Vec<Heartbeat> {
+    let to = format!("ferry: migration to 127.0.0.1:{port} failed: ");
+    src.wait_line(
+        Duration::from_secs(10),
+        "the source's failure line",
+        |s, text| {
+            (s == Stream::Err && text.starts_with(&to))
+                .then(|| assert!(text.ends_with("; the VM runs here"), "{text}"))
+        },
+    );
+    let after = verify_still_running(src, Duration::from_secs(30));
+    assert!(
+        src.child.try_wait().expect("try_wait").is_none(),
+        "the source process must still run"
+    );
+    after
+}
+
+/// The destination holds no VM: it exited non-zero (or was killed) and
+/// never printed a heartbeat.
+fn destination_holds_nothing(dst: &mut FerryProc, killed: bool) {
+    let status = if killed {
+        dst.kill()
+    } else {
+        dst.wait_exit(Duration::from_secs(40))
+    };
+    assert!(
+        !status.success(),
+        "the destination must not succeed: {status}\n{}",
+        dst.transcript()
+    );
+    if !killed {
+        assert_eq!(status.code(), Some(1), "{}", dst.transcript());
+        assert!(
+            dst.err
+                .iter()
+                .any(|l| l.starts_with("ferry: incoming migration from ")
+                    && l.ends_with("; no VM runs here")),
+            "the destination must say that no VM runs there\n{}",
+            dst.transcript()
+        );
+    }
+    let hbs = dst.heartbeats();
+    assert!(
+        hbs.is_empty(),
+        "the destination ran the guest: {hbs:?}\n{}",
+        dst.transcript()
+    );
+    assert!(
+        !dst.err.iter().any(|l| l.starts_with("ferry: VM received")),
+        "the destination says it received the VM\n{}",
+        dst.transcript()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A TCP proxy that understands frame headers in the source -> destination
+// direction and can break the stream on purpose.
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Cut both connections when a State frame's header arrives; the
+    /// frame is not forwarded.
+    CutAtState,
+    /// Flip one byte in the middle of the payload of the `n`th Pages frame
+    /// (1-based), then forward it.
+    CorruptPages(usize),
+}
+
+#[derive(Debug, Default)]
+struct ProxyLog {
+    /// Frame kinds forwarded source -> destination, in order.
+    kinds: Vec<u16>,
+    /// Frame kinds forwarded destination -> source, in order.
+    back_kinds: Vec<u16>,
+    /// What the proxy did on purpose.
+    fault_done: Option<String>,
+    /// Why each direction ended.
+    ended: Vec<String>,
+}
+
+struct Proxy {
+    port: u16,
+    log: Arc<Mutex<ProxyLog>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Listens on 127.0.0.1:0 for one connection, and relays it to
+    /// 127.0.0.1:`to` with `fault`.
+    fn start(to: u16, fault: Fault) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let port = listener.local_addr().unwrap().port();
+        let log = Arc::new(Mutex::new(ProxyLog::default()));
+        let shared = log.clone();
+        let thread = std::thread::spawn(move || {
+            // Bounded: the test gives up on the proxy after a minute.
+            listener.set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let source = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("proxy accept: {e}"),
+                }
+            };
+            source.set_nonblocking(false).unwrap();
+            let dest = TcpStream::connect(("127.0.0.1", to)).expect("proxy connect");
+            for s in [&source, &dest] {
+                s.set_nodelay(true).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            }
+            let back = {
+                let (from, to) = (dest.try_clone().unwrap(), source.try_clone().unwrap());
+                let log = shared.clone();
+                std::thread::spawn(move || relay_back(from, to, &log))
+            };
+            relay_frames(source, dest, fault, &shared);
+            let _ = back.join();
+        });
+        Self {
+            port,
+            log,
+            thread: Some(thread),
+        }
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, ProxyLog> {
+        self.log.lock().unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // The relays end when either side closes (the processes are killed
+        // on drop, or ended); never wait long for them.
+        if let Some(t) = self.thread.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn cut(a: &TcpStream, b: &TcpStream) {
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
+}
+
+/// Destination -> source, one frame at a time (logged, never changed);
+/// passes on an end of stream as a half close, and an error as a cut.
+fn relay_back(mut from: TcpStream, mut to: TcpStream, log: &Mutex<ProxyLog>) {
+    let mut payload = Vec::new();
+    let why = loop {
+        let mut header = [0u8; HEADER_LEN];
+        if let Err(e) = from.read_exact(&mut header) {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                let _ = to.shutdown(Shutdown::Write);
+            } else {
+                cut(&from, &to);
+            }
+            break format!("reading from the destination: {e}");
+        }
+        let kind = u16::from_le_bytes([header[2], header[3]]);
+        let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+        payload.resize(len, 0);
+        if let Err(e) = from.read_exact(&mut payload) {
+            cut(&from, &to);
+            break format!("destination ended inside a payload: {e}");
+        }
+        log.lock().unwrap().back_kinds.push(kind);
+        if let Err(e) = to.write_all(&header).and_then(|()| to.write_all(&payload)) {
+            cut(&from, &to);
+            break format!("writing to the source: {e}");
+        }
+    };
+    log.lock().unwrap().ended.push(format!("back: {why}"));
+}
+
+/// Source -> destination, one frame at a time, applying `fault`.
+fn relay_frames(mut from: TcpStream, mut to: TcpStream, fault: Fault, log: &Mutex<ProxyLog>) {
+    let mut pages_seen = 0usize;
+    let mut payload = Vec::new();
+    let why = loop {
+        let mut header = [0u8; HEADER_LEN];
+        if let Err(e) = from.read_exact(&mut header) {
+            // A clean end between frames is passed on as a half close.
+            let _ = to.shutdown(Shutdown::Write);
+            break format!("source ended: {e}");
+        }
+        assert_eq!(&header[0..2], b"FY", "not a Ferry frame: {header:02x?}");
+        let kind = u16::from_le_bytes([header[2], header[3]]);
+        let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+        if matches!(fault, Fault::CutAtState) && kind == KIND_STATE {
+            log.lock().unwrap().fault_done = Some(format!(
+                "cut both connections at a State frame of {len} bytes"
+            ));
+            cut(&from, &to);
+            break "cut at State".to_string();
+        }
+        payload.resize(len, 0);
+        if let Err(e) = from.read_exact(&mut payload) {
+            cut(&from, &to);
+            break format!("source ended inside a payload: {e}");
+        }
+        if kind == KIND_PAGES {
+            pages_seen += 1;
+            if let Fault::CorruptPages(n) = fault {
+                if pages_seen == n && len > 0 {
+                    let at = len / 2;
+                    payload[at] ^= 0x5a;
+                    log.lock().unwrap().fault_done =
+                        Some(format!("flipped byte {at} of {len} in Pages frame #{n}"));
+                }
+            }
+        }
+        log.lock().unwrap().kinds.push(kind);
+        if let Err(e) = to.write_all(&header).and_then(|()| to.write_all(&payload)) {
+            cut(&from, &to);
+            break format!("writing to the destination: {e}");
+        }
+    };
+    log.lock().unwrap().ended.push(format!("forward: {why}"));
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn destination_killed_in_round_two() {
+    let test = "destination_killed_in_round_two";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new(test);
+    let (mut src, socket) = migration_source(&dir, "source", "1G", "2", "dirty:256:max");
+    let (mut dst, port) = migration_destination("destination", &[]);
+    src.next_heartbeat(Duration::from_secs(10));
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        port,
+        &["--bandwidth", "300MiB/s", "--downtime", "10ms"],
+    );
+    mig.wait_line(Duration::from_secs(30), "`ferry: round 2:`", |s, text| {
+        (s == Stream::Err && text.starts_with("ferry: round 2:")).then_some(())
+    });
+    dst.kill();
+    let t = Instant::now();
+    let reason = migrate_failed(&mut mig, Duration::from_secs(60));
+    eprintln!(
+        "{test}: ferry migrate failed {:.0} ms after the kill: {reason}",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the source must notice a dead destination promptly"
+    );
+    source_runs_on_after_failure(&mut src, port);
+    destination_holds_nothing(&mut dst, true);
+}
+
+#[test]
+fn connection_dropped_during_blackout() {
+    let test = "connection_dropped_during_blackout";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new(test);
+    let (mut src, socket) = migration_source(&dir, "source", "512M", "2", "dirty:64:100");
+    let (mut dst, dst_port) = migration_destination("destination", &[]);
+    let proxy = Proxy::start(dst_port, Fault::CutAtState);
+    src.next_heartbeat(Duration::from_secs(10));
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        proxy.port,
+        &["--downtime", "10ms", "--json"],
+    );
+    let reason = migrate_failed(&mut mig, Duration::from_secs(60));
+    eprintln!("{test}: ferry migrate: {reason}");
+    {
+        let log = proxy.log();
+        eprintln!("{test}: proxy: {log:?}");
+        assert!(
+            log.fault_done.is_some(),
+            "the migration never reached the State frame: {log:?}"
+        );
+    }
+    assert!(
+        mig.err.iter().any(|l| l.starts_with("ferry: blackout ")),
+        "the migration must have been in its blackout\n{}",
+        mig.transcript()
+    );
+    source_runs_on_after_failure(&mut src, proxy.port);
+    destination_holds_nothing(&mut dst, false);
+}
+
+#[test]
+fn corrupt_frame_is_refused() {
+    let test = "corrupt_frame_is_refused";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new(test);
+    let (mut src, socket) = migration_source(&dir, "source", "512M", "2", "dirty:64:100");
+    let (mut dst, dst_port) = migration_destination("destination", &[]);
+    let proxy = Proxy::start(dst_port, Fault::CorruptPages(3));
+    src.next_heartbeat(Duration::from_secs(10));
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        proxy.port,
+        &["--downtime", "10ms", "--json"],
+    );
+    let reason = migrate_failed(&mut mig, Duration::from_secs(60));
+    eprintln!("{test}: ferry migrate: {reason}");
+    {
+        let log = proxy.log();
+        eprintln!(
+            "{test}: proxy: {:?}; destination -> source frame kinds {:?}; {:?}",
+            log.fault_done, log.back_kinds, log.ended
+        );
+        assert!(
+            log.fault_done.is_some(),
+            "the proxy never corrupted a frame: {log:?}"
+        );
+    }
+    // Whatever it says, the VM must run on here, and nothing there.
+    source_runs_on_after_failure(&mut src, proxy.port);
+    destination_holds_nothing(&mut dst, false);
+    let dst_said = dst.stderr_text();
+    assert!(
+        dst_said.contains("checksum"),
+        "the destination must name the checksum mismatch\n{dst_said}"
+    );
+    let lower = reason.to_lowercase();
+    assert!(
+        lower.contains("checksum") || lower.contains("destination aborted"),
+        "ferry migrate must say that the destination found a bad checksum or aborted, not: {reason}"
+    );
+}
+
+#[test]
+fn incompatible_destination_refuses() {
+    let test = "incompatible_destination_refuses";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new(test);
+    let (mut src, socket) = migration_source(&dir, "source", "1G", "2", "dirty:256:100");
+    let (mut dst, port) = migration_destination("destination", &["--max-mem", "512M"]);
+    let before = src.next_heartbeat(Duration::from_secs(10));
+    let mut mig = start_migrate("migrate", &socket, port, &["--downtime", "10ms"]);
+    let reason = migrate_failed(&mut mig, Duration::from_secs(30));
+    eprintln!("{test}: ferry migrate: {reason}");
+    assert!(
+        reason.contains("--max-mem") && reason.contains("512 MiB") && reason.contains("1024 MiB"),
+        "the reason must name the memory limit: {reason}"
+    );
+    destination_holds_nothing(&mut dst, false);
+    let after = source_runs_on_after_failure(&mut src, port);
+    // The VM never paused: from the heartbeat before the attempt to half a
+    // second after the source said it failed, no stall near a blackout.
+    let until = after[0].seq + 5;
+    let around: Vec<Heartbeat> = src
+        .heartbeats()
+        .into_iter()
+        .filter(|h| h.seq > before.seq && h.seq <= until)
+        .collect();
+    let stalls: Vec<u64> = around.iter().map(|h| h.stall_us).collect();
+    let worst = stalls.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "{test}: heartbeats {}..={until} around the attempt, stall_us {stalls:?}",
+        before.seq + 1
+    );
+    assert!(
+        around.len() >= 5,
+        "too few heartbeats around the attempt: {around:?}"
+    );
+    assert!(
+        worst < 50_000,
+        "the source VM stalled {worst} us: it must not pause for a refused migration"
+    );
+}
+
+#[test]
+fn nothing_listening() {
+    let test = "nothing_listening";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new(test);
+    let (mut src, socket) = migration_source(&dir, "source", "256M", "1", "dirty:32:100");
+    src.next_heartbeat(Duration::from_secs(10));
+    let t = Instant::now();
+    let mut mig = start_migrate("migrate", &socket, 1, &[]);
+    let reason = migrate_failed(&mut mig, Duration::from_secs(20));
+    let took = t.elapsed();
+    eprintln!("{test}: failed in {took:?}: {reason}");
+    assert!(
+        reason.contains("cannot connect") && reason.contains("127.0.0.1:1"),
+        "the reason must say it cannot connect to 127.0.0.1:1: {reason}"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "must fail fast, took {took:?}"
+    );
+    source_runs_on_after_failure(&mut src, 1);
+}
+
+/// Runs `ferry ARGS` to its end (bounded) and returns (exit code, stderr).
+fn run_to_end(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut p = FerryProc::spawn(&format!("ferry {}", args[0]), args);
+    let status = p.wait_exit(Duration::from_secs(20));
+    (status.code(), p.err.join("\n"), p.out.join("\n"))
+}
+
+#[test]
+fn bad_command_lines_say_why() {
+    // No VM needed.
+    let (code, err, _) = run_to_end(&["receive", "--listen", "not-an-address"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--listen not-an-address") && err.contains("cannot listen"),
+        "{err}"
+    );
+
+    let dir = TempDir::new("bad_command_lines_say_why");
+    let missing = dir.path("no-such-vm.sock");
+    let (code, err, _) = run_to_end(&["migrate", &missing, "--to", "127.0.0.1:1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&missing) && err.contains("cannot reach a VM"),
+        "the error must name the socket: {err}"
+    );
+
+    for (flag, value, words) in [
+        ("--bandwidth", "0", &["--bandwidth", "'0'"][..]),
+        (
+            "--bandwidth",
+            "0MiB/s",
+            &["--bandwidth", "send nothing"][..],
+        ),
+        (
+            "--bandwidth",
+            "fast",
+            &["--bandwidth", "'fast'", "not a size"][..],
+        ),
+        ("--downtime", "5", &["--downtime", "'5'", "no unit"][..]),
+    ] {
+        let (code, err, out) = run_to_end(&["migrate", &missing, "--to", "X", flag, value]);
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{flag} {value} must be refused: {code:?}"
+        );
+        assert!(out.is_empty(), "nothing on stdout for a bad flag: {out}");
+        for w in words {
+            assert!(err.contains(w), "{flag} {value}: expected {w:?} in: {err}");
+        }
+        assert!(
+            !err.contains("cannot reach a VM"),
+            "{flag} {value} must be refused before anything is tried: {err}"
+        );
+    }
+}
