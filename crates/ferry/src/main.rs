@@ -34,6 +34,8 @@ enum Command {
     Migrate(commands::migrate::MigrateArgs),
     /// Wait for one incoming live migration, then run the VM here.
     Receive(commands::receive::ReceiveArgs),
+    /// Ferry and QEMU live migration side by side on this machine.
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() {
@@ -45,6 +47,7 @@ fn main() {
         Command::Restore(args) => commands::restore::restore(args),
         Command::Migrate(args) => commands::migrate::migrate(args),
         Command::Receive(args) => commands::receive::receive(args),
+        Command::Bench(args) => commands::bench::bench(args),
     };
     match result {
         Ok(true) => {}

@@ -378,7 +378,14 @@ impl IncomingVm {
     /// Builds KVM VM, memory and vCPUs for a guest of this shape; with
     /// `prealloc` every page of memory is faulted in now.
     pub fn new(mem_bytes: u64, vcpus: u32, tsc_khz: u32, prealloc: bool) -> Result<Self, VmError> {
-        let parts = build(mem_bytes, vcpus, prealloc)?;
+        Self::with_ram(GuestRam::new(mem_bytes, prealloc)?, vcpus, tsc_khz)
+    }
+
+    /// Like [`new`](Self::new) with memory made beforehand (reserved, and
+    /// perhaps preallocated, before the migration was even offered). It
+    /// must be fresh: every byte still zero.
+    pub fn with_ram(ram: GuestRam, vcpus: u32, tsc_khz: u32) -> Result<Self, VmError> {
+        let parts = build_with(ram, vcpus)?;
         if parts.tsc_khz != tsc_khz {
             for fd in &parts.vcpu_fds {
                 fd.set_tsc_khz(tsc_khz)
@@ -470,9 +477,12 @@ fn machine_config(mem_bytes: u64, vcpus: u32, cmdline: String, tsc_khz: u32) -> 
 
 /// Opens KVM and makes a VM with RAM, irqchip, PIT and vCPUs, not running.
 fn build(mem_bytes: u64, vcpus: u32, prealloc: bool) -> Result<Parts, VmError> {
+    build_with(GuestRam::new(mem_bytes, prealloc)?, vcpus)
+}
+
+fn build_with(ram: GuestRam, vcpus: u32) -> Result<Parts, VmError> {
     let host = KvmHost::open()?;
     crate::config::check_vcpus(vcpus, &host)?;
-    let ram = GuestRam::new(mem_bytes, prealloc)?;
     let vm_fd = host.kvm().create_vm().map_err(KvmError::CreateVm)?;
     let xsave_bytes = vm_fd.check_extension_int(Cap::Xsave2);
     if xsave_bytes > LEGACY_XSAVE_BYTES {

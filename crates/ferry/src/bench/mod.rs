@@ -1,5 +1,218 @@
-//! Benchmarks that compare Ferry with QEMU's own live migration on this
-//! machine.
+//! `ferry bench`: Ferry and QEMU's own live migration side by side on this
+//! machine, on the same guest ELF, memory and preallocation policy, over
+//! loopback; medians per row and the Ferry/QEMU ratios.
 
+pub mod console_watch;
+pub mod ferry_side;
 pub mod qemu;
 pub mod qmp;
+pub mod table;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_testguest::workload::Workload;
+use serde::Serialize;
+
+use ferry_side::{run_ferry_migration, FerryMigration, FerryOutcome};
+use qemu::{run_qemu_migration, QemuMigration, QemuOutcome};
+
+/// One comparison: the same guest and policy for both engines.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub name: &'static str,
+    pub mem_bytes: u64,
+    pub workload: String,
+    pub prealloc: bool,
+    /// The downtime target given to both; None: each engine's default
+    /// (Ferry 20 ms, QEMU 300 ms), as a user who sets nothing gets.
+    pub downtime_ms: Option<u64>,
+}
+
+pub fn rows() -> Vec<Row> {
+    let row = |name, workload: &str, prealloc, downtime_ms| Row {
+        name,
+        mem_bytes: 1 << 30,
+        workload: workload.into(),
+        prealloc,
+        downtime_ms,
+    };
+    vec![
+        row("idle", "idle", false, None),
+        row("dirty-100", "dirty:256:100", false, None),
+        row("dirty-1024-10ms", "dirty:256:1024", false, Some(10)),
+        row("fill-768-prealloc", "dirty:0:1:768", true, None),
+    ]
+}
+
+/// Ferry's default `--downtime`.
+pub const FERRY_DEFAULT_DOWNTIME: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Medians {
+    pub total_ms: f64,
+    pub guest_stall_ms: f64,
+    pub transferred_mib: f64,
+    pub throughput_gbit: f64,
+    pub verified: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RowResult {
+    pub row: Row,
+    pub ferry_runs: Vec<FerryOutcome>,
+    pub qemu_runs: Vec<QemuOutcome>,
+    pub ferry_errors: Vec<String>,
+    pub qemu_errors: Vec<String>,
+    pub ferry: Option<Medians>,
+    pub qemu: Option<Medians>,
+    /// Ferry / QEMU: below 1 means Ferry is faster, stalls less, sends less.
+    pub ratio_total: Option<f64>,
+    pub ratio_stall: Option<f64>,
+    pub ratio_bytes: Option<f64>,
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ferry_medians(runs: &[FerryOutcome]) -> Option<Medians> {
+    (!runs.is_empty()).then(|| Medians {
+        total_ms: median(runs.iter().map(|r| r.total_ms).collect()),
+        guest_stall_ms: median(runs.iter().map(|r| r.guest_stall_ms).collect()),
+        transferred_mib: median(
+            runs.iter()
+                .map(|r| r.transferred_bytes as f64 / (1 << 20) as f64)
+                .collect(),
+        ),
+        throughput_gbit: median(runs.iter().map(|r| r.throughput_gbit).collect()),
+        verified: format!(
+            "{}/{}",
+            runs.iter().filter(|r| r.verified).count(),
+            runs.len()
+        ),
+    })
+}
+
+fn qemu_medians(runs: &[QemuOutcome]) -> Option<Medians> {
+    (!runs.is_empty()).then(|| Medians {
+        total_ms: median(runs.iter().map(|r| r.total_ms).collect()),
+        guest_stall_ms: median(runs.iter().map(|r| r.guest_stall_ms).collect()),
+        transferred_mib: median(
+            runs.iter()
+                .map(|r| r.transferred_bytes as f64 / (1 << 20) as f64)
+                .collect(),
+        ),
+        throughput_gbit: median(runs.iter().map(|r| r.mbps / 1e3).collect()),
+        verified: format!(
+            "{}/{}",
+            runs.iter().filter(|r| r.verified).count(),
+            runs.len()
+        ),
+    })
+}
+
+/// Runs every row `reps` times on each engine, alternating them so that
+/// machine noise hits both alike.
+pub fn run_rows(
+    rows: &[Row],
+    reps: usize,
+    with_qemu: bool,
+    on_run: &mut dyn FnMut(&str),
+) -> anyhow::Result<Vec<RowResult>> {
+    let dir = TempDir::new()?;
+    let elf = dir.path().join("ferry-guest.elf");
+    std::fs::write(&elf, ferry_testguest::GUEST_ELF).context("writing the guest ELF for QEMU")?;
+    if with_qemu {
+        qemu::qemu_binary()?;
+    }
+    let mut results = Vec::new();
+    for row in rows {
+        let workload: Workload = row.workload.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut result = RowResult {
+            row: row.clone(),
+            ferry_runs: Vec::new(),
+            qemu_runs: Vec::new(),
+            ferry_errors: Vec::new(),
+            qemu_errors: Vec::new(),
+            ferry: None,
+            qemu: None,
+            ratio_total: None,
+            ratio_stall: None,
+            ratio_bytes: None,
+        };
+        for rep in 1..=reps {
+            on_run(&format!("{} ferry {rep}/{reps}", row.name));
+            let m = FerryMigration {
+                mem_bytes: row.mem_bytes,
+                workload,
+                prealloc: row.prealloc,
+                downtime: row
+                    .downtime_ms
+                    .map_or(FERRY_DEFAULT_DOWNTIME, Duration::from_millis),
+                bandwidth: None,
+                settle: Duration::from_secs(1),
+            };
+            match run_ferry_migration(&m, dir.path()) {
+                Ok(o) => result.ferry_runs.push(o),
+                Err(e) => result.ferry_errors.push(format!("{e:#}")),
+            }
+            if with_qemu {
+                on_run(&format!("{} qemu {rep}/{reps}", row.name));
+                let mut q = QemuMigration::new(
+                    &elf,
+                    row.mem_bytes,
+                    ferry_testguest::guest_cmdline(&workload, 1, None),
+                );
+                q.prealloc = row.prealloc;
+                q.downtime_ms = row.downtime_ms;
+                match run_qemu_migration(&q) {
+                    Ok(o) => result.qemu_runs.push(o),
+                    Err(e) => result.qemu_errors.push(e.to_string()),
+                }
+            }
+        }
+        result.ferry = ferry_medians(&result.ferry_runs);
+        result.qemu = qemu_medians(&result.qemu_runs);
+        if let (Some(f), Some(q)) = (&result.ferry, &result.qemu) {
+            let ratio = |a: f64, b: f64| (b > 0.0 && a.is_finite() && b.is_finite()).then(|| a / b);
+            result.ratio_total = ratio(f.total_ms, q.total_ms);
+            result.ratio_stall = ratio(f.guest_stall_ms, q.guest_stall_ms);
+            result.ratio_bytes = ratio(f.transferred_mib, q.transferred_mib);
+        }
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// A private directory for sockets and the guest file, removed at the end.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -15,7 +15,6 @@
 
 // Nothing calls this yet outside its tests: `ferry bench` will. Remove
 // this once it does.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::VecDeque;
 use std::env;
@@ -27,14 +26,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use ferry_testguest::console::{parse_line, Exit, Heartbeat, Line, Ready};
+use ferry_testguest::console::Exit;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::console_watch::{dst_done, judge, lock, Console, TAIL_LINES, VERIFY_TIMEOUT};
 use super::qmp::{Qmp, QmpError};
 
 const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -50,15 +50,7 @@ const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each QMP answer; all the commands used here answer at once.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
-/// How long the destination is watched after `completed`.
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Destination heartbeats whose `stall_us` count as the blackout: the
-/// switchover lands in the first, a slow resume shows in the next few.
-const STALL_HEARTBEATS: usize = 5;
-const MIN_DST_HEARTBEATS: usize = 5;
 const QUIT_GRACE: Duration = Duration::from_secs(2);
-/// Lines kept for error messages.
-const TAIL_LINES: usize = 20;
 
 /// One QEMU live migration of the test guest.
 #[derive(Debug, Clone)]
@@ -453,122 +445,6 @@ fn migrate(
     })
 }
 
-/// Enough destination heartbeats to judge, and (with a working set) a
-/// whole working set rewritten, so verified, since the first of them.
-fn dst_done(heartbeats: &[(Instant, Heartbeat)], ws_pages: u64) -> bool {
-    heartbeats.len() >= MIN_DST_HEARTBEATS
-        && (ws_pages == 0 || sweeps_since_first(heartbeats, ws_pages) >= 1)
-}
-
-fn sweeps_since_first(heartbeats: &[(Instant, Heartbeat)], ws_pages: u64) -> u64 {
-    match (heartbeats.first(), heartbeats.last()) {
-        (Some((_, first)), Some((_, last))) if ws_pages > 0 => {
-            last.wr.saturating_sub(first.wr) / ws_pages
-        }
-        _ => 0,
-    }
-}
-
-struct Verdict {
-    guest_stall_ms: f64,
-    host_gap_ms: f64,
-    last_src_seq: Option<u64>,
-    first_dst_seq: Option<u64>,
-    dst_sweeps_verified: u64,
-    errors: u64,
-    failures: Vec<String>,
-}
-
-/// The checks of the baseline's `heartbeat_continued` and
-/// `dst_full_sweep_verified`, on what both consoles printed.
-fn judge(src: &ConsoleState, dst: &ConsoleState, dst_status: &str, ws_pages: u64) -> Verdict {
-    let mut failures = Vec::new();
-    let last_src = src.heartbeats.last();
-    let first_dst = dst.heartbeats.first();
-    let errors = src
-        .heartbeats
-        .iter()
-        .chain(&dst.heartbeats)
-        .map(|(_, hb)| hb.err)
-        .chain([src.page_errors, dst.page_errors])
-        .max()
-        .unwrap_or(0);
-
-    if dst_status != "running" {
-        failures.push(format!("destination status is {dst_status}, not running"));
-    }
-    if let Some(exit) = &dst.exit {
-        failures.push(format!(
-            "destination guest stopped: EXIT code={} reason={}",
-            exit.code, exit.reason
-        ));
-    }
-    if errors > 0 {
-        failures.push(format!("{errors} pages failed verification"));
-    }
-    if dst.heartbeats.len() < MIN_DST_HEARTBEATS {
-        failures.push(format!(
-            "{} destination heartbeats, want at least {MIN_DST_HEARTBEATS}",
-            dst.heartbeats.len()
-        ));
-    }
-    match (last_src, first_dst) {
-        (Some((_, s)), Some((_, d))) => {
-            // A heartbeat line the switchover cut in two reaches neither
-            // console whole (head on the source, tail on the destination),
-            // so one number is skipped; the tail shows as a garbled line.
-            let skipped_ok = dst.other_before_first_hb && d.seq == s.seq + 2;
-            if d.seq != s.seq + 1 && !skipped_ok {
-                failures.push(format!(
-                    "destination heartbeats start at seq={} after the source's seq={}",
-                    d.seq, s.seq
-                ));
-            }
-            if d.wr < s.wr {
-                failures.push(format!("write counter went back: {} -> {}", s.wr, d.wr));
-            }
-        }
-        (None, _) => failures.push("no source heartbeat".into()),
-        (_, None) => failures.push("no destination heartbeat".into()),
-    }
-    for pair in dst.heartbeats.windows(2) {
-        let (a, b) = (&pair[0].1, &pair[1].1);
-        if b.seq != a.seq + 1 || b.wr < a.wr {
-            failures.push(format!(
-                "destination heartbeats jump: seq={} wr={} then seq={} wr={}",
-                a.seq, a.wr, b.seq, b.wr
-            ));
-            break;
-        }
-    }
-    let dst_sweeps_verified = sweeps_since_first(&dst.heartbeats, ws_pages);
-    if ws_pages > 0 && dst_sweeps_verified == 0 {
-        failures.push(format!(
-            "the working set ({ws_pages} pages) was not verified in full within {VERIFY_TIMEOUT:?} after the move"
-        ));
-    }
-    let guest_stall_ms = dst
-        .heartbeats
-        .iter()
-        .take(STALL_HEARTBEATS)
-        .map(|(_, hb)| hb.stall_us as f64 / 1e3)
-        .reduce(f64::max)
-        .unwrap_or(f64::NAN);
-    let host_gap_ms = match (last_src, first_dst) {
-        (Some((s, _)), Some((d, _))) => ms(d.saturating_duration_since(*s)),
-        _ => f64::NAN,
-    };
-    Verdict {
-        guest_stall_ms,
-        host_gap_ms,
-        last_src_seq: last_src.map(|(_, hb)| hb.seq),
-        first_dst_seq: first_dst.map(|(_, hb)| hb.seq),
-        dst_sweeps_verified,
-        errors,
-        failures,
-    }
-}
-
 /// One QEMU process, its console and its QMP connection. Dropping it
 /// stops QEMU: `quit`, then SIGKILL after [`QUIT_GRACE`].
 struct Vm {
@@ -776,133 +652,6 @@ impl Drop for Vm {
     }
 }
 
-/// What a guest console printed, as the reader thread saw it.
-struct Console {
-    state: Mutex<ConsoleState>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct ConsoleState {
-    /// With the host time each line arrived.
-    heartbeats: Vec<(Instant, Heartbeat)>,
-    ready: Option<(Instant, Ready)>,
-    exit: Option<Exit>,
-    /// `ERR` lines.
-    page_errors: u64,
-    /// An unparsed line came before the first heartbeat: on the
-    /// destination, the tail of a heartbeat the switchover cut.
-    other_before_first_hb: bool,
-    tail: VecDeque<String>,
-    closed: bool,
-}
-
-impl ConsoleState {
-    fn clone_for_verdict(&self) -> ConsoleState {
-        ConsoleState {
-            heartbeats: self.heartbeats.clone(),
-            ready: self.ready.clone(),
-            exit: self.exit.clone(),
-            page_errors: self.page_errors,
-            other_before_first_hb: self.other_before_first_hb,
-            tail: VecDeque::new(),
-            closed: self.closed,
-        }
-    }
-
-    fn add(&mut self, text: &str, at: Instant) {
-        let line = text.trim_end_matches(['\n', '\r']);
-        if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(line.to_owned());
-        match parse_line(line) {
-            Line::Heartbeat(hb) => self.heartbeats.push((at, hb)),
-            Line::Ready(r) => self.ready = Some((at, r)),
-            Line::Exit(e) => self.exit = Some(e),
-            Line::PageError(_) => self.page_errors += 1,
-            Line::Other(_) if self.heartbeats.is_empty() => self.other_before_first_hb = true,
-            Line::Boot(_) | Line::Other(_) => {}
-        }
-    }
-}
-
-impl Console {
-    fn spawn_reader(role: Role, stdout: impl Read + Send + 'static) -> Arc<Console> {
-        let console = Arc::new(Console {
-            state: Mutex::new(ConsoleState::default()),
-            changed: Condvar::new(),
-        });
-        let shared = Arc::clone(&console);
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let at = Instant::now();
-                let text = String::from_utf8_lossy(&buf);
-                tracing::trace!(role = %role, line = %text.trim_end(), "console");
-                let mut state = shared.lock();
-                if buf.ends_with(b"\n") {
-                    state.add(&text, at);
-                } else {
-                    // Cut off by QEMU's exit: for the tail only, a
-                    // truncated heartbeat would still parse.
-                    state.tail.push_back(format!("{} (partial line)", text));
-                }
-                shared.changed.notify_all();
-            }
-            shared.lock().closed = true;
-            shared.changed.notify_all();
-        });
-        console
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ConsoleState> {
-        lock(&self.state)
-    }
-
-    /// Waits until `done`, the end of the console (QEMU exited) or the
-    /// deadline, whichever comes first.
-    fn wait_until(
-        &self,
-        deadline: Instant,
-        mut done: impl FnMut(&ConsoleState) -> bool,
-    ) -> MutexGuard<'_, ConsoleState> {
-        let mut state = self.lock();
-        while !done(&state) && !state.closed {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        state
-    }
-
-    fn tail(&self) -> String {
-        let state = self.lock();
-        if state.tail.is_empty() {
-            return "(nothing)".into();
-        }
-        state.tail.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-}
-
-/// A reader thread cannot leave the state half-updated, so a poisoned lock
-/// is still good to read.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn keep_tail(pipe: impl Read, tail: &Mutex<VecDeque<String>>) {
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
@@ -970,6 +719,8 @@ fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::console_watch::ConsoleState;
+    use ferry_testguest::console::Heartbeat;
 
     fn kvm() -> bool {
         let present = Path::new("/dev/kvm").exists();

@@ -6,7 +6,6 @@
 
 // Nothing calls this yet outside its tests: `ferry bench` will. Remove
 // this once it does.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::Context;
 use ferry_migration::precopy::{error_chain, receive as receive_vm, send_resumed, ReceiveOptions};
 use ferry_vmm::compat::IncomingLimits;
+use ferry_vmm::GuestRam;
 
 use super::run::{supervise, Extra, SuperviseArgs};
 use crate::migration::incoming::accept;
@@ -21,6 +22,11 @@ pub struct ReceiveArgs {
     /// Fault in all of the VM's memory when it is reserved.
     #[arg(long)]
     pub prealloc: bool,
+    /// Reserve (with --prealloc: fault in) this much memory before any
+    /// source connects, as QEMU's `-m` does for `-incoming`; a VM of
+    /// another size gets memory made when it is offered.
+    #[arg(long, value_parser = crate::size::parse_size)]
+    pub mem: Option<u64>,
     /// Refuse VMs with more memory than this (e.g. 4G).
     #[arg(long, value_parser = crate::size::parse_size)]
     pub max_mem: Option<u64>,
@@ -35,6 +41,20 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     let api = args.supervise.bind_api()?;
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
+    let mut reserved = match args.mem {
+        Some(size) => {
+            let t = Instant::now();
+            let ram = GuestRam::new(size, args.prealloc).context("--mem")?;
+            eprintln!(
+                "ferry: reserved {} MiB{} in {:.1} ms",
+                size >> 20,
+                if args.prealloc { " (preallocated)" } else { "" },
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            Some(ram)
+        }
+        None => None,
+    };
     eprintln!("ferry: listening on {}", listener.local_addr()?);
     let (stream, peer) = listener
         .accept()
@@ -47,7 +67,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     };
     let prealloc = args.prealloc;
     let received = match receive_vm(stream, &ReceiveOptions::default(), |offer| {
-        accept(offer, &limits, prealloc)
+        accept(offer, &limits, prealloc, reserved.take())
     }) {
         Ok(r) => r,
         Err(e) => {

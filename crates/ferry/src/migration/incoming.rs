@@ -6,7 +6,7 @@ use ferry_migration::protocol::Offer;
 use ferry_vmm::compat::{check_incoming, decode_cpuid, IncomingLimits, OfferedVm};
 use ferry_vmm::state::StateRecord;
 use ferry_vmm::vm::IncomingVm;
-use ferry_vmm::{KvmHost, Vm};
+use ferry_vmm::{GuestRam, KvmHost, Vm};
 
 use super::source::VM_FEATURES;
 
@@ -15,7 +15,12 @@ pub struct Incoming(pub IncomingVm);
 /// Checks the offer against this host and `limits`, then reserves (and
 /// with `prealloc` faults in) the VM's memory. Err is the reason the
 /// source is told.
-pub fn accept(offer: &Offer, limits: &IncomingLimits, prealloc: bool) -> Result<Incoming, String> {
+pub fn accept(
+    offer: &Offer,
+    limits: &IncomingLimits,
+    prealloc: bool,
+    reserved: Option<GuestRam>,
+) -> Result<Incoming, String> {
     if let Some(unknown) = offer
         .features
         .iter()
@@ -34,8 +39,11 @@ pub fn accept(offer: &Offer, limits: &IncomingLimits, prealloc: bool) -> Result<
         cpuid: &cpuid,
     };
     check_incoming(&host, &vm, limits).map_err(|e| e.to_string())?;
-    let incoming = IncomingVm::new(offer.mem_bytes, offer.vcpus, offer.tsc_khz, prealloc)
-        .map_err(|e| format!("cannot build the VM here: {e}"))?;
+    let incoming = match reserved.filter(|r| r.size() == offer.mem_bytes) {
+        Some(ram) => IncomingVm::with_ram(ram, offer.vcpus, offer.tsc_khz),
+        None => IncomingVm::new(offer.mem_bytes, offer.vcpus, offer.tsc_khz, prealloc),
+    }
+    .map_err(|e| format!("cannot build the VM here: {e}"))?;
     let built: Vec<(u64, u64)> = incoming
         .ram()
         .regions()

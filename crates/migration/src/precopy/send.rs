@@ -10,6 +10,11 @@ use crate::guest::{GuestError, SourceGuest};
 use crate::protocol::{write_pages, PageRun, MAX_BATCH_DATA_BYTES, MAX_BATCH_RUNS, PAGE_SIZE};
 use crate::ProtocolError;
 
+/// Page data per frame: small enough that copying, checksumming and
+/// writing a batch stay in the CPU's caches, large enough that the frame
+/// overhead is nothing. Tunable by FERRY_BATCH_KIB for experiments.
+const BATCH_BYTES: usize = 1 << 20;
+
 /// What sending a set of runs did.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SentCounts {
@@ -47,7 +52,13 @@ pub struct PageSender {
 
 impl PageSender {
     pub fn new(pacer: Pacer) -> Self {
-        let cap = pacer.batch_bytes(MAX_BATCH_DATA_BYTES);
+        let batch = std::env::var("FERRY_BATCH_KIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(BATCH_BYTES, |kib| {
+                (kib << 10).clamp(64 << 10, MAX_BATCH_DATA_BYTES)
+            });
+        let cap = pacer.batch_bytes(batch);
         Self {
             buf: vec![0; cap],
             cap,

@@ -1,0 +1,66 @@
+//! The bench table for people.
+
+use super::RowResult;
+
+pub fn print(results: &[RowResult], reps: usize) {
+    let f1 = |v: Option<f64>| {
+        v.filter(|x| x.is_finite())
+            .map_or("-".into(), |x| format!("{x:.1}"))
+    };
+    let ratio = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
+    println!(
+        "\nMedians of {reps} runs each; 1 vCPU, 1 GiB, microvm for QEMU; ratio = Ferry/QEMU (below 1: Ferry better).\n"
+    );
+    println!(
+        "| row | workload | prealloc | downtime target | ferry total ms | qemu total ms | ratio | ferry guest stall ms | qemu guest stall ms | ratio | ferry MiB sent | qemu MiB sent | ratio | ferry Gbit/s | qemu Gbit/s | verified ferry / qemu |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in results {
+        let f = r.ferry.as_ref();
+        let q = r.qemu.as_ref();
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+            r.row.name,
+            r.row.workload,
+            if r.row.prealloc { "both" } else { "no" },
+            r.row
+                .downtime_ms
+                .map_or("defaults (20 / 300 ms)".into(), |d| format!("{d} ms")),
+            f1(f.map(|m| m.total_ms)),
+            f1(q.map(|m| m.total_ms)),
+            ratio(r.ratio_total),
+            f1(f.map(|m| m.guest_stall_ms)),
+            f1(q.map(|m| m.guest_stall_ms)),
+            ratio(r.ratio_stall),
+            f1(f.map(|m| m.transferred_mib)),
+            f1(q.map(|m| m.transferred_mib)),
+            ratio(r.ratio_bytes),
+            f1(f.map(|m| m.throughput_gbit)),
+            f1(q.map(|m| m.throughput_gbit)),
+            f.map_or("-".into(), |m| m.verified.clone()),
+            q.map_or("-".into(), |m| m.verified.clone()),
+        );
+    }
+    for r in results {
+        for e in &r.ferry_errors {
+            println!("ferry {} failed: {e}", r.row.name);
+        }
+        for e in &r.qemu_errors {
+            println!("qemu {} failed: {e}", r.row.name);
+        }
+        for run in r.ferry_runs.iter().filter(|o| !o.verified) {
+            println!(
+                "ferry {} NOT VERIFIED: {}",
+                r.row.name,
+                run.verify_failures.join("; ")
+            );
+        }
+        for run in r.qemu_runs.iter().filter(|o| !o.verified) {
+            println!(
+                "qemu {} NOT VERIFIED: {}",
+                r.row.name,
+                run.verify_failures.join("; ")
+            );
+        }
+    }
+}
