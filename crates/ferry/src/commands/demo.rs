@@ -1,12 +1,22 @@
-//! `ferry demo`: boots a VM with a dirtying workload, lets it rewrite and
-//! verify its working set a few times, and prints the verdict. (Live
-//! migration joins this demo when the migration engine lands.)
+//! `ferry demo`: boots a VM on "host A" (this process), starts "host B"
+//! (a `ferry receive` child process), live-migrates the running VM from A
+//! to B over TCP, and shows that the guest on B continued where it was and
+//! verified every page of its working set afterwards.
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
+use ferry_testguest::console::{parse_line, Heartbeat, Line};
 use ferry_testguest::workload::Workload;
 
+use crate::commands::migrate::ProgressView;
 use crate::commands::run::{boot, watch_until, Ending, VmArgs};
+use crate::control::MigrateRequest;
+use crate::migration::outgoing::migrate_vm;
+use crate::report::print_migration_report;
 use crate::size::show_size;
 use crate::watch::GuestWatch;
 
@@ -14,9 +24,12 @@ use crate::watch::GuestWatch;
 pub struct DemoArgs {
     #[command(flatten)]
     pub vm: VmArgs,
-    /// Full verified sweeps of the working set to wait for.
-    #[arg(long, default_value_t = 3)]
+    /// Full verified sweeps of the working set before the migration.
+    #[arg(long, default_value_t = 1)]
     pub sweeps: u64,
+    /// The blackout to aim for.
+    #[arg(long, default_value = "10ms", value_parser = crate::duration::parse_duration)]
+    pub downtime: Duration,
     /// Echo the guest console.
     #[arg(long)]
     pub verbose: bool,
@@ -27,16 +40,82 @@ pub fn default_workload() -> Workload {
     "dirty:256:1024".parse().expect("a valid built-in workload")
 }
 
+/// Host B: a `ferry receive` child; its console lines and status lines.
+struct HostB {
+    child: std::process::Child,
+    console: mpsc::Receiver<String>,
+    status: mpsc::Receiver<String>,
+}
+
+impl HostB {
+    fn start(prealloc: bool, mem: u64) -> anyhow::Result<(Self, String)> {
+        let exe = std::env::current_exe().context("finding the ferry binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["receive", "--listen", "127.0.0.1:0", "--duration", "120s"])
+            .args(["--mem", &format!("{}M", mem >> 20)]);
+        if prealloc {
+            cmd.arg("--prealloc");
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting host B (ferry receive)")?;
+        let console = lines(child.stdout.take().expect("piped"));
+        let status = lines(child.stderr.take().expect("piped"));
+        let host = Self {
+            child,
+            console,
+            status,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match host.status.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("ferry: listening on ") {
+                        let addr = addr.trim().to_string();
+                        return Ok((host, addr));
+                    }
+                }
+                Err(_) => bail!("host B did not start listening"),
+            }
+        }
+    }
+}
+
+impl Drop for HostB {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
     args.vm.workload.get_or_insert_with(default_workload);
     args.vm.vcpus.get_or_insert(2);
     let start = Instant::now();
+    let (mut host_b, addr) = HostB::start(args.vm.prealloc, args.vm.mem)?;
     println!(
-        "Booting a {} vCPU VM with {} of memory, workload {} ...",
+        "Host A: booting a {} vCPU VM with {} of memory, workload {} ...",
         args.vm.vcpus(),
         show_size(args.vm.mem),
         args.vm.workload()
     );
+    println!("Host B: `ferry receive` listening on {addr}");
     let (mut vm, events) = boot(&args.vm)?;
     let mut watch = GuestWatch::new(start);
     let want = args.sweeps;
@@ -49,32 +128,141 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
         !args.verbose,
         |w| w.ready_ms.is_some() && w.sweeps >= want,
     );
-    vm.stop();
-    let ok = ending == Ending::Predicate && watch.memory_ok() && watch.sequence_breaks == 0;
-    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
-    println!(
-        "  start to first heartbeat   {}",
-        ms(watch.first_heartbeat_ms)
-    );
-    println!("  start to READY             {}", ms(watch.ready_ms));
-    println!(
-        "  working set verified       {} full sweeps, {} pages verified, {} errors",
-        watch.sweeps, watch.pages_verified, watch.errors
-    );
-    println!(
-        "  longest stall (guest)      {:.3} ms over {} heartbeats",
-        watch.max_stall_us as f64 / 1e3,
-        watch.heartbeats
-    );
-    if ok {
+    if ending != Ending::Predicate || !watch.memory_ok() {
         println!(
-            "Demo OK: the guest verified every page of its working set {want} times with 0 errors."
+            "Demo FAILED before the migration: ended by {ending:?}, {} errors",
+            watch.errors
         );
-    } else {
-        println!(
-            "Demo FAILED: ended by {ending:?}; guest said: {}",
-            watch.stopped.as_deref().unwrap_or("-")
-        );
+        return Ok(false);
     }
-    Ok(ok)
+    for event in events.try_iter() {
+        watch.observe(&event);
+    }
+    println!(
+        "Host A: guest READY after {:.0} ms, {} full sweep(s) verified; last heartbeat seq {}",
+        watch.ready_ms.unwrap_or_default(),
+        watch.sweeps,
+        watch.last_seq.unwrap_or_default()
+    );
+    println!(
+        "Live-migrating A -> B (downtime target {:?}) ...",
+        args.downtime
+    );
+    let request = MigrateRequest {
+        to: addr.clone(),
+        downtime_ms: args.downtime.as_secs_f64() * 1e3,
+        bandwidth: None,
+        auto_converge: true,
+    };
+    let mut view = ProgressView::new();
+    let result = migrate_vm(&mut vm, &request, &mut |p| view.show(p));
+    view.finish();
+    // Heartbeats the source printed up to the pause.
+    for event in events.try_iter() {
+        watch.observe(&event);
+    }
+    let report = match result {
+        Ok(r) => r,
+        Err(failure) => {
+            println!(
+                "Demo FAILED: the migration failed: {}; the VM {} on host A",
+                failure.reason(),
+                if failure.vm_running {
+                    "still runs"
+                } else {
+                    "is paused"
+                }
+            );
+            return Ok(false);
+        }
+    };
+    drop(vm);
+    print_migration_report(&report);
+    let last_src_seq = watch.last_seq.unwrap_or_default();
+    let verdict = watch_destination(&mut host_b, last_src_seq, args.verbose);
+    println!();
+    println!(
+        "  host A's last heartbeat     seq {last_src_seq} ({} verification errors on A)",
+        watch.errors
+    );
+    match verdict {
+        Ok(v) => {
+            println!(
+                "  host B's first heartbeat    seq {} (stall the guest measured: {:.2} ms)",
+                v.first.seq,
+                v.first.stall_us as f64 / 1e3
+            );
+            println!(
+                "  on host B                   {} pages verified, {} full sweep(s) entirely on B, {} errors",
+                v.last.ver - v.first.ver,
+                v.sweeps_on_b,
+                v.last.err
+            );
+            println!(
+                "Demo OK: the VM moved from A to B while running; the guest continued at seq {} and verified its whole working set on B with 0 errors.",
+                v.first.seq
+            );
+            Ok(true)
+        }
+        Err(why) => {
+            println!("Demo FAILED on host B: {why}");
+            Ok(false)
+        }
+    }
+}
+
+struct DestinationVerdict {
+    first: Heartbeat,
+    last: Heartbeat,
+    sweeps_on_b: u64,
+}
+
+/// Reads host B's console until a full sweep ran entirely there.
+fn watch_destination(
+    host: &mut HostB,
+    last_src_seq: u64,
+    verbose: bool,
+) -> Result<DestinationVerdict, String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut first: Option<Heartbeat> = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = host.console.recv_timeout(left).map_err(|_| {
+            let status: Vec<String> = host.status.try_iter().collect();
+            format!(
+                "no full sweep verified on B within 20 s; B said: {}",
+                status.join(" | ")
+            )
+        })?;
+        if verbose {
+            println!("B: {line}");
+        }
+        match parse_line(&line) {
+            Line::PageError(e) => {
+                return Err(format!("the guest found a bad page at {:#x}", e.addr))
+            }
+            Line::Heartbeat(hb) => {
+                if hb.err > 0 {
+                    return Err(format!("{} pages failed verification", hb.err));
+                }
+                let first = first.get_or_insert_with(|| hb.clone());
+                if first.seq != last_src_seq + 1 {
+                    return Err(format!(
+                        "B's heartbeats start at seq {} after A's {last_src_seq}",
+                        first.seq
+                    ));
+                }
+                // +2: the sweep under way at the switchover ends on B, the
+                // next one runs on B from its first page to its last.
+                if hb.sweeps >= first.sweeps + 2 {
+                    return Ok(DestinationVerdict {
+                        sweeps_on_b: hb.sweeps - first.sweeps - 1,
+                        first: first.clone(),
+                        last: hb,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
 }
