@@ -111,6 +111,7 @@ struct Parts {
     vcpu_fds: Vec<VcpuFd>,
     tsc_khz: u32,
     msr_indices: Vec<u32>,
+    manual_dirty: bool,
 }
 
 // Field order is drop order: vCPU threads and fds go before the VM fd, and
@@ -127,6 +128,8 @@ pub struct Vm {
     machine: MachineConfig,
     msr_indices: Vec<u32>,
     cpuid: Vec<kvm_cpuid_entry2>,
+    /// Dirty pages are re-protected by us, in small chunks.
+    manual_dirty: bool,
     events: Option<Receiver<VmEvent>>,
     started_at: Instant,
 }
@@ -205,6 +208,7 @@ impl Vm {
             machine,
             msr_indices: parts.msr_indices,
             cpuid,
+            manual_dirty: parts.manual_dirty,
             events: Some(events_rx),
             started_at,
         };
@@ -338,7 +342,7 @@ impl Vm {
     /// Every page written since the previous harvest (or since logging was
     /// turned on); clears the record.
     pub fn harvest_dirty(&self) -> Result<DirtyPages, DirtyError> {
-        crate::dirty::harvest(&self.vm_fd, &self.ram)
+        crate::dirty::harvest(&self.vm_fd, &self.ram, self.manual_dirty)
     }
 
     /// Stops and joins every vCPU thread. Idempotent.
@@ -529,7 +533,9 @@ fn build_with(ram: GuestRam, vcpus: u32) -> Result<Parts, VmError> {
         .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?
         .as_slice()
         .to_vec();
+    let manual_dirty = crate::dirty::enable_manual_protect(&vm_fd);
     Ok(Parts {
+        manual_dirty,
         host,
         vm_fd,
         ram,

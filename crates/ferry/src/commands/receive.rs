@@ -66,9 +66,12 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         max_vcpus: args.max_vcpus,
     };
     let prealloc = args.prealloc;
-    let received = match receive_vm(stream, &ReceiveOptions::default(), |offer| {
+    let yielding = crate::migration::priority::Yielding::start();
+    let received = receive_vm(stream, &ReceiveOptions::default(), |offer| {
         accept(offer, &limits, prealloc, reserved.take())
-    }) {
+    });
+    drop(yielding);
+    let received = match received {
         Ok(r) => r,
         Err(e) => {
             eprintln!(

@@ -73,6 +73,8 @@ impl IncomingGuest for Incoming {
     }
 
     fn start(self) -> Result<Vm, GuestError> {
+        // The vCPU threads inherit this thread's priority.
+        super::priority::normal();
         Ok(self.0.start()?)
     }
 }

@@ -3,4 +3,5 @@
 
 pub mod incoming;
 pub mod outgoing;
+pub mod priority;
 pub mod source;

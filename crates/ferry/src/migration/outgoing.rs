@@ -46,7 +46,9 @@ pub fn migrate_vm(
             })
         }
     };
+    let yielding = super::priority::Yielding::start();
     let result = migrate(&mut VmSource(vm), stream, &request.to, &options, progress);
+    drop(yielding);
     if result.is_ok() {
         vm.stop();
     }

@@ -81,11 +81,39 @@ pub fn receive<G: IncomingGuest>(
                         reason: format!("destination: {}", error_chain(&e)),
                     }),
                 );
+                linger(&mut stream);
             }
             Err(e)
         }
     }
 }
+
+/// Closes gracefully after an Abort: closing a socket with unread data
+/// makes the kernel send a reset, which can destroy the Abort before the
+/// source reads it. So stop sending, and read (and drop) what the source
+/// still sends until it notices, for a bounded time.
+fn linger(stream: &mut TcpStream) {
+    use std::io::Read;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + LINGER;
+    let mut sink = vec![0u8; 64 << 10];
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .is_err()
+        {
+            return;
+        }
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// How long a failed destination keeps draining the source's stream.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// After the VM ran on this side: what the guest measured, for the
 /// source's report. Best effort: the source may have gone.
