@@ -3,6 +3,7 @@
 
 mod api;
 mod bench;
+mod child;
 mod commands;
 mod control;
 mod duration;

@@ -135,7 +135,7 @@ impl PageBitmap {
 }
 
 /// Runs carry a u32 page count; longer stretches are split.
-fn push_run(out: &mut Vec<PageRun>, gpa: u64, pages: u64) {
+pub(crate) fn push_run(out: &mut Vec<PageRun>, gpa: u64, pages: u64) {
     let mut at = gpa;
     let mut left = pages;
     while left > 0 {

@@ -3,26 +3,15 @@
 //! `synthetic` implements them over plain memory for the engine's tests.
 
 use crate::bitmap::PageBitmap;
-use crate::protocol::RamRange;
+use crate::protocol::{Offer, RamRange};
 
 /// A guest-side failure, described for a human.
 pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What the destination needs to judge and rebuild the VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmDescription {
-    pub mem_bytes: u64,
-    pub vcpus: u32,
-    pub ram_ranges: Vec<RamRange>,
-    pub tsc_khz: u32,
-    /// The vCPUs' CPUID, in the VMM's own encoding.
-    pub cpuid: Vec<u8>,
-    pub features: Vec<String>,
-}
-
 /// The running VM on the source.
 pub trait SourceGuest {
-    fn describe(&self) -> Result<VmDescription, GuestError>;
+    /// What the destination needs to judge and rebuild the VM.
+    fn describe(&self) -> Result<Offer, GuestError>;
     /// Ranges that may hold non-zero data; everything else reads as zero
     /// and is skipped in the first round (the destination starts zeroed).
     fn populated(&self) -> Result<Vec<RamRange>, GuestError>;

@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
-use crate::guest::{GuestError, IncomingGuest, SourceGuest, VmDescription};
-use crate::protocol::{RamRange, PAGE_SIZE};
+use crate::guest::{GuestError, IncomingGuest, SourceGuest};
+use crate::protocol::{Offer, RamRange, PAGE_SIZE};
 
 struct Shared {
     mem: Mutex<Vec<u8>>,
@@ -136,9 +136,9 @@ fn write_loop(shared: &Shared, pages: usize, pages_per_ms: u64) {
 }
 
 impl SourceGuest for SyntheticSource {
-    fn describe(&self) -> Result<VmDescription, GuestError> {
+    fn describe(&self) -> Result<Offer, GuestError> {
         let mem_bytes = self.shared.ranges.iter().map(|r| r.len).sum();
-        Ok(VmDescription {
+        Ok(Offer {
             mem_bytes,
             vcpus: 1,
             ram_ranges: self.shared.ranges.clone(),

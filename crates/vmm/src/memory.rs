@@ -99,13 +99,13 @@ impl GuestRam {
     /// Where `len` bytes at guest address `gpa` live in this process, if
     /// they all lie inside one region.
     pub fn host_range(&self, gpa: u64, len: usize) -> Option<*mut u8> {
-        self.regions()
-            .into_iter()
-            .find_map(|(start, region_len, host)| {
-                let offset = gpa.checked_sub(start.0)?;
-                let end = offset.checked_add(len as u64)?;
-                (end <= region_len).then_some((host + offset) as *mut u8)
-            })
+        use vm_memory::GuestMemoryBackend;
+        // Called for every batch a migration copies: no allocation here.
+        self.memory.iter().find_map(|r| {
+            let offset = gpa.checked_sub(r.start_addr().0)?;
+            let end = offset.checked_add(len as u64)?;
+            (end <= r.len()).then(|| r.as_ptr().wrapping_add(offset as usize))
+        })
     }
 
     /// Copies guest memory at `gpa` into `dst` while vCPUs may be writing

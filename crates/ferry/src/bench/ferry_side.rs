@@ -2,20 +2,17 @@
 //! and a `ferry receive` as separate processes, the guest consoles read
 //! off their stdout, the migration driven over the source's API socket.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use ferry_migration::stats::MigrationReport;
 use ferry_testguest::workload::Workload;
 use serde::Serialize;
 
 use super::console_watch::{dst_done, judge, Console, VERIFY_TIMEOUT};
 use crate::api::call;
+use crate::child::FerryChild;
 use crate::control::{MigrateRequest, Request, Response};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,71 +47,6 @@ pub struct FerryOutcome {
     pub report: MigrationReport,
 }
 
-/// A child `ferry` process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct FerryChild {
-    child: Child,
-    console: Arc<Console>,
-    status_lines: mpsc::Receiver<String>,
-}
-
-impl FerryChild {
-    fn spawn(name: &'static str, args: &[String]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("finding the ferry binary")?;
-        let mut child = Command::new(exe)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let console = Console::spawn_reader(name, child.stdout.take().expect("piped"));
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, status_lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                tracing::debug!(%name, %line, "ferry child");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Self {
-            child,
-            console,
-            status_lines,
-        })
-    }
-
-    /// The first status line (stderr) that starts with `prefix`.
-    fn wait_status(&self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.status_lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return Ok(line),
-                Ok(_) => {}
-                Err(_) => bail!("no '{prefix}' line within {timeout:?}"),
-            }
-        }
-    }
-}
-
-impl Drop for FerryChild {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid, which we have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<FerryOutcome> {
     let started = Instant::now();
     let socket: PathBuf = dir.join(format!("src-{}.sock", std::process::id()));
@@ -140,13 +72,13 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         dst_args.push("--prealloc".into());
         src_args.push("--prealloc".into());
     }
-    let dst = FerryChild::spawn("ferry-dst", &dst_args)?;
+    let mut dst = FerryChild::spawn("ferry-dst", &dst_args)?;
+    let dst_console = Console::spawn_reader("ferry-dst", dst.take_stdout());
     // Printed once the memory is reserved.
-    let listening = dst.wait_status("ferry: listening on ", Duration::from_secs(60))?;
-    let addr = listening["ferry: listening on ".len()..].trim().to_string();
-    let src = FerryChild::spawn("ferry-src", &src_args)?;
-    let ready = src
-        .console
+    let addr = dst.listening_addr(Duration::from_secs(60))?;
+    let mut src = FerryChild::spawn("ferry-src", &src_args)?;
+    let src_console = Console::spawn_reader("ferry-src", src.take_stdout());
+    let ready = src_console
         .wait_until(Instant::now() + READY_TIMEOUT, |s| s.ready.is_some())
         .ready
         .clone();
@@ -168,13 +100,13 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         other => bail!("unexpected answer: {other:?}"),
     };
     let ws_pages = ready.ws_mb * 256;
-    let dst_state = dst
-        .console
+    let dst_state = dst_console
         .wait_until(Instant::now() + VERIFY_TIMEOUT, |s| {
             dst_done(&s.heartbeats, ws_pages)
         })
         .clone_for_verdict();
-    let src_state = src.console.lock().clone_for_verdict();
+    let src_state = src_console.lock().clone_for_verdict();
+    drop((src, dst));
     let verdict = judge(&src_state, &dst_state, "running", ws_pages);
     Ok(FerryOutcome {
         total_ms: report.total_ms,

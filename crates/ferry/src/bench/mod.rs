@@ -87,34 +87,50 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn ferry_medians(runs: &[FerryOutcome]) -> Option<Medians> {
-    (!runs.is_empty()).then(|| Medians {
-        total_ms: median(runs.iter().map(|r| r.total_ms).collect()),
-        guest_stall_ms: median(runs.iter().map(|r| r.guest_stall_ms).collect()),
-        transferred_mib: median(
-            runs.iter()
-                .map(|r| r.transferred_bytes as f64 / (1 << 20) as f64)
-                .collect(),
-        ),
-        throughput_gbit: median(runs.iter().map(|r| r.throughput_gbit).collect()),
-        verified: format!(
-            "{}/{}",
-            runs.iter().filter(|r| r.verified).count(),
-            runs.len()
-        ),
-    })
+/// One run's figures, whichever engine made them.
+struct Figures {
+    total_ms: f64,
+    guest_stall_ms: f64,
+    transferred_bytes: u64,
+    throughput_gbit: f64,
+    verified: bool,
 }
 
-fn qemu_medians(runs: &[QemuOutcome]) -> Option<Medians> {
+impl From<&FerryOutcome> for Figures {
+    fn from(r: &FerryOutcome) -> Self {
+        Self {
+            total_ms: r.total_ms,
+            guest_stall_ms: r.guest_stall_ms,
+            transferred_bytes: r.transferred_bytes,
+            throughput_gbit: r.throughput_gbit,
+            verified: r.verified,
+        }
+    }
+}
+
+impl From<&QemuOutcome> for Figures {
+    fn from(r: &QemuOutcome) -> Self {
+        Self {
+            total_ms: r.total_ms,
+            guest_stall_ms: r.guest_stall_ms,
+            transferred_bytes: r.transferred_bytes,
+            throughput_gbit: r.mbps / 1e3,
+            verified: r.verified,
+        }
+    }
+}
+
+fn medians<'a, T: 'a>(runs: &'a [T]) -> Option<Medians>
+where
+    &'a T: Into<Figures>,
+{
+    let runs: Vec<Figures> = runs.iter().map(Into::into).collect();
+    let of = |f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
     (!runs.is_empty()).then(|| Medians {
-        total_ms: median(runs.iter().map(|r| r.total_ms).collect()),
-        guest_stall_ms: median(runs.iter().map(|r| r.guest_stall_ms).collect()),
-        transferred_mib: median(
-            runs.iter()
-                .map(|r| r.transferred_bytes as f64 / (1 << 20) as f64)
-                .collect(),
-        ),
-        throughput_gbit: median(runs.iter().map(|r| r.mbps / 1e3).collect()),
+        total_ms: of(|r| r.total_ms),
+        guest_stall_ms: of(|r| r.guest_stall_ms),
+        transferred_mib: of(|r| r.transferred_bytes as f64 / (1 << 20) as f64),
+        throughput_gbit: of(|r| r.throughput_gbit),
         verified: format!(
             "{}/{}",
             runs.iter().filter(|r| r.verified).count(),
@@ -183,8 +199,8 @@ pub fn run_rows(
                 }
             }
         }
-        result.ferry = ferry_medians(&result.ferry_runs);
-        result.qemu = qemu_medians(&result.qemu_runs);
+        result.ferry = medians(&result.ferry_runs);
+        result.qemu = medians(&result.qemu_runs);
         if let (Some(f), Some(q)) = (&result.ferry, &result.qemu) {
             let ratio = |a: f64, b: f64| (b > 0.0 && a.is_finite() && b.is_finite()).then(|| a / b);
             result.ratio_total = ratio(f.total_ms, q.total_ms);

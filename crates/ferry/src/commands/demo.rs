@@ -3,15 +3,13 @@
 //! to B over TCP, and shows that the guest on B continued where it was and
 //! verified every page of its working set afterwards.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use ferry_testguest::console::{parse_line, Heartbeat, Line};
 use ferry_testguest::workload::Workload;
 
+use crate::child::{lines, FerryChild};
 use crate::commands::migrate::ProgressView;
 use crate::commands::run::{boot, watch_until, Ending, VmArgs};
 use crate::control::MigrateRequest;
@@ -40,68 +38,26 @@ pub fn default_workload() -> Workload {
     "dirty:256:1024".parse().expect("a valid built-in workload")
 }
 
-/// Host B: a `ferry receive` child; its console lines and status lines.
+/// Host B: a `ferry receive` child and its console lines.
 struct HostB {
-    child: std::process::Child,
+    child: FerryChild,
     console: mpsc::Receiver<String>,
-    status: mpsc::Receiver<String>,
 }
 
 impl HostB {
     fn start(prealloc: bool, mem: u64) -> anyhow::Result<(Self, String)> {
-        let exe = std::env::current_exe().context("finding the ferry binary")?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["receive", "--listen", "127.0.0.1:0", "--duration", "120s"])
-            .args(["--mem", &format!("{}M", mem >> 20)]);
+        let mut args: Vec<String> = ["receive", "--listen", "127.0.0.1:0", "--duration", "120s"]
+            .map(String::from)
+            .to_vec();
+        args.extend(["--mem".into(), format!("{}M", mem >> 20)]);
         if prealloc {
-            cmd.arg("--prealloc");
+            args.push("--prealloc".into());
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting host B (ferry receive)")?;
-        let console = lines(child.stdout.take().expect("piped"));
-        let status = lines(child.stderr.take().expect("piped"));
-        let host = Self {
-            child,
-            console,
-            status,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match host.status.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("ferry: listening on ") {
-                        let addr = addr.trim().to_string();
-                        return Ok((host, addr));
-                    }
-                }
-                Err(_) => bail!("host B did not start listening"),
-            }
-        }
+        let mut child = FerryChild::spawn("host B (ferry receive)", &args)?;
+        let console = lines(child.take_stdout());
+        let addr = child.listening_addr(Duration::from_secs(60))?;
+        Ok((Self { child, console }, addr))
     }
-}
-
-impl Drop for HostB {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
@@ -228,7 +184,7 @@ fn watch_destination(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = host.console.recv_timeout(left).map_err(|_| {
-            let status: Vec<String> = host.status.try_iter().collect();
+            let status = host.child.status_so_far();
             format!(
                 "no full sweep verified on B within 20 s; B said: {}",
                 status.join(" | ")

@@ -1,8 +1,8 @@
 //! A running VM as the migration engine's source.
 
 use ferry_migration::bitmap::{PageBitmap, RangeBits};
-use ferry_migration::guest::{GuestError, SourceGuest, VmDescription};
-use ferry_migration::protocol::RamRange;
+use ferry_migration::guest::{GuestError, SourceGuest};
+use ferry_migration::protocol::{Offer, RamRange};
 use ferry_vmm::compat::encode_cpuid;
 use ferry_vmm::Vm;
 
@@ -13,9 +13,9 @@ pub const VM_FEATURES: &[&str] = &["irqchip", "pit2", "com1"];
 pub struct VmSource<'a>(pub &'a mut Vm);
 
 impl SourceGuest for VmSource<'_> {
-    fn describe(&self) -> Result<VmDescription, GuestError> {
+    fn describe(&self) -> Result<Offer, GuestError> {
         let m = self.0.machine();
-        Ok(VmDescription {
+        Ok(Offer {
             mem_bytes: m.mem_bytes,
             vcpus: m.vcpus,
             ram_ranges: m

@@ -9,14 +9,14 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::bandwidth::Pacer;
-use crate::bitmap::PageBitmap;
+use crate::bitmap::{push_run, PageBitmap};
 use crate::guest::SourceGuest;
 use crate::policy::{Decision, Policy, PolicyConfig, RoundFacts};
 use crate::precopy::error::{error_chain, MigrateError};
 use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
-    HelloAck, Message, Offer, PageRun, RamRange, Role, RoundEnd, PAGE_SIZE,
+    HelloAck, Message, PageRun, RamRange, Role, RoundEnd, PAGE_SIZE,
 };
 use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
 
@@ -301,19 +301,11 @@ fn handshake<G: SourceGuest + ?Sized>(
             })
         }
     }
-    let vm = guest
+    let offer = guest
         .describe()
         .map_err(MigrateError::guest("describing the VM"))?;
-    run.report.mem_bytes = vm.mem_bytes;
-    run.report.vcpus = vm.vcpus;
-    let offer = Offer {
-        mem_bytes: vm.mem_bytes,
-        vcpus: vm.vcpus,
-        ram_ranges: vm.ram_ranges,
-        tsc_khz: vm.tsc_khz,
-        cpuid: vm.cpuid,
-        features: vm.features,
-    };
+    run.report.mem_bytes = offer.mem_bytes;
+    run.report.vcpus = offer.vcpus;
     let stage = "offering the VM";
     write_message(stream, &Message::Offer(offer)).map_err(MigrateError::protocol(stage))?;
     match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
@@ -569,17 +561,7 @@ fn wait_guest_report(stream: &mut TcpStream, wait: Duration) -> GuestSeen {
 fn ranges_to_runs(ranges: &[RamRange]) -> Vec<PageRun> {
     let mut out = Vec::new();
     for r in ranges {
-        let mut gpa = r.gpa;
-        let mut pages = r.len / PAGE_SIZE as u64;
-        while pages > 0 {
-            let n = pages.min(u64::from(u32::MAX));
-            out.push(PageRun {
-                gpa,
-                pages: n as u32,
-            });
-            gpa += n * PAGE_SIZE as u64;
-            pages -= n;
-        }
+        push_run(&mut out, r.gpa, r.len / PAGE_SIZE as u64);
     }
     out
 }
