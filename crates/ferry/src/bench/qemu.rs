@@ -5,10 +5,17 @@
 //! One run: a source QEMU (`-S`) and a destination QEMU (`-incoming defer`)
 //! start together; the source continues once both QMP sockets are attached;
 //! after READY and `settle` of heartbeats the source migrates over
-//! `tcp:127.0.0.1` with post-copy off; `query-migrate` is polled until it
-//! ends; then the destination's heartbeats decide whether the guest really
-//! continued. The numbers QEMU reports come from its final `query-migrate`;
-//! the stall is the one the guest itself measured (`stall_us`).
+//! `tcp:127.0.0.1`, pre-copy only unless [`QemuMigration::postcopy`];
+//! `query-migrate` is polled until it ends; then the destination's
+//! heartbeats decide whether the guest really continued. The numbers QEMU
+//! reports come from its final `query-migrate`; the stall is the one the
+//! guest itself measured (`stall_us`).
+//!
+//! Post-copy is the baseline's `--mode postcopy`: `postcopy-ram` on both
+//! sides, and `migrate-start-postcopy` once the first full pass is done
+//! (`dirty-sync-count` >= 2) while the migration is still `active`. The
+//! source's `events` capability is on in both modes, so that its `MIGRATION`
+//! events fill in any status too short for the 10 ms poll to see.
 //!
 //! Both QEMUs are stopped (QMP `quit`, SIGKILL after 2 s) and the temporary
 //! directory removed on every path out, panics included.
@@ -50,6 +57,9 @@ const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each QMP answer; all the commands used here answer at once.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// `migrate-start-postcopy` once `dirty-sync-count` reaches this: 2 is the
+/// end of the first full pass (the baseline's `--postcopy-after-syncs`).
+const POSTCOPY_AFTER_SYNCS: u64 = 2;
 const QUIT_GRACE: Duration = Duration::from_secs(2);
 
 /// One QEMU live migration of the test guest.
@@ -67,12 +77,23 @@ pub struct QemuMigration {
     /// `downtime-limit`; `None` keeps QEMU's default (300 ms in 7.2).
     pub downtime_ms: Option<u64>,
     /// `max-bandwidth` in bytes/s; `None` means 10 GiB/s like the baseline.
+    /// With `postcopy`, a given value is `max-postcopy-bandwidth` too, so it
+    /// caps both phases (QEMU's `max-bandwidth` only caps pre-copy); `None`
+    /// leaves post-copy at QEMU's default 0, unlimited, like the baseline.
+    /// In either phase QEMU sends its last `bandwidth × downtime-limit`
+    /// bytes or so uncapped, in one go (its completion step): with the
+    /// default 300 ms limit that is ~90 MiB at 300 MiB/s.
     pub max_bandwidth: Option<u64>,
+    /// Post-copy (see the module documentation). A migration that completes
+    /// before the first full pass ends never enters it:
+    /// [`QemuOutcome::postcopy_started`] says whether it did.
+    pub postcopy: bool,
     /// `microvm` (boots in ~0.2 s) or `q35` (~3.5 s, what the baseline used).
     pub machine: String,
     /// Heartbeats after READY before migrating.
     pub settle: Duration,
-    /// From `migrate` to `completed`; past it the migration is cancelled.
+    /// From `migrate` to `completed`; past it the migration is cancelled
+    /// (in post-copy that loses the guest: its RAM is split between the two).
     pub timeout: Duration,
 }
 
@@ -91,6 +112,7 @@ impl QemuMigration {
             prealloc: false,
             downtime_ms: None,
             max_bandwidth: None,
+            postcopy: false,
             machine: "microvm".into(),
             settle: Duration::from_secs(1),
             timeout: Duration::from_secs(60),
@@ -102,7 +124,8 @@ impl QemuMigration {
 /// where there was nothing to measure.
 #[derive(Debug, Clone, Serialize)]
 pub struct QemuOutcome {
-    /// `total-time` of QEMU's final `query-migrate` on the source.
+    /// `total-time` of QEMU's final `query-migrate` on the source; in
+    /// post-copy it includes the post-copy phase.
     pub total_ms: f64,
     /// `downtime`: QEMU's own count, without the destination's resume.
     pub downtime_ms: f64,
@@ -137,12 +160,32 @@ pub struct QemuOutcome {
     pub verified: bool,
     /// Why `verified` is false (empty when it is true).
     pub verify_failures: Vec<String>,
-    /// Every `query-migrate` status seen, in order.
+    /// Every migration status the source went through, in order: its
+    /// `query-migrate` polls and its `MIGRATION` events together.
     pub statuses: Vec<String>,
-    /// `downtime-limit` and `max-bandwidth` as QEMU reported them before
-    /// migrating.
+    /// [`QemuMigration::postcopy`].
+    pub postcopy: bool,
+    /// From `migrate` to sending `migrate-start-postcopy`; `None` when it was
+    /// not sent (post-copy off, or the migration completed first).
+    pub postcopy_requested_ms: Option<f64>,
+    /// QEMU's reason if it refused `migrate-start-postcopy`.
+    pub postcopy_error: Option<String>,
+    /// The migration went through post-copy: a `postcopy-*` status was
+    /// seen, or `migrate-start-postcopy` was accepted and bytes were sent
+    /// in post-copy. False when pre-copy completed first, even after
+    /// `migrate-start-postcopy` (QEMU only switches while the RAM it can
+    /// send in post-copy is above its downtime threshold).
+    pub postcopy_started: bool,
+    /// `ram.postcopy-bytes`: sent after the switch to post-copy.
+    pub postcopy_bytes: u64,
+    /// `ram.postcopy-requests`: pages the destination faulted on and asked
+    /// the source for.
+    pub postcopy_requests: u64,
+    /// `downtime-limit`, `max-bandwidth` and `max-postcopy-bandwidth` as
+    /// QEMU reported them before migrating (0: post-copy unlimited).
     pub downtime_limit_ms: u64,
     pub max_bandwidth: u64,
+    pub max_postcopy_bandwidth: u64,
     pub qemu_version: String,
     /// From starting QEMU to the guest's READY line.
     pub boot_to_ready_ms: f64,
@@ -245,6 +288,7 @@ pub fn run_qemu_migration(m: &QemuMigration) -> Result<QemuOutcome, QemuError> {
         mem_mib = m.mem_bytes / MIB,
         cmdline = %m.guest_cmdline,
         prealloc = m.prealloc,
+        postcopy = m.postcopy,
         "starting source and destination QEMU"
     );
     // Declared after `dir`, so dropped (QEMU stopped) before it is removed.
@@ -263,6 +307,7 @@ pub fn run_qemu_migration(m: &QemuMigration) -> Result<QemuOutcome, QemuError> {
             total_ms = outcome.total_ms,
             downtime_ms = outcome.downtime_ms,
             guest_stall_ms = outcome.guest_stall_ms,
+            postcopy_started = outcome.postcopy_started,
             verified = outcome.verified,
             "QEMU migration done"
         );
@@ -339,11 +384,23 @@ fn migrate(
         _ => return Err(QemuError::NoHeartbeat { settle: m.settle }),
     }
 
-    // Configure: pre-copy only, the baseline's bandwidth cap.
-    let caps = json!({ "capabilities": [{ "capability": "postcopy-ram", "state": false }] });
-    dst.execute("migrate-set-capabilities", Some(caps.clone()))?;
-    src.execute("migrate-set-capabilities", Some(caps))?;
+    // Configure: post-copy on or off on both sides (QEMU wants the same on
+    // both), the baseline's bandwidth cap, and on the source the `MIGRATION`
+    // events, so that no status goes unseen between two polls.
+    let postcopy_ram = json!({ "capability": "postcopy-ram", "state": m.postcopy });
+    let events = json!({ "capability": "events", "state": true });
+    dst.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [postcopy_ram] })),
+    )?;
+    src.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [postcopy_ram, events] })),
+    )?;
     let mut params = json!({ "max-bandwidth": m.max_bandwidth.unwrap_or(DEFAULT_MAX_BANDWIDTH) });
+    if let (true, Some(bandwidth)) = (m.postcopy, m.max_bandwidth) {
+        params["max-postcopy-bandwidth"] = json!(bandwidth);
+    }
     if let Some(limit) = m.downtime_ms {
         params["downtime-limit"] = json!(limit);
     }
@@ -351,23 +408,36 @@ fn migrate(
     let effective = src.execute("query-migrate-parameters", None)?;
     let downtime_limit_ms = effective["downtime-limit"].as_u64().unwrap_or(0);
     let max_bandwidth = effective["max-bandwidth"].as_u64().unwrap_or(0);
+    let max_postcopy_bandwidth = effective["max-postcopy-bandwidth"].as_u64().unwrap_or(0);
     dst.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
 
     // Migrate.
+    // Events so far (the boot's RESUME and the like) are not the migration's.
+    drop(src.migration_events());
     let t_migrate = Instant::now();
     src.execute("migrate", Some(json!({ "uri": uri })))?;
     let mut statuses: Vec<String> = Vec::new();
-    let info = loop {
-        let info = src.execute("query-migrate", None)?;
-        let status = info["status"].as_str().unwrap_or("none").to_owned();
-        if statuses.last() != Some(&status) {
+    let mut note_status = |status: &str| {
+        if statuses.last().map(String::as_str) != Some(status) {
             tracing::info!(
-                status = %status,
+                status,
                 after_ms = ms(t_migrate.elapsed()),
                 "QEMU migration status"
             );
-            statuses.push(status.clone());
+            statuses.push(status.to_owned());
         }
+    };
+    let mut postcopy_requested: Option<Duration> = None;
+    let mut postcopy_error: Option<String> = None;
+    let info = loop {
+        let info = src.execute("query-migrate", None)?;
+        let status = info["status"].as_str().unwrap_or("none").to_owned();
+        // Every event QEMU sent before this answer came with it, and a
+        // state's event follows its change: events first, then the poll.
+        for event_status in src.migration_events() {
+            note_status(&event_status);
+        }
+        note_status(&status);
         match status.as_str() {
             "completed" => break info,
             "failed" | "cancelled" => {
@@ -384,6 +454,35 @@ fn migrate(
             }
             _ => {}
         }
+        let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        if m.postcopy
+            && postcopy_requested.is_none()
+            && status == "active"
+            && syncs >= POSTCOPY_AFTER_SYNCS
+        {
+            let after = t_migrate.elapsed();
+            postcopy_requested = Some(after);
+            match src.execute("migrate-start-postcopy", None) {
+                Ok(_) => tracing::info!(
+                    after_ms = ms(after),
+                    dirty_syncs = syncs,
+                    "migrate-start-postcopy sent"
+                ),
+                // Refused (e.g. the migration had just ended): the migration
+                // goes on, in pre-copy, as QEMU decides.
+                Err(QemuError::Qmp {
+                    source: QmpError::Command { desc, .. },
+                    ..
+                }) => {
+                    tracing::warn!(
+                        after_ms = ms(after),
+                        "migrate-start-postcopy refused: {desc}"
+                    );
+                    postcopy_error = Some(desc);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         if t_migrate.elapsed() > m.timeout {
             if let Err(e) = src.execute("migrate_cancel", None) {
                 tracing::warn!("migrate_cancel: {e}");
@@ -398,6 +497,15 @@ fn migrate(
     };
     let ram = &info["ram"];
     let float = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let postcopy_bytes = ram["postcopy-bytes"].as_u64().unwrap_or(0);
+    let postcopy_started = statuses.iter().any(|s| s.starts_with("postcopy-"))
+        || (postcopy_requested.is_some() && postcopy_error.is_none() && postcopy_bytes > 0);
+    if m.postcopy && !postcopy_started {
+        tracing::info!(
+            requested_after_ms = postcopy_requested.map(ms),
+            "the migration completed in pre-copy: post-copy never started"
+        );
+    }
 
     // The destination: until the guest has shown it continued, or 10 s.
     let ws_pages = ready.ws_mb * PAGES_PER_MIB;
@@ -437,8 +545,15 @@ fn migrate(
         verified: verdict.failures.is_empty(),
         verify_failures: verdict.failures,
         statuses,
+        postcopy: m.postcopy,
+        postcopy_requested_ms: postcopy_requested.map(ms),
+        postcopy_error,
+        postcopy_started,
+        postcopy_bytes,
+        postcopy_requests: ram["postcopy-requests"].as_u64().unwrap_or(0),
         downtime_limit_ms,
         max_bandwidth,
+        max_postcopy_bandwidth,
         qemu_version,
         boot_to_ready_ms,
         wall_ms: f64::NAN,
@@ -549,6 +664,19 @@ impl Vm {
                 Err(source) => return Err(self.qmp_error("connect", source)),
             }
         }
+    }
+
+    /// The statuses of the `MIGRATION` events received so far, oldest first
+    /// (with the `events` capability on), and forgets all events.
+    fn migration_events(&mut self) -> Vec<String> {
+        let Some(qmp) = self.qmp.as_mut() else {
+            return Vec::new();
+        };
+        qmp.take_events()
+            .into_iter()
+            .filter(|e| e["event"] == "MIGRATION")
+            .filter_map(|e| e["data"]["status"].as_str().map(str::to_owned))
+            .collect()
     }
 
     fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
@@ -730,6 +858,14 @@ mod tests {
         present
     }
 
+    fn qemu() -> bool {
+        let present = qemu_binary().is_ok();
+        if !present {
+            eprintln!("SKIPPED: {QEMU_BINARY} not on PATH");
+        }
+        present
+    }
+
     fn migration(cmdline: &str) -> QemuMigration {
         QemuMigration {
             settle: Duration::from_secs(1),
@@ -758,6 +894,40 @@ mod tests {
             outcome.guest_stall_ms
         );
         assert!(outcome.dst_sweeps_verified >= 1);
+    }
+
+    /// An unthrottled writer against a 300 MiB/s cap cannot converge in
+    /// pre-copy, so post-copy must start after the first pass.
+    #[test]
+    fn qemu_postcopy_migrates_max_rate_guest() {
+        if !kvm() || !qemu() {
+            return;
+        }
+        let cap = 300 * MIB;
+        let m = QemuMigration {
+            mem_bytes: 1024 * MIB,
+            postcopy: true,
+            max_bandwidth: Some(cap),
+            ..migration("workload=dirty:256:max cpus=1")
+        };
+        let outcome = run_qemu_migration(&m).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{}", serde_json::to_string_pretty(&outcome).unwrap());
+        assert!(outcome.verified, "{:?}", outcome.verify_failures);
+        assert_eq!(outcome.errors, 0);
+        assert_eq!(outcome.max_bandwidth, cap);
+        assert_eq!(outcome.max_postcopy_bandwidth, cap);
+        assert!(outcome.postcopy_requested_ms.is_some());
+        assert_eq!(outcome.postcopy_error, None);
+        assert!(outcome.postcopy_started, "{:?}", outcome.statuses);
+        assert!(
+            outcome.statuses.iter().any(|s| s == "postcopy-active"),
+            "{:?}",
+            outcome.statuses
+        );
+        assert_eq!(
+            outcome.statuses.last().map(String::as_str),
+            Some("completed")
+        );
     }
 
     #[test]

@@ -1,18 +1,24 @@
 //! A small blocking client for QMP, the QEMU Machine Protocol: JSON objects,
 //! one a line, over a Unix socket. Enough to drive a migration: the greeting,
 //! `qmp_capabilities`, and commands answered in order. Asynchronous events
-//! that arrive between a command and its answer are skipped (logged at debug
-//! level): nothing here waits on an event, `query-migrate` is polled instead.
+//! that arrive between a command and its answer are set aside (the latest
+//! [`KEPT_EVENTS`]) for [`Qmp::take_events`]: nothing here waits on an event,
+//! `query-migrate` is polled, and the `MIGRATION` events only fill in the
+//! states a poll can miss.
 
 // Nothing calls this yet outside its tests: `ferry bench` will. Remove
 // this once it does.
 
+use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+
+/// How many unread events a connection keeps; older ones are dropped.
+pub const KEPT_EVENTS: usize = 256;
 
 /// Why a QMP exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +47,8 @@ pub struct Qmp {
     /// the next read does not start in the middle of a message.
     pending: Vec<u8>,
     greeting: Value,
+    /// Events read while waiting for answers, oldest first.
+    events: VecDeque<Value>,
 }
 
 impl Qmp {
@@ -61,6 +69,7 @@ impl Qmp {
             next_id: 0,
             pending: Vec::new(),
             greeting: Value::Null,
+            events: VecDeque::new(),
         };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
@@ -87,6 +96,14 @@ impl Qmp {
         Ok(())
     }
 
+    /// The events (whole messages: `event`, `data`, `timestamp`) that
+    /// arrived with earlier answers, oldest first, and forgets them. Every
+    /// event QEMU sent before an answer is in by the time that answer is
+    /// returned; later ones wait for the next command.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        self.events.drain(..).collect()
+    }
+
     /// Runs one command and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         self.next_id += 1;
@@ -103,7 +120,11 @@ impl Qmp {
         loop {
             let mut reply = self.read_message()?;
             if let Some(event) = reply.get("event") {
-                tracing::debug!(%event, "QMP event");
+                tracing::debug!(%event, data = %reply["data"], "QMP event");
+                if self.events.len() == KEPT_EVENTS {
+                    self.events.pop_front();
+                }
+                self.events.push_back(reply);
                 continue;
             }
             // An answer to an earlier command that timed out: its caller
@@ -203,8 +224,13 @@ mod tests {
         ]);
         let mut qmp = Qmp::handshake(stream, Duration::from_secs(5)).unwrap();
         assert_eq!(qmp.version().as_deref(), Some("7.2.22"));
+        assert!(qmp.take_events().is_empty());
         let status = qmp.execute("query-status", None).unwrap();
         assert_eq!(status["status"], "running");
+        let events = qmp.take_events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["event"], "RESUME");
+        assert!(qmp.take_events().is_empty());
         let err = qmp
             .execute("migrate", Some(json!({"uri": "tcp:127.0.0.1:1"})))
             .unwrap_err();
