@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs what Ferry's build, tests and benchmarks need on a fresh Debian 12
 # machine of this kind: QEMU (the baseline the guest and benchmarks are
-# checked against). Idempotent: installs only what is missing.
+# checked against) and libclang (the userfaultfd crate generates its kernel
+# bindings with bindgen at build time). Idempotent: installs only what is
+# missing.
 set -euo pipefail
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (Debian packages)"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -29,6 +29,9 @@ pub struct MigrateRequest {
     pub bandwidth: Option<u64>,
     /// Brake a guest that outruns the link.
     pub auto_converge: bool,
+    /// precopy, postcopy or hybrid.
+    #[serde(default)]
+    pub mode: ferry_migration::mode::Mode,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ pub fn print_migration_report(r: &MigrationReport) {
         .map_or("- (destination did not report)".into(), |v| {
             format!("{v:.2} ms")
         });
-    let rows = [
+    let mut rows = vec![
         ("outcome", r.outcome.clone()),
         (
             "VM",
@@ -64,9 +64,38 @@ pub fn print_migration_report(r: &MigrationReport) {
         ("throughput", format!("{:.0} MiB/s ({:.1} Gbit/s)", r.throughput_mibs, r.throughput_mibs * 8.0 * 1.048576 / 1e3)),
         ("max throttle", format!("{}%", r.max_throttle_percent)),
     ];
+    if let Some(p) = &r.postcopy {
+        rows.extend([
+            ("post-copy because", p.reason.clone()),
+            (
+                "post-copy pages",
+                format!(
+                    "{} missing at the switch: {} pushed, {} fetched on demand",
+                    p.needed_pages, p.pushed_pages, p.requested_pages
+                ),
+            ),
+            (
+                "remote fault latency",
+                format!(
+                    "p50 {} us, p99 {} us, max {} us ({} faults)",
+                    p.fault_p50_us, p.fault_p99_us, p.fault_max_us, p.faults
+                ),
+            ),
+            (
+                "last page arrived",
+                format!(
+                    "{:.1} ms after the VM started on the destination (post-copy phase {:.1} ms)",
+                    p.last_page_ms, p.duration_ms
+                ),
+            ),
+        ]);
+    }
     println!();
     for (k, v) in rows {
         println!("  {k:<26} {v}");
+    }
+    if r.rounds.is_empty() {
+        return;
     }
     println!();
     println!(

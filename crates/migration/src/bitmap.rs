@@ -134,6 +134,38 @@ impl PageBitmap {
     }
 }
 
+impl PageBitmap {
+    /// The bits of every range, in order, as one list of words: how the
+    /// set travels in a PostcopyBegin.
+    pub fn to_words(&self) -> Vec<u64> {
+        self.ranges
+            .iter()
+            .flat_map(|r| r.bits.iter().copied())
+            .collect()
+    }
+
+    /// The inverse of `to_words` over `ranges`; None if the word count does
+    /// not fit them or a bit lies past the end of its range.
+    pub fn from_words(ranges: &[RamRange], words: &[u64]) -> Option<Self> {
+        let mut set = Self::new(ranges);
+        let expected: usize = set.ranges.iter().map(|r| r.bits.len()).sum();
+        if words.len() != expected {
+            return None;
+        }
+        let mut at = 0;
+        for r in &mut set.ranges {
+            let n = r.bits.len();
+            r.bits.copy_from_slice(&words[at..at + n]);
+            at += n;
+            let tail = r.pages % 64;
+            if tail != 0 && r.bits[n - 1] >> tail != 0 {
+                return None;
+            }
+        }
+        Some(set)
+    }
+}
+
 /// Runs carry a u32 page count; longer stretches are split.
 pub(crate) fn push_run(out: &mut Vec<PageRun>, gpa: u64, pages: u64) {
     let mut at = gpa;
@@ -194,6 +226,21 @@ mod tests {
         assert!(b.contains(65 * PAGE) && !b.contains(70 * PAGE));
         b.set_range(62 * PAGE, 2 * PAGE, false);
         assert_eq!(b.count(), 15);
+    }
+
+    #[test]
+    fn words_round_trip_and_reject_strays() {
+        let ranges = ranges();
+        let mut set = PageBitmap::new(&ranges);
+        set.set_range(ranges[0].gpa + PAGE, 3 * PAGE, true);
+        set.set_range(ranges[1].gpa, PAGE, true);
+        let words = set.to_words();
+        assert_eq!(PageBitmap::from_words(&ranges, &words), Some(set));
+        assert_eq!(PageBitmap::from_words(&ranges, &words[1..]), None);
+        let mut stray = vec![0u64; words.len()];
+        *stray.last_mut().unwrap() = u64::MAX;
+        let fits = ranges.last().unwrap().len / PAGE % 64 == 0;
+        assert_eq!(PageBitmap::from_words(&ranges, &stray).is_some(), fits);
     }
 
     #[test]

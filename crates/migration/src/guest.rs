@@ -2,11 +2,35 @@
 //! incoming VM it writes into. The VMM implements these for real KVM VMs;
 //! `synthetic` implements them over plain memory for the engine's tests.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::bitmap::PageBitmap;
 use crate::protocol::{Offer, RamRange};
 
 /// A guest-side failure, described for a human.
 pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Guest memory that several threads may read at once: a paused source's
+/// memory while post-copy serves requests and pushes pages side by side.
+pub trait PageReader: Send + Sync {
+    fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError>;
+}
+
+/// A destination's memory while post-copy fills it: accesses to pages not
+/// yet here wait (in the kernel) until one of the `place` calls puts them
+/// there. Shared by the fault service and the page receivers.
+pub trait LazyMemory: Send + Sync {
+    /// Waits up to `timeout` for an access to a missing page; its address.
+    fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, GuestError>;
+    /// Places whole pages at `gpa`, atomically, and wakes their waiters;
+    /// pages already present stay as they are.
+    fn place(&self, gpa: u64, data: &[u8]) -> Result<(), GuestError>;
+    /// Places zero pages (same rules as `place`).
+    fn place_zero(&self, gpa: u64, len: u64) -> Result<(), GuestError>;
+    /// Every page is here: stop intercepting accesses.
+    fn finish(&self) -> Result<(), GuestError>;
+}
 
 /// The running VM on the source.
 pub trait SourceGuest {
@@ -28,6 +52,9 @@ pub trait SourceGuest {
     fn resume(&mut self) -> Result<(), GuestError>;
     /// The complete state but memory, as one opaque record (paused only).
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError>;
+    /// A reader of guest memory other threads can share, for post-copy,
+    /// where the VM is paused for good and its memory no longer changes.
+    fn frozen_memory(&self) -> Result<Arc<dyn PageReader>, GuestError>;
 }
 
 /// A VM being received: memory exists, nothing runs until `start`.
@@ -40,4 +67,11 @@ pub trait IncomingGuest {
     fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError>;
     /// Runs the VM: called only after the source committed.
     fn start(self) -> Result<Self::Running, GuestError>;
+    /// Runs the VM with the pages in `missing` still at the source
+    /// (post-copy): any local copy of them is dropped, and every access to
+    /// one waits until it is placed through the returned memory.
+    fn start_lazy(
+        self,
+        missing: &PageBitmap,
+    ) -> Result<(Self::Running, Arc<dyn LazyMemory>), GuestError>;
 }

@@ -10,9 +10,12 @@ pub mod bandwidth;
 pub mod bitmap;
 pub mod error;
 pub mod guest;
+pub mod mode;
 pub mod policy;
+pub mod postcopy;
 pub mod precopy;
 pub mod protocol;
+pub mod shared_pages;
 pub mod stats;
 pub mod synthetic;
 

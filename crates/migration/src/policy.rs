@@ -24,6 +24,13 @@ pub struct PolicyConfig {
     /// After this many rounds the blackout is taken whatever it costs: a
     /// migration must finish.
     pub max_rounds: u32,
+    /// Hybrid: when pre-copy does not converge, switch to post-copy
+    /// instead of braking the guest.
+    pub postcopy_fallback: bool,
+    /// Hybrid: switch to post-copy after this many rounds, or this long,
+    /// whatever the rounds look like.
+    pub hybrid_max_rounds: u32,
+    pub hybrid_max_time: Duration,
 }
 
 impl Default for PolicyConfig {
@@ -36,6 +43,9 @@ impl Default for PolicyConfig {
             throttle_step: 20,
             throttle_max: 99,
             max_rounds: 40,
+            postcopy_fallback: false,
+            hybrid_max_rounds: 10,
+            hybrid_max_time: Duration::from_secs(10),
         }
     }
 }
@@ -51,6 +61,8 @@ pub struct RoundFacts {
     pub elapsed: Duration,
     /// The send rate the last round achieved, bytes/s.
     pub send_rate: f64,
+    /// Time since the first round started.
+    pub since_start: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,6 +71,12 @@ pub enum Decision {
     Switchover { predicted: Duration, forced: bool },
     /// Send another round, with this brake on the guest.
     NextRound { predicted: Duration, throttle: u32 },
+    /// Hybrid: pre-copy will not get there; move the VM now and let its
+    /// memory follow.
+    StartPostcopy {
+        predicted: Duration,
+        reason: &'static str,
+    },
 }
 
 #[derive(Debug)]
@@ -124,17 +142,33 @@ impl Policy {
                 forced: false,
             };
         }
+        // Rounds that no longer shrink, or a guest that writes about as fast
+        // as we send, will not converge by themselves.
+        let outrunning = facts.send_rate > 0.0 && dirty_rate >= 0.9 * facts.send_rate;
+        let not_shrinking = facts.round >= 3
+            && previous.is_some_and(|p| facts.dirty_bytes as f64 >= 0.9 * p as f64);
+        if self.config.postcopy_fallback {
+            let reason = if outrunning {
+                Some("the guest dirties memory about as fast as the link sends it")
+            } else if not_shrinking {
+                Some("the rounds stopped shrinking")
+            } else if facts.round >= self.config.hybrid_max_rounds {
+                Some("the round limit was reached")
+            } else if facts.since_start >= self.config.hybrid_max_time {
+                Some("the time limit was reached")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Decision::StartPostcopy { predicted, reason };
+            }
+        }
         if facts.round >= self.config.max_rounds {
             return Decision::Switchover {
                 predicted,
                 forced: true,
             };
         }
-        // Rounds that no longer shrink, or a guest that writes about as fast
-        // as we send, will not converge by themselves.
-        let outrunning = facts.send_rate > 0.0 && dirty_rate >= 0.9 * facts.send_rate;
-        let not_shrinking = facts.round >= 3
-            && previous.is_some_and(|p| facts.dirty_bytes as f64 >= 0.9 * p as f64);
         if self.config.auto_converge && (outrunning || not_shrinking) {
             if self.throttle >= self.config.throttle_max {
                 self.stuck_at_max += 1;
@@ -172,6 +206,7 @@ mod tests {
             dirty_bytes: dirty_mib * MIB,
             elapsed: Duration::from_millis(elapsed_ms),
             send_rate: GBPS,
+            since_start: Duration::from_millis(elapsed_ms),
         }
     }
 
@@ -269,5 +304,42 @@ mod tests {
                 Decision::NextRound { throttle: 0, .. }
             ));
         }
+    }
+
+    #[test]
+    fn hybrid_moves_to_postcopy_instead_of_braking() {
+        let mut p = Policy::new(PolicyConfig {
+            postcopy_fallback: true,
+            ..Default::default()
+        });
+        // Writing 3 GB/s against a 3 GB/s link: never converges.
+        let d = p.decide(facts(1, 300, 100));
+        assert!(
+            matches!(d, Decision::StartPostcopy { reason, .. } if reason.contains("fast")),
+            "{d:?}"
+        );
+        // A converging guest still finishes as pre-copy.
+        let mut p = Policy::new(PolicyConfig {
+            postcopy_fallback: true,
+            ..Default::default()
+        });
+        assert!(matches!(
+            p.decide(facts(1, 1, 100)),
+            Decision::Switchover { forced: false, .. }
+        ));
+        // The round limit moves a slowly shrinking guest.
+        let mut p = Policy::new(PolicyConfig {
+            postcopy_fallback: true,
+            hybrid_max_rounds: 2,
+            ..Default::default()
+        });
+        assert!(matches!(
+            p.decide(facts(1, 200, 1000)),
+            Decision::NextRound { throttle: 0, .. }
+        ));
+        assert!(matches!(
+            p.decide(facts(2, 100, 1000)),
+            Decision::StartPostcopy { reason, .. } if reason.contains("round limit")
+        ));
     }
 }

@@ -71,6 +71,33 @@ pub struct GuestSeen {
     pub first_seq: Option<u64>,
 }
 
+/// The post-copy phase: from the VM's start on the destination until its
+/// last page arrived there.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PostcopyReport {
+    /// Why post-copy started: asked for, or what hybrid saw.
+    pub reason: String,
+    /// Pages the destination lacked when the VM started there.
+    pub needed_pages: u64,
+    /// Sent by the background push.
+    pub pushed_pages: u64,
+    /// Sent on demand, answering the destination's faults.
+    pub requested_pages: u64,
+    /// Accesses to missing pages the destination saw (including never
+    /// written ones it filled with zeros itself).
+    pub faults: u64,
+    /// Remote fault latency at the destination, from reading the fault to
+    /// placing the page, microseconds.
+    pub fault_p50_us: u64,
+    pub fault_p99_us: u64,
+    pub fault_max_us: u64,
+    /// From the VM's start on the destination to its last page placed.
+    pub last_page_ms: f64,
+    /// From the commit to the destination's word that it holds every page.
+    pub duration_ms: f64,
+    pub bytes_sent: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MigrationReport {
     pub mode: String,
@@ -95,6 +122,8 @@ pub struct MigrationReport {
     /// (milliseconds since start, bytes sent so far), about every 10 ms:
     /// the evidence that a bandwidth cap held.
     pub timeline: Vec<(f64, u64)>,
+    /// Present when the VM moved before all of its memory.
+    pub postcopy: Option<PostcopyReport>,
 }
 
 impl MigrationReport {

@@ -3,13 +3,14 @@
 //! dirty, and pause/resume/throttle that really stop that writer. It has
 //! no vCPUs and no KVM: it proves the engine's logic, never a real VM.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
-use crate::guest::{GuestError, IncomingGuest, SourceGuest};
+use crate::guest::{GuestError, IncomingGuest, LazyMemory, PageReader, SourceGuest};
 use crate::protocol::{Offer, RamRange, PAGE_SIZE};
 
 struct Shared {
@@ -131,7 +132,14 @@ fn write_loop(shared: &Shared, pages: usize, pages_per_ms: u64) {
             }
         }
         let slept = Duration::from_millis(1) * (100 + throttle) / 100;
-        std::thread::sleep(slept.saturating_sub(tick.elapsed()));
+        // Always let go for a moment: std's mutex is not fair, and a
+        // writer slower than its tick (a debug build) would otherwise
+        // starve every reader.
+        std::thread::sleep(
+            slept
+                .saturating_sub(tick.elapsed())
+                .max(Duration::from_micros(100)),
+        );
     }
 }
 
@@ -193,6 +201,24 @@ impl SourceGuest for SyntheticSource {
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
         Ok(self.state.clone())
     }
+
+    fn frozen_memory(&self) -> Result<Arc<dyn PageReader>, GuestError> {
+        Ok(Arc::new(FrozenReader(self.shared.clone())))
+    }
+}
+
+struct FrozenReader(Arc<Shared>);
+
+impl PageReader for FrozenReader {
+    fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
+        let mem = self.0.mem.lock().unwrap();
+        let start = gpa as usize;
+        let src = mem
+            .get(start..start + dst.len())
+            .ok_or_else(|| format!("read outside memory at {gpa:#x}"))?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
 }
 
 /// The receiving end: a zeroed buffer of the offered size.
@@ -213,10 +239,90 @@ impl SyntheticIncoming {
     }
 }
 
-/// What a started synthetic VM is: its memory and state.
+/// What a started synthetic VM is: its memory and state, and with
+/// post-copy the memory that fills while it "runs".
 pub struct SyntheticRunning {
     pub mem: Vec<u8>,
     pub state: Vec<u8>,
+    pub lazy: Option<Arc<SyntheticLazy>>,
+}
+
+/// Post-copy memory without a kernel: `touch` plays a vCPU that reads a
+/// page and waits, as a real one would inside userfaultfd, until the page
+/// is placed.
+pub struct SyntheticLazy {
+    mem: Mutex<(Vec<u8>, PageBitmap)>,
+    placed: Condvar,
+    faults: Mutex<VecDeque<u64>>,
+    fault_raised: Condvar,
+}
+
+impl SyntheticLazy {
+    /// Reads the page at `gpa`, waiting for it if it is missing.
+    pub fn touch(&self, gpa: u64) -> Vec<u8> {
+        let page = gpa & !(PAGE_SIZE as u64 - 1);
+        let mut guard = self.mem.lock().unwrap();
+        if !guard.1.contains(page) {
+            self.faults.lock().unwrap().push_back(page);
+            self.fault_raised.notify_all();
+            while !guard.1.contains(page) {
+                guard = self.placed.wait(guard).unwrap();
+            }
+        }
+        guard.0[page as usize..page as usize + PAGE_SIZE].to_vec()
+    }
+
+    /// All of memory, once every page is here.
+    pub fn memory(&self) -> Vec<u8> {
+        self.mem.lock().unwrap().0.clone()
+    }
+
+    fn put(&self, gpa: u64, len: u64, data: Option<&[u8]>) -> Result<(), GuestError> {
+        let mut guard = self.mem.lock().unwrap();
+        let (mem, present) = &mut *guard;
+        if (gpa + len) as usize > mem.len() {
+            return Err(format!("{gpa:#x}+{len:#x} is outside memory").into());
+        }
+        for i in 0..len / PAGE_SIZE as u64 {
+            let at = gpa + i * PAGE_SIZE as u64;
+            if present.contains(at) {
+                continue;
+            }
+            let dst = &mut mem[at as usize..at as usize + PAGE_SIZE];
+            match data {
+                Some(d) => {
+                    dst.copy_from_slice(&d[(i as usize) * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE])
+                }
+                None => dst.fill(0),
+            }
+            present.set_range(at, PAGE_SIZE as u64, true);
+        }
+        self.placed.notify_all();
+        Ok(())
+    }
+}
+
+impl LazyMemory for SyntheticLazy {
+    fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, GuestError> {
+        let queue = self.faults.lock().unwrap();
+        let (mut queue, _) = self
+            .fault_raised
+            .wait_timeout_while(queue, timeout, |q| q.is_empty())
+            .unwrap();
+        Ok(queue.pop_front())
+    }
+
+    fn place(&self, gpa: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.put(gpa, data.len() as u64, Some(data))
+    }
+
+    fn place_zero(&self, gpa: u64, len: u64) -> Result<(), GuestError> {
+        self.put(gpa, len, None)
+    }
+
+    fn finish(&self) -> Result<(), GuestError> {
+        Ok(())
+    }
 }
 
 impl IncomingGuest for SyntheticIncoming {
@@ -239,7 +345,41 @@ impl IncomingGuest for SyntheticIncoming {
         Ok(SyntheticRunning {
             mem: self.mem,
             state: self.state.ok_or("started without a state")?,
+            lazy: None,
         })
+    }
+
+    fn start_lazy(
+        self,
+        missing: &PageBitmap,
+    ) -> Result<(SyntheticRunning, Arc<dyn LazyMemory>), GuestError> {
+        let state = self.state.ok_or("started without a state")?;
+        // Present: every page but the missing ones.
+        let ranges = [RamRange {
+            gpa: 0,
+            len: self.mem.len() as u64,
+        }];
+        let mut present = PageBitmap::new(&ranges);
+        present.set_range(0, self.mem.len() as u64, true);
+        let mut mem = self.mem;
+        for run in missing.runs() {
+            present.set_range(run.gpa, run.bytes(), false);
+            mem[run.gpa as usize..(run.gpa + run.bytes()) as usize].fill(0xee);
+        }
+        let lazy = Arc::new(SyntheticLazy {
+            mem: Mutex::new((mem, present)),
+            placed: Condvar::new(),
+            faults: Mutex::new(VecDeque::new()),
+            fault_raised: Condvar::new(),
+        });
+        Ok((
+            SyntheticRunning {
+                mem: Vec::new(),
+                state,
+                lazy: Some(lazy.clone()),
+            },
+            lazy,
+        ))
     }
 }
 

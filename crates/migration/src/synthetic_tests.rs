@@ -27,6 +27,7 @@ fn options(target_ms: u64, bandwidth: Option<u64>) -> PrecopyOptions {
             downtime_target: Duration::from_millis(target_ms),
             ..Default::default()
         },
+        mode: crate::mode::Mode::Precopy,
         bandwidth,
         io_timeout: Duration::from_secs(10),
         guest_report_wait: Duration::ZERO,
@@ -43,7 +44,7 @@ fn run_pair(
     let (listener, addr) = listen();
     let dest = thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        receive(stream, &ReceiveOptions::default(), |offer| {
+        receive(stream, None, &ReceiveOptions::default(), |offer| {
             make(offer.mem_bytes)
         })
         .map(|r| r.vm)
@@ -192,4 +193,113 @@ fn a_guest_that_outruns_the_link_is_braked_and_still_arrives() {
     let report = result.unwrap_or_else(|f| panic!("{}", f.reason()));
     assert!(report.max_throttle_percent > 0, "{:?}", report.rounds);
     assert!(dest.unwrap().mem == source.memory());
+}
+
+/// The destination's memory at the end and what each touch read.
+type PostcopyDest = Result<(Vec<u8>, Vec<(u64, Vec<u8>)>), String>;
+
+/// Migrates with post-copy possible; a "vCPU" on the destination touches
+/// `touches` pages while the memory follows. Returns the source's result,
+/// the destination's memory, and what each touch read (page, bytes).
+fn run_postcopy_pair(
+    source: &mut SyntheticSource,
+    opts: &PrecopyOptions,
+    touches: Vec<u64>,
+) -> (Result<MigrationReport, Failure>, PostcopyDest) {
+    let (listener, addr) = listen();
+    let dest = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let received = receive(
+            stream,
+            Some(&listener),
+            &ReceiveOptions::default(),
+            |offer| Ok(SyntheticIncoming::new(offer.mem_bytes)),
+        )
+        .map_err(|e| e.to_string())?;
+        let Some(handle) = received.postcopy else {
+            return Ok((received.vm.mem, Vec::new()));
+        };
+        let lazy = received.vm.lazy.clone().expect("post-copy memory");
+        let toucher = thread::spawn(move || {
+            touches
+                .into_iter()
+                .map(|gpa| (gpa, lazy.touch(gpa)))
+                .collect::<Vec<_>>()
+        });
+        let seen = toucher.join().unwrap();
+        handle.wait().map_err(|e| e.to_string())?;
+        Ok((received.vm.lazy.unwrap().memory(), seen))
+    });
+    let stream = TcpStream::connect(&addr).unwrap();
+    let result = migrate(source, stream, &addr, opts, &mut |_| {});
+    (result, dest.join().unwrap())
+}
+
+#[test]
+fn postcopy_moves_the_vm_first_and_every_page_follows() {
+    let mut source = SyntheticSource::new(PAGES, 200);
+    thread::sleep(Duration::from_millis(20));
+    let mut opts = options(20, Some(32 << 20));
+    opts.mode = crate::mode::Mode::Postcopy;
+    // Pages far apart, so most are touched before the push reaches them.
+    let touches: Vec<u64> = (0..40u64)
+        .map(|i| (PAGES as u64 - 1 - i * 97) * 4096)
+        .collect();
+    let (result, dest) = run_postcopy_pair(&mut source, &opts, touches);
+    let report = result.unwrap_or_else(|f| panic!("{}", f.reason()));
+    let (mem, seen) = dest.unwrap();
+    let expected = source.memory();
+    assert!(
+        mem == expected,
+        "destination memory differs from the source"
+    );
+    for (gpa, page) in seen {
+        assert_eq!(
+            page[..],
+            expected[gpa as usize..gpa as usize + 4096],
+            "page {gpa:#x}"
+        );
+    }
+    let pc = report.postcopy.expect("a post-copy report");
+    assert_eq!(report.rounds.len(), 0, "post-copy sends no rounds first");
+    assert_eq!(pc.needed_pages, PAGES as u64);
+    assert!(pc.requested_pages > 0, "{pc:?}");
+    assert!(
+        pc.pushed_pages + pc.requested_pages >= pc.needed_pages,
+        "{pc:?}"
+    );
+    assert!(
+        pc.fault_max_us > 0 && pc.fault_p50_us <= pc.fault_p99_us,
+        "{pc:?}"
+    );
+    assert_eq!(report.outcome, "committed");
+    assert!(source.is_paused());
+}
+
+#[test]
+fn hybrid_switches_to_postcopy_when_the_writer_outruns_the_link() {
+    // ~4.7 GiB/s of writes against a 64 MiB/s link: pre-copy cannot end.
+    let mut source = SyntheticSource::new(PAGES, 1200);
+    let mut opts = options(20, Some(64 << 20));
+    opts.mode = crate::mode::Mode::Hybrid;
+    let (result, dest) = run_postcopy_pair(&mut source, &opts, vec![0, 4096 * 3]);
+    let report = result.unwrap_or_else(|f| panic!("{}", f.reason()));
+    let (mem, _) = dest.unwrap();
+    assert!(mem == source.memory(), "destination memory differs");
+    let pc = report.postcopy.expect("hybrid moved to post-copy");
+    assert!(pc.reason.contains("fast"), "{}", pc.reason);
+    assert_eq!(report.max_throttle_percent, 0, "hybrid does not brake");
+    assert!(!report.rounds.is_empty());
+    assert!(pc.needed_pages > 0, "{pc:?}");
+}
+
+#[test]
+fn hybrid_ends_as_precopy_when_rounds_converge() {
+    let mut source = SyntheticSource::new(PAGES, 5);
+    let mut opts = options(50, None);
+    opts.mode = crate::mode::Mode::Hybrid;
+    let (result, dest) = run_postcopy_pair(&mut source, &opts, Vec::new());
+    let report = result.unwrap_or_else(|f| panic!("{}", f.reason()));
+    assert!(report.postcopy.is_none());
+    assert!(dest.unwrap().0 == source.memory());
 }

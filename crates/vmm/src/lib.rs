@@ -11,6 +11,7 @@ pub mod dirty;
 pub mod events;
 pub mod kvm;
 pub mod layout;
+pub mod lazy;
 pub mod memory;
 pub mod page_runs;
 pub mod snapshot;

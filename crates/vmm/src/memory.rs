@@ -44,7 +44,9 @@ pub enum MemoryError {
     Prealloc { mib: u64, source: std::io::Error },
 }
 
-/// The guest's RAM and the file that backs it.
+/// The guest's RAM and the file that backs it. A clone maps the same
+/// memory (and keeps it mapped).
+#[derive(Clone)]
 pub struct GuestRam {
     memory: GuestMemory,
     file: std::sync::Arc<File>,
@@ -149,6 +151,48 @@ impl GuestRam {
             file_offset = end;
         }
         Ok(out)
+    }
+
+    /// Drops the pages of `len` bytes at `gpa` from the memfd (they read
+    /// as never written again): post-copy empties the pages still to come
+    /// this way, so that the first access to one is a missing-page fault.
+    pub fn discard(&self, gpa: u64, len: u64) -> std::io::Result<()> {
+        let offset = self.file_offset(gpa, len).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{gpa:#x}+{len:#x} is not inside one RAM region"),
+            )
+        })?;
+        // SAFETY: fallocate only reads its integer arguments; the memfd
+        // stays open for the call and the kernel unmaps the dropped pages
+        // from every mapping (KVM's included) before freeing them.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Where `len` bytes at `gpa` lie in the memfd: regions follow each
+    /// other in the file in guest-address order.
+    fn file_offset(&self, gpa: u64, len: u64) -> Option<u64> {
+        let mut file_offset = 0;
+        for (start, region_len, _) in self.regions() {
+            if let Some(offset) = gpa.checked_sub(start.0) {
+                if offset.checked_add(len)? <= region_len {
+                    return Some(file_offset + offset);
+                }
+            }
+            file_offset += region_len;
+        }
+        None
     }
 
     /// (guest address, length, host address) per region, for KVM slots.

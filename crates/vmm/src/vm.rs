@@ -25,6 +25,7 @@ use crate::dirty::{DirtyError, DirtyPages};
 pub use crate::events::{ConsoleLine, StopReason, VmEvent};
 use crate::kvm::{KvmError, KvmHost};
 use crate::layout;
+use crate::lazy::{LazyError, LazyRam};
 use crate::memory::{GuestMemory, GuestRam, MemoryError};
 use crate::state::{
     DeviceStates, MachineConfig, MachineState, MachineStateError, StateRecord, VcpuState,
@@ -97,6 +98,8 @@ pub enum VmError {
     VcpuCountMismatch { saved: usize, built: u32 },
     #[error("no state has been loaded into the incoming VM")]
     NothingLoaded,
+    #[error(transparent)]
+    Lazy(#[from] LazyError),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -455,6 +458,18 @@ impl IncomingVm {
             .unwrap_or_default();
         self.loaded = Some((config.clone(), cpuid, record.devices.clone()));
         Ok(())
+    }
+
+    /// Starts the vCPUs with the pages in `missing` (guest address,
+    /// length) still elsewhere: they are dropped here and every access to
+    /// one waits, inside the kernel, until the returned [`LazyRam`] places
+    /// it. Post-copy's start.
+    pub fn start_lazy(self, missing: &[(u64, u64)]) -> Result<(Vm, LazyRam), VmError> {
+        if self.loaded.is_none() {
+            return Err(VmError::NothingLoaded);
+        }
+        let lazy = LazyRam::new(&self.parts.ram, missing)?;
+        Ok((self.start()?, lazy))
     }
 
     /// Starts the vCPUs where the loaded state left them.

@@ -24,6 +24,7 @@ pub struct FerryMigration {
     pub downtime: Duration,
     pub bandwidth: Option<u64>,
     pub settle: Duration,
+    pub mode: ferry_migration::mode::Mode,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +92,7 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         downtime_ms: m.downtime.as_secs_f64() * 1e3,
         bandwidth: m.bandwidth,
         auto_converge: true,
+        mode: m.mode,
     });
     let mut report = match call(&socket, &request)? {
         Response::Migrated(r) => *r,

@@ -179,6 +179,7 @@ pub fn run_rows(
                     .map_or(FERRY_DEFAULT_DOWNTIME, Duration::from_millis),
                 bandwidth: None,
                 settle: Duration::from_secs(1),
+                mode: ferry_migration::mode::Mode::Precopy,
             };
             match run_ferry_migration(&m, dir.path()) {
                 Ok(o) => result.ferry_runs.push(o),

@@ -109,6 +109,7 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
         downtime_ms: args.downtime.as_secs_f64() * 1e3,
         bandwidth: None,
         auto_converge: true,
+        mode: ferry_migration::mode::Mode::Precopy,
     };
     let mut view = ProgressView::new();
     let result = migrate_vm(&mut vm, &request, &mut |p| view.show(p));

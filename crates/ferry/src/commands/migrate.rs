@@ -30,6 +30,11 @@ pub struct MigrateArgs {
     /// Never throttle the guest, even when it outruns the link.
     #[arg(long)]
     pub no_auto_converge: bool,
+    /// precopy: rounds while the VM runs, then a short pause; postcopy:
+    /// move the VM at once and fetch its memory after; hybrid: pre-copy,
+    /// switching to post-copy when the rounds do not converge.
+    #[arg(long, default_value = "precopy")]
+    pub mode: ferry_migration::mode::Mode,
     /// Print the report as one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -42,6 +47,7 @@ impl MigrateArgs {
             downtime_ms: self.downtime.as_secs_f64() * 1e3,
             bandwidth: self.bandwidth,
             auto_converge: !self.no_auto_converge,
+            mode: self.mode,
         }
     }
 }

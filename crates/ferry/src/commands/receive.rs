@@ -11,7 +11,7 @@ use ferry_migration::precopy::{error_chain, receive as receive_vm, send_resumed,
 use ferry_vmm::compat::IncomingLimits;
 use ferry_vmm::GuestRam;
 
-use super::run::{supervise, Extra, SuperviseArgs};
+use super::run::{supervise, Ending, Extra, SuperviseArgs};
 use crate::migration::incoming::accept;
 
 #[derive(Debug, clap::Args)]
@@ -59,7 +59,6 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     let (stream, peer) = listener
         .accept()
         .context("accepting the source's connection")?;
-    drop(listener);
     let start = Instant::now();
     let limits = IncomingLimits {
         max_mem_bytes: args.max_mem,
@@ -67,9 +66,14 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     };
     let prealloc = args.prealloc;
     let yielding = crate::migration::priority::Yielding::start();
-    let received = receive_vm(stream, &ReceiveOptions::default(), |offer| {
-        accept(offer, &limits, prealloc, reserved.take())
-    });
+    // The listener stays open for the fault channel of a post-copy.
+    let received = receive_vm(
+        stream,
+        Some(&listener),
+        &ReceiveOptions::default(),
+        |offer| accept(offer, &limits, prealloc, reserved.take()),
+    );
+    drop(listener);
     drop(yielding);
     let received = match received {
         Ok(r) => r,
@@ -92,6 +96,14 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         report.load_ms,
         report.start_ms
     );
+    let mut postcopy = received.postcopy;
+    if let Some(h) = &postcopy {
+        eprintln!(
+            "ferry: post-copy: the VM runs here without {} of its pages ({} MiB); fetching them from {peer}",
+            h.needed_pages(),
+            (h.needed_pages() * 4096) >> 20
+        );
+    }
     let events = vm.take_events().expect("a fresh VM has its events");
     let mut told = false;
     supervise(
@@ -104,7 +116,34 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         &mut |watch| {
             if !told && watch.first_seq.is_some() {
                 told = true;
-                send_resumed(&mut stream, Some(watch.first_stall_us), watch.first_seq);
+                let (stall, seq) = (Some(watch.first_stall_us), watch.first_seq);
+                match &postcopy {
+                    Some(h) => h.note_resumed(stall, seq),
+                    None => send_resumed(&mut stream, stall, seq),
+                }
+            }
+            let h = postcopy.take_if(|h| h.is_finished())?;
+            let missing = h.missing_pages();
+            match h.wait() {
+                Ok(c) => {
+                    eprintln!(
+                        "ferry: post-copy complete: all {} pages here {:.1} ms after the start; {} remote faults, latency p50 {} us, p99 {} us, max {} us",
+                        c.pages,
+                        c.last_page_us as f64 / 1e3,
+                        c.requested_pages,
+                        c.fault_p50_us,
+                        c.fault_p99_us,
+                        c.fault_max_us
+                    );
+                    None
+                }
+                Err(e) => {
+                    eprintln!(
+                        "ferry: post-copy FAILED: {}; the VM lacks {missing} pages that only the source held: it is LOST here and stopped, never run on partial memory",
+                        error_chain(&e)
+                    );
+                    Some(Ending::MemoryLost)
+                }
             }
         },
     )

@@ -83,6 +83,6 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<bool> {
         start,
         &args.supervise,
         super::run::Extra::Restored(figures),
-        &mut |_| {},
+        &mut |_| None,
     )
 }

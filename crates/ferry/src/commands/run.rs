@@ -120,6 +120,9 @@ pub enum Ending {
     /// The commit was sent but never acknowledged: the VM is paused here
     /// and must not run until an operator knows where it lives.
     MigrationInDoubt,
+    /// Post-copy lost its source: pages the VM needs are gone, so it was
+    /// stopped here rather than run on partial memory.
+    MemoryLost,
 }
 
 /// Boots a VM, returning it and the instant the command started.
@@ -157,6 +160,11 @@ pub fn watch_until(
             return Ending::DurationReached;
         }
         let Ok(event) = events.recv_timeout(Duration::from_millis(20)) else {
+            // A guest may be silent (waiting on memory, say): the caller
+            // still gets to look.
+            if done(watch) {
+                return Ending::Predicate;
+            }
             continue;
         };
         let had_heartbeat = watch.first_heartbeat_ms.is_some();
@@ -302,7 +310,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
         start,
         &args.supervise,
         Extra::Booted,
-        &mut |_| {},
+        &mut |_| None,
     )
 }
 
@@ -322,10 +330,11 @@ pub fn supervise(
     start: Instant,
     args: &SuperviseArgs,
     extra: Extra,
-    on_watch: &mut dyn FnMut(&GuestWatch),
+    on_watch: &mut dyn FnMut(&GuestWatch) -> Option<Ending>,
 ) -> anyhow::Result<bool> {
     let mut watch = GuestWatch::new(start);
     let deadline = args.duration.map(|d| start + d);
+    let mut asked = None;
     let ending = watch_until(
         &mut vm,
         &events,
@@ -334,10 +343,11 @@ pub fn supervise(
         deadline,
         args.quiet,
         |w| {
-            on_watch(w);
-            false
+            asked = on_watch(w);
+            asked.is_some()
         },
     );
+    let ending = asked.unwrap_or(ending);
     vm.stop();
     for event in events.try_iter() {
         if let Seen::Console(text, _) = watch.observe(&event) {
@@ -349,7 +359,8 @@ pub fn supervise(
     let ok = watch.memory_ok()
         && watch.stopped.is_none()
         && watch.sequence_breaks == 0
-        && ending != Ending::MigrationInDoubt;
+        && ending != Ending::MigrationInDoubt
+        && ending != Ending::MemoryLost;
     let (restored, received) = match extra {
         Extra::Booted => (None, None),
         Extra::Restored(r) => (Some(r), None),

@@ -1,9 +1,14 @@
 //! The destination: judges an offer against this host, builds the VM it
 //! describes, and hands the engine its memory and state loader.
 
-use ferry_migration::guest::{GuestError, IncomingGuest};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_migration::bitmap::PageBitmap;
+use ferry_migration::guest::{GuestError, IncomingGuest, LazyMemory};
 use ferry_migration::protocol::Offer;
 use ferry_vmm::compat::{check_incoming, decode_cpuid, IncomingLimits, OfferedVm};
+use ferry_vmm::lazy::LazyRam;
 use ferry_vmm::state::StateRecord;
 use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{GuestRam, KvmHost, Vm};
@@ -76,5 +81,37 @@ impl IncomingGuest for Incoming {
         // The vCPU threads inherit this thread's priority.
         super::priority::normal();
         Ok(self.0.start()?)
+    }
+
+    fn start_lazy(self, missing: &PageBitmap) -> Result<(Vm, Arc<dyn LazyMemory>), GuestError> {
+        // The vCPU threads, and the fault service started next, inherit
+        // this thread's priority: a fault must be served at once.
+        super::priority::normal();
+        let ranges: Vec<(u64, u64)> = missing.runs().iter().map(|r| (r.gpa, r.bytes())).collect();
+        let (vm, lazy) = self.0.start_lazy(&ranges)?;
+        Ok((vm, Arc::new(LazyGuestRam(lazy))))
+    }
+}
+
+/// The VMM's userfaultfd-backed memory as the engine sees it.
+struct LazyGuestRam(LazyRam);
+
+impl LazyMemory for LazyGuestRam {
+    fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, GuestError> {
+        Ok(self.0.next_fault(timeout)?)
+    }
+
+    fn place(&self, gpa: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.0.place(gpa, data)?;
+        Ok(())
+    }
+
+    fn place_zero(&self, gpa: u64, len: u64) -> Result<(), GuestError> {
+        self.0.place_zero(gpa, len)?;
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<(), GuestError> {
+        Ok(self.0.finish()?)
     }
 }

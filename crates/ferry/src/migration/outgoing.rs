@@ -23,6 +23,7 @@ pub fn migrate_vm(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, Failure> {
     let options = PrecopyOptions {
+        mode: request.mode,
         policy: PolicyConfig {
             downtime_target: Duration::from_secs_f64(request.downtime_ms / 1e3),
             auto_converge: request.auto_converge,
@@ -38,7 +39,7 @@ pub fn migrate_vm(
                 error,
                 vm_running: true,
                 report: Box::new(MigrationReport {
-                    mode: "precopy".into(),
+                    mode: request.mode.name().into(),
                     outcome: "aborted: VM running on the source".into(),
                     destination: request.to.clone(),
                     ..Default::default()

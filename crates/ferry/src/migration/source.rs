@@ -1,10 +1,12 @@
 //! A running VM as the migration engine's source.
 
 use ferry_migration::bitmap::{PageBitmap, RangeBits};
-use ferry_migration::guest::{GuestError, SourceGuest};
+use std::sync::Arc;
+
+use ferry_migration::guest::{GuestError, PageReader, SourceGuest};
 use ferry_migration::protocol::{Offer, RamRange};
 use ferry_vmm::compat::encode_cpuid;
-use ferry_vmm::Vm;
+use ferry_vmm::{GuestRam, Vm};
 
 /// Features every Ferry VM relies on; a destination refuses names it does
 /// not know.
@@ -40,11 +42,7 @@ impl SourceGuest for VmSource<'_> {
     }
 
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
-        if self.0.ram().copy_out(gpa, dst) {
-            Ok(())
-        } else {
-            Err(format!("{} bytes at {gpa:#x} are not guest RAM", dst.len()).into())
-        }
+        read_ram(self.0.ram(), gpa, dst)
     }
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), GuestError> {
@@ -82,5 +80,26 @@ impl SourceGuest for VmSource<'_> {
 
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
         Ok(self.0.save_state()?.encode())
+    }
+
+    fn frozen_memory(&self) -> Result<Arc<dyn PageReader>, GuestError> {
+        Ok(Arc::new(FrozenRam(self.0.ram().clone())))
+    }
+}
+
+/// The paused VM's memory, for the post-copy threads.
+struct FrozenRam(GuestRam);
+
+impl PageReader for FrozenRam {
+    fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
+        read_ram(&self.0, gpa, dst)
+    }
+}
+
+fn read_ram(ram: &GuestRam, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
+    if ram.copy_out(gpa, dst) {
+        Ok(())
+    } else {
+        Err(format!("{} bytes at {gpa:#x} are not guest RAM", dst.len()).into())
     }
 }

@@ -4,16 +4,17 @@
 //! Any failure before that drops the incoming VM: nothing is left.
 
 use std::io::Write;
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::guest::IncomingGuest;
+use crate::postcopy::PostcopyHandle;
 use crate::precopy::error::{error_chain, ReceiveError};
 use crate::protocol::{
-    read_header, read_message, read_pages_into, read_state, write_message, Abort, Accept,
-    Committed, FrameKind, HelloAck, Message, Offer, PageSink, Refuse, Resumed, Role, StateLoaded,
-    VersionRange,
+    read_header, read_message, read_pages_into, read_state, recv_message, write_message, Abort,
+    Accept, Committed, FrameKind, HelloAck, Message, Offer, PageSink, PostcopyReady, Refuse,
+    Resumed, Role, StateLoaded, VersionRange,
 };
 
 #[derive(Debug, Clone)]
@@ -46,30 +47,43 @@ pub struct ReceiveReport {
     /// Commit received to vCPUs started.
     pub start_ms: f64,
     pub total_ms: f64,
+    /// Pages the VM started without (post-copy), fetched after the start.
+    pub postcopy_pages: Option<u64>,
 }
 
 /// A received VM, running, and the stream to tell the source how the guest
-/// fared ([`send_resumed`]).
+/// fared ([`send_resumed`]). After a post-copy switch the VM runs while
+/// `postcopy` still fetches its missing pages; the stream is then the
+/// post-copy's, and the guest's report goes through the handle.
 pub struct Received<R> {
     pub vm: R,
     pub report: ReceiveReport,
     pub stream: TcpStream,
+    pub postcopy: Option<PostcopyHandle>,
 }
 
 /// Receives one VM over `stream`. `accept` judges the offer and builds the
 /// incoming VM, or says why not (the source is told, and keeps its VM).
+/// `listener` is where the source opens the fault channel if it switches
+/// to post-copy; without one, post-copy is refused.
 pub fn receive<G: IncomingGuest>(
     mut stream: TcpStream,
+    listener: Option<&TcpListener>,
     options: &ReceiveOptions,
     accept: impl FnOnce(&Offer) -> Result<G, String>,
 ) -> Result<Received<G::Running>, ReceiveError> {
     let t0 = Instant::now();
     let mut report = ReceiveReport::default();
-    let result = drive(&mut stream, options, accept, &mut report, t0);
+    let result = drive(&mut stream, listener, options, accept, &mut report);
     match result {
-        Ok(vm) => {
+        Ok((vm, postcopy)) => {
             report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-            Ok(Received { vm, report, stream })
+            Ok(Received {
+                vm,
+                report,
+                stream,
+                postcopy,
+            })
         }
         Err(e) => {
             // Tell the source why, unless it is the one that gave up.
@@ -128,13 +142,18 @@ pub fn send_resumed(stream: &mut TcpStream, guest_stall_us: Option<u64>, first_s
     let _ = stream.flush();
 }
 
+/// How long the destination waits for the source's fault channel.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Started<R> = (R, Option<PostcopyHandle>);
+
 fn drive<G: IncomingGuest>(
     stream: &mut TcpStream,
+    listener: Option<&TcpListener>,
     options: &ReceiveOptions,
     accept: impl FnOnce(&Offer) -> Result<G, String>,
     report: &mut ReceiveReport,
-    t0: Instant,
-) -> Result<G::Running, ReceiveError> {
+) -> Result<Started<G::Running>, ReceiveError> {
     let stage = "setting up the connection";
     let io = |e: std::io::Error| ReceiveError::Protocol {
         stage,
@@ -200,6 +219,8 @@ fn drive<G: IncomingGuest>(
     };
     let mut round_pages = 0u64;
     let mut state_len = None;
+    let mut fault_channel: Option<TcpStream> = None;
+    let mut missing: Option<PageBitmap> = None;
     let stage = "receiving pages";
     loop {
         let header = read_header(stream).map_err(ReceiveError::protocol(stage))?;
@@ -247,6 +268,28 @@ fn drive<G: IncomingGuest>(
                         round_pages = 0;
                     }
                     Message::Commit(_) if state_len.is_some() => break,
+                    Message::PostcopyPrepare(p) if fault_channel.is_none() => {
+                        let stage = "opening the fault channel";
+                        let Some(listener) = listener else {
+                            return Err(ReceiveError::Postcopy(
+                                "this destination was started without a listener for the fault channel".into(),
+                            ));
+                        };
+                        fault_channel = Some(accept_fault_channel(listener, p.session)?);
+                        write_message(stream, &Message::PostcopyReady(PostcopyReady))
+                            .map_err(ReceiveError::protocol(stage))?;
+                    }
+                    Message::PostcopyBegin(b) if fault_channel.is_some() && state_len.is_none() => {
+                        let set = PageBitmap::from_words(&offer.ram_ranges, &b.words)
+                            .filter(|set| set.count() == b.pages)
+                            .ok_or_else(|| {
+                                ReceiveError::Postcopy(format!(
+                                    "the set of {} missing pages does not fit the offered memory",
+                                    b.pages
+                                ))
+                            })?;
+                        missing = Some(set);
+                    }
                     Message::Abort(a) => return Err(ReceiveError::SourceAborted(a.reason)),
                     _ => {
                         return Err(unexpected(
@@ -265,15 +308,67 @@ fn drive<G: IncomingGuest>(
     }
     // Committed: the VM is ours from here on, whatever happens to the link.
     let t_start = Instant::now();
-    let vm = guest.start().map_err(|source| ReceiveError::Guest {
-        stage: "starting the VM after the commit",
-        source,
-    })?;
+    let stage = "starting the VM after the commit";
+    let started = match (missing, fault_channel) {
+        (Some(missing), Some(fault)) => {
+            report.postcopy_pages = Some(missing.count());
+            let (vm, lazy) = guest
+                .start_lazy(&missing)
+                .map_err(|source| ReceiveError::Guest { stage, source })?;
+            let main = stream
+                .try_clone()
+                .map_err(|e| ReceiveError::protocol(stage)(e.into()))?;
+            let handle = PostcopyHandle::start(lazy, missing, main, fault)
+                .map_err(|e| ReceiveError::protocol(stage)(e.into()))?;
+            (vm, Some(handle))
+        }
+        _ => {
+            let vm = guest
+                .start()
+                .map_err(|source| ReceiveError::Guest { stage, source })?;
+            (vm, None)
+        }
+    };
     report.start_ms = t_start.elapsed().as_secs_f64() * 1e3;
     let _ = write_message(stream, &Message::Committed(Committed));
     let _ = stream.flush();
-    let _ = t0;
-    Ok(vm)
+    Ok(started)
+}
+
+/// Accepts connections on `listener` until one opens with `Join{session}`.
+fn accept_fault_channel(listener: &TcpListener, session: u64) -> Result<TcpStream, ReceiveError> {
+    let stage = "opening the fault channel";
+    let io = |e: std::io::Error| ReceiveError::protocol(stage)(e.into());
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    listener.set_nonblocking(true).map_err(io)?;
+    let joined = loop {
+        match listener.accept() {
+            Ok((mut conn, _)) => {
+                conn.set_nonblocking(false).map_err(io)?;
+                conn.set_read_timeout(Some(JOIN_TIMEOUT)).map_err(io)?;
+                let mut scratch = Vec::new();
+                match recv_message(&mut conn, &mut scratch) {
+                    Ok(Message::Join(j)) if j.session == session => break Ok(conn),
+                    // Someone else's connection: not ours to serve.
+                    _ => continue,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break Err(ReceiveError::Postcopy(format!(
+                        "the source did not open the fault channel within {JOIN_TIMEOUT:?}"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => break Err(io(e)),
+        }
+    };
+    listener.set_nonblocking(false).map_err(io)?;
+    let conn = joined?;
+    conn.set_nodelay(true).map_err(io)?;
+    conn.set_read_timeout(None).map_err(io)?;
+    Ok(conn)
 }
 
 fn next_message(

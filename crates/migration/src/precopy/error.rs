@@ -78,6 +78,8 @@ pub enum ReceiveError {
     },
     #[error("round {round}: the source says it sent {said} pages, {got} arrived")]
     PageCount { round: u32, said: u64, got: u64 },
+    #[error("post-copy: {0}")]
+    Postcopy(String),
 }
 
 impl ReceiveError {

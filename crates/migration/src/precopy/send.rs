@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use crate::bandwidth::Pacer;
-use crate::guest::{GuestError, SourceGuest};
+use crate::guest::GuestError;
 use crate::protocol::{write_pages, PageRun, MAX_BATCH_DATA_BYTES, MAX_BATCH_RUNS, PAGE_SIZE};
 use crate::ProtocolError;
 
@@ -14,6 +14,9 @@ use crate::ProtocolError;
 /// writing a batch stay in the CPU's caches, large enough that the frame
 /// overhead is nothing. Tunable by FERRY_BATCH_KIB for experiments.
 const BATCH_BYTES: usize = 1 << 20;
+
+/// Copies guest memory at a guest address into a buffer.
+pub type ReadFn<'a> = &'a dyn Fn(u64, &mut [u8]) -> Result<(), GuestError>;
 
 /// What sending a set of runs did.
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,9 +75,9 @@ impl PageSender {
 
     /// Sends every page of `runs`; `on_batch` hears the totals after each
     /// frame (for progress and the bytes-over-time record).
-    pub fn send_runs<G: SourceGuest + ?Sized>(
+    pub fn send_runs(
         &mut self,
-        guest: &G,
+        read: ReadFn<'_>,
         w: &mut impl Write,
         runs: &[PageRun],
         on_batch: &mut dyn FnMut(&SentCounts),
@@ -93,7 +96,7 @@ impl PageSender {
                     continue;
                 }
                 let n = left.min(room as u64) as usize;
-                self.stage(guest, gpa, n)?;
+                self.stage(read, gpa, n)?;
                 gpa += (n * PAGE_SIZE) as u64;
                 left -= n as u64;
             }
@@ -108,17 +111,10 @@ impl PageSender {
 
     /// Copies `n` pages at `gpa` into the buffer and sorts them into data
     /// and zero runs. Zero pages keep their slot in the buffer (unsent).
-    fn stage<G: SourceGuest + ?Sized>(
-        &mut self,
-        guest: &G,
-        gpa: u64,
-        n: usize,
-    ) -> Result<(), SendError> {
+    fn stage(&mut self, read: ReadFn<'_>, gpa: u64, n: usize) -> Result<(), SendError> {
         let start = self.filled;
         let bytes = n * PAGE_SIZE;
-        guest
-            .read(gpa, &mut self.buf[start..start + bytes])
-            .map_err(SendError::Guest)?;
+        read(gpa, &mut self.buf[start..start + bytes]).map_err(SendError::Guest)?;
         self.filled += bytes;
         for i in 0..n {
             let offset = start + i * PAGE_SIZE;

@@ -11,14 +11,18 @@ use std::time::{Duration, Instant};
 use crate::bandwidth::Pacer;
 use crate::bitmap::{push_run, PageBitmap};
 use crate::guest::SourceGuest;
+use crate::mode::Mode;
 use crate::policy::{Decision, Policy, PolicyConfig, RoundFacts};
+use crate::postcopy::channel::new_session;
+use crate::postcopy::source::{serve, ServeOptions};
 use crate::precopy::error::{error_chain, MigrateError};
 use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
-    HelloAck, Message, PageRun, RamRange, Role, RoundEnd, PAGE_SIZE,
+    HelloAck, Join, Message, PageRun, PostcopyBegin, PostcopyPrepare, RamRange, Role, RoundEnd,
+    PAGE_SIZE, POSTCOPY_VERSION,
 };
-use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
+use crate::stats::{mib_per_s, GuestSeen, MigrationReport, PostcopyReport, Progress, RoundReport};
 
 /// How often the progress callback hears from a running migration.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
@@ -33,6 +37,7 @@ const TIMELINE_EVERY_MS: f64 = 10.0;
 
 #[derive(Debug, Clone)]
 pub struct PrecopyOptions {
+    pub mode: Mode,
     pub policy: PolicyConfig,
     /// `--bandwidth`, bytes per second.
     pub bandwidth: Option<u64>,
@@ -46,6 +51,7 @@ pub struct PrecopyOptions {
 impl Default for PrecopyOptions {
     fn default() -> Self {
         Self {
+            mode: Mode::Precopy,
             policy: PolicyConfig::default(),
             bandwidth: None,
             io_timeout: Duration::from_secs(30),
@@ -79,8 +85,10 @@ struct Run<'p> {
     paused: bool,
     throttle: u32,
     commit_sent: bool,
+    postcopy_started: bool,
     rate: Option<f64>,
     last_dirty_rate: f64,
+    ram_ranges: Vec<RamRange>,
 }
 
 impl Run<'_> {
@@ -135,7 +143,7 @@ pub fn migrate<G: SourceGuest + ?Sized>(
     let mut run = Run {
         t0: Instant::now(),
         report: MigrationReport {
-            mode: "precopy".into(),
+            mode: options.mode.name().into(),
             outcome: "running".into(),
             destination: destination.into(),
             downtime_target_ms: options.policy.downtime_target.as_secs_f64() * 1e3,
@@ -147,8 +155,10 @@ pub fn migrate<G: SourceGuest + ?Sized>(
         paused: false,
         throttle: 0,
         commit_sent: false,
+        postcopy_started: false,
         rate: None,
         last_dirty_rate: 0.0,
+        ram_ranges: Vec::new(),
     };
     match drive(guest, &mut stream, options, &mut run) {
         Ok(()) => {
@@ -177,6 +187,8 @@ pub fn migrate<G: SourceGuest + ?Sized>(
             };
             run.report.outcome = if vm_running {
                 "aborted: VM running on the source".into()
+            } else if run.postcopy_started {
+                "post-copy interrupted: the VM waits on the destination for pages held here".into()
             } else {
                 "commit unacknowledged: VM paused".into()
             };
@@ -211,10 +223,22 @@ fn drive<G: SourceGuest + ?Sized>(
             source: e.into(),
         })?;
     run.tell("setup", 0, 0, 0, Instant::now(), true);
-    handshake(guest, stream, run)?;
+    let version = handshake(guest, stream, run)?;
     run.report.setup_ms = run.ms();
+    if options.mode.may_postcopy() && version < POSTCOPY_VERSION {
+        return Err(MigrateError::Refused(format!(
+            "the destination speaks protocol v{version}, which has no post-copy (v{POSTCOPY_VERSION} and later); use --mode precopy"
+        )));
+    }
+    if options.mode == Mode::Postcopy {
+        let reason = "post-copy was asked for";
+        return switch_to_postcopy(guest, stream, options, run, None, Duration::ZERO, reason);
+    }
 
-    let mut policy = Policy::new(options.policy.clone());
+    let mut config = options.policy.clone();
+    config.postcopy_fallback = options.mode == Mode::Hybrid;
+    let mut policy = Policy::new(config);
+    let first_round = Instant::now();
     let mut sender = PageSender::new(Pacer::new(options.bandwidth));
     let mut scratch = Vec::new();
     guest
@@ -249,9 +273,21 @@ fn drive<G: SourceGuest + ?Sized>(
             dirty_bytes: dirty.bytes(),
             elapsed,
             send_rate: run.rate.unwrap_or(ASSUMED_RATE),
+            since_start: first_round.elapsed(),
         };
         match policy.decide(facts) {
             Decision::Switchover { predicted, forced } => break (dirty, predicted, forced),
+            Decision::StartPostcopy { predicted, reason } => {
+                return switch_to_postcopy(
+                    guest,
+                    stream,
+                    options,
+                    run,
+                    Some(dirty),
+                    predicted,
+                    reason,
+                );
+            }
             Decision::NextRound { throttle, .. } => {
                 if throttle != run.throttle {
                     guest
@@ -277,18 +313,18 @@ fn drive<G: SourceGuest + ?Sized>(
     )
 }
 
-/// Hello, then the Offer; returns the RAM ranges the destination reserved.
+/// Hello, then the Offer; returns the protocol version agreed on.
 fn handshake<G: SourceGuest + ?Sized>(
     guest: &G,
     stream: &mut TcpStream,
     run: &mut Run<'_>,
-) -> Result<(), MigrateError> {
+) -> Result<u16, MigrateError> {
     let mut scratch = Vec::new();
     let stage = "handshake";
     write_message(stream, &Message::Hello(Hello::new(Role::Source)))
         .map_err(MigrateError::protocol(stage))?;
-    match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
-        Message::HelloAck(HelloAck::Accepted { .. }) => {}
+    let version = match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::HelloAck(HelloAck::Accepted { version }) => version,
         Message::HelloAck(HelloAck::Refused { reason }) => {
             return Err(MigrateError::Refused(reason))
         }
@@ -300,16 +336,17 @@ fn handshake<G: SourceGuest + ?Sized>(
                 got: other.kind(),
             })
         }
-    }
+    };
     let offer = guest
         .describe()
         .map_err(MigrateError::guest("describing the VM"))?;
     run.report.mem_bytes = offer.mem_bytes;
     run.report.vcpus = offer.vcpus;
+    run.ram_ranges = offer.ram_ranges.clone();
     let stage = "offering the VM";
     write_message(stream, &Message::Offer(offer)).map_err(MigrateError::protocol(stage))?;
     match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
-        Message::Accept(_) => Ok(()),
+        Message::Accept(_) => Ok(version),
         Message::Refuse(r) => Err(MigrateError::Refused(r.reason)),
         Message::Abort(a) => Err(MigrateError::PeerAborted(a.reason)),
         other => Err(MigrateError::Unexpected {
@@ -353,7 +390,12 @@ fn send_round<G: SourceGuest + ?Sized>(
             run.tell(phase, round, round_bytes, in_round, start, false);
         };
         sender
-            .send_runs(guest, stream, runs, &mut on_batch)
+            .send_runs(
+                &|gpa, dst| guest.read(gpa, dst),
+                stream,
+                runs,
+                &mut on_batch,
+            )
             .map_err(|e| match e {
                 crate::precopy::send::SendError::Guest(g) => {
                     MigrateError::Guest { stage, source: g }
@@ -415,6 +457,48 @@ fn blackout<G: SourceGuest + ?Sized>(
     dirty.union_with(&last);
     let sent = send_round(guest, stream, sender, run, round, &dirty.runs(), true)?;
 
+    let handed = hand_over(guest, stream, run)?;
+    let b = &mut run.report.blackout;
+    b.host_downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+    b.predicted_ms = predicted.as_secs_f64() * 1e3;
+    b.forced = forced;
+    b.pause_ms = pause_ms;
+    b.final_pages = sent.pages;
+    b.final_bytes = sent.bytes;
+    handed.record(b);
+    run.report.total_ms = run.ms();
+    run.report.throughput_mibs = mib_per_s(
+        run.report.bytes_sent,
+        run.report.total_ms - run.report.setup_ms,
+    );
+    Ok(())
+}
+
+/// What handing the state over measured.
+struct HandedOver {
+    state_bytes: u64,
+    state_save_ms: f64,
+    state_load_ms: f64,
+    commit_ms: f64,
+}
+
+impl HandedOver {
+    fn record(&self, b: &mut crate::stats::BlackoutReport) {
+        b.state_bytes = self.state_bytes;
+        b.state_save_ms = self.state_save_ms;
+        b.state_load_ms = self.state_load_ms;
+        b.commit_ms = self.commit_ms;
+    }
+}
+
+/// With the VM paused: sends the state record, waits until the destination
+/// loaded exactly it, then commits. From the Commit on, the VM is the
+/// destination's.
+fn hand_over<G: SourceGuest + ?Sized>(
+    guest: &mut G,
+    stream: &mut TcpStream,
+    run: &mut Run<'_>,
+) -> Result<HandedOver, MigrateError> {
     let t_save = Instant::now();
     let state = guest
         .save_state()
@@ -465,24 +549,160 @@ fn blackout<G: SourceGuest + ?Sized>(
         }
         Err(e) => return Err(MigrateError::CommitUnacknowledged(error_chain(&e))),
     }
+    Ok(HandedOver {
+        state_bytes: state.len() as u64,
+        state_save_ms,
+        state_load_ms,
+        commit_ms: t_commit.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Moves the VM before the rest of its memory: opens the fault channel,
+/// pauses, tells the destination which pages it lacks (`dirty`: those
+/// dirtied since they were sent; None: nothing was sent, so every page
+/// that may hold data), hands the state over and commits, then serves
+/// pages until the destination holds them all.
+#[allow(clippy::too_many_arguments)]
+fn switch_to_postcopy<G: SourceGuest + ?Sized>(
+    guest: &mut G,
+    stream: &mut TcpStream,
+    options: &PrecopyOptions,
+    run: &mut Run<'_>,
+    dirty: Option<PageBitmap>,
+    predicted: Duration,
+    reason: &str,
+) -> Result<(), MigrateError> {
+    let stage = "opening the fault channel";
+    let io = |e: std::io::Error| MigrateError::Protocol {
+        stage,
+        source: e.into(),
+    };
+    let session = new_session();
+    write_message(
+        stream,
+        &Message::PostcopyPrepare(PostcopyPrepare { session }),
+    )
+    .map_err(MigrateError::protocol(stage))?;
+    let addr = stream.peer_addr().map_err(io)?;
+    let mut fault = TcpStream::connect_timeout(&addr, FAULT_CHANNEL_TIMEOUT).map_err(io)?;
+    fault.set_nodelay(true).map_err(io)?;
+    fault
+        .set_write_timeout(Some(options.io_timeout))
+        .map_err(io)?;
+    write_message(&mut fault, &Message::Join(Join { session }))
+        .map_err(MigrateError::protocol(stage))?;
+    let mut scratch = Vec::new();
+    match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::PostcopyReady(_) => {}
+        Message::Abort(a) => return Err(MigrateError::PeerAborted(a.reason)),
+        other => {
+            return Err(MigrateError::Unexpected {
+                stage,
+                expected: "PostcopyReady",
+                got: other.kind(),
+            })
+        }
+    }
+
+    let t_pause = Instant::now();
+    guest
+        .pause()
+        .map_err(MigrateError::guest("pausing the VM"))?;
+    run.paused = true;
+    run.throttle = 0;
+    let pause_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+    let needed = match dirty {
+        Some(mut dirty) => {
+            let last = guest
+                .harvest_dirty()
+                .map_err(MigrateError::guest("harvesting the last dirty pages"))?;
+            dirty.union_with(&last);
+            dirty
+        }
+        None => {
+            let mut all = PageBitmap::new(&run.ram_ranges);
+            for r in guest
+                .populated()
+                .map_err(MigrateError::guest("finding the populated memory"))?
+            {
+                all.set_range(r.gpa, r.len, true);
+            }
+            all
+        }
+    };
+    let stage = "telling the destination which pages it lacks";
+    write_message(
+        stream,
+        &Message::PostcopyBegin(PostcopyBegin {
+            pages: needed.count(),
+            words: needed.to_words(),
+        }),
+    )
+    .map_err(MigrateError::protocol(stage))?;
+    let handed = hand_over(guest, stream, run)?;
+    run.postcopy_started = true;
     let b = &mut run.report.blackout;
     b.host_downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
     b.predicted_ms = predicted.as_secs_f64() * 1e3;
-    b.forced = forced;
     b.pause_ms = pause_ms;
-    b.final_pages = sent.pages;
-    b.final_bytes = sent.bytes;
-    b.state_bytes = state.len() as u64;
-    b.state_save_ms = state_save_ms;
-    b.state_load_ms = state_load_ms;
-    b.commit_ms = t_commit.elapsed().as_secs_f64() * 1e3;
+    handed.record(b);
+
+    let memory = guest
+        .frozen_memory()
+        .map_err(MigrateError::guest("sharing the paused VM's memory"))?;
+    let t_serve = Instant::now();
+    let serve_options = ServeOptions {
+        bandwidth: options.bandwidth,
+        io_timeout: options.io_timeout,
+    };
+    let needed_bytes = needed.bytes();
+    let served = serve(
+        memory,
+        stream,
+        fault,
+        &needed,
+        &serve_options,
+        &mut |sent, total| {
+            let left = total.saturating_sub(sent) * PAGE_SIZE as u64;
+            run.tell(
+                "postcopy",
+                0,
+                needed_bytes,
+                needed_bytes - left,
+                t_serve,
+                true,
+            );
+        },
+    )?;
+    let c = &served.complete;
+    run.report.postcopy = Some(PostcopyReport {
+        reason: reason.into(),
+        needed_pages: needed.count(),
+        pushed_pages: served.pushed_pages,
+        requested_pages: served.requested_pages,
+        faults: c.faults,
+        fault_p50_us: c.fault_p50_us,
+        fault_p99_us: c.fault_p99_us,
+        fault_max_us: c.fault_max_us,
+        last_page_ms: c.last_page_us as f64 / 1e3,
+        duration_ms: t_serve.elapsed().as_secs_f64() * 1e3,
+        bytes_sent: served.bytes,
+    });
+    let _ = served.requests;
+    run.report.bytes_sent += served.bytes;
+    run.report.pages_sent += served.pushed_pages + served.requested_pages;
     run.report.total_ms = run.ms();
+    let now_ms = run.ms();
+    run.report.timeline.push((now_ms, run.report.bytes_sent));
     run.report.throughput_mibs = mib_per_s(
         run.report.bytes_sent,
         run.report.total_ms - run.report.setup_ms,
     );
     Ok(())
 }
+
+/// How long the source tries to open the fault channel.
+const FAULT_CHANNEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A destination that gave up mid-round says why in an Abort frame; look
 /// for one without blocking, between rounds.

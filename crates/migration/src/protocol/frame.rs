@@ -59,10 +59,16 @@ pub enum FrameKind {
     Committed = 11,
     Abort = 12,
     Resumed = 13,
+    PostcopyPrepare = 14,
+    Join = 15,
+    PostcopyReady = 16,
+    PostcopyBegin = 17,
+    PageRequest = 18,
+    PostcopyComplete = 19,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 13] = [
+    pub const ALL: [FrameKind; 19] = [
         Self::Hello,
         Self::HelloAck,
         Self::Offer,
@@ -76,6 +82,12 @@ impl FrameKind {
         Self::Committed,
         Self::Abort,
         Self::Resumed,
+        Self::PostcopyPrepare,
+        Self::Join,
+        Self::PostcopyReady,
+        Self::PostcopyBegin,
+        Self::PageRequest,
+        Self::PostcopyComplete,
     ];
 
     pub fn from_u16(value: u16) -> Option<Self> {
@@ -112,6 +124,12 @@ impl FrameKind {
             Self::Committed => "Committed",
             Self::Abort => "Abort",
             Self::Resumed => "Resumed",
+            Self::PostcopyPrepare => "PostcopyPrepare",
+            Self::Join => "Join",
+            Self::PostcopyReady => "PostcopyReady",
+            Self::PostcopyBegin => "PostcopyBegin",
+            Self::PageRequest => "PageRequest",
+            Self::PostcopyComplete => "PostcopyComplete",
         }
     }
 }

@@ -204,6 +204,56 @@ pub struct Resumed {
     pub first_seq: Option<u64>,
 }
 
+/// The source is about to open the fault channel, a second connection
+/// that carries only page requests and the pages that answer them, so a
+/// faulting vCPU never waits behind the background push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyPrepare {
+    pub session: u64,
+}
+
+/// The first frame on the fault channel: which migration it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Join {
+    pub session: u64,
+}
+
+/// The destination accepted the fault channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyReady;
+
+/// Sent while the source is paused, before the state: the pages the
+/// destination does not hold (or holds stale), one bit per page over the
+/// offer's RAM ranges in order, 64 pages per word. Every other page the
+/// destination holds is current, or was never written (reads as zero).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyBegin {
+    pub pages: u64,
+    pub words: Vec<u64>,
+}
+
+/// Destination to source, on the fault channel: a vCPU waits on these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRequest {
+    pub gpa: u64,
+    pub pages: u32,
+}
+
+/// Every page is here; the source may let its copy go. Carries what the
+/// destination measured, for the source's report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyComplete {
+    pub pages: u64,
+    pub requested_pages: u64,
+    pub faults: u64,
+    /// Remote fault latency: fault read to page placed, microseconds.
+    pub fault_p50_us: u64,
+    pub fault_p99_us: u64,
+    pub fault_max_us: u64,
+    /// From the VM's start here to the last page placed.
+    pub last_page_us: u64,
+}
+
 /// Any control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -218,6 +268,12 @@ pub enum Message {
     Committed(Committed),
     Abort(Abort),
     Resumed(Resumed),
+    PostcopyPrepare(PostcopyPrepare),
+    Join(Join),
+    PostcopyReady(PostcopyReady),
+    PostcopyBegin(PostcopyBegin),
+    PageRequest(PageRequest),
+    PostcopyComplete(PostcopyComplete),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -248,6 +304,12 @@ impl Message {
             Self::Committed(_) => FrameKind::Committed,
             Self::Abort(_) => FrameKind::Abort,
             Self::Resumed(_) => FrameKind::Resumed,
+            Self::PostcopyPrepare(_) => FrameKind::PostcopyPrepare,
+            Self::Join(_) => FrameKind::Join,
+            Self::PostcopyReady(_) => FrameKind::PostcopyReady,
+            Self::PostcopyBegin(_) => FrameKind::PostcopyBegin,
+            Self::PageRequest(_) => FrameKind::PageRequest,
+            Self::PostcopyComplete(_) => FrameKind::PostcopyComplete,
         }
     }
 
@@ -265,6 +327,12 @@ impl Message {
             Self::Committed(m) => encode(m),
             Self::Abort(m) => encode(m),
             Self::Resumed(m) => encode(m),
+            Self::PostcopyPrepare(m) => encode(m),
+            Self::Join(m) => encode(m),
+            Self::PostcopyReady(m) => encode(m),
+            Self::PostcopyBegin(m) => encode(m),
+            Self::PageRequest(m) => encode(m),
+            Self::PostcopyComplete(m) => encode(m),
         }
     }
 
@@ -282,6 +350,12 @@ impl Message {
             FrameKind::Committed => Self::Committed(decode(kind, payload)?),
             FrameKind::Abort => Self::Abort(decode(kind, payload)?),
             FrameKind::Resumed => Self::Resumed(decode(kind, payload)?),
+            FrameKind::PostcopyPrepare => Self::PostcopyPrepare(decode(kind, payload)?),
+            FrameKind::Join => Self::Join(decode(kind, payload)?),
+            FrameKind::PostcopyReady => Self::PostcopyReady(decode(kind, payload)?),
+            FrameKind::PostcopyBegin => Self::PostcopyBegin(decode(kind, payload)?),
+            FrameKind::PageRequest => Self::PageRequest(decode(kind, payload)?),
+            FrameKind::PostcopyComplete => Self::PostcopyComplete(decode(kind, payload)?),
             FrameKind::Pages | FrameKind::State => {
                 return Err(ProtocolError::Unexpected {
                     expected: "a control message",

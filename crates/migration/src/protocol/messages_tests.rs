@@ -56,6 +56,26 @@ fn every_message() -> Vec<Message> {
             guest_stall_us: Some(4200),
             first_seq: None,
         }),
+        Message::PostcopyPrepare(PostcopyPrepare { session: 77 }),
+        Message::Join(Join { session: 77 }),
+        Message::PostcopyReady(PostcopyReady),
+        Message::PostcopyBegin(PostcopyBegin {
+            pages: 65,
+            words: vec![u64::MAX, 1, 0],
+        }),
+        Message::PageRequest(PageRequest {
+            gpa: 0x10_0000,
+            pages: 1,
+        }),
+        Message::PostcopyComplete(PostcopyComplete {
+            pages: 65,
+            requested_pages: 3,
+            faults: 3,
+            fault_p50_us: 40,
+            fault_p99_us: 90,
+            fault_max_us: 120,
+            last_page_us: 250_000,
+        }),
     ]
 }
 

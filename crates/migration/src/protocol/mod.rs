@@ -81,7 +81,8 @@ pub use frame::{
 };
 pub use messages::{
     read_message, recv_message, write_message, Abort, Accept, Commit, Committed, Hello, HelloAck,
-    InvalidOffer, Message, Offer, RamRange, Refuse, Resumed, Role, RoundEnd, StateLoaded,
+    InvalidOffer, Join, Message, Offer, PageRequest, PostcopyBegin, PostcopyComplete,
+    PostcopyPrepare, PostcopyReady, RamRange, Refuse, Resumed, Role, RoundEnd, StateLoaded,
     HELLO_MAGIC,
 };
 pub use pages::{
@@ -89,5 +90,6 @@ pub use pages::{
     MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, PAGE_SIZE,
 };
 pub use version::{
-    negotiate, NegotiationError, VersionRange, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    negotiate, NegotiationError, VersionRange, POSTCOPY_VERSION, PROTOCOL_VERSION,
+    PROTOCOL_VERSION_MIN,
 };
