@@ -7,6 +7,9 @@ use std::time::Duration;
 
 /// Live rounds taken to shorten a blackout that already fits the target.
 const MAX_EXTRA_ROUNDS: u32 = 3;
+/// Hybrid moves to post-copy when the guest dirties at least this share
+/// of what the link sends.
+const HYBRID_DIRTY_RATIO: f64 = 0.5;
 
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
@@ -148,8 +151,15 @@ impl Policy {
         let not_shrinking = facts.round >= 3
             && previous.is_some_and(|p| facts.dirty_bytes as f64 >= 0.9 * p as f64);
         if self.config.postcopy_fallback {
+            // Pre-copy resends what the guest dirties meanwhile: at a dirty
+            // rate of half the send rate it sends everything left twice
+            // over, while post-copy sends each page once.
+            let costly =
+                facts.send_rate > 0.0 && dirty_rate >= HYBRID_DIRTY_RATIO * facts.send_rate;
             let reason = if outrunning {
                 Some("the guest dirties memory about as fast as the link sends it")
+            } else if costly {
+                Some("the guest dirties memory at over half the send rate: pre-copy would resend most of it")
             } else if not_shrinking {
                 Some("the rounds stopped shrinking")
             } else if facts.round >= self.config.hybrid_max_rounds {

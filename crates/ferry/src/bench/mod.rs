@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use ferry_migration::mode::Mode;
 use ferry_testguest::workload::Workload;
 use serde::Serialize;
 
@@ -28,6 +29,12 @@ pub struct Row {
     /// The downtime target given to both; None: each engine's default
     /// (Ferry 20 ms, QEMU 300 ms), as a user who sets nothing gets.
     pub downtime_ms: Option<u64>,
+    /// Ferry's mode; any mode but pre-copy runs QEMU with post-copy on
+    /// (`migrate-start-postcopy` after its first full pass).
+    pub mode: Mode,
+    /// Send-rate cap given to both (QEMU: max-bandwidth and
+    /// max-postcopy-bandwidth); None: no cap (QEMU: 10 GiB/s).
+    pub bandwidth: Option<u64>,
 }
 
 pub fn rows() -> Vec<Row> {
@@ -37,12 +44,21 @@ pub fn rows() -> Vec<Row> {
         workload: workload.into(),
         prealloc,
         downtime_ms,
+        mode: Mode::Precopy,
+        bandwidth: None,
+    };
+    let capped = |name, mode| Row {
+        mode,
+        bandwidth: Some(300 << 20),
+        ..row(name, "dirty:256:max", false, None)
     };
     vec![
         row("idle", "idle", false, None),
         row("dirty-100", "dirty:256:100", false, None),
         row("dirty-1024-10ms", "dirty:256:1024", false, Some(10)),
         row("fill-768-prealloc", "dirty:0:1:768", true, None),
+        capped("postcopy-max-300MiBs", Mode::Postcopy),
+        capped("hybrid-max-300MiBs", Mode::Hybrid),
     ]
 }
 
@@ -177,9 +193,9 @@ pub fn run_rows(
                 downtime: row
                     .downtime_ms
                     .map_or(FERRY_DEFAULT_DOWNTIME, Duration::from_millis),
-                bandwidth: None,
+                bandwidth: row.bandwidth,
                 settle: Duration::from_secs(1),
-                mode: ferry_migration::mode::Mode::Precopy,
+                mode: row.mode,
             };
             match run_ferry_migration(&m, dir.path()) {
                 Ok(o) => result.ferry_runs.push(o),
@@ -194,6 +210,10 @@ pub fn run_rows(
                 );
                 q.prealloc = row.prealloc;
                 q.downtime_ms = row.downtime_ms;
+                q.postcopy = row.mode != Mode::Precopy;
+                if row.bandwidth.is_some() {
+                    q.max_bandwidth = row.bandwidth;
+                }
                 match run_qemu_migration(&q) {
                     Ok(o) => result.qemu_runs.push(o),
                     Err(e) => result.qemu_errors.push(e.to_string()),

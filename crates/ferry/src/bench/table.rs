@@ -12,16 +12,28 @@ pub fn print(results: &[RowResult], reps: usize) {
         "\nMedians of {reps} runs each; 1 vCPU, 1 GiB, microvm for QEMU; ratio = Ferry/QEMU (below 1: Ferry better).\n"
     );
     println!(
-        "| row | workload | prealloc | downtime target | ferry total ms | qemu total ms | ratio | ferry guest stall ms | qemu guest stall ms | ratio | ferry MiB sent | qemu MiB sent | ratio | ferry Gbit/s | qemu Gbit/s | verified ferry / qemu |"
+        "| row | workload | mode (ferry / qemu) | cap | prealloc | downtime target | ferry total ms | qemu total ms | ratio | ferry guest stall ms | qemu guest stall ms | ratio | ferry MiB sent | qemu MiB sent | ratio | ferry Gbit/s | qemu Gbit/s | verified ferry / qemu |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let f = r.ferry.as_ref();
         let q = r.qemu.as_ref();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
             r.row.name,
             r.row.workload,
+            format_args!(
+                "{} / {}",
+                r.row.mode,
+                if r.row.mode == ferry_migration::mode::Mode::Precopy {
+                    "precopy"
+                } else {
+                    "postcopy"
+                }
+            ),
+            r.row
+                .bandwidth
+                .map_or("none".into(), |b| format!("{} MiB/s", b >> 20)),
             if r.row.prealloc { "both" } else { "no" },
             r.row
                 .downtime_ms
@@ -41,6 +53,7 @@ pub fn print(results: &[RowResult], reps: usize) {
             q.map_or("-".into(), |m| m.verified.clone()),
         );
     }
+    print_postcopy(results);
     for r in results {
         for e in &r.ferry_errors {
             println!("ferry {} failed: {e}", r.row.name);
@@ -62,5 +75,45 @@ pub fn print(results: &[RowResult], reps: usize) {
                 run.verify_failures.join("; ")
             );
         }
+    }
+}
+
+/// The post-copy phase of the rows that have one: Ferry's remote fault
+/// latency and pages fetched, beside whether QEMU really went post-copy.
+fn print_postcopy(results: &[RowResult]) {
+    let rows: Vec<&RowResult> = results
+        .iter()
+        .filter(|r| r.row.mode != ferry_migration::mode::Mode::Precopy)
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "\n| row | ferry runs in post-copy | ferry fault p50 / p99 / max us (median of runs) | ferry pages on demand / pushed | ferry last page ms | qemu runs in post-copy |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        let pcs: Vec<_> = r
+            .ferry_runs
+            .iter()
+            .filter_map(|o| o.report.postcopy.as_ref())
+            .collect();
+        let med = |f: &dyn Fn(&ferry_migration::stats::PostcopyReport) -> f64| {
+            super::median(pcs.iter().map(|p| f(p)).collect())
+        };
+        println!(
+            "| {} | {}/{} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {}/{} |",
+            r.row.name,
+            pcs.len(),
+            r.ferry_runs.len(),
+            med(&|p| p.fault_p50_us as f64),
+            med(&|p| p.fault_p99_us as f64),
+            med(&|p| p.fault_max_us as f64),
+            med(&|p| p.requested_pages as f64),
+            med(&|p| p.pushed_pages as f64),
+            med(&|p| p.last_page_ms),
+            r.qemu_runs.iter().filter(|q| q.postcopy_started).count(),
+            r.qemu_runs.len(),
+        );
     }
 }

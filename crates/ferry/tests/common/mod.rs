@@ -732,3 +732,4 @@ pub fn verify_still_running(
     );
     seen
 }
+pub mod migrations;

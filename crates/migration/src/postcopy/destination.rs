@@ -339,6 +339,7 @@ fn receive_push(shared: &Shared, main: &mut TcpStream) -> Result<(), PostcopyErr
 
 /// Turns accesses to missing pages into requests.
 fn serve_faults(shared: &Shared, mut fault: TcpStream) {
+    crate::postcopy::channel::serve_faults_promptly();
     let stage = "post-copy: serving page faults";
     while !shared.stopped() {
         let gpa = match shared.lazy.next_fault(POLL) {
@@ -370,6 +371,7 @@ fn serve_faults(shared: &Shared, mut fault: TcpStream) {
 
 /// Places the answers to requests.
 fn receive_answers(shared: &Shared, mut fault: TcpStream) {
+    crate::postcopy::channel::serve_faults_promptly();
     let stage = "post-copy: receiving requested pages";
     let mut staging = Staging::default();
     let mut scratch = Vec::new();

@@ -202,6 +202,7 @@ fn answer_requests(
     stop: &std::sync::atomic::AtomicBool,
     counts: &ServerCounts,
 ) -> Result<(), MigrateError> {
+    crate::postcopy::channel::serve_faults_promptly();
     let stage = "post-copy: answering page requests";
     let mut scratch = Vec::new();
     let mut buf = vec![0u8; MAX_REQUEST_PAGES as usize * PAGE_SIZE];
