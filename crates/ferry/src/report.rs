@@ -64,6 +64,32 @@ pub fn print_migration_report(r: &MigrationReport) {
         ("throughput", format!("{:.0} MiB/s ({:.1} Gbit/s)", r.throughput_mibs, r.throughput_mibs * 8.0 * 1.048576 / 1e3)),
         ("max throttle", format!("{}%", r.max_throttle_percent)),
     ];
+    if let Some(p) = &r.prediction {
+        let chosen = p.modes.iter().find(|m| m.mode == p.chosen);
+        rows.extend([
+            (
+                "auto measured",
+                format!(
+                    "dirty {:.0} MiB/s over {:.0} ms, link {:.0} MiB/s ({}), {:.0} MiB may hold data",
+                    p.dirty_rate_mibs,
+                    p.sample_ms,
+                    p.link_rate_mibs,
+                    if p.link_rate_measured { "measured" } else { "cap or assumed" },
+                    p.populated_mib
+                ),
+            ),
+            ("auto chose", format!("{}: {}", p.chosen, p.why)),
+            (
+                "predicted / happened",
+                chosen.map_or("-".into(), |m| {
+                    format!(
+                        "total {:.0} / {:.0} ms, host downtime {:.1} / {:.1} ms",
+                        m.total_ms, r.total_ms, m.blackout_ms, r.blackout.host_downtime_ms
+                    )
+                }),
+            ),
+        ]);
+    }
     if let Some(p) = &r.postcopy {
         rows.extend([
             ("post-copy because", p.reason.clone()),

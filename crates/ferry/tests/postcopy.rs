@@ -127,3 +127,31 @@ fn source_killed_mid_postcopy_leaves_the_vm_lost_not_running() {
     let mig_status = mig.wait_exit(Duration::from_secs(30));
     assert!(!mig_status.success(), "{}", mig.transcript());
 }
+
+#[test]
+fn auto_picks_precopy_for_a_light_writer_and_postcopy_for_an_outrunning_one() {
+    let test = "auto_picks_precopy_for_a_light_writer_and_postcopy_for_an_outrunning_one";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    for (name, workload, args, chosen) in [
+        ("auto_light", "dirty:64:10", &["--json"][..], "precopy"),
+        (
+            "auto_max",
+            "dirty:256:max",
+            &["--bandwidth", "100MiB/s", "--json"][..],
+            "postcopy",
+        ),
+    ] {
+        // No --mode: auto is the default.
+        // A short name: the API socket's path must fit in sun_path.
+        let report = migrate_and_verify(name, workload, "1", args);
+        let p = &report["prediction"];
+        eprintln!("{test}: {workload}: {p:#}");
+        assert_eq!(report["mode"], format!("auto: {chosen}"), "{report:#}");
+        assert_eq!(p["chosen"], chosen, "{p:#}");
+        assert_eq!(p["modes"].as_array().map(Vec::len), Some(3), "{p:#}");
+        assert!(p["why"].as_str().is_some_and(|w| !w.is_empty()));
+        assert_eq!(report["postcopy"].is_object(), chosen == "postcopy");
+    }
+}

@@ -6,6 +6,7 @@
 //! any VM that implements the traits in [`guest`], so its logic is tested
 //! against an in-memory guest ([`synthetic`]) as well as real VMs.
 
+pub mod auto;
 pub mod bandwidth;
 pub mod bitmap;
 pub mod error;

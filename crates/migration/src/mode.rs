@@ -17,6 +17,9 @@ pub enum Mode {
     Postcopy,
     /// Pre-copy rounds; a switch to post-copy if they do not converge.
     Hybrid,
+    /// Measure the guest's dirty rate and the link first, predict each
+    /// mode, and take the best one for the downtime target.
+    Auto,
 }
 
 impl Mode {
@@ -25,6 +28,7 @@ impl Mode {
             Self::Precopy => "precopy",
             Self::Postcopy => "postcopy",
             Self::Hybrid => "hybrid",
+            Self::Auto => "auto",
         }
     }
 
@@ -48,8 +52,9 @@ impl FromStr for Mode {
             "precopy" => Ok(Self::Precopy),
             "postcopy" => Ok(Self::Postcopy),
             "hybrid" => Ok(Self::Hybrid),
+            "auto" => Ok(Self::Auto),
             other => Err(format!(
-                "unknown migration mode {other:?}: use precopy, postcopy or hybrid"
+                "unknown migration mode {other:?}: use precopy, postcopy, hybrid or auto"
             )),
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 const MAX_EXTRA_ROUNDS: u32 = 3;
 /// Hybrid moves to post-copy when the guest dirties at least this share
 /// of what the link sends.
-const HYBRID_DIRTY_RATIO: f64 = 0.5;
+pub const HYBRID_DIRTY_RATIO: f64 = 0.5;
 
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {

@@ -22,6 +22,9 @@ pub struct Progress {
     pub elapsed_ms: f64,
     /// Time left in this round at the current rate.
     pub eta_ms: Option<f64>,
+    /// Something to tell the operator once (auto mode's prediction).
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// One round of pages.
@@ -69,6 +72,30 @@ pub struct GuestSeen {
     /// The longest stall the guest measured across the switchover.
     pub stall_ms: Option<f64>,
     pub first_seq: Option<u64>,
+}
+
+/// What auto mode measured and expected of each mode before choosing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Prediction {
+    pub sample_ms: f64,
+    pub dirty_rate_mibs: f64,
+    /// The cap, or the rate assumed for an uncapped link.
+    pub link_rate_mibs: f64,
+    pub link_rate_measured: bool,
+    pub populated_mib: f64,
+    pub modes: Vec<ModePrediction>,
+    pub chosen: String,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModePrediction {
+    pub mode: String,
+    pub total_ms: f64,
+    pub blackout_ms: f64,
+    /// None when the mode is expected to finish without help; otherwise
+    /// what it costs the guest (a brake, or faults while memory follows).
+    pub guest_cost: String,
 }
 
 /// The post-copy phase: from the VM's start on the destination until its
@@ -124,6 +151,8 @@ pub struct MigrationReport {
     pub timeline: Vec<(f64, u64)>,
     /// Present when the VM moved before all of its memory.
     pub postcopy: Option<PostcopyReport>,
+    /// Present in auto mode: what was expected, to set beside what happened.
+    pub prediction: Option<Prediction>,
 }
 
 impl MigrationReport {

@@ -32,8 +32,9 @@ pub struct MigrateArgs {
     pub no_auto_converge: bool,
     /// precopy: rounds while the VM runs, then a short pause; postcopy:
     /// move the VM at once and fetch its memory after; hybrid: pre-copy,
-    /// switching to post-copy when the rounds do not converge.
-    #[arg(long, default_value = "precopy")]
+    /// switching to post-copy when the rounds do not converge; auto:
+    /// measure the guest and the link, predict each, take the best.
+    #[arg(long, default_value = "auto")]
     pub mode: ferry_migration::mode::Mode,
     /// Print the report as one JSON document.
     #[arg(long)]
@@ -76,6 +77,13 @@ impl ProgressView {
     }
 
     pub fn show(&mut self, p: &Progress) {
+        if let Some(text) = &p.message {
+            match &self.bar {
+                Some(bar) => bar.println(format!("ferry: {text}")),
+                None => eprintln!("ferry: {text}"),
+            }
+            return;
+        }
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let key = (p.phase.clone(), p.round);
         let new_round = self.last_round.as_ref() != Some(&key);

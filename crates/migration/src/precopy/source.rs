@@ -125,6 +125,18 @@ impl Run<'_> {
             elapsed_ms: self.ms(),
             eta_ms: (throughput > 0.0)
                 .then(|| remaining as f64 / (1 << 20) as f64 / throughput * 1e3),
+            message: None,
+        };
+        (self.progress)(&progress);
+    }
+
+    /// Tells the operator something once, through the progress stream.
+    fn say(&mut self, text: String) {
+        let progress = Progress {
+            phase: "note".into(),
+            elapsed_ms: self.ms(),
+            message: Some(text),
+            ..Default::default()
         };
         (self.progress)(&progress);
     }
@@ -230,13 +242,21 @@ fn drive<G: SourceGuest + ?Sized>(
             "the destination speaks protocol v{version}, which has no post-copy (v{POSTCOPY_VERSION} and later); use --mode precopy"
         )));
     }
-    if options.mode == Mode::Postcopy {
-        let reason = "post-copy was asked for";
+    let mode = match options.mode {
+        Mode::Auto => choose_mode(guest, options, run)?,
+        chosen => chosen,
+    };
+    if mode == Mode::Postcopy {
+        let reason = if options.mode == Mode::Auto {
+            "auto mode chose it"
+        } else {
+            "post-copy was asked for"
+        };
         return switch_to_postcopy(guest, stream, options, run, None, Duration::ZERO, reason);
     }
 
     let mut config = options.policy.clone();
-    config.postcopy_fallback = options.mode == Mode::Hybrid;
+    config.postcopy_fallback = mode == Mode::Hybrid;
     let mut policy = Policy::new(config);
     let first_round = Instant::now();
     let mut sender = PageSender::new(Pacer::new(options.bandwidth));
@@ -311,6 +331,84 @@ fn drive<G: SourceGuest + ?Sized>(
         predicted,
         forced,
     )
+}
+
+/// How long auto mode watches the guest's writes before it chooses: a
+/// first look, and the whole sample for a guest that is not quiet.
+const AUTO_QUICK_SAMPLE: Duration = Duration::from_millis(20);
+const AUTO_SAMPLE: Duration = Duration::from_millis(100);
+
+/// Auto mode: samples the guest's dirty rate, takes the link's rate (the
+/// cap, or the assumed rate of an uncapped link), predicts each mode and
+/// picks one; says so, and keeps the prediction for the report.
+fn choose_mode<G: SourceGuest + ?Sized>(
+    guest: &mut G,
+    options: &PrecopyOptions,
+    run: &mut Run<'_>,
+) -> Result<Mode, MigrateError> {
+    let stage = "sampling the guest's dirty rate";
+    guest
+        .set_dirty_logging(true)
+        .map_err(MigrateError::guest(stage))?;
+    // Logging may start with every page marked: clear that first.
+    guest.harvest_dirty().map_err(MigrateError::guest(stage))?;
+    let t = Instant::now();
+    let link_rate = options.bandwidth.map_or(ASSUMED_RATE, |b| b as f64);
+    // A short look settles a quiet guest; a busy one is watched longer,
+    // for a steadier rate.
+    std::thread::sleep(AUTO_QUICK_SAMPLE);
+    let mut dirty = guest.harvest_dirty().map_err(MigrateError::guest(stage))?;
+    let quiet = (dirty.bytes() as f64 / t.elapsed().as_secs_f64().max(1e-6)) < 0.05 * link_rate;
+    if !quiet {
+        std::thread::sleep(AUTO_SAMPLE.saturating_sub(t.elapsed()));
+        let more = guest.harvest_dirty().map_err(MigrateError::guest(stage))?;
+        dirty.union_with(&more);
+    }
+    let sample = t.elapsed();
+    let populated: u64 = guest
+        .populated()
+        .map_err(MigrateError::guest(stage))?
+        .iter()
+        .map(|r| r.len)
+        .sum();
+    let facts = crate::auto::AutoFacts {
+        populated_bytes: populated,
+        dirty_rate: dirty.bytes() as f64 / sample.as_secs_f64().max(1e-6),
+        link_rate,
+        link_rate_measured: false,
+        sample,
+        downtime_target: options.policy.downtime_target,
+        fixed_blackout: options.policy.fixed_blackout,
+    };
+    let (mode, prediction) = crate::auto::choose(&facts);
+    let modes: Vec<String> = prediction
+        .modes
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {:.0} ms (blackout {:.0} ms)",
+                m.mode, m.total_ms, m.blackout_ms
+            )
+        })
+        .collect();
+    run.say(format!(
+        "auto: {:.0} MiB may hold data, guest dirties {:.0} MiB/s, link {:.0} MiB/s{}; predicted {}; chose {}: {}",
+        prediction.populated_mib,
+        prediction.dirty_rate_mibs,
+        prediction.link_rate_mibs,
+        if options.bandwidth.is_some() { " (the cap)" } else { " (assumed, uncapped)" },
+        modes.join(", "),
+        prediction.chosen,
+        prediction.why
+    ));
+    run.report.mode = format!("auto: {}", mode.name());
+    run.report.prediction = Some(prediction);
+    if mode == Mode::Postcopy {
+        guest
+            .set_dirty_logging(false)
+            .map_err(MigrateError::guest(stage))?;
+    }
+    Ok(mode)
 }
 
 /// Hello, then the Offer; returns the protocol version agreed on.
