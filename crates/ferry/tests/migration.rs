@@ -26,7 +26,7 @@ fn two_vcpus_dirty_100_arrives_verified() {
         test,
         "dirty:256:100",
         "2",
-        &["--downtime", "10ms", "--json"],
+        &["--mode", "precopy", "--downtime", "10ms", "--json"],
     );
     assert_eq!(report["vcpus"], 2);
     assert_eq!(report["mem_bytes"], 1u64 << 30);
@@ -42,7 +42,7 @@ fn two_vcpus_unthrottled_writer_arrives_verified() {
         test,
         "dirty:256:max",
         "2",
-        &["--downtime", "10ms", "--json"],
+        &["--mode", "precopy", "--downtime", "10ms", "--json"],
     );
     let rounds = report["rounds"].as_array().expect("rounds");
     eprintln!(
@@ -70,7 +70,7 @@ fn ping_pong_five_times() {
             &format!("migrate{hop}"),
             &socket,
             port,
-            &["--downtime", "10ms", "--json"],
+            &["--mode", "precopy", "--downtime", "10ms", "--json"],
         );
         let (status, report) = finish_migrate(&mut mig, Duration::from_secs(60));
         assert_committed(status, &report, &mig);
@@ -101,7 +101,7 @@ fn bandwidth_cap_is_respected() {
         test,
         "dirty:256:100",
         "1",
-        &["--bandwidth", "200MiB/s", "--json"],
+        &["--mode", "precopy", "--bandwidth", "200MiB/s", "--json"],
     );
     assert_eq!(report["bandwidth_limit"].as_u64(), Some(200 << 20));
     let timeline: Vec<(f64, u64)> = report["timeline"]

@@ -304,7 +304,14 @@ fn destination_killed_in_round_two() {
         "migrate",
         &socket,
         port,
-        &["--bandwidth", "300MiB/s", "--downtime", "10ms"],
+        &[
+            "--mode",
+            "precopy",
+            "--bandwidth",
+            "300MiB/s",
+            "--downtime",
+            "10ms",
+        ],
     );
     mig.wait_line(Duration::from_secs(30), "`ferry: round 2:`", |s, text| {
         (s == Stream::Err && text.starts_with("ferry: round 2:")).then_some(())
@@ -339,7 +346,7 @@ fn connection_dropped_during_blackout() {
         "migrate",
         &socket,
         proxy.port,
-        &["--downtime", "10ms", "--json"],
+        &["--mode", "precopy", "--downtime", "10ms", "--json"],
     );
     let reason = migrate_failed(&mut mig, Duration::from_secs(60));
     eprintln!("{test}: ferry migrate: {reason}");
@@ -375,7 +382,7 @@ fn corrupt_frame_is_refused() {
         "migrate",
         &socket,
         proxy.port,
-        &["--downtime", "10ms", "--json"],
+        &["--mode", "precopy", "--downtime", "10ms", "--json"],
     );
     let reason = migrate_failed(&mut mig, Duration::from_secs(60));
     eprintln!("{test}: ferry migrate: {reason}");
@@ -415,7 +422,12 @@ fn incompatible_destination_refuses() {
     let (mut src, socket) = migration_source(&dir, "source", "1G", "2", "dirty:256:100");
     let (mut dst, port) = migration_destination("destination", &["--max-mem", "512M"]);
     let before = src.next_heartbeat(Duration::from_secs(10));
-    let mut mig = start_migrate("migrate", &socket, port, &["--downtime", "10ms"]);
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        port,
+        &["--mode", "precopy", "--downtime", "10ms"],
+    );
     let reason = migrate_failed(&mut mig, Duration::from_secs(30));
     eprintln!("{test}: ferry migrate: {reason}");
     assert!(
