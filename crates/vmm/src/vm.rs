@@ -39,6 +39,8 @@ use crate::vcpu::{self, kick, setup, SharedVcpu};
 const COM1_GSI: u32 = 4;
 /// How long a pause may take before we call the VM stuck.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `stop` waits for the vCPU threads to end.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The legacy KVM_GET_XSAVE buffer; larger XSAVE state needs XSAVE2.
 const LEGACY_XSAVE_BYTES: i32 = 4096;
 
@@ -135,6 +137,11 @@ pub struct Vm {
     manual_dirty: bool,
     events: Option<Receiver<VmEvent>>,
     started_at: Instant,
+    /// Post-copy's userfaultfd, kept open until the vCPUs are stopped
+    /// (`Drop` stops them before any field goes): closing it while a vCPU
+    /// runs would turn every page still missing into a zero page under the
+    /// guest's feet.
+    lazy: Option<Arc<LazyRam>>,
 }
 
 impl Vm {
@@ -214,6 +221,7 @@ impl Vm {
             manual_dirty: parts.manual_dirty,
             events: Some(events_rx),
             started_at,
+            lazy: None,
         };
         for (i, vcpu) in vm.vcpus.iter().enumerate() {
             let handle = vcpu::spawn(
@@ -349,12 +357,35 @@ impl Vm {
     }
 
     /// Stops and joins every vCPU thread. Idempotent.
+    ///
+    /// A vCPU waiting (inside the kernel) for a post-copy page that will
+    /// never come cannot be stopped: a signal does not end that wait. Such
+    /// a thread is left behind, and the userfaultfd it waits on is kept
+    /// open for the life of the process, so that it never resumes on a
+    /// zero page; the process exiting ends it.
     pub fn stop(&mut self) {
         self.throttle = None;
         self.gate.set(Want::Stop);
         self.kick_all();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut stuck = 0;
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                stuck += 1;
+            }
+        }
+        if stuck > 0 {
+            if let Some(lazy) = self.lazy.take() {
+                std::mem::forget(lazy);
+            }
+            tracing::warn!(
+                "{stuck} vCPU(s) wait on guest pages that will not arrive; left blocked until exit"
+            );
         }
     }
 
@@ -464,12 +495,14 @@ impl IncomingVm {
     /// length) still elsewhere: they are dropped here and every access to
     /// one waits, inside the kernel, until the returned [`LazyRam`] places
     /// it. Post-copy's start.
-    pub fn start_lazy(self, missing: &[(u64, u64)]) -> Result<(Vm, LazyRam), VmError> {
+    pub fn start_lazy(self, missing: &[(u64, u64)]) -> Result<(Vm, Arc<LazyRam>), VmError> {
         if self.loaded.is_none() {
             return Err(VmError::NothingLoaded);
         }
-        let lazy = LazyRam::new(&self.parts.ram, missing)?;
-        Ok((self.start()?, lazy))
+        let lazy = Arc::new(LazyRam::new(&self.parts.ram, missing)?);
+        let mut vm = self.start()?;
+        vm.lazy = Some(lazy.clone());
+        Ok((vm, lazy))
     }
 
     /// Starts the vCPUs where the loaded state left them.

@@ -93,8 +93,10 @@ impl IncomingGuest for Incoming {
     }
 }
 
-/// The VMM's userfaultfd-backed memory as the engine sees it.
-struct LazyGuestRam(LazyRam);
+/// The VMM's userfaultfd-backed memory as the engine sees it. The VM
+/// holds the same userfaultfd until its vCPUs stop, whatever the engine
+/// drops.
+struct LazyGuestRam(Arc<LazyRam>);
 
 impl LazyMemory for LazyGuestRam {
     fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, GuestError> {
