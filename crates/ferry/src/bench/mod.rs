@@ -59,6 +59,7 @@ pub fn rows() -> Vec<Row> {
         row("fill-768-prealloc", "dirty:0:1:768", true, None),
         capped("postcopy-max-300MiBs", Mode::Postcopy),
         capped("hybrid-max-300MiBs", Mode::Hybrid),
+        capped("auto-max-300MiBs", Mode::Auto),
     ]
 }
 

@@ -271,7 +271,26 @@ fn drive<G: SourceGuest + ?Sized>(
     let mut runs = ranges_to_runs(&populated);
     let mut round = 1u32;
     let (dirty, predicted, forced) = loop {
-        let sent = send_round(guest, stream, &mut sender, run, round, &runs, false)?;
+        let (sent, seen) = if mode == Mode::Hybrid {
+            match send_round_watching(guest, stream, &mut sender, run, round, &runs, last_harvest)?
+            {
+                Watched::Sent(sent, seen) => (sent, Some(seen)),
+                Watched::Outrun { needed, reason } => {
+                    return switch_to_postcopy(
+                        guest,
+                        stream,
+                        options,
+                        run,
+                        Some(needed),
+                        Duration::ZERO,
+                        &reason,
+                    );
+                }
+            }
+        } else {
+            let sent = send_round(guest, stream, &mut sender, run, round, &runs, false)?;
+            (sent, None)
+        };
         poll_abort(stream, &mut scratch)?;
         let round_report = run
             .report
@@ -281,9 +300,12 @@ fn drive<G: SourceGuest + ?Sized>(
         if sent.bytes >= RATE_SAMPLE_MIN {
             run.rate = Some(sent.bytes as f64 / (round_report.duration_ms / 1e3).max(1e-6));
         }
-        let dirty = guest
+        let mut dirty = guest
             .harvest_dirty()
             .map_err(MigrateError::guest("harvesting dirty pages"))?;
+        if let Some(seen) = &seen {
+            dirty.union_with(seen);
+        }
         let elapsed = last_harvest.elapsed();
         last_harvest = Instant::now();
         run.last_dirty_rate = mib_per_s(dirty.bytes(), elapsed.as_secs_f64() * 1e3);
@@ -529,6 +551,115 @@ fn send_round<G: SourceGuest + ?Sized>(
         blackout,
     });
     Ok(sent)
+}
+
+/// Hybrid looks at the guest's dirty rate this often while a round is sent.
+const WATCH_CHUNK_PAGES: u64 = 4096;
+/// ... once the round has run this long (a shorter rate says little).
+const WATCH_AFTER: Duration = Duration::from_millis(100);
+
+/// How a watched round ended.
+enum Watched {
+    /// Sent whole; the pages the guest dirtied meanwhile (already
+    /// harvested, so the next harvest does not report them again).
+    Sent(SentCounts, PageBitmap),
+    /// The guest outran the link mid-round: post-copy now. `needed` is the
+    /// rest of the round and everything dirtied since it began.
+    Outrun { needed: PageBitmap, reason: String },
+}
+
+/// Hybrid's round: sent in slices, with a look at the dirty log between
+/// them, so a guest that dirties more than half of what the link sends is
+/// moved by post-copy at once instead of after a whole pass.
+#[allow(clippy::too_many_arguments)]
+fn send_round_watching<G: SourceGuest + ?Sized>(
+    guest: &mut G,
+    stream: &mut TcpStream,
+    sender: &mut PageSender,
+    run: &mut Run<'_>,
+    round: u32,
+    runs: &[PageRun],
+    dirty_since: Instant,
+) -> Result<Watched, MigrateError> {
+    let chunks = split_runs(runs, WATCH_CHUNK_PAGES);
+    let start = Instant::now();
+    let first_report = run.report.rounds.len();
+    let mut seen = PageBitmap::new(&run.ram_ranges);
+    let mut total = SentCounts::default();
+    let mut outcome = None;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let sent = send_round(guest, stream, sender, run, round, chunk, false)?;
+        total.pages += sent.pages;
+        total.zero_pages += sent.zero_pages;
+        total.bytes += sent.bytes;
+        if i + 1 == chunks.len() || start.elapsed() < WATCH_AFTER || total.bytes < RATE_SAMPLE_MIN {
+            continue;
+        }
+        let stage = "watching the guest's dirty rate";
+        seen.union_with(&guest.harvest_dirty().map_err(MigrateError::guest(stage))?);
+        let dirty_rate = seen.bytes() as f64 / dirty_since.elapsed().as_secs_f64().max(1e-6);
+        let send_rate = total.bytes as f64 / start.elapsed().as_secs_f64().max(1e-6);
+        if dirty_rate >= crate::policy::HYBRID_DIRTY_RATIO * send_rate {
+            let mut needed = std::mem::replace(&mut seen, PageBitmap::new(&run.ram_ranges));
+            for r in chunks[i + 1..].iter().flatten() {
+                needed.set_range(r.gpa, r.bytes(), true);
+            }
+            let mib = |b: f64| b / (1 << 20) as f64;
+            outcome = Some(Watched::Outrun {
+                needed,
+                reason: format!(
+                    "in round {round} the guest dirtied {:.0} MiB/s while {:.0} MiB/s were sent: over half",
+                    mib(dirty_rate),
+                    mib(send_rate)
+                ),
+            });
+            break;
+        }
+    }
+    merge_round_reports(run, first_report);
+    Ok(outcome.unwrap_or(Watched::Sent(total, seen)))
+}
+
+/// The slices of one watched round as one row of the report.
+fn merge_round_reports(run: &mut Run<'_>, from: usize) {
+    let parts = run.report.rounds.split_off(from);
+    let Some(first) = parts.first() else {
+        return;
+    };
+    let mut merged = first.clone();
+    for p in &parts[1..] {
+        merged.pages += p.pages;
+        merged.zero_pages += p.zero_pages;
+        merged.bytes_sent += p.bytes_sent;
+        merged.duration_ms += p.duration_ms;
+    }
+    merged.throughput_mibs = mib_per_s(merged.bytes_sent, merged.duration_ms);
+    run.report.rounds.push(merged);
+}
+
+/// `runs` cut into slices of at most `pages` pages each.
+fn split_runs(runs: &[PageRun], pages: u64) -> Vec<Vec<PageRun>> {
+    let mut out = vec![Vec::new()];
+    let mut in_slice = 0u64;
+    for r in runs {
+        let mut gpa = r.gpa;
+        let mut left = u64::from(r.pages);
+        while left > 0 {
+            if in_slice == pages {
+                out.push(Vec::new());
+                in_slice = 0;
+            }
+            let n = left.min(pages - in_slice);
+            out.last_mut().expect("never empty").push(PageRun {
+                gpa,
+                pages: n as u32,
+            });
+            gpa += n * PAGE_SIZE as u64;
+            left -= n;
+            in_slice += n;
+        }
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -882,4 +1013,42 @@ fn ranges_to_runs(ranges: &[RamRange]) -> Vec<PageRun> {
         push_run(&mut out, r.gpa, r.len / PAGE_SIZE as u64);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_split_into_slices_of_at_most_n_pages() {
+        let page = PAGE_SIZE as u64;
+        let runs = [
+            PageRun { gpa: 0, pages: 5 },
+            PageRun {
+                gpa: 100 * page,
+                pages: 2,
+            },
+        ];
+        let slices = split_runs(&runs, 3);
+        let sizes: Vec<u64> = slices
+            .iter()
+            .map(|s| s.iter().map(|r| u64::from(r.pages)).sum())
+            .collect();
+        assert_eq!(sizes, vec![3, 3, 1]);
+        assert_eq!(
+            slices[1][0],
+            PageRun {
+                gpa: 3 * page,
+                pages: 2
+            }
+        );
+        assert_eq!(
+            slices[1][1],
+            PageRun {
+                gpa: 100 * page,
+                pages: 1
+            }
+        );
+        assert_eq!(split_runs(&[], 3), vec![Vec::new()]);
+    }
 }
