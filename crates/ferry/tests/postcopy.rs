@@ -4,11 +4,17 @@
 
 mod common;
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use common::migrations::migrate_and_verify;
+use common::migrations::{
+    assert_committed, finish_migrate, migrate_and_verify, source_handed_over,
+};
 use common::{
-    kvm_or_skip, migration_destination_with_api, migration_source, start_migrate, TempDir,
+    kvm_or_skip, migration_destination, migration_source, start_migrate, FerryProc, TempDir,
 };
 use serde_json::Value;
 
@@ -89,7 +95,10 @@ fn source_killed_mid_postcopy_leaves_the_vm_lost_not_running() {
     }
     let dir = TempDir::new(test);
     let (mut src, socket) = migration_source(&dir, "source", "1G", "1", "dirty:256:max");
-    let (mut dst, port, _) = migration_destination_with_api(&dir, "destination");
+    let (mut dst, port) = migration_destination(
+        "destination",
+        &["--duration", "300s", "--json", "--recovery-timeout", "2s"],
+    );
     src.next_heartbeat(Duration::from_secs(10));
     // A slow push keeps post-copy going for seconds.
     let mut mig = start_migrate(
@@ -154,4 +163,164 @@ fn auto_picks_precopy_for_a_light_writer_and_postcopy_for_an_outrunning_one() {
         assert!(p["why"].as_str().is_some_and(|w| !w.is_empty()));
         assert_eq!(report["postcopy"].is_object(), chosen == "postcopy");
     }
+}
+
+/// A TCP relay to the destination that can cut every connection through
+/// it, and turn away new ones, until restored: a link that drops and
+/// comes back.
+struct CuttableLink {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl CuttableLink {
+    fn to(target_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (c, o) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the link is down
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut open = o.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 256 << 10];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, cut, open }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Heartbeats printed by `p` so far, after reading what has arrived.
+fn heartbeat_count(p: &mut FerryProc) -> usize {
+    p.drain();
+    p.heartbeats().len()
+}
+
+#[test]
+fn link_dropped_mid_postcopy_then_restored_completes_verified() {
+    let test = "link_dropped_mid_postcopy_then_restored_completes_verified";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new("pc_link_drop");
+    let (mut src, socket) = migration_source(&dir, "source", "1G", "1", "dirty:256:max");
+    let (mut dst, dst_port) = migration_destination(
+        "destination",
+        &["--duration", "300s", "--json", "--recovery-timeout", "30s"],
+    );
+    let link = CuttableLink::to(dst_port);
+    src.next_heartbeat(Duration::from_secs(10));
+    // A slow push keeps post-copy going while the link is cut.
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        link.port,
+        &["--mode", "postcopy", "--bandwidth", "40MiB/s", "--json"],
+    );
+    dst.wait_line(Duration::from_secs(30), "the post-copy start", |_, text| {
+        text.contains("post-copy: the VM runs here without")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    link.cut();
+    dst.wait_line(Duration::from_secs(10), "the lost link", |_, text| {
+        text.contains("the link to the source failed").then_some(())
+    });
+    // While the link is down the guest waits on its missing pages, and
+    // the source does not take its VM back.
+    std::thread::sleep(Duration::from_millis(300));
+    let (dst_before, src_before) = (heartbeat_count(&mut dst), heartbeat_count(&mut src));
+    let down_for = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (dst_after, src_after) = (heartbeat_count(&mut dst), heartbeat_count(&mut src));
+    eprintln!(
+        "{test}: while cut for {:?}: destination heartbeats {dst_before} -> {dst_after}, source {src_before} -> {src_after}",
+        down_for.elapsed()
+    );
+    assert!(
+        dst_after <= dst_before + 1,
+        "the guest must not progress without its pages: {dst_before} -> {dst_after}"
+    );
+    assert_eq!(src_after, src_before, "the source must not resume its VM");
+    link.restore();
+    dst.wait_line(Duration::from_secs(30), "the reconnection", |_, text| {
+        text.contains("the source reconnected").then_some(())
+    });
+    let (status, report) = finish_migrate(&mut mig, Duration::from_secs(90));
+    assert_committed(status, &report, &mig);
+    let pc = postcopy_figures(test, &report);
+    assert!(pc["recoveries"].as_u64().unwrap() >= 1, "{pc:#}");
+    let last = source_handed_over(&mut src, link.port);
+    // Every heartbeat here continues the source's, with no bad page, and
+    // the guest rewrites (so verifies) its whole working set twice after.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        heartbeat_count(&mut dst);
+        let hbs = dst.heartbeats();
+        let first = hbs.first().expect("heartbeats on the destination").clone();
+        assert_eq!(
+            first.seq,
+            last.seq + 1,
+            "sequence must continue: {last:?} {first:?}"
+        );
+        for pair in hbs.windows(2) {
+            assert_eq!(pair[1].seq, pair[0].seq + 1, "sequence broke: {pair:?}");
+        }
+        assert!(hbs.iter().all(|h| h.err == 0), "bad pages: {hbs:?}");
+        assert!(dst.page_errors().is_empty(), "{}", dst.transcript());
+        if hbs.last().unwrap().sweeps >= first.sweeps + 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no full sweep after the resume");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        dst.err.iter().any(|l| l.contains("post-copy complete")),
+        "{}",
+        dst.transcript()
+    );
 }

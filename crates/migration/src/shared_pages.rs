@@ -37,6 +37,22 @@ impl SharedPages {
         }
     }
 
+    /// A set holding exactly the pages of `set`.
+    pub fn from_bitmap(set: &PageBitmap) -> Self {
+        Self {
+            ranges: set
+                .ranges
+                .iter()
+                .map(|r| SharedRange {
+                    gpa: r.gpa,
+                    pages: r.pages,
+                    bits: r.bits.iter().map(|&w| AtomicU64::new(w)).collect(),
+                })
+                .collect(),
+            count: AtomicU64::new(set.count()),
+        }
+    }
+
     fn locate(&self, gpa: u64) -> Option<(&AtomicU64, u64)> {
         self.ranges.iter().find_map(|r| {
             let page = gpa.checked_sub(r.gpa)? / PAGE;

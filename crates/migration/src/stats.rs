@@ -122,6 +122,8 @@ pub struct PostcopyReport {
     pub last_page_ms: f64,
     /// From the commit to the destination's word that it holds every page.
     pub duration_ms: f64,
+    /// Times the link failed and was opened again.
+    pub recoveries: u32,
     pub bytes_sent: u64,
 }
 

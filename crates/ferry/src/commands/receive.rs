@@ -33,6 +33,11 @@ pub struct ReceiveArgs {
     /// Refuse VMs with more vCPUs than this.
     #[arg(long)]
     pub max_vcpus: Option<u32>,
+    /// How long a post-copy whose link to the source failed waits for the
+    /// source to reconnect (the VM waits on its missing pages meanwhile)
+    /// before the VM is declared lost.
+    #[arg(long, default_value = "30s", value_parser = crate::duration::parse_duration)]
+    pub recovery_timeout: std::time::Duration,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
 }
@@ -67,12 +72,13 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     let prealloc = args.prealloc;
     let yielding = crate::migration::priority::Yielding::start();
     // The listener stays open for the fault channel of a post-copy.
-    let received = receive_vm(
-        stream,
-        Some(&listener),
-        &ReceiveOptions::default(),
-        |offer| accept(offer, &limits, prealloc, reserved.take()),
-    );
+    let options = ReceiveOptions {
+        postcopy_recovery: args.recovery_timeout,
+        ..Default::default()
+    };
+    let received = receive_vm(stream, Some(&listener), &options, |offer| {
+        accept(offer, &limits, prealloc, reserved.take())
+    });
     drop(listener);
     drop(yielding);
     let received = match received {
@@ -106,6 +112,8 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     }
     let events = vm.take_events().expect("a fresh VM has its events");
     let mut told = false;
+    let mut link_was_down = false;
+    let recovery_timeout = args.recovery_timeout;
     supervise(
         vm,
         events,
@@ -120,6 +128,26 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
                 match &postcopy {
                     Some(h) => h.note_resumed(stall, seq),
                     None => send_resumed(&mut stream, stall, seq),
+                }
+            }
+            if let Some(h) = &postcopy {
+                match h.link_down() {
+                    Some(reason) if !link_was_down => {
+                        link_was_down = true;
+                        eprintln!(
+                            "ferry: post-copy: the link to the source failed ({reason}); the VM waits on its {} missing pages; waiting up to {recovery_timeout:?} for the source to reconnect",
+                            h.missing_pages()
+                        );
+                    }
+                    None if link_was_down => {
+                        link_was_down = false;
+                        eprintln!(
+                            "ferry: post-copy: the source reconnected ({} time(s)); {} pages still to come",
+                            h.recoveries(),
+                            h.missing_pages()
+                        );
+                    }
+                    _ => {}
                 }
             }
             let h = postcopy.take_if(|h| h.is_finished())?;

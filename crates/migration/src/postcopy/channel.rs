@@ -3,9 +3,15 @@
 //! the fault channel with its migration.
 
 use std::hash::{BuildHasher, Hasher};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::precopy::error::{error_chain, MigrateError};
+use crate::protocol::{recv_message, write_message, Join, Message, PostcopyPrepare};
+
+/// How long either side waits for the other to open the fault channel.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// True when `stream` has bytes to read (or is closed: the read that
 /// follows reports that), false if `timeout` passed first. Lets a reader
@@ -56,3 +62,86 @@ pub(crate) fn serve_faults_promptly() {
 
 /// Nice value of the threads on a fault's path.
 const FAULT_SERVICE_NICE: i32 = -10;
+
+/// Source side: announces the fault channel on `main`, opens it to the
+/// same address and joins it to `session`, then waits until the
+/// destination has it.
+pub(crate) fn open_fault_channel(
+    main: &mut TcpStream,
+    session: u64,
+    io_timeout: Duration,
+) -> Result<TcpStream, MigrateError> {
+    let stage = "opening the fault channel";
+    let io = |e: std::io::Error| MigrateError::Protocol {
+        stage,
+        source: e.into(),
+    };
+    write_message(main, &Message::PostcopyPrepare(PostcopyPrepare { session }))
+        .map_err(MigrateError::protocol(stage))?;
+    let addr = main.peer_addr().map_err(io)?;
+    let mut fault = TcpStream::connect_timeout(&addr, JOIN_TIMEOUT).map_err(io)?;
+    fault.set_nodelay(true).map_err(io)?;
+    fault.set_write_timeout(Some(io_timeout)).map_err(io)?;
+    write_message(&mut fault, &Message::Join(Join { session }))
+        .map_err(MigrateError::protocol(stage))?;
+    let mut scratch = Vec::new();
+    match recv_message(main, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::PostcopyReady(_) => Ok(fault),
+        Message::Abort(a) => Err(MigrateError::PeerAborted(a.reason)),
+        other => Err(MigrateError::Unexpected {
+            stage,
+            expected: "PostcopyReady",
+            got: other.kind(),
+        }),
+    }
+}
+
+/// Destination side: accepts connections on `listener` until one opens
+/// with `Join{session}`; others are dropped. Err says why, for a human.
+pub(crate) fn accept_fault_channel(
+    listener: &TcpListener,
+    session: u64,
+) -> Result<TcpStream, String> {
+    let io = |e: std::io::Error| format!("opening the fault channel: {e}");
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    listener.set_nonblocking(true).map_err(io)?;
+    let joined = loop {
+        match listener.accept() {
+            Ok((mut conn, _)) => {
+                conn.set_nonblocking(false).map_err(io)?;
+                conn.set_read_timeout(Some(JOIN_TIMEOUT)).map_err(io)?;
+                let mut scratch = Vec::new();
+                match recv_message(&mut conn, &mut scratch) {
+                    Ok(Message::Join(j)) if j.session == session => break Ok(conn),
+                    // Someone else's connection: not ours to serve.
+                    _ => continue,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break Err(format!(
+                        "the source did not open the fault channel within {JOIN_TIMEOUT:?}"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => break Err(io(e)),
+        }
+    };
+    listener.set_nonblocking(false).map_err(io)?;
+    let conn = joined?;
+    conn.set_nodelay(true).map_err(io)?;
+    conn.set_read_timeout(None).map_err(io)?;
+    Ok(conn)
+}
+
+/// True for failures of the link itself, after which a new connection
+/// may succeed (as opposed to a peer that broke the protocol).
+pub(crate) fn link_failed(e: &MigrateError) -> bool {
+    matches!(e, MigrateError::Protocol { source, .. } if source.is_retryable())
+}
+
+/// `e` for a human, including its causes.
+pub(crate) fn describe(e: &MigrateError) -> String {
+    error_chain(e)
+}

@@ -5,23 +5,26 @@
 //! answers; and the push receiver (the handle's own thread) places the
 //! background push from the main connection, notices when every page is
 //! here, and tells the source. A link that fails leaves the VM waiting on
-//! its missing pages: it never runs on memory it does not have.
+//! its missing pages (it never runs on memory it does not have) while the
+//! destination waits for the source to come back with `Resume`; then both
+//! connections are opened again and every page not yet here is sent.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::guest::{GuestError, LazyMemory};
-use crate::postcopy::channel::wait_readable;
+use crate::postcopy::channel::{accept_fault_channel, wait_readable};
 use crate::postcopy::latency;
 use crate::protocol::{
-    read_header, read_message, read_pages_into, write_message, FrameKind, Message, PageRequest,
-    PageSink, PostcopyComplete, Resumed, PAGE_SIZE,
+    read_header, read_message, read_pages_into, recv_message, write_message, Abort, FrameKind,
+    HelloAck, Message, PageRequest, PageSink, PostcopyComplete, PostcopyReady, ResumeState,
+    Resumed, Role, VersionRange, PAGE_SIZE,
 };
 use crate::shared_pages::SharedPages;
 use crate::ProtocolError;
@@ -47,6 +50,8 @@ pub enum PostcopyError {
     },
     #[error("the source aborted post-copy: {0}")]
     SourceAborted(String),
+    #[error("the link to the source failed ({reason}) and the source did not come back within {waited:?}")]
+    SourceLost { reason: String, waited: Duration },
     #[error("{stage}: the source sent {got} where {expected} belongs")]
     Unexpected {
         stage: &'static str,
@@ -87,6 +92,12 @@ struct Shared {
     started: Instant,
     last_page_us: AtomicU64,
     resumed: Mutex<Option<Resumed>>,
+    /// Where requests go; None while the link is down (requests then wait
+    /// in `pending` and are sent again on the next link).
+    fault_writer: Mutex<Option<TcpStream>>,
+    link_down: AtomicBool,
+    link_error: Mutex<Option<String>>,
+    recoveries: AtomicU32,
 }
 
 impl Shared {
@@ -103,6 +114,19 @@ impl Shared {
 
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// A connection failed: the threads stand by until the source is back.
+    fn link_lost(&self, reason: String) {
+        let mut first = self.link_error.lock().unwrap();
+        if first.is_none() {
+            *first = Some(reason);
+        }
+        self.link_down.store(true, Ordering::Release);
+    }
+
+    fn link_is_down(&self) -> bool {
+        self.link_down.load(Ordering::Acquire)
     }
 
     /// Records pages as here; the last one stamps the finish time.
@@ -145,6 +169,7 @@ impl PostcopyHandle {
         needed: PageBitmap,
         main: TcpStream,
         fault: TcpStream,
+        recovery: Recovery,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             lazy,
@@ -162,12 +187,15 @@ impl PostcopyHandle {
             started: Instant::now(),
             last_page_us: AtomicU64::new(0),
             resumed: Mutex::new(None),
+            fault_writer: Mutex::new(Some(fault.try_clone()?)),
+            link_down: AtomicBool::new(false),
+            link_error: Mutex::new(None),
+            recoveries: AtomicU32::new(0),
         });
-        let fault_reader = fault.try_clone()?;
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("postcopy-push".into())
-            .spawn(move || run(s, main, fault, fault_reader))?;
+            .spawn(move || run(s, main, fault, recovery))?;
         Ok(Self {
             shared,
             thread: Some(thread),
@@ -181,6 +209,27 @@ impl PostcopyHandle {
 
     pub fn needed_pages(&self) -> u64 {
         self.shared.needed_count
+    }
+
+    /// Why the link is down, while it is (the VM then waits on its missing
+    /// pages for the source to come back).
+    pub fn link_down(&self) -> Option<String> {
+        if !self.shared.link_is_down() {
+            return None;
+        }
+        Some(
+            self.shared
+                .link_error
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
+        )
+    }
+
+    /// How many times the source came back after a link failure.
+    pub fn recoveries(&self) -> u32 {
+        self.shared.recoveries.load(Ordering::Acquire)
     }
 
     /// True once post-copy ended, either way; `wait` then returns at once.
@@ -204,37 +253,94 @@ impl PostcopyHandle {
     }
 }
 
-/// The push receiver, which also owns the other two threads.
+/// Where a post-copy whose link failed waits for its source.
+pub struct Recovery {
+    pub listener: Option<TcpListener>,
+    pub session: u64,
+    pub timeout: Duration,
+}
+
+/// The push receiver, which also owns the other two threads and brings
+/// the links back after a failure.
 fn run(
     shared: Arc<Shared>,
     mut main: TcpStream,
-    fault_writer: TcpStream,
-    fault_reader: TcpStream,
+    mut fault_reader: TcpStream,
+    recovery: Recovery,
 ) -> Result<PostcopyComplete, PostcopyError> {
     let faults = {
         let s = shared.clone();
         std::thread::Builder::new()
             .name("postcopy-faults".into())
-            .spawn(move || serve_faults(&s, fault_writer))
+            .spawn(move || serve_faults(&s))
+            .map_err(PostcopyError::io("starting the post-copy threads"))?
     };
-    let answers = {
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("postcopy-answers".into())
-            .spawn(move || receive_answers(&s, fault_reader))
-    };
-    let (faults, answers) = match (faults, answers) {
-        (Ok(f), Ok(a)) => (f, a),
-        (Err(e), _) | (_, Err(e)) => {
-            shared.fail(PostcopyError::io("starting the post-copy threads")(e));
-            return Err(shared.failure.lock().unwrap().take().expect("just set"));
+    loop {
+        let answers = {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name("postcopy-answers".into())
+                .spawn(move || receive_answers(&s, fault_reader))
+        };
+        let answers = match answers {
+            Ok(a) => a,
+            Err(e) => {
+                shared.fail(PostcopyError::io("starting the post-copy threads")(e));
+                break;
+            }
+        };
+        match receive_push(&shared, &mut main) {
+            Ok(()) => {}
+            Err(e @ PostcopyError::Link { .. }) => shared.link_lost(e.to_string()),
+            Err(e) => shared.fail(e),
         }
-    };
-    let pushed = receive_push(&shared, &mut main);
-    if let Err(e) = pushed {
-        shared.fail(e);
+        if shared.stopped()
+            || !shared.link_is_down()
+            || shared.arrived.count() >= shared.needed_count
+        {
+            shared.stop.store(true, Ordering::Release);
+            let _ = answers.join();
+            break;
+        }
+        // The link failed: close both connections (so the source and our
+        // answer receiver notice too) and wait for the source.
+        let _ = main.shutdown(std::net::Shutdown::Both);
+        if let Some(w) = shared.fault_writer.lock().unwrap().take() {
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = answers.join();
+        match wait_for_source(&shared, &recovery) {
+            Ok((m, f)) => {
+                main = m;
+                fault_reader = match f.try_clone() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        shared.fail(PostcopyError::io("resuming post-copy")(e));
+                        break;
+                    }
+                };
+                *shared.link_error.lock().unwrap() = None;
+                *shared.fault_writer.lock().unwrap() = Some(f);
+                shared.link_down.store(false, Ordering::Release);
+                shared.recoveries.fetch_add(1, Ordering::AcqRel);
+                resend_pending(&shared);
+            }
+            Err(reason) => {
+                shared.fail(PostcopyError::SourceLost {
+                    reason: shared
+                        .link_error
+                        .lock()
+                        .unwrap()
+                        .clone()
+                        .map_or(reason.clone(), |r| format!("{r}; {reason}")),
+                    waited: recovery.timeout,
+                });
+                break;
+            }
+        }
     }
-    let finished = !shared.stopped();
+    let finished =
+        !shared.failure.lock().unwrap().is_some() && shared.arrived.count() >= shared.needed_count;
     if finished {
         // Every page is here: the mapping can stop intercepting.
         shared.finished.store(true, Ordering::Release);
@@ -248,7 +354,6 @@ fn run(
     }
     shared.stop.store(true, Ordering::Release);
     let _ = faults.join();
-    let _ = answers.join();
     if let Some(e) = shared.failure.lock().unwrap().take() {
         return Err(e);
     }
@@ -262,9 +367,9 @@ fn run(
         fault_max_us: max,
         last_page_us: shared.last_page_us.load(Ordering::Acquire),
     };
-    let stage = "post-copy: telling the source every page is here";
-    write_message(&mut main, &Message::PostcopyComplete(complete.clone()))
-        .map_err(PostcopyError::link(stage))?;
+    // Every page is here whatever happens to this message: a source that
+    // never reads it keeps its VM paused, which is safe.
+    let _ = write_message(&mut main, &Message::PostcopyComplete(complete.clone()));
     let _ = main.flush();
     // Best effort, for the source's report: the guest's own stall.
     let deadline = Instant::now() + RESUMED_WAIT;
@@ -278,6 +383,127 @@ fn run(
     }
     drain(&mut main);
     Ok(complete)
+}
+
+/// Waits on the listener for the source to come back with `Resume` for
+/// this session; answers with the pages held here and takes the new fault
+/// channel. Err: why not, for a human.
+fn wait_for_source(shared: &Shared, recovery: &Recovery) -> Result<(TcpStream, TcpStream), String> {
+    let Some(listener) = &recovery.listener else {
+        return Err("this destination has no listener to wait on".into());
+    };
+    let deadline = Instant::now() + recovery.timeout;
+    loop {
+        if Instant::now() >= deadline {
+            return Err(format!("no source came back within {:?}", recovery.timeout));
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("waiting for the source: {e}"))?;
+        match listener.accept() {
+            Ok((conn, _)) => {
+                // A connection that is not this source resuming is dropped.
+                if let Ok(pair) = resume_handshake(shared, conn, listener, recovery.session) {
+                    return Ok(pair);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("waiting for the source: {e}")),
+        }
+    }
+}
+
+/// Hello, Resume{session}, our ResumeState, then the fault channel.
+fn resume_handshake(
+    shared: &Shared,
+    mut conn: TcpStream,
+    listener: &TcpListener,
+    session: u64,
+) -> Result<(TcpStream, TcpStream), String> {
+    let err = |e: &dyn std::fmt::Display| format!("resuming: {e}");
+    conn.set_nonblocking(false).map_err(|e| err(&e))?;
+    conn.set_nodelay(true).map_err(|e| err(&e))?;
+    conn.set_read_timeout(Some(RESUME_TIMEOUT))
+        .map_err(|e| err(&e))?;
+    conn.set_write_timeout(Some(RESUME_TIMEOUT))
+        .map_err(|e| err(&e))?;
+    let mut scratch = Vec::new();
+    let hello = match recv_message(&mut conn, &mut scratch).map_err(|e| err(&e))? {
+        Message::Hello(h) => h,
+        other => return Err(format!("resuming: expected Hello, got {}", other.kind())),
+    };
+    let ack = hello.answer(VersionRange::SUPPORTED, Role::Destination);
+    write_message(&mut conn, &Message::HelloAck(ack.clone())).map_err(|e| err(&e))?;
+    if let HelloAck::Refused { reason } = ack {
+        return Err(format!("resuming: {reason}"));
+    }
+    match recv_message(&mut conn, &mut scratch).map_err(|e| err(&e))? {
+        Message::Resume(r) if r.session == session => {}
+        other => {
+            let _ = write_message(
+                &mut conn,
+                &Message::Abort(Abort {
+                    reason: "no post-copy of that session runs here".into(),
+                }),
+            );
+            return Err(format!(
+                "resuming: expected our Resume, got {}",
+                other.kind()
+            ));
+        }
+    }
+    let held = shared.arrived.snapshot();
+    write_message(
+        &mut conn,
+        &Message::ResumeState(ResumeState {
+            pages: held.count(),
+            words: held.to_words(),
+        }),
+    )
+    .map_err(|e| err(&e))?;
+    match recv_message(&mut conn, &mut scratch).map_err(|e| err(&e))? {
+        Message::PostcopyPrepare(p) if p.session == session => {}
+        other => {
+            return Err(format!(
+                "resuming: expected PostcopyPrepare, got {}",
+                other.kind()
+            ))
+        }
+    }
+    let fault = accept_fault_channel(listener, session)?;
+    write_message(&mut conn, &Message::PostcopyReady(PostcopyReady)).map_err(|e| err(&e))?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| err(&e))?;
+    Ok((conn, fault))
+}
+
+/// How long one step of a resume may take.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After a new link: asks again for every page a vCPU still waits on.
+fn resend_pending(shared: &Shared) {
+    let waiting: Vec<u64> = shared
+        .pending
+        .lock()
+        .unwrap()
+        .keys()
+        .copied()
+        .filter(|&gpa| !shared.arrived.contains(gpa))
+        .collect();
+    let mut writer = shared.fault_writer.lock().unwrap();
+    let Some(w) = writer.as_mut() else {
+        return;
+    };
+    for gpa in waiting {
+        if let Err(e) = write_message(w, &Message::PageRequest(PageRequest { gpa, pages: 1 })) {
+            *writer = None;
+            drop(writer);
+            shared.link_lost(format!("post-copy: requesting a page again: {e}"));
+            return;
+        }
+    }
 }
 
 /// Reads (and drops) what the source still had in flight, a push batch
@@ -307,7 +533,7 @@ fn receive_push(shared: &Shared, main: &mut TcpStream) -> Result<(), PostcopyErr
     let mut staging = Staging::default();
     let mut scratch = Vec::new();
     while shared.arrived.count() < shared.needed_count {
-        if shared.stopped() {
+        if shared.stopped() || shared.link_is_down() {
             return Ok(());
         }
         if !wait_readable(main, POLL).map_err(PostcopyError::io(stage))? {
@@ -337,8 +563,9 @@ fn receive_push(shared: &Shared, main: &mut TcpStream) -> Result<(), PostcopyErr
     Ok(())
 }
 
-/// Turns accesses to missing pages into requests.
-fn serve_faults(shared: &Shared, mut fault: TcpStream) {
+/// Turns accesses to missing pages into requests. While the link is down
+/// the requests wait in `pending`; the vCPUs wait on their pages.
+fn serve_faults(shared: &Shared) {
     crate::postcopy::channel::serve_faults_promptly();
     let stage = "post-copy: serving page faults";
     while !shared.stopped() {
@@ -362,30 +589,36 @@ fn serve_faults(shared: &Shared, mut fault: TcpStream) {
         }
         shared.pending.lock().unwrap().insert(gpa, Instant::now());
         shared.requested_pages.fetch_add(1, Ordering::AcqRel);
+        let mut writer = shared.fault_writer.lock().unwrap();
+        let Some(w) = writer.as_mut() else {
+            continue;
+        };
         let request = Message::PageRequest(PageRequest { gpa, pages: 1 });
-        if let Err(e) = write_message(&mut fault, &request) {
-            return shared.fail(PostcopyError::link("post-copy: requesting a page")(e));
+        if let Err(e) = write_message(w, &request) {
+            *writer = None;
+            drop(writer);
+            shared.link_lost(format!("post-copy: requesting a page: {e}"));
         }
     }
 }
 
-/// Places the answers to requests.
+/// Places the answers to requests, until this link fails.
 fn receive_answers(shared: &Shared, mut fault: TcpStream) {
     crate::postcopy::channel::serve_faults_promptly();
     let stage = "post-copy: receiving requested pages";
     let mut staging = Staging::default();
     let mut scratch = Vec::new();
-    while !shared.stopped() {
+    while !shared.stopped() && !shared.link_is_down() {
         match wait_readable(&fault, POLL) {
             Ok(false) => continue,
             Ok(true) => {}
-            Err(e) => return shared.fail(PostcopyError::io(stage)(e)),
+            Err(e) => return shared.link_lost(format!("{stage}: {e}")),
         }
         let header = match read_header(&mut fault) {
             Ok(h) => h,
             // The source closes the channel only when it stops serving.
             Err(_) if shared.stopped() => return,
-            Err(e) => return shared.fail(PostcopyError::link(stage)(e)),
+            Err(e) => return shared.link_lost(format!("{stage}: {e}")),
         };
         if header.kind != FrameKind::Pages {
             let got = header.kind;
@@ -397,10 +630,13 @@ fn receive_answers(shared: &Shared, mut fault: TcpStream) {
             });
         }
         staging.clear();
-        let placed = read_pages_into(&mut fault, &header, &mut staging)
-            .map_err(PostcopyError::link(stage))
-            .and_then(|_| staging.place(shared, stage));
-        if let Err(e) = placed {
+        if let Err(e) = read_pages_into(&mut fault, &header, &mut staging) {
+            if e.is_retryable() {
+                return shared.link_lost(format!("{stage}: {e}"));
+            }
+            return shared.fail(PostcopyError::link(stage)(e));
+        }
+        if let Err(e) = staging.place(shared, stage) {
             return shared.fail(e);
         }
     }

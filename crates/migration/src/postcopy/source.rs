@@ -5,17 +5,20 @@
 //! request, then waits for the destination to say it has them all.
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bandwidth::Pacer;
 use crate::bitmap::PageBitmap;
 use crate::guest::PageReader;
-use crate::postcopy::channel::wait_readable;
+use crate::postcopy::channel::{describe, link_failed, open_fault_channel, wait_readable};
 use crate::precopy::error::MigrateError;
 use crate::precopy::send::{PageSender, SendError};
-use crate::protocol::{recv_message, write_pages, Message, PageRun, PostcopyComplete, PAGE_SIZE};
+use crate::protocol::{
+    recv_message, write_message, write_pages, Hello, HelloAck, Message, PageRun, PostcopyComplete,
+    RamRange, Resume, Role, PAGE_SIZE,
+};
 use crate::shared_pages::SharedPages;
 use crate::ProtocolError;
 
@@ -30,6 +33,10 @@ const PUSH_BATCH_PAGES: usize = 256;
 pub(crate) struct ServeOptions {
     pub bandwidth: Option<u64>,
     pub io_timeout: Duration,
+    /// How long to keep trying to reach the destination again after the
+    /// link failed; zero: give up at once.
+    pub recovery: Duration,
+    pub session: u64,
 }
 
 /// What the post-copy phase did, as the source saw it.
@@ -38,6 +45,7 @@ pub(crate) struct Served {
     pub requested_pages: u64,
     pub requests: u64,
     pub bytes: u64,
+    pub recoveries: u32,
     pub complete: PostcopyComplete,
 }
 
@@ -48,53 +56,244 @@ struct ServerCounts {
     bytes: AtomicU64,
 }
 
-/// Serves `needed` until the destination holds every page of it.
+/// What the caller hears while post-copy runs.
+pub(crate) enum ServeEvent {
+    /// Pages sent so far of the total.
+    Progress(u64, u64),
+    /// Something the operator should read (a lost link, a resume).
+    Note(String),
+}
+
+/// Serves `needed` until the destination holds every page of it. A link
+/// that fails is opened again (for up to `options.recovery`): the
+/// destination says which pages it holds and the rest is sent again. The
+/// VM stays paused here meanwhile, and every page stays here.
 pub(crate) fn serve(
     memory: Arc<dyn PageReader>,
     main: &mut TcpStream,
-    fault: TcpStream,
+    mut fault: TcpStream,
     needed: &PageBitmap,
     options: &ServeOptions,
-    progress: &mut dyn FnMut(u64, u64),
+    events: &mut dyn FnMut(ServeEvent),
 ) -> Result<Served, MigrateError> {
-    let sent = SharedPages::empty_like(needed);
-    let hint = AtomicU64::new(u64::MAX);
+    let addr = main.peer_addr().map_err(|e| MigrateError::Protocol {
+        stage: "post-copy",
+        source: e.into(),
+    })?;
     let counts = ServerCounts::default();
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut sent = SharedPages::empty_like(needed);
+    let (mut pushed_pages, mut push_bytes, mut recoveries) = (0, 0, 0);
+    loop {
+        match serve_link(
+            &*memory, main, fault, needed, &sent, options, &counts, events,
+        ) {
+            Ok((pages, bytes, complete)) => {
+                return Ok(Served {
+                    pushed_pages: pushed_pages + pages,
+                    requested_pages: counts.pages.load(Ordering::Acquire),
+                    requests: counts.requests.load(Ordering::Acquire),
+                    bytes: push_bytes + bytes + counts.bytes.load(Ordering::Acquire),
+                    recoveries,
+                    complete,
+                });
+            }
+            Err((error, pages, bytes)) => {
+                pushed_pages += pages;
+                push_bytes += bytes;
+                if !link_failed(&error) || options.recovery.is_zero() {
+                    return Err(error);
+                }
+                events(ServeEvent::Note(format!(
+                    "post-copy: the link to the destination failed ({}); the VM stays paused here with all its pages; reconnecting to {addr} for up to {:?}",
+                    describe(&error),
+                    options.recovery
+                )));
+                let (m, f, held) =
+                    reconnect(addr, needed, options).map_err(|e| MigrateError::RecoveryFailed {
+                        link: describe(&error),
+                        last: describe(&e),
+                        waited: options.recovery,
+                    })?;
+                *main = m;
+                fault = f;
+                sent = SharedPages::from_bitmap(&held);
+                recoveries += 1;
+                events(ServeEvent::Note(format!(
+                    "post-copy: reconnected; the destination holds {} of {} pages; sending the rest",
+                    held.count(),
+                    needed.count()
+                )));
+            }
+        }
+    }
+}
+
+/// Failure of one link, with the pages and bytes pushed before it.
+type LinkFailure = (MigrateError, u64, u64);
+
+/// Serves over one pair of connections until the destination holds every
+/// page, or a connection fails.
+#[allow(clippy::too_many_arguments)]
+fn serve_link(
+    memory: &dyn PageReader,
+    main: &mut TcpStream,
+    fault: TcpStream,
+    needed: &PageBitmap,
+    sent: &SharedPages,
+    options: &ServeOptions,
+    counts: &ServerCounts,
+    events: &mut dyn FnMut(ServeEvent),
+) -> Result<(u64, u64, PostcopyComplete), LinkFailure> {
+    let hint = AtomicU64::new(u64::MAX);
+    let stop = AtomicBool::new(false);
+    let broken = AtomicBool::new(false);
+    // Closing the fault channel from here unblocks the page server.
+    let fault_closer = fault.try_clone().ok();
     std::thread::scope(|s| {
-        let server =
-            s.spawn(|| answer_requests(&*memory, fault, needed, &sent, &hint, &stop, &counts));
-        let pushed = push(&*memory, main, needed, &sent, &hint, options, progress)
-            .and_then(|pushed| wait_complete(main, options.io_timeout).map(|c| (pushed, c)));
+        let server = s.spawn(|| {
+            let served = answer_requests(memory, fault, needed, sent, &hint, &stop, counts);
+            if served.is_err() {
+                broken.store(true, Ordering::Release);
+            }
+            served
+        });
+        let mut pushed = (0, 0);
+        let result = push(
+            memory,
+            main,
+            needed,
+            sent,
+            &hint,
+            &broken,
+            options,
+            events,
+            &mut pushed,
+        )
+        .and_then(|()| wait_complete(main, options.io_timeout, &broken));
         stop.store(true, Ordering::Release);
+        if result.is_err() {
+            if let Some(f) = &fault_closer {
+                let _ = f.shutdown(std::net::Shutdown::Both);
+            }
+        }
         let answered = server.join().expect("the page server does not panic");
-        let ((pushed_pages, push_bytes), complete) = match (pushed, answered) {
-            (Ok(done), _) => done,
-            // The push failed: a broken fault channel is the likelier
-            // first cause when both failed.
-            (Err(e), Ok(())) | (Err(_), Err(e)) => return Err(e),
-        };
-        Ok(Served {
-            pushed_pages,
-            requested_pages: counts.pages.load(Ordering::Acquire),
-            requests: counts.requests.load(Ordering::Acquire),
-            bytes: push_bytes + counts.bytes.load(Ordering::Acquire),
-            complete,
-        })
+        match (result, answered) {
+            (Ok(complete), _) => Ok((pushed.0, pushed.1, complete)),
+            // A broken fault channel is the likelier first cause.
+            (Err(_), Err(e)) | (Err(e), Ok(())) => Err((e, pushed.0, pushed.1)),
+        }
     })
 }
 
+/// Opens both connections again and asks the destination which pages it
+/// holds, retrying until `options.recovery` has passed.
+fn reconnect(
+    addr: std::net::SocketAddr,
+    needed: &PageBitmap,
+    options: &ServeOptions,
+) -> Result<(TcpStream, TcpStream, PageBitmap), MigrateError> {
+    let deadline = Instant::now() + options.recovery;
+    loop {
+        match try_resume(addr, needed, options) {
+            Ok(resumed) => return Ok(resumed),
+            Err(e) if link_failed(&e) && Instant::now() < deadline => {
+                std::thread::sleep(RECONNECT_EVERY);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How often a source whose link failed tries to reach the destination.
+const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+
+fn try_resume(
+    addr: std::net::SocketAddr,
+    needed: &PageBitmap,
+    options: &ServeOptions,
+) -> Result<(TcpStream, TcpStream, PageBitmap), MigrateError> {
+    let stage = "resuming post-copy";
+    let io = |e: std::io::Error| MigrateError::Protocol {
+        stage,
+        source: e.into(),
+    };
+    let mut main = TcpStream::connect_timeout(&addr, RECONNECT_TIMEOUT).map_err(io)?;
+    main.set_nodelay(true).map_err(io)?;
+    main.set_read_timeout(Some(options.io_timeout))
+        .map_err(io)?;
+    main.set_write_timeout(Some(options.io_timeout))
+        .map_err(io)?;
+    let mut scratch = Vec::new();
+    write_message(&mut main, &Message::Hello(Hello::new(Role::Source)))
+        .map_err(MigrateError::protocol(stage))?;
+    match recv_message(&mut main, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::HelloAck(HelloAck::Accepted { .. }) => {}
+        Message::HelloAck(HelloAck::Refused { reason }) => {
+            return Err(MigrateError::Refused(reason))
+        }
+        other => {
+            return Err(MigrateError::Unexpected {
+                stage,
+                expected: "HelloAck",
+                got: other.kind(),
+            })
+        }
+    }
+    write_message(
+        &mut main,
+        &Message::Resume(Resume {
+            session: options.session,
+        }),
+    )
+    .map_err(MigrateError::protocol(stage))?;
+    let ranges: Vec<RamRange> = needed
+        .ranges
+        .iter()
+        .map(|r| RamRange {
+            gpa: r.gpa,
+            len: r.pages * PAGE_SIZE as u64,
+        })
+        .collect();
+    let held = match recv_message(&mut main, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::ResumeState(state) => PageBitmap::from_words(&ranges, &state.words)
+            .filter(|h| h.count() == state.pages)
+            .ok_or(MigrateError::Protocol {
+                stage,
+                source: ProtocolError::Malformed {
+                    kind: crate::protocol::FrameKind::ResumeState,
+                    reason: "the page set does not fit the VM's memory".into(),
+                },
+            })?,
+        Message::Abort(a) => return Err(MigrateError::PeerAborted(a.reason)),
+        other => {
+            return Err(MigrateError::Unexpected {
+                stage,
+                expected: "ResumeState",
+                got: other.kind(),
+            })
+        }
+    };
+    let fault = open_fault_channel(&mut main, options.session, options.io_timeout)?;
+    Ok((main, fault, held))
+}
+
+/// How long one attempt to reach the destination again may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Sends every page of `needed` not yet sent by the page server, nearest
 /// to the latest request first. Returns (pages, bytes) pushed.
+#[allow(clippy::too_many_arguments)]
 fn push(
     memory: &dyn PageReader,
     main: &mut TcpStream,
     needed: &PageBitmap,
     sent: &SharedPages,
     hint: &AtomicU64,
+    broken: &AtomicBool,
     options: &ServeOptions,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<(u64, u64), MigrateError> {
+    events: &mut dyn FnMut(ServeEvent),
+    pushed_total: &mut (u64, u64),
+) -> Result<(), MigrateError> {
     let stage = "post-copy: pushing pages";
     let page = PAGE_SIZE as u64;
     let pages: Vec<u64> = needed
@@ -107,9 +306,14 @@ fn push(
     let read = |gpa: u64, dst: &mut [u8]| memory.read(gpa, dst);
     let mut cursor = 0usize;
     let mut last_hint = u64::MAX;
-    let mut pushed = 0u64;
     let mut last_progress = Instant::now();
     loop {
+        if broken.load(Ordering::Acquire) {
+            return Err(MigrateError::Protocol {
+                stage,
+                source: ProtocolError::PeerClosed,
+            });
+        }
         let h = hint.load(Ordering::Acquire);
         if h != last_hint {
             last_hint = h;
@@ -137,31 +341,41 @@ fn push(
         if runs.is_empty() {
             break;
         }
+        let before = sender.total.bytes;
         sender
             .send_runs(&read, main, &runs, &mut |_| {})
             .map_err(|e| match e {
                 SendError::Guest(source) => MigrateError::Guest { stage, source },
                 SendError::Protocol(source) => MigrateError::Protocol { stage, source },
             })?;
-        pushed += taken as u64;
+        pushed_total.0 += taken as u64;
+        pushed_total.1 += sender.total.bytes - before;
         if last_progress.elapsed() >= Duration::from_millis(100) {
             last_progress = Instant::now();
-            progress(sent.count(), total);
+            events(ServeEvent::Progress(sent.count(), total));
         }
     }
-    progress(sent.count(), total);
-    Ok((pushed, sender.total.bytes))
+    events(ServeEvent::Progress(sent.count(), total));
+    Ok(())
 }
 
 /// After the push: the destination's word that every page is placed.
 fn wait_complete(
     main: &mut TcpStream,
     timeout: Duration,
+    broken: &AtomicBool,
 ) -> Result<PostcopyComplete, MigrateError> {
     let stage = "post-copy: waiting for the destination to hold every page";
     let deadline = Instant::now() + timeout;
     let mut scratch = Vec::new();
     loop {
+        if broken.load(Ordering::Acquire) {
+            // A page the destination asks for can no longer be answered.
+            return Err(MigrateError::Protocol {
+                stage,
+                source: ProtocolError::PeerClosed,
+            });
+        }
         let ready = wait_readable(main, POLL).map_err(|e| MigrateError::Protocol {
             stage,
             source: e.into(),
@@ -199,7 +413,7 @@ fn answer_requests(
     needed: &PageBitmap,
     sent: &SharedPages,
     hint: &AtomicU64,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &AtomicBool,
     counts: &ServerCounts,
 ) -> Result<(), MigrateError> {
     crate::postcopy::channel::serve_faults_promptly();

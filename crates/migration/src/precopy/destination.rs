@@ -9,24 +9,29 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::guest::IncomingGuest;
+use crate::postcopy::channel::accept_fault_channel;
 use crate::postcopy::PostcopyHandle;
 use crate::precopy::error::{error_chain, ReceiveError};
 use crate::protocol::{
-    read_header, read_message, read_pages_into, read_state, recv_message, write_message, Abort,
-    Accept, Committed, FrameKind, HelloAck, Message, Offer, PageSink, PostcopyReady, Refuse,
-    Resumed, Role, StateLoaded, VersionRange,
+    read_header, read_message, read_pages_into, read_state, write_message, Abort, Accept,
+    Committed, FrameKind, HelloAck, Message, Offer, PageSink, PostcopyReady, Refuse, Resumed, Role,
+    StateLoaded, VersionRange,
 };
 
 #[derive(Debug, Clone)]
 pub struct ReceiveOptions {
     /// Longest silence from the source before the migration is abandoned.
     pub io_timeout: Duration,
+    /// How long a post-copy whose link failed waits for the source to come
+    /// back before it declares the VM lost.
+    pub postcopy_recovery: Duration,
 }
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
         Self {
             io_timeout: Duration::from_secs(30),
+            postcopy_recovery: Duration::from_secs(30),
         }
     }
 }
@@ -142,9 +147,6 @@ pub fn send_resumed(stream: &mut TcpStream, guest_stall_us: Option<u64>, first_s
     let _ = stream.flush();
 }
 
-/// How long the destination waits for the source's fault channel.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
-
 type Started<R> = (R, Option<PostcopyHandle>);
 
 fn drive<G: IncomingGuest>(
@@ -220,6 +222,7 @@ fn drive<G: IncomingGuest>(
     let mut round_pages = 0u64;
     let mut state_len = None;
     let mut fault_channel: Option<TcpStream> = None;
+    let mut session = 0;
     let mut missing: Option<PageBitmap> = None;
     let stage = "receiving pages";
     loop {
@@ -275,7 +278,11 @@ fn drive<G: IncomingGuest>(
                                 "this destination was started without a listener for the fault channel".into(),
                             ));
                         };
-                        fault_channel = Some(accept_fault_channel(listener, p.session)?);
+                        session = p.session;
+                        fault_channel = Some(
+                            accept_fault_channel(listener, p.session)
+                                .map_err(ReceiveError::Postcopy)?,
+                        );
                         write_message(stream, &Message::PostcopyReady(PostcopyReady))
                             .map_err(ReceiveError::protocol(stage))?;
                     }
@@ -318,7 +325,15 @@ fn drive<G: IncomingGuest>(
             let main = stream
                 .try_clone()
                 .map_err(|e| ReceiveError::protocol(stage)(e.into()))?;
-            let handle = PostcopyHandle::start(lazy, missing, main, fault)
+            let recovery = crate::postcopy::destination::Recovery {
+                listener: listener
+                    .map(TcpListener::try_clone)
+                    .transpose()
+                    .map_err(|e| ReceiveError::protocol(stage)(e.into()))?,
+                session,
+                timeout: options.postcopy_recovery,
+            };
+            let handle = PostcopyHandle::start(lazy, missing, main, fault, recovery)
                 .map_err(|e| ReceiveError::protocol(stage)(e.into()))?;
             (vm, Some(handle))
         }
@@ -333,42 +348,6 @@ fn drive<G: IncomingGuest>(
     let _ = write_message(stream, &Message::Committed(Committed));
     let _ = stream.flush();
     Ok(started)
-}
-
-/// Accepts connections on `listener` until one opens with `Join{session}`.
-fn accept_fault_channel(listener: &TcpListener, session: u64) -> Result<TcpStream, ReceiveError> {
-    let stage = "opening the fault channel";
-    let io = |e: std::io::Error| ReceiveError::protocol(stage)(e.into());
-    let deadline = Instant::now() + JOIN_TIMEOUT;
-    listener.set_nonblocking(true).map_err(io)?;
-    let joined = loop {
-        match listener.accept() {
-            Ok((mut conn, _)) => {
-                conn.set_nonblocking(false).map_err(io)?;
-                conn.set_read_timeout(Some(JOIN_TIMEOUT)).map_err(io)?;
-                let mut scratch = Vec::new();
-                match recv_message(&mut conn, &mut scratch) {
-                    Ok(Message::Join(j)) if j.session == session => break Ok(conn),
-                    // Someone else's connection: not ours to serve.
-                    _ => continue,
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    break Err(ReceiveError::Postcopy(format!(
-                        "the source did not open the fault channel within {JOIN_TIMEOUT:?}"
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => break Err(io(e)),
-        }
-    };
-    listener.set_nonblocking(false).map_err(io)?;
-    let conn = joined?;
-    conn.set_nodelay(true).map_err(io)?;
-    conn.set_read_timeout(None).map_err(io)?;
-    Ok(conn)
 }
 
 fn next_message(

@@ -39,6 +39,12 @@ pub enum MigrateError {
         got_len: u64,
         got_crc: u32,
     },
+    #[error("post-copy's link failed ({link}) and the destination could not be reached again within {waited:?} (last try: {last}); the VM is paused here and on the destination, with pages only this host holds")]
+    RecoveryFailed {
+        link: String,
+        last: String,
+        waited: std::time::Duration,
+    },
     #[error("the commit was sent but not acknowledged ({0}); the VM stays paused on the source until an operator confirms where it runs")]
     CommitUnacknowledged(String),
 }

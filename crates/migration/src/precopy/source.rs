@@ -13,14 +13,14 @@ use crate::bitmap::{push_run, PageBitmap};
 use crate::guest::SourceGuest;
 use crate::mode::Mode;
 use crate::policy::{Decision, Policy, PolicyConfig, RoundFacts};
-use crate::postcopy::channel::new_session;
-use crate::postcopy::source::{serve, ServeOptions};
+use crate::postcopy::channel::{new_session, open_fault_channel};
+use crate::postcopy::source::{serve, ServeEvent, ServeOptions};
 use crate::precopy::error::{error_chain, MigrateError};
 use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
-    HelloAck, Join, Message, PageRun, PostcopyBegin, PostcopyPrepare, RamRange, Role, RoundEnd,
-    PAGE_SIZE, POSTCOPY_VERSION,
+    HelloAck, Message, PageRun, PostcopyBegin, RamRange, Role, RoundEnd, PAGE_SIZE,
+    POSTCOPY_VERSION,
 };
 use crate::stats::{mib_per_s, GuestSeen, MigrationReport, PostcopyReport, Progress, RoundReport};
 
@@ -46,6 +46,9 @@ pub struct PrecopyOptions {
     /// How long to wait, after the commit, for the destination's report of
     /// what the guest saw.
     pub guest_report_wait: Duration,
+    /// How long a post-copy whose link failed keeps trying to reach the
+    /// destination again (the VM stays paused here meanwhile).
+    pub postcopy_recovery: Duration,
 }
 
 impl Default for PrecopyOptions {
@@ -56,6 +59,7 @@ impl Default for PrecopyOptions {
             bandwidth: None,
             io_timeout: Duration::from_secs(30),
             guest_report_wait: Duration::from_secs(2),
+            postcopy_recovery: Duration::from_secs(30),
         }
     }
 }
@@ -801,37 +805,8 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     predicted: Duration,
     reason: &str,
 ) -> Result<(), MigrateError> {
-    let stage = "opening the fault channel";
-    let io = |e: std::io::Error| MigrateError::Protocol {
-        stage,
-        source: e.into(),
-    };
     let session = new_session();
-    write_message(
-        stream,
-        &Message::PostcopyPrepare(PostcopyPrepare { session }),
-    )
-    .map_err(MigrateError::protocol(stage))?;
-    let addr = stream.peer_addr().map_err(io)?;
-    let mut fault = TcpStream::connect_timeout(&addr, FAULT_CHANNEL_TIMEOUT).map_err(io)?;
-    fault.set_nodelay(true).map_err(io)?;
-    fault
-        .set_write_timeout(Some(options.io_timeout))
-        .map_err(io)?;
-    write_message(&mut fault, &Message::Join(Join { session }))
-        .map_err(MigrateError::protocol(stage))?;
-    let mut scratch = Vec::new();
-    match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
-        Message::PostcopyReady(_) => {}
-        Message::Abort(a) => return Err(MigrateError::PeerAborted(a.reason)),
-        other => {
-            return Err(MigrateError::Unexpected {
-                stage,
-                expected: "PostcopyReady",
-                got: other.kind(),
-            })
-        }
-    }
+    let fault = open_fault_channel(stream, session, options.io_timeout)?;
 
     let t_pause = Instant::now();
     guest
@@ -883,6 +858,8 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     let serve_options = ServeOptions {
         bandwidth: options.bandwidth,
         io_timeout: options.io_timeout,
+        recovery: options.postcopy_recovery,
+        session,
     };
     let needed_bytes = needed.bytes();
     let served = serve(
@@ -891,16 +868,19 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
         fault,
         &needed,
         &serve_options,
-        &mut |sent, total| {
-            let left = total.saturating_sub(sent) * PAGE_SIZE as u64;
-            run.tell(
-                "postcopy",
-                0,
-                needed_bytes,
-                needed_bytes - left,
-                t_serve,
-                true,
-            );
+        &mut |event| match event {
+            ServeEvent::Progress(sent, total) => {
+                let left = total.saturating_sub(sent) * PAGE_SIZE as u64;
+                run.tell(
+                    "postcopy",
+                    0,
+                    needed_bytes,
+                    needed_bytes - left,
+                    t_serve,
+                    true,
+                );
+            }
+            ServeEvent::Note(text) => run.say(text),
         },
     )?;
     let c = &served.complete;
@@ -914,6 +894,7 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
         fault_p99_us: c.fault_p99_us,
         fault_max_us: c.fault_max_us,
         last_page_ms: c.last_page_us as f64 / 1e3,
+        recoveries: served.recoveries,
         duration_ms: t_serve.elapsed().as_secs_f64() * 1e3,
         bytes_sent: served.bytes,
     });
@@ -929,9 +910,6 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     );
     Ok(())
 }
-
-/// How long the source tries to open the fault channel.
-const FAULT_CHANNEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A destination that gave up mid-round says why in an Abort frame; look
 /// for one without blocking, between rounds.

@@ -65,10 +65,12 @@ pub enum FrameKind {
     PostcopyBegin = 17,
     PageRequest = 18,
     PostcopyComplete = 19,
+    Resume = 20,
+    ResumeState = 21,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 19] = [
+    pub const ALL: [FrameKind; 21] = [
         Self::Hello,
         Self::HelloAck,
         Self::Offer,
@@ -88,6 +90,8 @@ impl FrameKind {
         Self::PostcopyBegin,
         Self::PageRequest,
         Self::PostcopyComplete,
+        Self::Resume,
+        Self::ResumeState,
     ];
 
     pub fn from_u16(value: u16) -> Option<Self> {
@@ -130,6 +134,8 @@ impl FrameKind {
             Self::PostcopyBegin => "PostcopyBegin",
             Self::PageRequest => "PageRequest",
             Self::PostcopyComplete => "PostcopyComplete",
+            Self::Resume => "Resume",
+            Self::ResumeState => "ResumeState",
         }
     }
 }

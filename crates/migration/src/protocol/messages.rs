@@ -254,6 +254,21 @@ pub struct PostcopyComplete {
     pub last_page_us: u64,
 }
 
+/// The first message on a new main connection after a post-copy link
+/// failed (after Hello): the source is back for this migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub session: u64,
+}
+
+/// The destination's answer to Resume: the pages it holds, as in
+/// PostcopyBegin; the source sends the rest again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeState {
+    pub pages: u64,
+    pub words: Vec<u64>,
+}
+
 /// Any control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -274,6 +289,8 @@ pub enum Message {
     PostcopyBegin(PostcopyBegin),
     PageRequest(PageRequest),
     PostcopyComplete(PostcopyComplete),
+    Resume(Resume),
+    ResumeState(ResumeState),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -310,6 +327,8 @@ impl Message {
             Self::PostcopyBegin(_) => FrameKind::PostcopyBegin,
             Self::PageRequest(_) => FrameKind::PageRequest,
             Self::PostcopyComplete(_) => FrameKind::PostcopyComplete,
+            Self::Resume(_) => FrameKind::Resume,
+            Self::ResumeState(_) => FrameKind::ResumeState,
         }
     }
 
@@ -333,6 +352,8 @@ impl Message {
             Self::PostcopyBegin(m) => encode(m),
             Self::PageRequest(m) => encode(m),
             Self::PostcopyComplete(m) => encode(m),
+            Self::Resume(m) => encode(m),
+            Self::ResumeState(m) => encode(m),
         }
     }
 
@@ -356,6 +377,8 @@ impl Message {
             FrameKind::PostcopyBegin => Self::PostcopyBegin(decode(kind, payload)?),
             FrameKind::PageRequest => Self::PageRequest(decode(kind, payload)?),
             FrameKind::PostcopyComplete => Self::PostcopyComplete(decode(kind, payload)?),
+            FrameKind::Resume => Self::Resume(decode(kind, payload)?),
+            FrameKind::ResumeState => Self::ResumeState(decode(kind, payload)?),
             FrameKind::Pages | FrameKind::State => {
                 return Err(ProtocolError::Unexpected {
                     expected: "a control message",

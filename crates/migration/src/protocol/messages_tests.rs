@@ -76,6 +76,11 @@ fn every_message() -> Vec<Message> {
             fault_max_us: 120,
             last_page_us: 250_000,
         }),
+        Message::Resume(Resume { session: 77 }),
+        Message::ResumeState(ResumeState {
+            pages: 2,
+            words: vec![3, 0],
+        }),
     ]
 }
 

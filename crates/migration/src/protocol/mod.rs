@@ -82,8 +82,8 @@ pub use frame::{
 pub use messages::{
     read_message, recv_message, write_message, Abort, Accept, Commit, Committed, Hello, HelloAck,
     InvalidOffer, Join, Message, Offer, PageRequest, PostcopyBegin, PostcopyComplete,
-    PostcopyPrepare, PostcopyReady, RamRange, Refuse, Resumed, Role, RoundEnd, StateLoaded,
-    HELLO_MAGIC,
+    PostcopyPrepare, PostcopyReady, RamRange, Refuse, Resume, ResumeState, Resumed, Role, RoundEnd,
+    StateLoaded, HELLO_MAGIC,
 };
 pub use pages::{
     read_pages_into, write_pages, PageRun, PageSink, PagesSummary, MAX_BATCH_DATA_BYTES,
