@@ -17,6 +17,8 @@ pub enum Request {
     Snapshot { path: PathBuf, stop: bool },
     /// Live-migrate the VM to a `ferry receive` at `to`.
     Migrate(MigrateRequest),
+    /// Try again a post-copy that gave up after its link failed.
+    ResumeMigration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,9 +31,13 @@ pub struct MigrateRequest {
     pub bandwidth: Option<u64>,
     /// Brake a guest that outruns the link.
     pub auto_converge: bool,
-    /// precopy, postcopy or hybrid.
+    /// precopy, postcopy, hybrid or auto.
     #[serde(default)]
     pub mode: ferry_migration::mode::Mode,
+    /// How long a post-copy whose link failed keeps reconnecting before it
+    /// gives up (and waits for a ResumeMigration); None: the default.
+    #[serde(default)]
+    pub recovery_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +57,9 @@ pub enum Response {
     MigrationFailed {
         reason: String,
         vm_running: bool,
+        /// A post-copy that gave up on its link: ResumeMigration tries again.
+        #[serde(default)]
+        resumable: bool,
         report: Box<MigrationReport>,
     },
     Error {

@@ -295,11 +295,21 @@ fn link_dropped_mid_postcopy_then_restored_completes_verified() {
     let pc = postcopy_figures(test, &report);
     assert!(pc["recoveries"].as_u64().unwrap() >= 1, "{pc:#}");
     let last = source_handed_over(&mut src, link.port);
-    // Every heartbeat here continues the source's, with no bad page, and
-    // the guest rewrites (so verifies) its whole working set twice after.
+    continues_verified(&mut dst, &last);
+    assert!(
+        dst.err.iter().any(|l| l.contains("post-copy complete")),
+        "{}",
+        dst.transcript()
+    );
+}
+
+/// Every heartbeat on the destination continues the source's last one,
+/// with no bad page, until the guest has rewritten (so verified) its whole
+/// working set twice there.
+fn continues_verified(dst: &mut FerryProc, last: &ferry_testguest::console::Heartbeat) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        heartbeat_count(&mut dst);
+        heartbeat_count(dst);
         let hbs = dst.heartbeats();
         let first = hbs.first().expect("heartbeats on the destination").clone();
         assert_eq!(
@@ -313,14 +323,78 @@ fn link_dropped_mid_postcopy_then_restored_completes_verified() {
         assert!(hbs.iter().all(|h| h.err == 0), "bad pages: {hbs:?}");
         assert!(dst.page_errors().is_empty(), "{}", dst.transcript());
         if hbs.last().unwrap().sweeps >= first.sweeps + 2 {
-            break;
+            return;
         }
-        assert!(Instant::now() < deadline, "no full sweep after the resume");
+        assert!(Instant::now() < deadline, "no full sweep after the move");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        dst.err.iter().any(|l| l.contains("post-copy complete")),
-        "{}",
-        dst.transcript()
+}
+
+#[test]
+fn a_source_that_gave_up_resumes_on_the_operators_word() {
+    let test = "a_source_that_gave_up_resumes_on_the_operators_word";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new("pc_resume");
+    let (mut src, socket) = migration_source(&dir, "source", "1G", "1", "dirty:256:max");
+    let (mut dst, dst_port) = migration_destination(
+        "destination",
+        &["--duration", "300s", "--json", "--recovery-timeout", "60s"],
     );
+    let link = CuttableLink::to(dst_port);
+    src.next_heartbeat(Duration::from_secs(10));
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        link.port,
+        &[
+            "--mode",
+            "postcopy",
+            "--bandwidth",
+            "40MiB/s",
+            "--recovery-timeout",
+            "1s",
+            "--json",
+        ],
+    );
+    dst.wait_line(Duration::from_secs(30), "the post-copy start", |_, text| {
+        text.contains("post-copy: the VM runs here without")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    link.cut();
+    // The source gives up after its second of retries, and says how to go on.
+    let status = mig.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{}", mig.transcript());
+    assert!(
+        mig.err
+            .iter()
+            .any(|l| l.contains("ferry migrate SOCKET --resume")),
+        "{}",
+        mig.transcript()
+    );
+    // It keeps its VM, paused: alive, no heartbeat.
+    let before = heartbeat_count(&mut src);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        heartbeat_count(&mut src),
+        before,
+        "the source must not run its VM"
+    );
+    assert!(
+        src.child.try_wait().unwrap().is_none(),
+        "the source must keep its pages"
+    );
+    let last = src.heartbeats().last().cloned().expect("source heartbeats");
+    link.restore();
+    let mut resume = FerryProc::spawn("resume", &["migrate", &socket, "--resume", "--json"]);
+    let (status, report) = finish_migrate(&mut resume, Duration::from_secs(90));
+    assert_committed(status, &report, &resume);
+    assert_eq!(report["mode"], "postcopy (resumed)", "{report:#}");
+    postcopy_figures(test, &report);
+    let status = src.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{}", src.transcript());
+    assert!(src.page_errors().is_empty());
+    continues_verified(&mut dst, &last);
 }

@@ -93,6 +93,7 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         bandwidth: m.bandwidth,
         auto_converge: true,
         mode: m.mode,
+        recovery_ms: None,
     });
     let mut report = match call(&socket, &request)? {
         Response::Migrated(r) => *r,

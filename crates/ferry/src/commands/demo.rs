@@ -110,6 +110,7 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
         bandwidth: None,
         auto_converge: true,
         mode: ferry_migration::mode::Mode::Precopy,
+        recovery_ms: None,
     };
     let mut view = ProgressView::new();
     let result = migrate_vm(&mut vm, &request, &mut |p| view.show(p));

@@ -19,8 +19,16 @@ pub struct MigrateArgs {
     /// The VM's API socket (`ferry run --api SOCKET`).
     pub socket: PathBuf,
     /// The destination, host:port of a `ferry receive --listen`.
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub to: Option<String>,
+    /// Try again a post-copy that gave up after its link failed (the VM
+    /// waits paused on the source); takes no other option.
+    #[arg(long, conflicts_with_all = ["to", "mode", "bandwidth", "downtime"])]
+    pub resume: bool,
+    /// How long a post-copy whose link failed keeps reconnecting before it
+    /// gives up and waits for --resume (default 30s).
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    pub recovery_timeout: Option<Duration>,
     /// The blackout to aim for (e.g. 10ms).
     #[arg(long, default_value = "20ms", value_parser = crate::duration::parse_duration)]
     pub downtime: Duration,
@@ -44,11 +52,14 @@ pub struct MigrateArgs {
 impl MigrateArgs {
     pub fn request(&self) -> MigrateRequest {
         MigrateRequest {
-            to: self.to.clone(),
+            to: self.to.clone().unwrap_or_default(),
             downtime_ms: self.downtime.as_secs_f64() * 1e3,
             bandwidth: self.bandwidth,
             auto_converge: !self.no_auto_converge,
             mode: self.mode,
+            recovery_ms: self
+                .recovery_timeout
+                .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
         }
     }
 }
@@ -125,7 +136,12 @@ impl ProgressView {
 
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<bool> {
     let mut view = ProgressView::new();
-    let answer = call_with_progress(&args.socket, &Request::Migrate(args.request()), |r| {
+    let request = if args.resume {
+        Request::ResumeMigration
+    } else {
+        Request::Migrate(args.request())
+    };
+    let answer = call_with_progress(&args.socket, &request, |r| {
         if let Response::Progress(p) = r {
             view.show(p);
         }
@@ -143,6 +159,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<bool> {
         Response::MigrationFailed {
             reason,
             vm_running,
+            resumable,
             report,
         } => {
             if args.json {
@@ -150,6 +167,8 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<bool> {
             }
             let place = if vm_running {
                 "the VM is running on the source"
+            } else if resumable {
+                "the VM is PAUSED on the source, which keeps its pages; `ferry migrate SOCKET --resume` tries again"
             } else {
                 "the VM is PAUSED on the source and must not be resumed until it is known whether the destination runs it"
             };

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ferry_migration::postcopy::source::Unfinished;
+use ferry_migration::precopy::Failure;
 use ferry_testguest::console::Line;
 use ferry_testguest::workload::Workload;
 use ferry_vmm::{GuestImage, Vm, VmConfig, VmEvent};
@@ -147,9 +149,11 @@ pub fn watch_until(
     mut done: impl FnMut(&GuestWatch) -> bool,
 ) -> Ending {
     let interrupted = interrupt_flag();
+    // A post-copy that gave up on its link, kept for a ResumeMigration.
+    let mut unfinished = None;
     loop {
         while let Some(pending) = api.and_then(ApiServer::try_next) {
-            if let Some(ending) = serve_request(vm, pending) {
+            if let Some(ending) = serve_request(vm, pending, &mut unfinished) {
                 return ending;
             }
         }
@@ -199,7 +203,11 @@ pub fn watch_until(
 }
 
 /// Carries out one API request on the VM this thread owns.
-fn serve_request(vm: &mut Vm, pending: Pending) -> Option<Ending> {
+fn serve_request(
+    vm: &mut Vm,
+    pending: Pending,
+    unfinished: &mut Option<Box<Unfinished>>,
+) -> Option<Ending> {
     match pending.request.clone() {
         Request::Status => {
             pending.answer(Response::Status {
@@ -222,25 +230,30 @@ fn serve_request(vm: &mut Vm, pending: Pending) -> Option<Ending> {
                     pending.answer(Response::Migrated(Box::new(report)));
                     Some(Ending::Migrated)
                 }
-                Err(failure) => {
-                    let reason = failure.reason();
+                Err(failure) => migration_failed(&request.to, failure, pending, unfinished),
+            }
+        }
+        Request::ResumeMigration => {
+            let Some(u) = unfinished.take() else {
+                pending.answer(Response::Error {
+                    message: "no interrupted post-copy to resume here".into(),
+                });
+                return None;
+            };
+            let to = u.destination().to_string();
+            let result = crate::migration::outgoing::resume_vm(vm, u, &mut |p| {
+                pending.progress(Response::Progress(p.clone()))
+            });
+            match result {
+                Ok(report) => {
                     eprintln!(
-                        "ferry: migration to {} failed: {reason}; {}",
-                        request.to,
-                        if failure.vm_running {
-                            "the VM runs here"
-                        } else {
-                            "the VM is PAUSED here"
-                        }
+                        "ferry: post-copy to {to} resumed and completed in {:.1} ms; stopped here",
+                        report.total_ms
                     );
-                    let vm_running = failure.vm_running;
-                    pending.answer(Response::MigrationFailed {
-                        reason,
-                        vm_running,
-                        report: failure.report,
-                    });
-                    (!vm_running).then_some(Ending::MigrationInDoubt)
+                    pending.answer(Response::Migrated(Box::new(report)));
+                    Some(Ending::Migrated)
                 }
+                Err(failure) => migration_failed(&to, failure, pending, unfinished),
             }
         }
         Request::Snapshot { path, stop } => match take_snapshot(vm, &path, stop) {
@@ -268,6 +281,38 @@ fn serve_request(vm: &mut Vm, pending: Pending) -> Option<Ending> {
             }
         },
     }
+}
+
+/// Reports a failed migration. A post-copy that can be resumed keeps its
+/// VM paused here (its pages are needed) and waits for ResumeMigration.
+fn migration_failed(
+    to: &str,
+    mut failure: Failure,
+    pending: Pending,
+    unfinished: &mut Option<Box<Unfinished>>,
+) -> Option<Ending> {
+    let reason = failure.reason();
+    let resumable = failure.resume.take();
+    eprintln!(
+        "ferry: migration to {to} failed: {reason}; {}",
+        if failure.vm_running {
+            "the VM runs here"
+        } else if resumable.is_some() {
+            "the VM is PAUSED here and its pages stay here: `ferry migrate SOCKET --resume` tries again"
+        } else {
+            "the VM is PAUSED here"
+        }
+    );
+    let vm_running = failure.vm_running;
+    let keep = resumable.is_some();
+    *unfinished = resumable;
+    pending.answer(Response::MigrationFailed {
+        reason,
+        vm_running,
+        resumable: keep,
+        report: failure.report,
+    });
+    (!vm_running && !keep).then_some(Ending::MigrationInDoubt)
 }
 
 /// SIGINT/SIGTERM set this flag instead of killing us, so the VM is

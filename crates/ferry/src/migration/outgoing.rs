@@ -5,7 +5,8 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use ferry_migration::policy::PolicyConfig;
-use ferry_migration::precopy::{migrate, Failure, MigrateError, PrecopyOptions};
+use ferry_migration::postcopy::source::Unfinished;
+use ferry_migration::precopy::{migrate, resume_postcopy, Failure, MigrateError, PrecopyOptions};
 use ferry_migration::stats::{MigrationReport, Progress};
 use ferry_vmm::Vm;
 
@@ -32,12 +33,19 @@ pub fn migrate_vm(
         bandwidth: request.bandwidth,
         ..Default::default()
     };
+    let options = PrecopyOptions {
+        postcopy_recovery: request
+            .recovery_ms
+            .map_or(options.postcopy_recovery, Duration::from_millis),
+        ..options
+    };
     let stream = match connect(&request.to) {
         Ok(s) => s,
         Err(error) => {
             return Err(Failure {
                 error,
                 vm_running: true,
+                resume: None,
                 report: Box::new(MigrationReport {
                     mode: request.mode.name().into(),
                     outcome: "aborted: VM running on the source".into(),
@@ -49,6 +57,22 @@ pub fn migrate_vm(
     };
     let yielding = super::priority::Yielding::start();
     let result = migrate(&mut VmSource(vm), stream, &request.to, &options, progress);
+    drop(yielding);
+    if result.is_ok() {
+        vm.stop();
+    }
+    result
+}
+
+/// Tries again a post-copy that gave up (see `Failure::resume`); on
+/// success the VM is stopped here, as after any completed migration.
+pub fn resume_vm(
+    vm: &mut Vm,
+    unfinished: Box<Unfinished>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, Failure> {
+    let yielding = super::priority::Yielding::start();
+    let result = resume_postcopy(unfinished, progress);
     drop(yielding);
     if result.is_ok() {
         vm.stop();

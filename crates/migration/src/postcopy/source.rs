@@ -4,7 +4,7 @@
 //! destination lacks on the main connection, starting next to the latest
 //! request, then waits for the destination to say it has them all.
 
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +30,8 @@ const POLL: Duration = Duration::from_millis(20);
 /// within a fraction of a millisecond.
 const PUSH_BATCH_PAGES: usize = 256;
 
-pub(crate) struct ServeOptions {
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
     pub bandwidth: Option<u64>,
     pub io_timeout: Duration,
     /// How long to keep trying to reach the destination again after the
@@ -40,7 +41,7 @@ pub(crate) struct ServeOptions {
 }
 
 /// What the post-copy phase did, as the source saw it.
-pub(crate) struct Served {
+pub struct Served {
     pub pushed_pages: u64,
     pub requested_pages: u64,
     pub requests: u64,
@@ -57,11 +58,51 @@ struct ServerCounts {
 }
 
 /// What the caller hears while post-copy runs.
-pub(crate) enum ServeEvent {
+pub enum ServeEvent {
     /// Pages sent so far of the total.
     Progress(u64, u64),
     /// Something the operator should read (a lost link, a resume).
     Note(String),
+}
+
+/// A post-copy this source gave up on after its link failed and did not
+/// come back: everything needed to try again with [`resume`]. The VM must
+/// stay paused here meanwhile; its memory is the only copy of these pages.
+pub struct Unfinished {
+    memory: Arc<dyn PageReader>,
+    needed: PageBitmap,
+    options: ServeOptions,
+    addr: SocketAddr,
+    /// Why it stopped, for a human.
+    pub reason: String,
+}
+
+impl Unfinished {
+    pub fn destination(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Pages the destination lacked when post-copy began.
+    pub fn needed_pages(&self) -> u64 {
+        self.needed.count()
+    }
+}
+
+impl std::fmt::Debug for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unfinished")
+            .field("destination", &self.addr)
+            .field("pages", &self.needed.count())
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+/// A post-copy that failed, and (when the link was the cause) what it
+/// takes to resume it.
+pub(crate) struct ServeFailure {
+    pub error: MigrateError,
+    pub unfinished: Option<Box<Unfinished>>,
 }
 
 /// Serves `needed` until the destination holds every page of it. A link
@@ -71,17 +112,76 @@ pub(crate) enum ServeEvent {
 pub(crate) fn serve(
     memory: Arc<dyn PageReader>,
     main: &mut TcpStream,
-    mut fault: TcpStream,
+    fault: TcpStream,
     needed: &PageBitmap,
     options: &ServeOptions,
     events: &mut dyn FnMut(ServeEvent),
-) -> Result<Served, MigrateError> {
-    let addr = main.peer_addr().map_err(|e| MigrateError::Protocol {
-        stage: "post-copy",
-        source: e.into(),
+) -> Result<Served, Box<ServeFailure>> {
+    let addr = main.peer_addr().map_err(|e| {
+        Box::new(ServeFailure {
+            error: MigrateError::Protocol {
+                stage: "post-copy",
+                source: e.into(),
+            },
+            unfinished: None,
+        })
     })?;
+    let sent = SharedPages::empty_like(needed);
+    serve_from(memory, main, fault, needed, sent, addr, options, events)
+}
+
+/// Tries again a post-copy the source gave up on: reconnects (for up to
+/// the recovery time), learns which pages the destination holds and sends
+/// the rest. On failure the same `Unfinished` comes back, to try again.
+pub fn resume(
+    u: Box<Unfinished>,
+    events: &mut dyn FnMut(ServeEvent),
+) -> Result<Served, (MigrateError, Box<Unfinished>)> {
+    let (mut main, fault, held) = match reconnect(u.addr, &u.needed, &u.options) {
+        Ok(resumed) => resumed,
+        Err(e) => return Err((e, u)),
+    };
+    events(ServeEvent::Note(format!(
+        "post-copy resumed: the destination holds {} of {} pages; sending the rest",
+        held.count(),
+        u.needed.count()
+    )));
+    let sent = SharedPages::from_bitmap(&held);
+    match serve_from(
+        u.memory.clone(),
+        &mut main,
+        fault,
+        &u.needed,
+        sent,
+        u.addr,
+        &u.options,
+        events,
+    ) {
+        Ok(served) => Ok(served),
+        Err(f) => {
+            let again = f.unfinished.unwrap_or_else(|| {
+                Box::new(Unfinished {
+                    reason: describe(&f.error),
+                    ..*u
+                })
+            });
+            Err((f.error, again))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_from(
+    memory: Arc<dyn PageReader>,
+    main: &mut TcpStream,
+    mut fault: TcpStream,
+    needed: &PageBitmap,
+    mut sent: SharedPages,
+    addr: SocketAddr,
+    options: &ServeOptions,
+    events: &mut dyn FnMut(ServeEvent),
+) -> Result<Served, Box<ServeFailure>> {
     let counts = ServerCounts::default();
-    let mut sent = SharedPages::empty_like(needed);
     let (mut pushed_pages, mut push_bytes, mut recoveries) = (0, 0, 0);
     loop {
         match serve_link(
@@ -100,20 +200,37 @@ pub(crate) fn serve(
             Err((error, pages, bytes)) => {
                 pushed_pages += pages;
                 push_bytes += bytes;
-                if !link_failed(&error) || options.recovery.is_zero() {
-                    return Err(error);
+                if !link_failed(&error) {
+                    return Err(Box::new(ServeFailure {
+                        error,
+                        unfinished: None,
+                    }));
                 }
                 events(ServeEvent::Note(format!(
                     "post-copy: the link to the destination failed ({}); the VM stays paused here with all its pages; reconnecting to {addr} for up to {:?}",
                     describe(&error),
                     options.recovery
                 )));
-                let (m, f, held) =
-                    reconnect(addr, needed, options).map_err(|e| MigrateError::RecoveryFailed {
-                        link: describe(&error),
-                        last: describe(&e),
-                        waited: options.recovery,
-                    })?;
+                let (m, f, held) = match reconnect(addr, needed, options) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let error = MigrateError::RecoveryFailed {
+                            link: describe(&error),
+                            last: describe(&e),
+                            waited: options.recovery,
+                        };
+                        return Err(Box::new(ServeFailure {
+                            unfinished: Some(Box::new(Unfinished {
+                                memory,
+                                needed: needed.clone(),
+                                options: options.clone(),
+                                addr,
+                                reason: describe(&error),
+                            })),
+                            error,
+                        }));
+                    }
+                };
                 *main = m;
                 fault = f;
                 sent = SharedPages::from_bitmap(&held);

@@ -8,4 +8,4 @@ pub mod source;
 
 pub use destination::{receive, send_resumed, ReceiveOptions, ReceiveReport, Received};
 pub use error::{error_chain, MigrateError, ReceiveError};
-pub use source::{migrate, Failure, PrecopyOptions};
+pub use source::{migrate, resume_postcopy, Failure, PrecopyOptions};

@@ -14,7 +14,7 @@ use crate::guest::SourceGuest;
 use crate::mode::Mode;
 use crate::policy::{Decision, Policy, PolicyConfig, RoundFacts};
 use crate::postcopy::channel::{new_session, open_fault_channel};
-use crate::postcopy::source::{serve, ServeEvent, ServeOptions};
+use crate::postcopy::source::{serve, ServeEvent, ServeOptions, Unfinished};
 use crate::precopy::error::{error_chain, MigrateError};
 use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
@@ -68,6 +68,10 @@ impl Default for PrecopyOptions {
 #[derive(Debug)]
 pub struct Failure {
     pub error: MigrateError,
+    /// A post-copy whose link failed for good: the VM runs on the
+    /// destination, waiting for pages only this host holds; `resume` with
+    /// this tries again.
+    pub resume: Option<Box<Unfinished>>,
     /// True when the VM runs on the source again (always, unless the
     /// commit was sent and its acknowledgment never came).
     pub vm_running: bool,
@@ -90,6 +94,8 @@ struct Run<'p> {
     throttle: u32,
     commit_sent: bool,
     postcopy_started: bool,
+    /// A post-copy given up on, which can be resumed.
+    unfinished: Option<Box<Unfinished>>,
     rate: Option<f64>,
     last_dirty_rate: f64,
     ram_ranges: Vec<RamRange>,
@@ -172,6 +178,7 @@ pub fn migrate<G: SourceGuest + ?Sized>(
         throttle: 0,
         commit_sent: false,
         postcopy_started: false,
+        unfinished: None,
         rate: None,
         last_dirty_rate: 0.0,
         ram_ranges: Vec::new(),
@@ -212,6 +219,7 @@ pub fn migrate<G: SourceGuest + ?Sized>(
             Err(Failure {
                 error,
                 vm_running,
+                resume: run.unfinished.take(),
                 report: Box::new(run.report),
             })
         }
@@ -357,6 +365,76 @@ fn drive<G: SourceGuest + ?Sized>(
         predicted,
         forced,
     )
+}
+
+/// Tries again a post-copy given up on (`Failure::resume`): reconnects to
+/// the destination, learns which pages it holds, sends the rest. On
+/// failure the `Failure` carries the same post-copy, to try again later.
+pub fn resume_postcopy(
+    unfinished: Box<Unfinished>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, Failure> {
+    let t0 = Instant::now();
+    let needed = unfinished.needed_pages();
+    let mut report = MigrationReport {
+        mode: "postcopy (resumed)".into(),
+        destination: unfinished.destination().to_string(),
+        ..Default::default()
+    };
+    let mut events = |event: ServeEvent| {
+        let p = match event {
+            ServeEvent::Progress(sent, total) => Progress {
+                phase: "postcopy".into(),
+                round_bytes: total * PAGE_SIZE as u64,
+                remaining_bytes: total.saturating_sub(sent) * PAGE_SIZE as u64,
+                elapsed_ms: t0.elapsed().as_secs_f64() * 1e3,
+                ..Default::default()
+            },
+            ServeEvent::Note(text) => Progress {
+                phase: "note".into(),
+                message: Some(text),
+                elapsed_ms: t0.elapsed().as_secs_f64() * 1e3,
+                ..Default::default()
+            },
+        };
+        progress(&p);
+    };
+    match crate::postcopy::source::resume(unfinished, &mut events) {
+        Ok(served) => {
+            let c = &served.complete;
+            report.outcome = "committed".into();
+            report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+            report.bytes_sent = served.bytes;
+            report.pages_sent = served.pushed_pages + served.requested_pages;
+            report.throughput_mibs = mib_per_s(served.bytes, report.total_ms);
+            report.postcopy = Some(PostcopyReport {
+                reason: "resumed by the operator".into(),
+                needed_pages: needed,
+                pushed_pages: served.pushed_pages,
+                requested_pages: served.requested_pages,
+                faults: c.faults,
+                fault_p50_us: c.fault_p50_us,
+                fault_p99_us: c.fault_p99_us,
+                fault_max_us: c.fault_max_us,
+                last_page_ms: c.last_page_us as f64 / 1e3,
+                duration_ms: report.total_ms,
+                bytes_sent: served.bytes,
+                recoveries: served.recoveries + 1,
+            });
+            Ok(report)
+        }
+        Err((error, unfinished)) => {
+            report.outcome =
+                "post-copy interrupted: the VM waits on the destination for pages held here".into();
+            report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+            Err(Failure {
+                error,
+                vm_running: false,
+                resume: Some(unfinished),
+                report: Box::new(report),
+            })
+        }
+    }
 }
 
 /// How long auto mode watches the guest's writes before it chooses: a
@@ -868,7 +946,7 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
         fault,
         &needed,
         &serve_options,
-        &mut |event| match event {
+        &mut |event: ServeEvent| match event {
             ServeEvent::Progress(sent, total) => {
                 let left = total.saturating_sub(sent) * PAGE_SIZE as u64;
                 run.tell(
@@ -882,7 +960,14 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
             }
             ServeEvent::Note(text) => run.say(text),
         },
-    )?;
+    );
+    let served = match served {
+        Ok(served) => served,
+        Err(failure) => {
+            run.unfinished = failure.unfinished;
+            return Err(failure.error);
+        }
+    };
     let c = &served.complete;
     run.report.postcopy = Some(PostcopyReport {
         reason: reason.into(),
