@@ -48,6 +48,9 @@ pub struct FerryOutcome {
     pub report: MigrationReport,
 }
 
+/// How long a source that handed its VM over may take to exit.
+const SOURCE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<FerryOutcome> {
     let started = Instant::now();
     let socket: PathBuf = dir.join(format!("src-{}.sock", std::process::id()));
@@ -108,7 +111,12 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
             dst_done(&s.heartbeats, ws_pages)
         })
         .clone_for_verdict();
-    let src_state = src_console.lock().clone_for_verdict();
+    // The source prints what its guest said while the migration ran only
+    // once the migration returns, then exits: read it to the end, or its
+    // last heartbeats would look lost.
+    let src_state = src_console
+        .wait_until(Instant::now() + SOURCE_EXIT_TIMEOUT, |_| false)
+        .clone_for_verdict();
     drop((src, dst));
     let verdict = judge(&src_state, &dst_state, "running", ws_pages);
     Ok(FerryOutcome {
