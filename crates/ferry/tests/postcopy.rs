@@ -398,3 +398,39 @@ fn a_source_that_gave_up_resumes_on_the_operators_word() {
     assert!(src.page_errors().is_empty());
     continues_verified(&mut dst, &last);
 }
+
+#[test]
+fn auto_picks_precopy_for_an_idle_guest_and_prints_its_prediction() {
+    let test = "auto_picks_precopy_for_an_idle_guest_and_prints_its_prediction";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new("auto_idle");
+    let (mut src, socket) = migration_source(&dir, "source", "1G", "1", "idle");
+    let (mut dst, port) = migration_destination("destination", &["--duration", "300s", "--json"]);
+    src.next_heartbeat(Duration::from_secs(10));
+    // No --mode: auto is the default.
+    let mut mig = start_migrate("migrate", &socket, port, &["--json"]);
+    let (status, report) = finish_migrate(&mut mig, Duration::from_secs(60));
+    assert_committed(status, &report, &mig);
+    let said = mig
+        .err
+        .iter()
+        .find(|l| l.starts_with("ferry: auto:"))
+        .unwrap_or_else(|| panic!("no prediction printed\n{}", mig.transcript()));
+    eprintln!("{test}: {said}");
+    assert!(
+        said.contains("predicted") && said.contains("chose precopy"),
+        "{said}"
+    );
+    assert_eq!(report["mode"], "auto: precopy", "{report:#}");
+    assert!(report["postcopy"].is_null(), "{report:#}");
+    let last = source_handed_over(&mut src, port);
+    // An idle guest has no working set to verify: its heartbeats must
+    // continue the source's, with no error.
+    let first = dst.next_heartbeat(Duration::from_secs(10));
+    assert_eq!(first.seq, last.seq + 1, "{last:?} then {first:?}");
+    let next = dst.next_heartbeat(Duration::from_secs(10));
+    assert_eq!(next.seq, first.seq + 1);
+    assert_eq!((first.err, next.err), (0, 0));
+}
