@@ -254,9 +254,13 @@ fn drive<G: SourceGuest + ?Sized>(
             "the destination speaks protocol v{version}, which has no post-copy (v{POSTCOPY_VERSION} and later); use --mode precopy"
         )));
     }
-    let mode = match options.mode {
-        Mode::Auto => choose_mode(guest, options, run)?,
-        chosen => chosen,
+    let mut sender = PageSender::new(Pacer::new(options.bandwidth));
+    let (mode, start) = match options.mode {
+        Mode::Auto => {
+            let start = choose_mode(guest, stream, &mut sender, options, run)?;
+            (start.mode, Some(start))
+        }
+        chosen => (chosen, None),
     };
     if mode == Mode::Postcopy {
         let reason = if options.mode == Mode::Auto {
@@ -264,24 +268,28 @@ fn drive<G: SourceGuest + ?Sized>(
         } else {
             "post-copy was asked for"
         };
-        return switch_to_postcopy(guest, stream, options, run, None, Duration::ZERO, reason);
+        let needed = start.map(|s| s.unsent);
+        return switch_to_postcopy(guest, stream, options, run, needed, Duration::ZERO, reason);
     }
 
     let mut config = options.policy.clone();
     config.postcopy_fallback = mode == Mode::Hybrid;
     let mut policy = Policy::new(config);
     let first_round = Instant::now();
-    let mut sender = PageSender::new(Pacer::new(options.bandwidth));
     let mut scratch = Vec::new();
     guest
         .set_dirty_logging(true)
         .map_err(MigrateError::guest("starting dirty logging"))?;
-    let mut last_harvest = Instant::now();
-    let populated = guest
-        .populated()
-        .map_err(MigrateError::guest("finding the populated memory"))?;
-    let mut runs = ranges_to_runs(&populated);
-    let mut round = 1u32;
+    let (mut runs, mut round, mut last_harvest) = match start {
+        // Auto sent the first pages already, to measure the link.
+        Some(s) => (s.unsent.runs(), 2u32, s.harvested),
+        None => {
+            let populated = guest
+                .populated()
+                .map_err(MigrateError::guest("finding the populated memory"))?;
+            (ranges_to_runs(&populated), 1u32, Instant::now())
+        }
+    };
     let (dirty, predicted, forced) = loop {
         let (sent, seen) = if mode == Mode::Hybrid {
             match send_round_watching(guest, stream, &mut sender, run, round, &runs, last_harvest)?
@@ -441,26 +449,54 @@ pub fn resume_postcopy(
 /// first look, and the whole sample for a guest that is not quiet.
 const AUTO_QUICK_SAMPLE: Duration = Duration::from_millis(20);
 const AUTO_SAMPLE: Duration = Duration::from_millis(100);
+/// Auto mode measures the link with the first pages of the first pass.
+const PROBE_PAGES: u64 = 4096;
+/// Below this, a probe says more about latency than about the link.
+const PROBE_MIN_BYTES: u64 = 4 << 20;
 
-/// Auto mode: samples the guest's dirty rate, takes the link's rate (the
-/// cap, or the assumed rate of an uncapped link), predicts each mode and
-/// picks one; says so, and keeps the prediction for the report.
+/// What auto mode decided, and where the migration goes on from.
+struct AutoStart {
+    mode: Mode,
+    /// Pages the destination does not hold current: the rest of the first
+    /// pass, and what the guest dirtied since the probe began.
+    unsent: PageBitmap,
+    /// When the dirty log was last harvested.
+    harvested: Instant,
+}
+
+/// Auto mode: sends the start of the first pass to measure the link (the
+/// cap holds there too), samples the guest's dirty rate meanwhile,
+/// predicts each mode and picks one; says so, and keeps the prediction for
+/// the report. Nothing is wasted: those pages are the first pass's.
 fn choose_mode<G: SourceGuest + ?Sized>(
     guest: &mut G,
+    stream: &mut TcpStream,
+    sender: &mut PageSender,
     options: &PrecopyOptions,
     run: &mut Run<'_>,
-) -> Result<Mode, MigrateError> {
-    let stage = "sampling the guest's dirty rate";
+) -> Result<AutoStart, MigrateError> {
+    let stage = "sampling the guest and the link";
     guest
         .set_dirty_logging(true)
         .map_err(MigrateError::guest(stage))?;
     // Logging may start with every page marked: clear that first.
     guest.harvest_dirty().map_err(MigrateError::guest(stage))?;
     let t = Instant::now();
-    let link_rate = options.bandwidth.map_or(ASSUMED_RATE, |b| b as f64);
+    let populated = guest.populated().map_err(MigrateError::guest(stage))?;
+    let populated_bytes: u64 = populated.iter().map(|r| r.len).sum();
+    let mut slices = split_runs(&ranges_to_runs(&populated), PROBE_PAGES).into_iter();
+    let probe = slices.next().unwrap_or_default();
+    let t_probe = Instant::now();
+    let sent = send_round(guest, stream, sender, run, 1, &probe, false)?;
+    let probe_time = t_probe.elapsed();
+    let (link_rate, link_rate_measured) = if sent.bytes >= PROBE_MIN_BYTES {
+        (sent.bytes as f64 / probe_time.as_secs_f64().max(1e-6), true)
+    } else {
+        (options.bandwidth.map_or(ASSUMED_RATE, |b| b as f64), false)
+    };
     // A short look settles a quiet guest; a busy one is watched longer,
     // for a steadier rate.
-    std::thread::sleep(AUTO_QUICK_SAMPLE);
+    std::thread::sleep(AUTO_QUICK_SAMPLE.saturating_sub(t.elapsed()));
     let mut dirty = guest.harvest_dirty().map_err(MigrateError::guest(stage))?;
     let quiet = (dirty.bytes() as f64 / t.elapsed().as_secs_f64().max(1e-6)) < 0.05 * link_rate;
     if !quiet {
@@ -468,18 +504,13 @@ fn choose_mode<G: SourceGuest + ?Sized>(
         let more = guest.harvest_dirty().map_err(MigrateError::guest(stage))?;
         dirty.union_with(&more);
     }
+    let harvested = Instant::now();
     let sample = t.elapsed();
-    let populated: u64 = guest
-        .populated()
-        .map_err(MigrateError::guest(stage))?
-        .iter()
-        .map(|r| r.len)
-        .sum();
     let facts = crate::auto::AutoFacts {
-        populated_bytes: populated,
+        populated_bytes,
         dirty_rate: dirty.bytes() as f64 / sample.as_secs_f64().max(1e-6),
         link_rate,
-        link_rate_measured: false,
+        link_rate_measured,
         sample,
         downtime_target: options.policy.downtime_target,
         fixed_blackout: options.policy.fixed_blackout,
@@ -496,23 +527,32 @@ fn choose_mode<G: SourceGuest + ?Sized>(
         })
         .collect();
     run.say(format!(
-        "auto: {:.0} MiB may hold data, guest dirties {:.0} MiB/s, link {:.0} MiB/s{}; predicted {}; chose {}: {}",
+        "auto: {:.0} MiB may hold data, guest dirties {:.0} MiB/s, link {:.0} MiB/s ({}); predicted {}; chose {}: {}",
         prediction.populated_mib,
         prediction.dirty_rate_mibs,
         prediction.link_rate_mibs,
-        if options.bandwidth.is_some() { " (the cap)" } else { " (assumed, uncapped)" },
+        if link_rate_measured {
+            "measured on the first pages"
+        } else if options.bandwidth.is_some() {
+            "the cap"
+        } else {
+            "assumed: too little to measure"
+        },
         modes.join(", "),
         prediction.chosen,
         prediction.why
     ));
     run.report.mode = format!("auto: {}", mode.name());
     run.report.prediction = Some(prediction);
-    if mode == Mode::Postcopy {
-        guest
-            .set_dirty_logging(false)
-            .map_err(MigrateError::guest(stage))?;
+    let mut unsent = dirty;
+    for r in slices.flatten() {
+        unsent.set_range(r.gpa, r.bytes(), true);
     }
-    Ok(mode)
+    Ok(AutoStart {
+        mode,
+        unsent,
+        harvested,
+    })
 }
 
 /// Hello, then the Offer; returns the protocol version agreed on.
