@@ -234,6 +234,55 @@ impl CuttableLink {
     }
 }
 
+/// A post-copy through a `CuttableLink`, cut 300 ms after the VM started
+/// on the destination (a slow push keeps post-copy going meanwhile).
+struct CutMidPostcopy {
+    dir: TempDir,
+    src: FerryProc,
+    socket: String,
+    dst: FerryProc,
+    link: CuttableLink,
+    mig: FerryProc,
+}
+
+/// Source `dirty:256:max`, a destination that waits `dst_recovery` for a
+/// lost source, `ferry migrate --mode postcopy --bandwidth 40MiB/s
+/// MIGRATE_ARGS --json` through the link; returns once the link is cut.
+fn cut_mid_postcopy(name: &str, dst_recovery: &str, migrate_args: &[&str]) -> CutMidPostcopy {
+    let dir = TempDir::new(name);
+    let (mut src, socket) = migration_source(&dir, "source", "1G", "1", "dirty:256:max");
+    let (mut dst, dst_port) = migration_destination(
+        "destination",
+        &[
+            "--duration",
+            "300s",
+            "--json",
+            "--recovery-timeout",
+            dst_recovery,
+        ],
+    );
+    let link = CuttableLink::to(dst_port);
+    src.next_heartbeat(Duration::from_secs(10));
+    let mut args = vec!["--mode", "postcopy", "--bandwidth", "40MiB/s"];
+    args.extend_from_slice(migrate_args);
+    args.push("--json");
+    let mig = start_migrate("migrate", &socket, link.port, &args);
+    dst.wait_line(Duration::from_secs(30), "the post-copy start", |_, text| {
+        text.contains("post-copy: the VM runs here without")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    link.cut();
+    CutMidPostcopy {
+        dir,
+        src,
+        socket,
+        dst,
+        link,
+        mig,
+    }
+}
+
 /// Heartbeats printed by `p` so far, after reading what has arrived.
 fn heartbeat_count(p: &mut FerryProc) -> usize {
     p.drain();
@@ -246,27 +295,14 @@ fn link_dropped_mid_postcopy_then_restored_completes_verified() {
     if !kvm_or_skip(test) {
         return;
     }
-    let dir = TempDir::new("pc_link_drop");
-    let (mut src, socket) = migration_source(&dir, "source", "1G", "1", "dirty:256:max");
-    let (mut dst, dst_port) = migration_destination(
-        "destination",
-        &["--duration", "300s", "--json", "--recovery-timeout", "30s"],
-    );
-    let link = CuttableLink::to(dst_port);
-    src.next_heartbeat(Duration::from_secs(10));
-    // A slow push keeps post-copy going while the link is cut.
-    let mut mig = start_migrate(
-        "migrate",
-        &socket,
-        link.port,
-        &["--mode", "postcopy", "--bandwidth", "40MiB/s", "--json"],
-    );
-    dst.wait_line(Duration::from_secs(30), "the post-copy start", |_, text| {
-        text.contains("post-copy: the VM runs here without")
-            .then_some(())
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    link.cut();
+    let CutMidPostcopy {
+        dir: _dir,
+        mut src,
+        socket: _,
+        mut dst,
+        link,
+        mut mig,
+    } = cut_mid_postcopy("pc_link_drop", "30s", &[]);
     dst.wait_line(Duration::from_secs(10), "the lost link", |_, text| {
         text.contains("the link to the source failed").then_some(())
     });
@@ -336,34 +372,14 @@ fn a_source_that_gave_up_resumes_on_the_operators_word() {
     if !kvm_or_skip(test) {
         return;
     }
-    let dir = TempDir::new("pc_resume");
-    let (mut src, socket) = migration_source(&dir, "source", "1G", "1", "dirty:256:max");
-    let (mut dst, dst_port) = migration_destination(
-        "destination",
-        &["--duration", "300s", "--json", "--recovery-timeout", "60s"],
-    );
-    let link = CuttableLink::to(dst_port);
-    src.next_heartbeat(Duration::from_secs(10));
-    let mut mig = start_migrate(
-        "migrate",
-        &socket,
-        link.port,
-        &[
-            "--mode",
-            "postcopy",
-            "--bandwidth",
-            "40MiB/s",
-            "--recovery-timeout",
-            "1s",
-            "--json",
-        ],
-    );
-    dst.wait_line(Duration::from_secs(30), "the post-copy start", |_, text| {
-        text.contains("post-copy: the VM runs here without")
-            .then_some(())
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    link.cut();
+    let CutMidPostcopy {
+        dir: _dir,
+        mut src,
+        socket,
+        mut dst,
+        link,
+        mut mig,
+    } = cut_mid_postcopy("pc_resume", "60s", &["--recovery-timeout", "1s"]);
     // The source gives up after its second of retries, and says how to go on.
     let status = mig.wait_exit(Duration::from_secs(30));
     assert!(!status.success(), "{}", mig.transcript());

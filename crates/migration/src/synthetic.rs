@@ -161,13 +161,7 @@ impl SourceGuest for SyntheticSource {
     }
 
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
-        let mem = self.shared.mem.lock().unwrap();
-        let start = gpa as usize;
-        let src = mem
-            .get(start..start + dst.len())
-            .ok_or_else(|| format!("read outside memory at {gpa:#x}"))?;
-        dst.copy_from_slice(src);
-        Ok(())
+        read_memory(&self.shared, gpa, dst)
     }
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), GuestError> {
@@ -211,14 +205,18 @@ struct FrozenReader(Arc<Shared>);
 
 impl PageReader for FrozenReader {
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
-        let mem = self.0.mem.lock().unwrap();
-        let start = gpa as usize;
-        let src = mem
-            .get(start..start + dst.len())
-            .ok_or_else(|| format!("read outside memory at {gpa:#x}"))?;
-        dst.copy_from_slice(src);
-        Ok(())
+        read_memory(&self.0, gpa, dst)
     }
+}
+
+fn read_memory(shared: &Shared, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
+    let mem = shared.mem.lock().unwrap();
+    let start = gpa as usize;
+    let src = mem
+        .get(start..start + dst.len())
+        .ok_or_else(|| format!("read outside memory at {gpa:#x}"))?;
+    dst.copy_from_slice(src);
+    Ok(())
 }
 
 /// The receiving end: a zeroed buffer of the offered size.

@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::precopy::error::{error_chain, MigrateError};
+use crate::precopy::error::MigrateError;
 use crate::protocol::{recv_message, write_message, Join, Message, PostcopyPrepare};
 
 /// How long either side waits for the other to open the fault channel.
@@ -139,9 +139,4 @@ pub(crate) fn accept_fault_channel(
 /// may succeed (as opposed to a peer that broke the protocol).
 pub(crate) fn link_failed(e: &MigrateError) -> bool {
     matches!(e, MigrateError::Protocol { source, .. } if source.is_retryable())
-}
-
-/// `e` for a human, including its causes.
-pub(crate) fn describe(e: &MigrateError) -> String {
-    error_chain(e)
 }

@@ -125,6 +125,24 @@ impl Shared {
         self.link_down.store(true, Ordering::Release);
     }
 
+    /// Asks the source for these pages; with the link down they stay
+    /// pending, to be asked for again on the next link.
+    fn request(&self, pages: &[u64]) {
+        let mut writer = self.fault_writer.lock().unwrap();
+        let Some(w) = writer.as_mut() else {
+            return;
+        };
+        for &gpa in pages {
+            let request = Message::PageRequest(PageRequest { gpa, pages: 1 });
+            if let Err(e) = write_message(w, &request) {
+                *writer = None;
+                drop(writer);
+                self.link_lost(format!("post-copy: requesting a page: {e}"));
+                return;
+            }
+        }
+    }
+
     fn link_is_down(&self) -> bool {
         self.link_down.load(Ordering::Acquire)
     }
@@ -492,18 +510,7 @@ fn resend_pending(shared: &Shared) {
         .copied()
         .filter(|&gpa| !shared.arrived.contains(gpa))
         .collect();
-    let mut writer = shared.fault_writer.lock().unwrap();
-    let Some(w) = writer.as_mut() else {
-        return;
-    };
-    for gpa in waiting {
-        if let Err(e) = write_message(w, &Message::PageRequest(PageRequest { gpa, pages: 1 })) {
-            *writer = None;
-            drop(writer);
-            shared.link_lost(format!("post-copy: requesting a page again: {e}"));
-            return;
-        }
-    }
+    shared.request(&waiting);
 }
 
 /// Reads (and drops) what the source still had in flight, a push batch
@@ -589,16 +596,7 @@ fn serve_faults(shared: &Shared) {
         }
         shared.pending.lock().unwrap().insert(gpa, Instant::now());
         shared.requested_pages.fetch_add(1, Ordering::AcqRel);
-        let mut writer = shared.fault_writer.lock().unwrap();
-        let Some(w) = writer.as_mut() else {
-            continue;
-        };
-        let request = Message::PageRequest(PageRequest { gpa, pages: 1 });
-        if let Err(e) = write_message(w, &request) {
-            *writer = None;
-            drop(writer);
-            shared.link_lost(format!("post-copy: requesting a page: {e}"));
-        }
+        shared.request(&[gpa]);
     }
 }
 

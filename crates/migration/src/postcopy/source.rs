@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use crate::bandwidth::Pacer;
 use crate::bitmap::PageBitmap;
 use crate::guest::PageReader;
-use crate::postcopy::channel::{describe, link_failed, open_fault_channel, wait_readable};
+use crate::postcopy::channel::{link_failed, open_fault_channel, wait_readable};
+use crate::precopy::error::error_chain as describe;
 use crate::precopy::error::MigrateError;
 use crate::precopy::send::{PageSender, SendError};
 use crate::protocol::{
@@ -20,6 +21,7 @@ use crate::protocol::{
     RamRange, Resume, Role, PAGE_SIZE,
 };
 use crate::shared_pages::SharedPages;
+use crate::stats::PostcopyReport;
 use crate::ProtocolError;
 
 /// The most pages one request may ask for.
@@ -43,11 +45,31 @@ pub struct ServeOptions {
     pub session: u64,
 }
 
+impl Served {
+    /// The report's post-copy part: what was served, why, and for how long.
+    pub fn report(&self, reason: &str, needed_pages: u64, duration_ms: f64) -> PostcopyReport {
+        let c = &self.complete;
+        PostcopyReport {
+            reason: reason.into(),
+            needed_pages,
+            pushed_pages: self.pushed_pages,
+            requested_pages: self.requested_pages,
+            faults: c.faults,
+            fault_p50_us: c.fault_p50_us,
+            fault_p99_us: c.fault_p99_us,
+            fault_max_us: c.fault_max_us,
+            last_page_ms: c.last_page_us as f64 / 1e3,
+            duration_ms,
+            bytes_sent: self.bytes,
+            recoveries: self.recoveries,
+        }
+    }
+}
+
 /// What the post-copy phase did, as the source saw it.
 pub struct Served {
     pub pushed_pages: u64,
     pub requested_pages: u64,
-    pub requests: u64,
     pub bytes: u64,
     pub recoveries: u32,
     pub complete: PostcopyComplete,
@@ -55,7 +77,6 @@ pub struct Served {
 
 #[derive(Default)]
 struct ServerCounts {
-    requests: AtomicU64,
     pages: AtomicU64,
     bytes: AtomicU64,
 }
@@ -194,7 +215,6 @@ fn serve_from(
                 return Ok(Served {
                     pushed_pages: pushed_pages + pages,
                     requested_pages: counts.pages.load(Ordering::Acquire),
-                    requests: counts.requests.load(Ordering::Acquire),
                     bytes: push_bytes + bytes + counts.bytes.load(Ordering::Acquire),
                     recoveries,
                     complete,
@@ -589,7 +609,6 @@ fn answer_requests(
             sent.insert(request.gpa + i * PAGE_SIZE as u64);
         }
         hint.store(request.gpa + len as u64, Ordering::Release);
-        counts.requests.fetch_add(1, Ordering::AcqRel);
         counts
             .pages
             .fetch_add(u64::from(request.pages), Ordering::AcqRel);

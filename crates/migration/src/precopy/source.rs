@@ -22,7 +22,7 @@ use crate::protocol::{
     HelloAck, Message, PageRun, PostcopyBegin, RamRange, Role, RoundEnd, PAGE_SIZE,
     POSTCOPY_VERSION,
 };
-use crate::stats::{mib_per_s, GuestSeen, MigrationReport, PostcopyReport, Progress, RoundReport};
+use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
 
 /// How often the progress callback hears from a running migration.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
@@ -408,27 +408,16 @@ pub fn resume_postcopy(
         progress(&p);
     };
     match crate::postcopy::source::resume(unfinished, &mut events) {
-        Ok(served) => {
-            let c = &served.complete;
+        Ok(mut served) => {
             report.outcome = "committed".into();
             report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
             report.bytes_sent = served.bytes;
             report.pages_sent = served.pushed_pages + served.requested_pages;
             report.throughput_mibs = mib_per_s(served.bytes, report.total_ms);
-            report.postcopy = Some(PostcopyReport {
-                reason: "resumed by the operator".into(),
-                needed_pages: needed,
-                pushed_pages: served.pushed_pages,
-                requested_pages: served.requested_pages,
-                faults: c.faults,
-                fault_p50_us: c.fault_p50_us,
-                fault_p99_us: c.fault_p99_us,
-                fault_max_us: c.fault_max_us,
-                last_page_ms: c.last_page_us as f64 / 1e3,
-                duration_ms: report.total_ms,
-                bytes_sent: served.bytes,
-                recoveries: served.recoveries + 1,
-            });
+            // The link that failed before the operator's word counts too.
+            served.recoveries += 1;
+            report.postcopy =
+                Some(served.report("resumed by the operator", needed, report.total_ms));
             Ok(report)
         }
         Err((error, unfinished)) => {
@@ -1008,22 +997,8 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
             return Err(failure.error);
         }
     };
-    let c = &served.complete;
-    run.report.postcopy = Some(PostcopyReport {
-        reason: reason.into(),
-        needed_pages: needed.count(),
-        pushed_pages: served.pushed_pages,
-        requested_pages: served.requested_pages,
-        faults: c.faults,
-        fault_p50_us: c.fault_p50_us,
-        fault_p99_us: c.fault_p99_us,
-        fault_max_us: c.fault_max_us,
-        last_page_ms: c.last_page_us as f64 / 1e3,
-        recoveries: served.recoveries,
-        duration_ms: t_serve.elapsed().as_secs_f64() * 1e3,
-        bytes_sent: served.bytes,
-    });
-    let _ = served.requests;
+    let duration_ms = t_serve.elapsed().as_secs_f64() * 1e3;
+    run.report.postcopy = Some(served.report(reason, needed.count(), duration_ms));
     run.report.bytes_sent += served.bytes;
     run.report.pages_sent += served.pushed_pages + served.requested_pages;
     run.report.total_ms = run.ms();
