@@ -38,6 +38,13 @@ pub struct MigrateRequest {
     /// gives up (and waits for a ResumeMigration); None: the default.
     #[serde(default)]
     pub recovery_ms: Option<u64>,
+    /// Page-data streams for large rounds; None: as many as the host has
+    /// cores the VM's vCPUs leave free (at least 1, at most 4).
+    #[serde(default)]
+    pub streams: Option<u16>,
+    /// Who gets a core when the migration and the guest compete for one.
+    #[serde(default)]
+    pub priority: crate::migration::priority::CpuPriority,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -118,3 +118,17 @@ fn workloads() {
 fn unknown_flag() {
     assert_says(&refused(&["--memory", "1G"], &[]), &["--memory"]);
 }
+
+#[test]
+fn migrate_stream_counts() {
+    for bad in ["0", "9", "many"] {
+        let out = ferry()
+            .args(["migrate", "/nonexistent/ferry.sock", "--to", "127.0.0.1:1"])
+            .args(["--streams", bad])
+            .output()
+            .expect("run ferry");
+        assert!(!out.status.success(), "--streams {bad} must be refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_says(&stderr, &["--streams", "auto or a number from 1 to 8"]);
+    }
+}

@@ -169,3 +169,31 @@ fn bandwidth_cap_is_respected() {
         "{bytes} bytes in {total_ms:.1} ms is faster than 200 MiB/s allows ({minimum_ms:.1} ms)"
     );
 }
+
+#[test]
+fn several_streams_carry_the_first_pass_and_it_arrives_verified() {
+    let test = "several_streams_carry_the_first_pass_and_it_arrives_verified";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let report = migrate_and_verify(
+        test,
+        "dirty:64:100:384",
+        "1",
+        &[
+            "--mode",
+            "precopy",
+            "--streams",
+            "3",
+            "--priority",
+            "migration",
+            "--json",
+        ],
+    );
+    assert_eq!(report["streams"], 3, "{report:#}");
+    let first = &report["rounds"][0];
+    assert!(
+        first["pages"].as_u64().unwrap_or(0) >= (448 << 8),
+        "the first pass holds the working set and the fill: {first}"
+    );
+}

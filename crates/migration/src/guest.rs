@@ -52,9 +52,11 @@ pub trait SourceGuest {
     fn resume(&mut self) -> Result<(), GuestError>;
     /// The complete state but memory, as one opaque record (paused only).
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError>;
-    /// A reader of guest memory other threads can share, for post-copy,
-    /// where the VM is paused for good and its memory no longer changes.
-    fn frozen_memory(&self) -> Result<Arc<dyn PageReader>, GuestError>;
+    /// A reader of guest memory other threads can share: post-copy's
+    /// threads read the paused VM's memory through it, and the page-data
+    /// streams read the running VM's (with `read`'s rule: a page may come
+    /// torn while the guest writes it, and then the dirty log has it).
+    fn memory_reader(&self) -> Result<Arc<dyn PageReader>, GuestError>;
 }
 
 /// A VM being received: memory exists, nothing runs until `start`.
@@ -63,6 +65,9 @@ pub trait IncomingGuest {
     type Running;
     /// Guest memory at `gpa..gpa+len`, or None if it is not all RAM.
     fn memory_mut(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]>;
+    /// All of guest memory, one slice per RAM range with its guest
+    /// address, for receivers on several threads to split between them.
+    fn ram_mut(&mut self) -> Vec<(u64, &mut [u8])>;
     /// Loads the state record into vCPUs and devices; nothing runs yet.
     fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError>;
     /// Runs the VM: called only after the source committed.

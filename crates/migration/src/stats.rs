@@ -145,6 +145,10 @@ pub struct MigrationReport {
     pub zero_pages: u64,
     pub throughput_mibs: f64,
     pub max_throttle_percent: u32,
+    /// Page-data streams the large rounds went out on (0: every page went
+    /// on the main connection).
+    #[serde(default)]
+    pub streams: u32,
     pub rounds: Vec<RoundReport>,
     pub blackout: BlackoutReport,
     pub guest: GuestSeen,

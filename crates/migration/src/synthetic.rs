@@ -196,14 +196,14 @@ impl SourceGuest for SyntheticSource {
         Ok(self.state.clone())
     }
 
-    fn frozen_memory(&self) -> Result<Arc<dyn PageReader>, GuestError> {
-        Ok(Arc::new(FrozenReader(self.shared.clone())))
+    fn memory_reader(&self) -> Result<Arc<dyn PageReader>, GuestError> {
+        Ok(Arc::new(SharedReader(self.shared.clone())))
     }
 }
 
-struct FrozenReader(Arc<Shared>);
+struct SharedReader(Arc<Shared>);
 
-impl PageReader for FrozenReader {
+impl PageReader for SharedReader {
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
         read_memory(&self.0, gpa, dst)
     }
@@ -329,6 +329,10 @@ impl IncomingGuest for SyntheticIncoming {
     fn memory_mut(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
         let start = usize::try_from(gpa).ok()?;
         self.mem.get_mut(start..start.checked_add(len)?)
+    }
+
+    fn ram_mut(&mut self) -> Vec<(u64, &mut [u8])> {
+        vec![(0, self.mem.as_mut_slice())]
     }
 
     fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError> {

@@ -32,6 +32,7 @@ fn options(target_ms: u64, bandwidth: Option<u64>) -> PrecopyOptions {
         io_timeout: Duration::from_secs(10),
         guest_report_wait: Duration::ZERO,
         postcopy_recovery: Duration::ZERO,
+        streams: 1,
     }
 }
 
@@ -42,10 +43,22 @@ fn run_pair(
     opts: &PrecopyOptions,
     make: impl FnOnce(u64) -> Result<SyntheticIncoming, String> + Send + 'static,
 ) -> (Result<MigrationReport, Failure>, DestResult) {
+    run_pair_listening(source, opts, false, make)
+}
+
+/// `run_pair`, with the destination keeping its listener for more
+/// connections (page-data streams) when `keep_listener`.
+fn run_pair_listening(
+    source: &mut SyntheticSource,
+    opts: &PrecopyOptions,
+    keep_listener: bool,
+    make: impl FnOnce(u64) -> Result<SyntheticIncoming, String> + Send + 'static,
+) -> (Result<MigrationReport, Failure>, DestResult) {
     let (listener, addr) = listen();
     let dest = thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        receive(stream, None, &ReceiveOptions::default(), |offer| {
+        let more = keep_listener.then_some(&listener);
+        receive(stream, more, &ReceiveOptions::default(), |offer| {
             make(offer.mem_bytes)
         })
         .map(|r| r.vm)
@@ -303,4 +316,103 @@ fn hybrid_ends_as_precopy_when_rounds_converge() {
     let report = result.unwrap_or_else(|f| panic!("{}", f.reason()));
     assert!(report.postcopy.is_none());
     assert!(dest.unwrap().0 == source.memory());
+}
+
+/// 96 MiB: the first pass is past the size that goes out striped.
+const STRIPED_PAGES: usize = 24576;
+
+fn streams_options(streams: u16) -> PrecopyOptions {
+    PrecopyOptions {
+        streams,
+        ..options(5, None)
+    }
+}
+
+#[test]
+fn a_large_round_goes_out_on_several_streams_and_every_page_arrives() {
+    let mut source = SyntheticSource::new(STRIPED_PAGES, 200);
+    thread::sleep(Duration::from_millis(20));
+    let (result, dest) = run_pair_listening(&mut source, &streams_options(3), true, |b| {
+        Ok(SyntheticIncoming::new(b))
+    });
+    let report = result.unwrap_or_else(|f| panic!("{}", f.reason()));
+    let running = dest.unwrap();
+    assert_eq!(report.streams, 3);
+    assert!(
+        running.mem == source.memory(),
+        "destination memory differs from the source"
+    );
+    assert_eq!(running.state, source.state);
+    assert!(report.rounds.len() >= 2, "{:?}", report.rounds);
+    assert_eq!(report.outcome, "committed");
+}
+
+#[test]
+fn a_destination_without_a_listener_gets_every_page_on_one_stream() {
+    let mut source = SyntheticSource::new(STRIPED_PAGES, 50);
+    let (result, dest) = run_pair_listening(&mut source, &streams_options(2), false, |b| {
+        Ok(SyntheticIncoming::new(b))
+    });
+    let report = result.unwrap_or_else(|f| panic!("{}", f.reason()));
+    assert_eq!(report.streams, 0);
+    assert!(dest.unwrap().mem == source.memory());
+}
+
+#[test]
+fn a_stream_cut_mid_round_leaves_the_guest_running() {
+    let mut source = SyntheticSource::new(STRIPED_PAGES, 50);
+    let (listener, addr) = listen();
+    // A fake destination: takes the handshake and both streams, reads a
+    // little of one stream's round, then hangs up everything.
+    let peer = thread::spawn(move || {
+        use crate::protocol::*;
+        let (mut main, _) = listener.accept().unwrap();
+        let mut scratch = Vec::new();
+        let Message::Hello(h) = recv_message(&mut main, &mut scratch).unwrap() else {
+            panic!()
+        };
+        let ack = h.answer(VersionRange::SUPPORTED, Role::Destination);
+        write_message(&mut main, &Message::HelloAck(ack)).unwrap();
+        let Message::Offer(o) = recv_message(&mut main, &mut scratch).unwrap() else {
+            panic!()
+        };
+        let accept = Accept {
+            reserved_bytes: o.mem_bytes,
+        };
+        write_message(&mut main, &Message::Accept(accept)).unwrap();
+        let Message::StreamsOpen(open) = recv_message(&mut main, &mut scratch).unwrap() else {
+            panic!()
+        };
+        let streams: Vec<TcpStream> = (0..open.count)
+            .map(|_| {
+                let (mut s, _) = listener.accept().unwrap();
+                let Message::StreamJoin(_) = recv_message(&mut s, &mut scratch).unwrap() else {
+                    panic!()
+                };
+                s
+            })
+            .collect();
+        let opened = StreamsOpened { count: open.count };
+        write_message(&mut main, &Message::StreamsOpened(opened)).unwrap();
+        let Message::StripedRound(_) = recv_message(&mut main, &mut scratch).unwrap() else {
+            panic!()
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        (&streams[0]).read_exact(&mut buf).unwrap();
+        drop((streams, main));
+    });
+    let stream = TcpStream::connect(&addr).unwrap();
+    let result = migrate(&mut source, stream, &addr, &streams_options(2), &mut |_| {});
+    peer.join().unwrap();
+    let failure = result.unwrap_err();
+    assert!(
+        failure.vm_running && !source.is_paused(),
+        "{}",
+        failure.reason()
+    );
+    assert!(
+        failure.reason().contains("page-data streams"),
+        "{}",
+        failure.reason()
+    );
 }

@@ -455,6 +455,26 @@ impl IncomingVm {
         Some(unsafe { std::slice::from_raw_parts_mut(host, len) })
     }
 
+    /// All of guest RAM for writing incoming pages from several threads:
+    /// one slice per RAM region, with its guest address.
+    pub fn ram_mut(&mut self) -> Vec<(u64, &mut [u8])> {
+        self.parts
+            .ram
+            .regions()
+            .into_iter()
+            .map(|(start, len, host)| {
+                // SAFETY: each region is one live mapping of `len` bytes
+                // owned by `self.parts.ram`, and regions never overlap, so
+                // the slices are disjoint. No vCPU has run (only `start`,
+                // which consumes self, starts them) and the `&mut self`
+                // borrow makes these the only references into guest memory
+                // for as long as they live.
+                let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len as usize) };
+                (start.0, mem)
+            })
+            .collect()
+    }
+
     /// Puts every piece of saved state into the vCPUs and the VM; nothing
     /// runs yet. The record must describe a VM of exactly this shape.
     pub fn load_state(&mut self, record: &StateRecord) -> Result<(), VmError> {

@@ -14,6 +14,7 @@ use super::console_watch::{dst_done, judge, Console, VERIFY_TIMEOUT};
 use crate::api::call;
 use crate::child::FerryChild;
 use crate::control::{MigrateRequest, Request, Response};
+use crate::migration::priority::CpuPriority;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -25,6 +26,8 @@ pub struct FerryMigration {
     pub bandwidth: Option<u64>,
     pub settle: Duration,
     pub mode: ferry_migration::mode::Mode,
+    pub streams: Option<u16>,
+    pub priority: CpuPriority,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +75,9 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         "--api".into(),
         socket.display().to_string(),
     ];
+    if m.priority == CpuPriority::Migration {
+        dst_args.extend(["--priority".into(), "migration".into()]);
+    }
     if m.prealloc {
         dst_args.push("--prealloc".into());
         src_args.push("--prealloc".into());
@@ -97,6 +103,8 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         auto_converge: true,
         mode: m.mode,
         recovery_ms: None,
+        streams: m.streams,
+        priority: m.priority,
     });
     let mut report = match call(&socket, &request)? {
         Response::Migrated(r) => *r,

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_migration::mode::Mode;
+
+use crate::migration::priority::CpuPriority;
 use ferry_testguest::workload::Workload;
 use serde::Serialize;
 
@@ -35,6 +37,12 @@ pub struct Row {
     /// Send-rate cap given to both (QEMU: max-bandwidth and
     /// max-postcopy-bandwidth); None: no cap (QEMU: 10 GiB/s).
     pub bandwidth: Option<u64>,
+    /// Ferry's `--streams` (None: auto) and, when set, QEMU's multifd
+    /// channels, so both engines get the same number of connections.
+    pub streams: Option<u16>,
+    /// Ferry's `--priority` on both sides. QEMU's threads always run at
+    /// normal priority, which is what `migration` gives Ferry's.
+    pub priority: CpuPriority,
 }
 
 pub fn rows() -> Vec<Row> {
@@ -46,6 +54,8 @@ pub fn rows() -> Vec<Row> {
         downtime_ms,
         mode: Mode::Precopy,
         bandwidth: None,
+        streams: None,
+        priority: CpuPriority::Guest,
     };
     let capped = |name, mode| Row {
         mode,
@@ -57,11 +67,19 @@ pub fn rows() -> Vec<Row> {
         row("dirty-100", "dirty:256:100", false, None),
         row("dirty-1024-10ms", "dirty:256:1024", false, Some(10)),
         row("fill-768-prealloc", "dirty:0:1:768", true, None),
+        Row {
+            streams: Some(FILL_STREAMS),
+            priority: CpuPriority::Migration,
+            ..row("fill-768-prealloc-4streams", "dirty:0:1:768", true, None)
+        },
         capped("postcopy-max-300MiBs", Mode::Postcopy),
         capped("hybrid-max-300MiBs", Mode::Hybrid),
         capped("auto-max-300MiBs", Mode::Auto),
     ]
 }
+
+/// Streams (QEMU: multifd channels) of the multi-stream fill row.
+const FILL_STREAMS: u16 = 4;
 
 /// Ferry's default `--downtime`.
 pub const FERRY_DEFAULT_DOWNTIME: Duration = Duration::from_millis(20);
@@ -197,6 +215,8 @@ pub fn run_rows(
                 bandwidth: row.bandwidth,
                 settle: Duration::from_secs(1),
                 mode: row.mode,
+                streams: row.streams,
+                priority: row.priority,
             };
             match run_ferry_migration(&m, dir.path()) {
                 Ok(o) => result.ferry_runs.push(o),
@@ -212,6 +232,7 @@ pub fn run_rows(
                 q.prealloc = row.prealloc;
                 q.downtime_ms = row.downtime_ms;
                 q.postcopy = row.mode != Mode::Precopy;
+                q.multifd_channels = row.streams;
                 if row.bandwidth.is_some() {
                     q.max_bandwidth = row.bandwidth;
                 }

@@ -88,6 +88,9 @@ pub struct QemuMigration {
     /// before the first full pass ends never enters it:
     /// [`QemuOutcome::postcopy_started`] says whether it did.
     pub postcopy: bool,
+    /// The `multifd` capability with this many `multifd-channels`, on both
+    /// sides (pre-copy only: QEMU 7.2 has no multifd post-copy).
+    pub multifd_channels: Option<u16>,
     /// `microvm` (boots in ~0.2 s) or `q35` (~3.5 s, what the baseline used).
     pub machine: String,
     /// Heartbeats after READY before migrating.
@@ -113,6 +116,7 @@ impl QemuMigration {
             downtime_ms: None,
             max_bandwidth: None,
             postcopy: false,
+            multifd_channels: None,
             machine: "microvm".into(),
             settle: Duration::from_secs(1),
             timeout: Duration::from_secs(60),
@@ -389,15 +393,21 @@ fn migrate(
     // events, so that no status goes unseen between two polls.
     let postcopy_ram = json!({ "capability": "postcopy-ram", "state": m.postcopy });
     let events = json!({ "capability": "events", "state": true });
+    let multifd = json!({ "capability": "multifd", "state": m.multifd_channels.is_some() });
     dst.execute(
         "migrate-set-capabilities",
-        Some(json!({ "capabilities": [postcopy_ram] })),
+        Some(json!({ "capabilities": [postcopy_ram, multifd] })),
     )?;
     src.execute(
         "migrate-set-capabilities",
-        Some(json!({ "capabilities": [postcopy_ram, events] })),
+        Some(json!({ "capabilities": [postcopy_ram, events, multifd] })),
     )?;
     let mut params = json!({ "max-bandwidth": m.max_bandwidth.unwrap_or(DEFAULT_MAX_BANDWIDTH) });
+    if let Some(channels) = m.multifd_channels {
+        let channels = json!({ "multifd-channels": channels });
+        dst.execute("migrate-set-parameters", Some(channels.clone()))?;
+        params["multifd-channels"] = channels["multifd-channels"].clone();
+    }
     if let (true, Some(bandwidth)) = (m.postcopy, m.max_bandwidth) {
         params["max-postcopy-bandwidth"] = json!(bandwidth);
     }

@@ -10,6 +10,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub reps: u32,
     /// Only these rows (idle, dirty-100, dirty-1024-10ms, fill-768-prealloc,
+    /// fill-768-prealloc-4streams,
     /// postcopy-max-300MiBs, hybrid-max-300MiBs, auto-max-300MiBs).
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<String>,

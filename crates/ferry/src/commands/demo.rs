@@ -111,6 +111,8 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
         auto_converge: true,
         mode: ferry_migration::mode::Mode::Precopy,
         recovery_ms: None,
+        streams: None,
+        priority: Default::default(),
     };
     let mut view = ProgressView::new();
     let result = migrate_vm(&mut vm, &request, &mut |p| view.show(p));

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::api::call_with_progress;
 use crate::control::{MigrateRequest, Request, Response};
+use crate::migration::priority::CpuPriority;
 use crate::report::print_migration_report;
 
 #[derive(Debug, clap::Args)]
@@ -44,6 +45,17 @@ pub struct MigrateArgs {
     /// measure the guest and the link, predict each, take the best.
     #[arg(long, default_value = "auto")]
     pub mode: ferry_migration::mode::Mode,
+    /// TCP streams for the large pre-copy rounds, 1 to 8, or auto: one per
+    /// core the VM's vCPUs leave free on this host, at most 4. More
+    /// streams move memory faster when there are cores to drive them, and
+    /// take CPU from the guest when there are not.
+    #[arg(long, default_value = "auto", value_parser = parse_streams, conflicts_with = "resume")]
+    pub streams: StreamsArg,
+    /// Who gets a core when the migration and the guest compete for one:
+    /// guest (the migration's threads yield) or migration (they share the
+    /// vCPUs' cores: faster, and the guest loses scheduler slices).
+    #[arg(long, value_enum, default_value = "guest", conflicts_with = "resume")]
+    pub priority: CpuPriority,
     /// Print the report as one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -60,7 +72,24 @@ impl MigrateArgs {
             recovery_ms: self
                 .recovery_timeout
                 .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
+            streams: self.streams.0,
+            priority: self.priority,
         }
+    }
+}
+
+/// `--streams`: a count the protocol allows, or None for auto.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamsArg(pub Option<u16>);
+
+fn parse_streams(text: &str) -> Result<StreamsArg, String> {
+    if text == "auto" {
+        return Ok(StreamsArg(None));
+    }
+    let max = ferry_migration::precopy::stripes::MAX_STREAMS;
+    match text.parse::<u16>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(StreamsArg(Some(n))),
+        _ => Err(format!("expected auto or a number from 1 to {max}")),
     }
 }
 

@@ -38,6 +38,10 @@ pub struct ReceiveArgs {
     /// before the VM is declared lost.
     #[arg(long, default_value = "30s", value_parser = crate::duration::parse_duration)]
     pub recovery_timeout: std::time::Duration,
+    /// Who gets a core when receiving competes with the guests on this
+    /// host: guest (the receiver yields) or migration.
+    #[arg(long, value_enum, default_value = "guest")]
+    pub priority: crate::migration::priority::CpuPriority,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
 }
@@ -70,7 +74,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         max_vcpus: args.max_vcpus,
     };
     let prealloc = args.prealloc;
-    let yielding = crate::migration::priority::Yielding::start();
+    let yielding = args.priority.apply();
     // The listener stays open for the fault channel of a post-copy.
     let options = ReceiveOptions {
         postcopy_recovery: args.recovery_timeout,

@@ -71,6 +71,10 @@ impl IncomingGuest for Incoming {
         self.0.memory_mut(gpa, len)
     }
 
+    fn ram_mut(&mut self) -> Vec<(u64, &mut [u8])> {
+        self.0.ram_mut()
+    }
+
     fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
         let record = StateRecord::decode(state)?;
         self.0.load_state(&record)?;

@@ -14,6 +14,19 @@ use super::source::VmSource;
 use crate::control::MigrateRequest;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most streams `--streams auto` opens: past four, loopback and 25 GbE
+/// links gain little and the destination needs as many cores.
+const AUTO_STREAMS_MAX: u16 = 4;
+
+/// One page-data stream per core the VM's vCPUs leave free: a stream needs
+/// a core to copy with, and one that has to take it from a vCPU stalls the
+/// guest for a scheduler slice at a time.
+fn auto_streams(vcpus: u32) -> u16 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    cores
+        .saturating_sub(vcpus)
+        .clamp(1, u32::from(AUTO_STREAMS_MAX)) as u16
+}
 
 /// Migrates `vm` as `request` says. On success the VM is stopped here (it
 /// runs on the destination); on failure it runs here unless the commit
@@ -37,6 +50,9 @@ pub fn migrate_vm(
         postcopy_recovery: request
             .recovery_ms
             .map_or(options.postcopy_recovery, Duration::from_millis),
+        streams: request
+            .streams
+            .unwrap_or_else(|| auto_streams(vm.machine().vcpus)),
         ..options
     };
     let stream = match connect(&request.to) {
@@ -55,7 +71,7 @@ pub fn migrate_vm(
             })
         }
     };
-    let yielding = super::priority::Yielding::start();
+    let yielding = request.priority.apply();
     let result = migrate(&mut VmSource(vm), stream, &request.to, &options, progress);
     drop(yielding);
     if result.is_ok() {

@@ -82,15 +82,15 @@ impl SourceGuest for VmSource<'_> {
         Ok(self.0.save_state()?.encode())
     }
 
-    fn frozen_memory(&self) -> Result<Arc<dyn PageReader>, GuestError> {
-        Ok(Arc::new(FrozenRam(self.0.ram().clone())))
+    fn memory_reader(&self) -> Result<Arc<dyn PageReader>, GuestError> {
+        Ok(Arc::new(SharedRam(self.0.ram().clone())))
     }
 }
 
-/// The paused VM's memory, for the post-copy threads.
-struct FrozenRam(GuestRam);
+/// Guest memory for other threads: post-copy's and the page-data streams'.
+struct SharedRam(GuestRam);
 
-impl PageReader for FrozenRam {
+impl PageReader for SharedRam {
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
         read_ram(&self.0, gpa, dst)
     }

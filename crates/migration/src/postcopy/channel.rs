@@ -11,7 +11,7 @@ use crate::precopy::error::MigrateError;
 use crate::protocol::{recv_message, write_message, Join, Message, PostcopyPrepare};
 
 /// How long either side waits for the other to open the fault channel.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// True when `stream` has bytes to read (or is closed: the read that
 /// follows reports that), false if `timeout` passed first. Lets a reader
@@ -102,7 +102,23 @@ pub(crate) fn accept_fault_channel(
     listener: &TcpListener,
     session: u64,
 ) -> Result<TcpStream, String> {
-    let io = |e: std::io::Error| format!("opening the fault channel: {e}");
+    accept_joining(
+        listener,
+        "the fault channel",
+        |m| matches!(m, Message::Join(j) if j.session == session),
+    )
+    .map(|(conn, _)| conn)
+}
+
+/// Accepts connections on `listener` until one opens with a message
+/// `ours` takes, and returns it with that message; other connections are
+/// someone else's and are dropped. `what` names the connection in errors.
+pub(crate) fn accept_joining(
+    listener: &TcpListener,
+    what: &str,
+    mut ours: impl FnMut(&Message) -> bool,
+) -> Result<(TcpStream, Message), String> {
+    let io = |e: std::io::Error| format!("opening {what}: {e}");
     let deadline = Instant::now() + JOIN_TIMEOUT;
     listener.set_nonblocking(true).map_err(io)?;
     let joined = loop {
@@ -112,15 +128,14 @@ pub(crate) fn accept_fault_channel(
                 conn.set_read_timeout(Some(JOIN_TIMEOUT)).map_err(io)?;
                 let mut scratch = Vec::new();
                 match recv_message(&mut conn, &mut scratch) {
-                    Ok(Message::Join(j)) if j.session == session => break Ok(conn),
-                    // Someone else's connection: not ours to serve.
+                    Ok(m) if ours(&m) => break Ok((conn, m)),
                     _ => continue,
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
                     break Err(format!(
-                        "the source did not open the fault channel within {JOIN_TIMEOUT:?}"
+                        "the source did not open {what} within {JOIN_TIMEOUT:?}"
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(1));
@@ -129,10 +144,10 @@ pub(crate) fn accept_fault_channel(
         }
     };
     listener.set_nonblocking(false).map_err(io)?;
-    let conn = joined?;
+    let (conn, message) = joined?;
     conn.set_nodelay(true).map_err(io)?;
     conn.set_read_timeout(None).map_err(io)?;
-    Ok(conn)
+    Ok((conn, message))
 }
 
 /// True for failures of the link itself, after which a new connection

@@ -12,10 +12,11 @@ use crate::guest::IncomingGuest;
 use crate::postcopy::channel::accept_fault_channel;
 use crate::postcopy::PostcopyHandle;
 use crate::precopy::error::{error_chain, ReceiveError};
+use crate::precopy::parallel_receive::{accept_streams, receive_striped_round};
 use crate::protocol::{
     read_header, read_message, read_pages_into, read_state, write_message, Abort, Accept,
     Committed, FrameKind, HelloAck, Message, Offer, PageSink, PostcopyReady, Refuse, Resumed, Role,
-    StateLoaded, VersionRange,
+    StateLoaded, StreamsOpened, VersionRange,
 };
 
 #[derive(Debug, Clone)]
@@ -224,6 +225,7 @@ fn drive<G: IncomingGuest>(
     let mut fault_channel: Option<TcpStream> = None;
     let mut session = 0;
     let mut missing: Option<PageBitmap> = None;
+    let mut data_streams: Option<Vec<TcpStream>> = None;
     let stage = "receiving pages";
     loop {
         let header = read_header(stream).map_err(ReceiveError::protocol(stage))?;
@@ -271,6 +273,39 @@ fn drive<G: IncomingGuest>(
                         round_pages = 0;
                     }
                     Message::Commit(_) if state_len.is_some() => break,
+                    Message::StreamsOpen(open) if data_streams.is_none() && state_len.is_none() => {
+                        let stage = "opening the page-data streams";
+                        let opened = match listener {
+                            Some(l) => {
+                                accept_streams(l, open.session, open.count, options.io_timeout)?
+                            }
+                            None => Vec::new(),
+                        };
+                        let count = opened.len() as u16;
+                        write_message(stream, &Message::StreamsOpened(StreamsOpened { count }))
+                            .map_err(ReceiveError::protocol(stage))?;
+                        data_streams = Some(opened).filter(|s| !s.is_empty());
+                    }
+                    Message::StripedRound(striped) if state_len.is_none() => {
+                        let Some(streams) = &data_streams else {
+                            return Err(ReceiveError::Streams(format!(
+                                "round {} is striped, but no page-data streams were opened",
+                                striped.round
+                            )));
+                        };
+                        let got = receive_striped_round(
+                            streams,
+                            sink.guest.ram_mut(),
+                            &sink.written,
+                            striped.round,
+                        )?;
+                        for (run, holds_data) in got.changes {
+                            sink.written.set_range(run.gpa, run.bytes(), holds_data);
+                        }
+                        round_pages += got.pages;
+                        report.pages += got.pages;
+                        report.zero_pages += got.zero_pages;
+                    }
                     Message::PostcopyPrepare(p) if fault_channel.is_none() => {
                         let stage = "opening the fault channel";
                         let Some(listener) = listener else {

@@ -45,6 +45,8 @@ pub enum MigrateError {
         last: String,
         waited: std::time::Duration,
     },
+    #[error("page-data streams: {0}")]
+    Streams(String),
     #[error("the commit was sent but not acknowledged ({0}); the VM stays paused on the source until an operator confirms where it runs")]
     CommitUnacknowledged(String),
 }
@@ -86,6 +88,8 @@ pub enum ReceiveError {
     PageCount { round: u32, said: u64, got: u64 },
     #[error("post-copy: {0}")]
     Postcopy(String),
+    #[error("page-data streams: {0}")]
+    Streams(String),
 }
 
 impl ReceiveError {

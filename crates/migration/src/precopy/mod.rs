@@ -3,8 +3,11 @@
 
 pub mod destination;
 pub mod error;
+mod parallel_receive;
+mod parallel_send;
 pub mod send;
 pub mod source;
+pub mod stripes;
 
 pub use destination::{receive, send_resumed, ReceiveOptions, ReceiveReport, Received};
 pub use error::{error_chain, MigrateError, ReceiveError};

@@ -16,11 +16,12 @@ use crate::policy::{Decision, Policy, PolicyConfig, RoundFacts};
 use crate::postcopy::channel::{new_session, open_fault_channel};
 use crate::postcopy::source::{serve, ServeEvent, ServeOptions, Unfinished};
 use crate::precopy::error::{error_chain, MigrateError};
+use crate::precopy::parallel_send::{open_streams, send_striped, Streams};
 use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
-    HelloAck, Message, PageRun, PostcopyBegin, RamRange, Role, RoundEnd, PAGE_SIZE,
-    POSTCOPY_VERSION,
+    HelloAck, Message, PageRun, PostcopyBegin, RamRange, Role, RoundEnd, StripedRound, PAGE_SIZE,
+    POSTCOPY_VERSION, STREAMS_VERSION,
 };
 use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
 
@@ -49,6 +50,9 @@ pub struct PrecopyOptions {
     /// How long a post-copy whose link failed keeps trying to reach the
     /// destination again (the VM stays paused here meanwhile).
     pub postcopy_recovery: Duration,
+    /// Page-data streams for large pre-copy rounds; 1 keeps every page on
+    /// the main connection.
+    pub streams: u16,
 }
 
 impl Default for PrecopyOptions {
@@ -60,6 +64,7 @@ impl Default for PrecopyOptions {
             io_timeout: Duration::from_secs(30),
             guest_report_wait: Duration::from_secs(2),
             postcopy_recovery: Duration::from_secs(30),
+            streams: 1,
         }
     }
 }
@@ -254,6 +259,7 @@ fn drive<G: SourceGuest + ?Sized>(
             "the destination speaks protocol v{version}, which has no post-copy (v{POSTCOPY_VERSION} and later); use --mode precopy"
         )));
     }
+    let streams = open_streams_if_asked(guest, stream, options, version, run)?;
     let mut sender = PageSender::new(Pacer::new(options.bandwidth));
     let (mode, start) = match options.mode {
         Mode::Auto => {
@@ -308,7 +314,15 @@ fn drive<G: SourceGuest + ?Sized>(
                 }
             }
         } else {
-            let sent = send_round(guest, stream, &mut sender, run, round, &runs, false)?;
+            let striped = streams.as_ref().filter(|_| {
+                runs.iter().map(PageRun::bytes).sum::<u64>() >= STRIPED_ROUND_MIN_BYTES
+            });
+            let sent = match striped {
+                Some(streams) => {
+                    send_round_striped(streams, stream, run, round, &runs, options.bandwidth)?
+                }
+                None => send_round(guest, stream, &mut sender, run, round, &runs, false)?,
+            };
             (sent, None)
         };
         poll_abort(stream, &mut scratch)?;
@@ -644,6 +658,87 @@ fn send_round<G: SourceGuest + ?Sized>(
         }),
     )
     .map_err(MigrateError::protocol(stage))?;
+    record_round(run, round, sent, start, blackout);
+    Ok(sent)
+}
+
+/// Rounds at least this large go out on the page-data streams, when there
+/// are any: below it, starting the threads costs more than they save.
+const STRIPED_ROUND_MIN_BYTES: u64 = 64 << 20;
+
+/// Asks for `options.streams` page-data streams when that is more than one
+/// and the destination speaks a protocol that has them; None otherwise.
+fn open_streams_if_asked<G: SourceGuest + ?Sized>(
+    guest: &G,
+    stream: &mut TcpStream,
+    options: &PrecopyOptions,
+    version: u16,
+    run: &mut Run<'_>,
+) -> Result<Option<Streams>, MigrateError> {
+    if options.streams <= 1 || options.mode == Mode::Postcopy {
+        return Ok(None);
+    }
+    if version < STREAMS_VERSION {
+        run.say(format!(
+            "the destination speaks protocol v{version}, which has one stream only (several need v{STREAMS_VERSION})"
+        ));
+        return Ok(None);
+    }
+    let reader = guest.memory_reader().map_err(MigrateError::guest(
+        "sharing guest memory with the page-data streams",
+    ))?;
+    let streams = open_streams(stream, options.streams, reader, options.io_timeout)?;
+    match &streams {
+        Some(s) => run.report.streams = s.count() as u32,
+        None => run.say(
+            "the destination cannot take page-data streams (it has no listener); one stream".into(),
+        ),
+    }
+    Ok(streams)
+}
+
+/// A round sent on the page-data streams: StripedRound on the main
+/// connection, the pages on the streams, then the round's RoundEnd.
+fn send_round_striped(
+    streams: &Streams,
+    main: &mut TcpStream,
+    run: &mut Run<'_>,
+    round: u32,
+    runs: &[PageRun],
+    bandwidth: Option<u64>,
+) -> Result<SentCounts, MigrateError> {
+    let stage = "sending pages";
+    let round_bytes: u64 = runs.iter().map(PageRun::bytes).sum();
+    let start = Instant::now();
+    run.tell("round", round, round_bytes, 0, start, true);
+    write_message(main, &Message::StripedRound(StripedRound { round }))
+        .map_err(MigrateError::protocol(stage))?;
+    let mut last_sample = -TIMELINE_EVERY_MS;
+    let tick = Duration::from_secs_f64(TIMELINE_EVERY_MS / 1e3);
+    let sent = send_striped(streams, round, runs, bandwidth, tick, &mut |total| {
+        let now_ms = run.ms();
+        if now_ms - last_sample >= TIMELINE_EVERY_MS {
+            last_sample = now_ms;
+            let bytes = run.report.bytes_sent + total.bytes;
+            run.report.timeline.push((now_ms, bytes));
+        }
+        let in_round = total.pages * PAGE_SIZE as u64;
+        run.tell("round", round, round_bytes, in_round, start, false);
+    })?;
+    write_message(
+        main,
+        &Message::RoundEnd(RoundEnd {
+            round,
+            pages: sent.pages,
+        }),
+    )
+    .map_err(MigrateError::protocol(stage))?;
+    record_round(run, round, sent, start, false);
+    Ok(sent)
+}
+
+/// Adds a round that was sent to the totals and the report.
+fn record_round(run: &mut Run<'_>, round: u32, sent: SentCounts, start: Instant, blackout: bool) {
     let duration_ms = start.elapsed().as_secs_f64() * 1e3;
     run.report.bytes_sent += sent.bytes;
     run.report.pages_sent += sent.pages;
@@ -661,7 +756,6 @@ fn send_round<G: SourceGuest + ?Sized>(
         throttle_percent: run.throttle,
         blackout,
     });
-    Ok(sent)
 }
 
 /// Hybrid looks at the guest's dirty rate this often while a round is sent.
@@ -959,7 +1053,7 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     handed.record(b);
 
     let memory = guest
-        .frozen_memory()
+        .memory_reader()
         .map_err(MigrateError::guest("sharing the paused VM's memory"))?;
     let t_serve = Instant::now();
     let serve_options = ServeOptions {

@@ -67,10 +67,14 @@ pub enum FrameKind {
     PostcopyComplete = 19,
     Resume = 20,
     ResumeState = 21,
+    StreamsOpen = 22,
+    StreamJoin = 23,
+    StreamsOpened = 24,
+    StripedRound = 25,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 21] = [
+    pub const ALL: [FrameKind; 25] = [
         Self::Hello,
         Self::HelloAck,
         Self::Offer,
@@ -92,6 +96,10 @@ impl FrameKind {
         Self::PostcopyComplete,
         Self::Resume,
         Self::ResumeState,
+        Self::StreamsOpen,
+        Self::StreamJoin,
+        Self::StreamsOpened,
+        Self::StripedRound,
     ];
 
     pub fn from_u16(value: u16) -> Option<Self> {
@@ -136,6 +144,10 @@ impl FrameKind {
             Self::PostcopyComplete => "PostcopyComplete",
             Self::Resume => "Resume",
             Self::ResumeState => "ResumeState",
+            Self::StreamsOpen => "StreamsOpen",
+            Self::StreamJoin => "StreamJoin",
+            Self::StreamsOpened => "StreamsOpened",
+            Self::StripedRound => "StripedRound",
         }
     }
 }

@@ -269,6 +269,40 @@ pub struct ResumeState {
     pub words: Vec<u64>,
 }
 
+/// Source to destination, on the main connection (v3): the source opens
+/// `count` more connections for page data, each starting with a
+/// StreamJoin, so that a large round can be sent on several cores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamsOpen {
+    pub session: u64,
+    pub count: u16,
+}
+
+/// The first frame on a page-data connection: its migration and its place
+/// among the streams (0-based), which decides the stripes it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamJoin {
+    pub session: u64,
+    pub index: u16,
+}
+
+/// The destination's answer to StreamsOpen: how many streams it took.
+/// Zero means it cannot take any (it has no listener) and every round
+/// stays on the main connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamsOpened {
+    pub count: u16,
+}
+
+/// On the main connection: this round's pages come on the page-data
+/// streams, each stream carrying the stripes its index owns and ending
+/// with its own RoundEnd; the main connection's RoundEnd follows, with the
+/// round's total, once every stream has finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripedRound {
+    pub round: u32,
+}
+
 /// Any control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -291,6 +325,10 @@ pub enum Message {
     PostcopyComplete(PostcopyComplete),
     Resume(Resume),
     ResumeState(ResumeState),
+    StreamsOpen(StreamsOpen),
+    StreamJoin(StreamJoin),
+    StreamsOpened(StreamsOpened),
+    StripedRound(StripedRound),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -329,6 +367,10 @@ impl Message {
             Self::PostcopyComplete(_) => FrameKind::PostcopyComplete,
             Self::Resume(_) => FrameKind::Resume,
             Self::ResumeState(_) => FrameKind::ResumeState,
+            Self::StreamsOpen(_) => FrameKind::StreamsOpen,
+            Self::StreamJoin(_) => FrameKind::StreamJoin,
+            Self::StreamsOpened(_) => FrameKind::StreamsOpened,
+            Self::StripedRound(_) => FrameKind::StripedRound,
         }
     }
 
@@ -354,6 +396,10 @@ impl Message {
             Self::PostcopyComplete(m) => encode(m),
             Self::Resume(m) => encode(m),
             Self::ResumeState(m) => encode(m),
+            Self::StreamsOpen(m) => encode(m),
+            Self::StreamJoin(m) => encode(m),
+            Self::StreamsOpened(m) => encode(m),
+            Self::StripedRound(m) => encode(m),
         }
     }
 
@@ -379,6 +425,10 @@ impl Message {
             FrameKind::PostcopyComplete => Self::PostcopyComplete(decode(kind, payload)?),
             FrameKind::Resume => Self::Resume(decode(kind, payload)?),
             FrameKind::ResumeState => Self::ResumeState(decode(kind, payload)?),
+            FrameKind::StreamsOpen => Self::StreamsOpen(decode(kind, payload)?),
+            FrameKind::StreamJoin => Self::StreamJoin(decode(kind, payload)?),
+            FrameKind::StreamsOpened => Self::StreamsOpened(decode(kind, payload)?),
+            FrameKind::StripedRound => Self::StripedRound(decode(kind, payload)?),
             FrameKind::Pages | FrameKind::State => {
                 return Err(ProtocolError::Unexpected {
                     expected: "a control message",

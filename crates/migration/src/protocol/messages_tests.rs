@@ -81,6 +81,16 @@ fn every_message() -> Vec<Message> {
             pages: 2,
             words: vec![3, 0],
         }),
+        Message::StreamsOpen(StreamsOpen {
+            session: 77,
+            count: 2,
+        }),
+        Message::StreamJoin(StreamJoin {
+            session: 77,
+            index: 1,
+        }),
+        Message::StreamsOpened(StreamsOpened { count: 2 }),
+        Message::StripedRound(StripedRound { round: 1 }),
     ]
 }
 

@@ -21,6 +21,13 @@
 //!  rounds 2..n: pages dirtied since the last round
 //!  Pages ... RoundEnd{round: n, pages}       ──▶
 //!
+//!  a large round on several streams (v3; StreamsOpen, StreamJoin and
+//!  StreamsOpened set them up after Accept):
+//!  StripedRound{round: k}                    ──▶   (main connection)
+//!  stream i: Pages ... RoundEnd{k, pages_i}  ──▶   each stream writes only the
+//!                                                  2 MiB stripes its index owns
+//!  RoundEnd{round: k, Σ pages_i}             ──▶   (main) after every stream ended
+//!
 //!  blackout: pause the vCPUs
 //!  Pages ... (last dirty pages)              ──▶
 //!  RoundEnd{round: n+1, pages}               ──▶
@@ -83,7 +90,7 @@ pub use messages::{
     read_message, recv_message, write_message, Abort, Accept, Commit, Committed, Hello, HelloAck,
     InvalidOffer, Join, Message, Offer, PageRequest, PostcopyBegin, PostcopyComplete,
     PostcopyPrepare, PostcopyReady, RamRange, Refuse, Resume, ResumeState, Resumed, Role, RoundEnd,
-    StateLoaded, HELLO_MAGIC,
+    StateLoaded, StreamJoin, StreamsOpen, StreamsOpened, StripedRound, HELLO_MAGIC,
 };
 pub use pages::{
     read_pages_into, write_pages, PageRun, PageSink, PagesSummary, MAX_BATCH_DATA_BYTES,
@@ -91,5 +98,5 @@ pub use pages::{
 };
 pub use version::{
     negotiate, NegotiationError, VersionRange, POSTCOPY_VERSION, PROTOCOL_VERSION,
-    PROTOCOL_VERSION_MIN,
+    PROTOCOL_VERSION_MIN, STREAMS_VERSION,
 };

@@ -7,9 +7,11 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The first version with post-copy (frames 14 to 19).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The first version with post-copy (frames 14 to 21).
 pub const POSTCOPY_VERSION: u16 = 2;
+/// The first version with page data on several streams (frames 22 to 25).
+pub const STREAMS_VERSION: u16 = 3;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 
