@@ -129,6 +129,25 @@ fn a_destination_that_cannot_load_the_state_aborts_and_the_source_resumes() {
     assert!(dest.is_err());
 }
 
+/// Plays a destination's part of the handshake through the real message
+/// code: answers Hello and accepts the Offer.
+fn fake_destination_handshake(stream: &mut TcpStream) {
+    use crate::protocol::*;
+    let mut scratch = Vec::new();
+    let Message::Hello(h) = recv_message(stream, &mut scratch).unwrap() else {
+        panic!("expected Hello")
+    };
+    let ack = h.answer(VersionRange::SUPPORTED, Role::Destination);
+    write_message(stream, &Message::HelloAck(ack)).unwrap();
+    let Message::Offer(o) = recv_message(stream, &mut scratch).unwrap() else {
+        panic!("expected Offer")
+    };
+    let accept = Accept {
+        reserved_bytes: o.mem_bytes,
+    };
+    write_message(stream, &Message::Accept(accept)).unwrap();
+}
+
 #[test]
 fn a_destination_that_vanishes_mid_round_leaves_the_guest_running() {
     let mut source = SyntheticSource::new(PAGES * 4, 50);
@@ -137,26 +156,7 @@ fn a_destination_that_vanishes_mid_round_leaves_the_guest_running() {
     // by answering Hello/Offer, then reads a little and hangs up.
     let peer = thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
-        let mut scratch = Vec::new();
-        use crate::protocol::*;
-        let Message::Hello(h) = recv_message(&mut stream, &mut scratch).unwrap() else {
-            panic!()
-        };
-        write_message(
-            &mut stream,
-            &Message::HelloAck(h.answer(VersionRange::SUPPORTED, Role::Destination)),
-        )
-        .unwrap();
-        let Message::Offer(o) = recv_message(&mut stream, &mut scratch).unwrap() else {
-            panic!()
-        };
-        write_message(
-            &mut stream,
-            &Message::Accept(Accept {
-                reserved_bytes: o.mem_bytes,
-            }),
-        )
-        .unwrap();
+        fake_destination_handshake(&mut stream);
         let mut buf = vec![0u8; 1 << 20];
         stream.read_exact(&mut buf).unwrap();
         drop(stream);
@@ -367,19 +367,8 @@ fn a_stream_cut_mid_round_leaves_the_guest_running() {
     let peer = thread::spawn(move || {
         use crate::protocol::*;
         let (mut main, _) = listener.accept().unwrap();
+        fake_destination_handshake(&mut main);
         let mut scratch = Vec::new();
-        let Message::Hello(h) = recv_message(&mut main, &mut scratch).unwrap() else {
-            panic!()
-        };
-        let ack = h.answer(VersionRange::SUPPORTED, Role::Destination);
-        write_message(&mut main, &Message::HelloAck(ack)).unwrap();
-        let Message::Offer(o) = recv_message(&mut main, &mut scratch).unwrap() else {
-            panic!()
-        };
-        let accept = Accept {
-            reserved_bytes: o.mem_bytes,
-        };
-        write_message(&mut main, &Message::Accept(accept)).unwrap();
         let Message::StreamsOpen(open) = recv_message(&mut main, &mut scratch).unwrap() else {
             panic!()
         };

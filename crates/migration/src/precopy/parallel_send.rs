@@ -12,7 +12,7 @@ use crate::bandwidth::Pacer;
 use crate::guest::PageReader;
 use crate::postcopy::channel::{new_session, JOIN_TIMEOUT};
 use crate::precopy::error::MigrateError;
-use crate::precopy::send::{PageSender, SendError, SentCounts};
+use crate::precopy::send::{PageSender, SentCounts};
 use crate::precopy::stripes::deal;
 use crate::protocol::{
     recv_message, write_message, Message, PageRun, RoundEnd, StreamJoin, StreamsOpen,
@@ -137,10 +137,7 @@ pub(crate) fn send_striped(
                             &share,
                             &mut on_batch,
                         )
-                        .map_err(|e| match e {
-                            SendError::Guest(g) => MigrateError::Guest { stage, source: g },
-                            SendError::Protocol(p) => MigrateError::Protocol { stage, source: p },
-                        })
+                        .map_err(|e| e.at(stage))
                         .and_then(|sent| {
                             let end = RoundEnd {
                                 round,

@@ -35,6 +35,17 @@ pub enum SendError {
     Protocol(#[from] ProtocolError),
 }
 
+impl SendError {
+    /// The migration's error for a send that failed at `stage`.
+    pub(crate) fn at(self, stage: &'static str) -> crate::precopy::error::MigrateError {
+        use crate::precopy::error::MigrateError;
+        match self {
+            Self::Guest(source) => MigrateError::Guest { stage, source },
+            Self::Protocol(source) => MigrateError::Protocol { stage, source },
+        }
+    }
+}
+
 /// A pending run inside the batch buffer: where its pages start.
 #[derive(Debug, Clone, Copy)]
 struct Staged {

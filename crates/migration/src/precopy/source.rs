@@ -641,25 +641,9 @@ fn send_round<G: SourceGuest + ?Sized>(
                 runs,
                 &mut on_batch,
             )
-            .map_err(|e| match e {
-                crate::precopy::send::SendError::Guest(g) => {
-                    MigrateError::Guest { stage, source: g }
-                }
-                crate::precopy::send::SendError::Protocol(p) => {
-                    MigrateError::Protocol { stage, source: p }
-                }
-            })?
+            .map_err(|e| e.at(stage))?
     };
-    write_message(
-        stream,
-        &Message::RoundEnd(RoundEnd {
-            round,
-            pages: sent.pages,
-        }),
-    )
-    .map_err(MigrateError::protocol(stage))?;
-    record_round(run, round, sent, start, blackout);
-    Ok(sent)
+    end_round(stream, run, (round, stage), sent, start, blackout)
 }
 
 /// Rounds at least this large go out on the page-data streams, when there
@@ -725,20 +709,24 @@ fn send_round_striped(
         let in_round = total.pages * PAGE_SIZE as u64;
         run.tell("round", round, round_bytes, in_round, start, false);
     })?;
-    write_message(
-        main,
-        &Message::RoundEnd(RoundEnd {
-            round,
-            pages: sent.pages,
-        }),
-    )
-    .map_err(MigrateError::protocol(stage))?;
-    record_round(run, round, sent, start, false);
-    Ok(sent)
+    end_round(main, run, (round, stage), sent, start, false)
 }
 
-/// Adds a round that was sent to the totals and the report.
-fn record_round(run: &mut Run<'_>, round: u32, sent: SentCounts, start: Instant, blackout: bool) {
+/// Ends a round that was sent: its RoundEnd with the page count on the
+/// main connection, and its row in the totals and the report.
+fn end_round(
+    main: &mut TcpStream,
+    run: &mut Run<'_>,
+    (round, stage): (u32, &'static str),
+    sent: SentCounts,
+    start: Instant,
+    blackout: bool,
+) -> Result<SentCounts, MigrateError> {
+    let end = RoundEnd {
+        round,
+        pages: sent.pages,
+    };
+    write_message(main, &Message::RoundEnd(end)).map_err(MigrateError::protocol(stage))?;
     let duration_ms = start.elapsed().as_secs_f64() * 1e3;
     run.report.bytes_sent += sent.bytes;
     run.report.pages_sent += sent.pages;
@@ -756,6 +744,7 @@ fn record_round(run: &mut Run<'_>, round: u32, sent: SentCounts, start: Instant,
         throttle_percent: run.throttle,
         blackout,
     });
+    Ok(sent)
 }
 
 /// Hybrid looks at the guest's dirty rate this often while a round is sent.
