@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use userfaultfd::{Event, IoctlFlags, Uffd, UffdBuilder};
 
-use crate::memory::{GuestMemory, GuestRam, PAGE_SIZE};
+use crate::memory::{GuestRam, PAGE_SIZE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
@@ -62,7 +62,7 @@ pub struct LazyRam {
     regions: Vec<Region>,
     zeropage: bool,
     /// Keeps every mapping the registration points into alive.
-    _memory: GuestMemory,
+    _ram: GuestRam,
 }
 
 impl LazyRam {
@@ -109,7 +109,7 @@ impl LazyRam {
             uffd,
             regions,
             zeropage,
-            _memory: ram.memory().clone(),
+            _ram: ram.clone(),
         })
     }
 

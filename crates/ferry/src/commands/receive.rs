@@ -57,7 +57,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
             eprintln!(
                 "ferry: reserved {} MiB{} in {:.1} ms",
                 size >> 20,
-                if args.prealloc { " (preallocated)" } else { "" },
+                ram.prealloc_note(),
                 t.elapsed().as_secs_f64() * 1e3
             );
             Some(ram)

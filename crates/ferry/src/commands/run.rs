@@ -339,11 +339,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
         "ferry: VM started: {} vCPU(s), {} memory{}, workload {}, TSC {} kHz ({:.1} ms to create)",
         args.vm.vcpus(),
         show_size(args.vm.mem),
-        if args.vm.prealloc {
-            " (preallocated)"
-        } else {
-            ""
-        },
+        vm.ram().prealloc_note(),
         args.vm.workload(),
         vm.tsc_khz(),
         start.elapsed().as_secs_f64() * 1e3

@@ -14,6 +14,11 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::layout;
 
+mod mapping;
+
+use mapping::Mapping;
+pub use mapping::{Backing, HUGE_PAGE};
+
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -37,6 +42,8 @@ pub enum MemoryError {
     #[error("cannot size the guest memory file to {size} bytes: {source}")]
     Truncate { size: u64, source: std::io::Error },
     #[error("cannot map guest memory: {0}")]
+    Map(std::io::Error),
+    #[error("cannot describe guest memory to vm-memory: {0}")]
     Mmap(vm_memory::mmap::MmapRegionError),
     #[error("guest memory regions overlap or are invalid: {0}")]
     Regions(vm_memory::GuestRegionCollectionError),
@@ -48,41 +55,87 @@ pub enum MemoryError {
 /// memory (and keeps it mapped).
 #[derive(Clone)]
 pub struct GuestRam {
+    // Declared before `_mappings`: the regions point into them.
     memory: GuestMemory,
+    _mappings: std::sync::Arc<Vec<Mapping>>,
     file: std::sync::Arc<File>,
     size: u64,
+    backing: Option<Backing>,
 }
 
 impl GuestRam {
     /// Checks `size` against the host, then creates and maps it. With
-    /// `prealloc` every page is faulted in now, so the guest never pays for a
-    /// first touch later (expensive on nested hosts).
+    /// `prealloc` every page is allocated now, in 2 MiB pages where the
+    /// host can give them, so the guest never pays for a first touch later
+    /// (expensive on nested hosts).
     pub fn new(size: u64, prealloc: bool) -> Result<Self, MemoryError> {
         check_size(size, host_available_bytes()?)?;
         let file = std::sync::Arc::new(create_memfd(size)?);
         let mut regions = Vec::new();
+        let mut mappings = Vec::new();
+        let mut small_pages_why = None;
         let mut file_offset = 0u64;
         for (start, len) in layout::ram_ranges(size) {
+            let mapping =
+                Mapping::map_shared(&file, file_offset, len as usize).map_err(MemoryError::Map)?;
+            if prealloc {
+                let got = mapping
+                    .preallocate()
+                    .map_err(|source| MemoryError::Prealloc {
+                        mib: size >> 20,
+                        source,
+                    })?;
+                if let Backing::SmallPages { why } = got {
+                    small_pages_why.get_or_insert(why);
+                }
+            }
             let bitmap =
                 AtomicBitmap::new(len as usize, NonZeroUsize::new(PAGE_SIZE as usize).unwrap());
-            let mut flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
-            if prealloc {
-                flags |= libc::MAP_POPULATE;
+            // SAFETY: `mapping` is a live shared mapping of exactly `len`
+            // bytes, and it is kept in `mappings` for as long as the regions
+            // built on it (both live in this `GuestRam` and its clones).
+            let region = unsafe {
+                MmapRegionBuilder::new_with_bitmap(len as usize, bitmap)
+                    .with_raw_mmap_pointer(mapping.as_ptr())
             }
-            let mapping = MmapRegionBuilder::new_with_bitmap(len as usize, bitmap)
-                .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags)
-                .build()
-                .map_err(MemoryError::Mmap)?;
+            .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(MemoryError::Mmap)?;
             regions.push(
-                GuestRegionMmap::new(mapping, start)
+                GuestRegionMmap::new(region, start)
                     .expect("ranges come from the layout and cannot overflow"),
             );
+            mappings.push(mapping);
             file_offset += len;
         }
         let memory = GuestMemory::from_regions(regions).map_err(MemoryError::Regions)?;
-        Ok(Self { memory, file, size })
+        let backing = prealloc.then_some(match small_pages_why {
+            Some(why) => Backing::SmallPages { why },
+            None => Backing::HugePages,
+        });
+        Ok(Self {
+            memory,
+            _mappings: std::sync::Arc::new(mappings),
+            file,
+            size,
+            backing,
+        })
+    }
+
+    /// How preallocation backed the memory; None if it was not
+    /// preallocated.
+    pub fn backing(&self) -> Option<&Backing> {
+        self.backing.as_ref()
+    }
+
+    /// " (preallocated in …)" for a start-up line, or nothing.
+    pub fn prealloc_note(&self) -> String {
+        self.backing
+            .as_ref()
+            .map(|b| format!(" (preallocated {b})"))
+            .unwrap_or_default()
     }
 
     pub fn memory(&self) -> &GuestMemory {
