@@ -128,8 +128,9 @@ impl QemuMigration {
 /// where there was nothing to measure.
 #[derive(Debug, Clone, Serialize)]
 pub struct QemuOutcome {
-    /// `total-time` of QEMU's final `query-migrate` on the source; in
-    /// post-copy it includes the post-copy phase.
+    /// `total-time` of QEMU's final `query-migrate` on the source (our own
+    /// clock when QEMU says 0); in post-copy it includes the post-copy
+    /// phase.
     pub total_ms: f64,
     /// `downtime`: QEMU's own count, without the destination's resume.
     pub downtime_ms: f64,
@@ -439,7 +440,7 @@ fn migrate(
     };
     let mut postcopy_requested: Option<Duration> = None;
     let mut postcopy_error: Option<String> = None;
-    let info = loop {
+    let (info, seen_completed) = loop {
         let info = src.execute("query-migrate", None)?;
         let status = info["status"].as_str().unwrap_or("none").to_owned();
         // Every event QEMU sent before this answer came with it, and a
@@ -449,7 +450,7 @@ fn migrate(
         }
         note_status(&status);
         match status.as_str() {
-            "completed" => break info,
+            "completed" => break (info, t_migrate.elapsed()),
             "failed" | "cancelled" => {
                 let mut desc = info["error-desc"]
                     .as_str()
@@ -539,7 +540,7 @@ fn migrate(
     }
 
     Ok(QemuOutcome {
-        total_ms: float(&info["total-time"]),
+        total_ms: total_ms(&info, seen_completed),
         downtime_ms: float(&info["downtime"]),
         setup_ms: float(&info["setup-time"]),
         transferred_bytes: ram["transferred"].as_u64().unwrap_or(0),
@@ -847,6 +848,16 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// QEMU's `total-time`; some runs (multifd ones, notably) report 0, and
+/// then our own clock from `migrate` to the poll that saw "completed"
+/// stands in (late by at most one poll interval).
+fn total_ms(info: &Value, seen_completed: Duration) -> f64 {
+    match info["total-time"].as_f64() {
+        Some(t) if t > 0.0 => t,
+        _ => ms(seen_completed),
     }
 }
 

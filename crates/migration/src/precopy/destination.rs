@@ -420,17 +420,23 @@ impl<G: IncomingGuest> PageSink for TrackingSink<'_, G> {
     }
 
     fn zero_range(&mut self, gpa: u64, len: u64) -> bool {
-        let page = crate::protocol::PAGE_SIZE;
-        let written: Vec<bool> = (0..len / page as u64)
-            .map(|i| self.written.contains(gpa + i * page as u64))
-            .collect();
         let Some(mem) = self.guest.memory_mut(gpa, len as usize) else {
             return false;
         };
-        for (i, _) in written.iter().enumerate().filter(|(_, w)| **w) {
-            mem[i * page..(i + 1) * page].fill(0);
-        }
+        zero_written_pages(mem, gpa, &self.written);
         self.written.set_range(gpa, len, false);
         true
+    }
+}
+
+/// Zeroes the pages of `mem` (guest memory at `gpa`) that hold data from
+/// an earlier round; the others already read as zero, and touching them
+/// would only allocate memory to hold zeros.
+pub(super) fn zero_written_pages(mem: &mut [u8], gpa: u64, written: &PageBitmap) {
+    let page = crate::protocol::PAGE_SIZE;
+    for (i, chunk) in mem.chunks_exact_mut(page).enumerate() {
+        if written.contains(gpa + (i * page) as u64) {
+            chunk.fill(0);
+        }
     }
 }

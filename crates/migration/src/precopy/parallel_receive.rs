@@ -195,15 +195,11 @@ impl PageSink for StripeSink<'_, '_> {
     }
 
     fn zero_range(&mut self, gpa: u64, len: u64) -> bool {
-        let written: Vec<bool> = (0..len / PAGE_SIZE as u64)
-            .map(|i| self.written.contains(gpa + i * PAGE_SIZE as u64))
-            .collect();
+        let written = self.written;
         let Some(mem) = self.piece(gpa, len as usize) else {
             return false;
         };
-        for (i, _) in written.iter().enumerate().filter(|(_, w)| **w) {
-            mem[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].fill(0);
-        }
+        super::destination::zero_written_pages(mem, gpa, written);
         let run = PageRun {
             gpa,
             pages: (len / PAGE_SIZE as u64) as u32,
