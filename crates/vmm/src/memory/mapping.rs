@@ -190,6 +190,22 @@ mod tests {
     }
 
     #[test]
+    fn memory_too_small_for_a_huge_page_is_preallocated_in_small_ones() {
+        let file = memfd(1 << 20);
+        let m = Mapping::map_shared(&file, 0, 1 << 20).unwrap();
+        let backing = m.preallocate().unwrap();
+        assert!(
+            matches!(&backing, Backing::SmallPages { why } if why.contains("MADV_COLLAPSE")),
+            "{backing:?}"
+        );
+        assert!(backing.to_string().contains("4 KiB pages"));
+        // SAFETY: the mapping is 1 MiB long and only this test uses it.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(m.as_ptr(), 1 << 20) };
+        bytes[4097] = 3;
+        assert_eq!(bytes[4097], 3);
+    }
+
+    #[test]
     fn preallocated_memory_reads_as_zero_and_keeps_writes() {
         let file = memfd(4 << 20);
         let m = Mapping::map_shared(&file, 0, 4 << 20).unwrap();
