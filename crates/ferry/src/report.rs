@@ -64,6 +64,9 @@ pub fn print_migration_report(r: &MigrationReport) {
         ("throughput", format!("{:.0} MiB/s ({:.1} Gbit/s)", r.throughput_mibs, r.throughput_mibs * 8.0 * 1.048576 / 1e3)),
         ("max throttle", format!("{}%", r.max_throttle_percent)),
     ];
+    if let Some(why) = &r.blackout.commit_recovered {
+        rows.push(("commit recovered", why.clone()));
+    }
     if let Some(p) = &r.prediction {
         let chosen = p.modes.iter().find(|m| m.mode == p.chosen);
         rows.extend([

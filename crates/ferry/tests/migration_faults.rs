@@ -3,6 +3,11 @@
 //! destination at all, and bad command lines. Every time the VM must end
 //! up running on the source and still verifying its memory, `ferry migrate`
 //! must say why it failed (exit 1), and the destination must hold no VM.
+//!
+//! And two that must not fail: the link cut at the Commit or at the
+//! Committed. The source decided to commit, so it comes back on a new
+//! connection to repeat that, and the VM must end up running, verified, on
+//! the destination, exactly once.
 
 mod common;
 
@@ -12,15 +17,21 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::migrations::{
+    assert_committed, finish_migrate, log_rounds, source_handed_over, stop_destination,
+};
 use common::{
-    kvm_or_skip, migration_destination, migration_source, start_migrate, verify_still_running,
-    FerryProc, Stream, TempDir,
+    kvm_or_skip, migration_destination, migration_destination_with_api, migration_source,
+    start_migrate, verify_arrival, verify_still_running, FerryProc, Stream, TempDir,
 };
 use ferry_testguest::console::Heartbeat;
 
 const HEADER_LEN: usize = 20;
 const KIND_PAGES: u16 = 6;
 const KIND_STATE: u16 = 8;
+const KIND_STATE_LOADED: u16 = 9;
+const KIND_COMMIT: u16 = 10;
+const KIND_COMMITTED: u16 = 11;
 
 /// `ferry migrate` must fail (exit 1) and say why on stderr; returns the
 /// reason it gave.
@@ -124,6 +135,26 @@ enum Fault {
     /// Flip one byte in the middle of the payload of the `n`th Pages frame
     /// (1-based), then forward it.
     CorruptPages(usize),
+    /// Cut both connections when the source's Commit arrives (it is not
+    /// forwarded); relay any later connection untouched.
+    DropCommit,
+    /// Forward the Commit, cut both connections when the destination's
+    /// Committed arrives (it is not forwarded); relay any later connection
+    /// untouched.
+    DropCommitted,
+    /// Cut both connections when the destination's StateLoaded arrives
+    /// (it is not forwarded); relay any later connection untouched.
+    DropStateLoaded,
+}
+
+impl Fault {
+    /// The commit faults leave the source a way back to the destination.
+    fn relays_later_connections(self) -> bool {
+        matches!(
+            self,
+            Self::DropCommit | Self::DropCommitted | Self::DropStateLoaded
+        )
+    }
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +167,8 @@ struct ProxyLog {
     fault_done: Option<String>,
     /// Why each direction ended.
     ended: Vec<String>,
+    /// Connections relayed untouched after the first.
+    later_connections: usize,
 }
 
 struct Proxy {
@@ -146,7 +179,8 @@ struct Proxy {
 
 impl Proxy {
     /// Listens on 127.0.0.1:0 for one connection, and relays it to
-    /// 127.0.0.1:`to` with `fault`.
+    /// 127.0.0.1:`to` with `fault` (and, for the commit faults, any later
+    /// connection as it is).
     fn start(to: u16, fault: Fault) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
         let port = listener.local_addr().unwrap().port();
@@ -177,10 +211,13 @@ impl Proxy {
             let back = {
                 let (from, to) = (dest.try_clone().unwrap(), source.try_clone().unwrap());
                 let log = shared.clone();
-                std::thread::spawn(move || relay_back(from, to, &log))
+                std::thread::spawn(move || relay_back(from, to, fault, &log))
             };
             relay_frames(source, dest, fault, &shared);
             let _ = back.join();
+            if fault.relays_later_connections() {
+                relay_later_connections(&listener, to, deadline, &shared);
+            }
         });
         Self {
             port,
@@ -212,9 +249,43 @@ fn cut(a: &TcpStream, b: &TcpStream) {
     let _ = b.shutdown(Shutdown::Both);
 }
 
+/// Every connection after the first, byte for byte both ways, until
+/// `deadline`.
+fn relay_later_connections(
+    listener: &TcpListener,
+    to: u16,
+    deadline: Instant,
+    log: &Mutex<ProxyLog>,
+) {
+    while Instant::now() < deadline {
+        let source = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(_) => return,
+        };
+        log.lock().unwrap().later_connections += 1;
+        source.set_nonblocking(false).unwrap();
+        let Ok(dest) = TcpStream::connect(("127.0.0.1", to)) else {
+            continue; // the destination is gone: the source sees a close
+        };
+        for (mut from, mut into) in [
+            (source.try_clone().unwrap(), dest.try_clone().unwrap()),
+            (dest, source),
+        ] {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut into);
+                let _ = into.shutdown(Shutdown::Write);
+            });
+        }
+    }
+}
+
 /// Destination -> source, one frame at a time (logged, never changed);
 /// passes on an end of stream as a half close, and an error as a cut.
-fn relay_back(mut from: TcpStream, mut to: TcpStream, log: &Mutex<ProxyLog>) {
+fn relay_back(mut from: TcpStream, mut to: TcpStream, fault: Fault, log: &Mutex<ProxyLog>) {
     let mut payload = Vec::new();
     let why = loop {
         let mut header = [0u8; HEADER_LEN];
@@ -228,6 +299,17 @@ fn relay_back(mut from: TcpStream, mut to: TcpStream, log: &Mutex<ProxyLog>) {
         }
         let kind = u16::from_le_bytes([header[2], header[3]]);
         let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+        let dropped = match fault {
+            Fault::DropCommitted if kind == KIND_COMMITTED => Some("Committed"),
+            Fault::DropStateLoaded if kind == KIND_STATE_LOADED => Some("StateLoaded"),
+            _ => None,
+        };
+        if let Some(what) = dropped {
+            log.lock().unwrap().fault_done =
+                Some(format!("cut both connections at the destination's {what}"));
+            cut(&from, &to);
+            break format!("cut at {what}");
+        }
         payload.resize(len, 0);
         if let Err(e) = from.read_exact(&mut payload) {
             cut(&from, &to);
@@ -262,6 +344,12 @@ fn relay_frames(mut from: TcpStream, mut to: TcpStream, fault: Fault, log: &Mute
             ));
             cut(&from, &to);
             break "cut at State".to_string();
+        }
+        if matches!(fault, Fault::DropCommit) && kind == KIND_COMMIT {
+            log.lock().unwrap().fault_done =
+                Some("cut both connections at the source's Commit".into());
+            cut(&from, &to);
+            break "cut at Commit".to_string();
         }
         payload.resize(len, 0);
         if let Err(e) = from.read_exact(&mut payload) {
@@ -539,4 +627,115 @@ fn bad_command_lines_say_why() {
             "{flag} {value} must be refused before anything is tried: {err}"
         );
     }
+}
+
+/// The link breaks at the commit (`fault`); the source must come back,
+/// repeat its decision, and the VM must run verified on the destination.
+fn commit_survives(test: &str, fault: Fault) {
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new(test);
+    let (mut src, socket) = migration_source(&dir, "source", "512M", "2", "dirty:64:100");
+    let (mut dst, dst_port, _dst_socket) = migration_destination_with_api(&dir, "destination");
+    let proxy = Proxy::start(dst_port, fault);
+    src.next_heartbeat(Duration::from_secs(10));
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        proxy.port,
+        &["--mode", "precopy", "--downtime", "10ms", "--json"],
+    );
+    let (status, report) = finish_migrate(&mut mig, Duration::from_secs(90));
+    {
+        let log = proxy.log();
+        eprintln!("{test}: proxy: {log:?}");
+        assert!(
+            log.fault_done.is_some(),
+            "the proxy never cut the link: {log:?}"
+        );
+        assert!(
+            log.later_connections >= 1,
+            "the source never came back: {log:?}"
+        );
+    }
+    assert_committed(status, &report, &mig);
+    log_rounds(test, &report);
+    let recovered = report["blackout"]["commit_recovered"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no commit_recovered in the report: {report:#}"));
+    eprintln!("{test}: commit recovered: {recovered}");
+    assert!(
+        recovered.contains("confirmed on a new connection"),
+        "{recovered}"
+    );
+    let last = source_handed_over(&mut src, proxy.port);
+    let (first, _) = verify_arrival(&mut dst, &last, Duration::from_secs(30));
+    let reported = report["guest"]["first_seq"].as_u64();
+    match fault {
+        // The decision came on the new connection, and so does the
+        // guest's report.
+        Fault::DropCommit => assert_eq!(reported, Some(first.seq)),
+        // The destination sends the guest's report on the link it
+        // committed on, which is gone: the report may not have it.
+        _ => assert!(reported.is_none() || reported == Some(first.seq)),
+    }
+    stop_destination(&mut dst);
+}
+
+#[test]
+fn commit_lost_on_the_link_is_repeated_and_the_vm_moves() {
+    commit_survives(
+        "commit_lost_on_the_link_is_repeated_and_the_vm_moves",
+        Fault::DropCommit,
+    );
+}
+
+#[test]
+fn committed_lost_on_the_link_is_confirmed_and_the_vm_moves() {
+    commit_survives(
+        "committed_lost_on_the_link_is_confirmed_and_the_vm_moves",
+        Fault::DropCommitted,
+    );
+}
+
+#[test]
+fn state_acknowledgment_lost_leaves_the_vm_on_the_source() {
+    let test = "state_acknowledgment_lost_leaves_the_vm_on_the_source";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new(test);
+    let (mut src, socket) = migration_source(&dir, "source", "512M", "2", "dirty:64:100");
+    // A long wait for the decision: the destination must end because the
+    // source came back to withdraw, not because the wait ran out.
+    let (mut dst, dst_port) = migration_destination("destination", &["--recovery-timeout", "60s"]);
+    let proxy = Proxy::start(dst_port, Fault::DropStateLoaded);
+    src.next_heartbeat(Duration::from_secs(10));
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        proxy.port,
+        &["--mode", "precopy", "--downtime", "10ms", "--json"],
+    );
+    let reason = migrate_failed(&mut mig, Duration::from_secs(60));
+    eprintln!("{test}: ferry migrate: {reason}");
+    let t = Instant::now();
+    source_runs_on_after_failure(&mut src, proxy.port);
+    destination_holds_nothing(&mut dst, false);
+    assert!(
+        t.elapsed() < Duration::from_secs(40),
+        "the destination waited out its window instead of hearing the source"
+    );
+    assert!(
+        dst.err.iter().any(|l| l.contains("chose to abort")),
+        "the destination must say the source withdrew\n{}",
+        dst.transcript()
+    );
+    let log = proxy.log();
+    assert!(log.fault_done.is_some(), "{log:?}");
+    assert!(
+        log.later_connections >= 1,
+        "the source never came back: {log:?}"
+    );
 }

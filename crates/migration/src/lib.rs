@@ -16,6 +16,7 @@ pub mod policy;
 pub mod postcopy;
 pub mod precopy;
 pub mod protocol;
+mod reconnect;
 pub mod shared_pages;
 pub mod stats;
 pub mod synthetic;

@@ -64,6 +64,11 @@ pub struct BlackoutReport {
     /// From sending the state to the destination's `StateLoaded`.
     pub state_load_ms: f64,
     pub commit_ms: f64,
+    /// Present when the first Committed never came and the destination
+    /// confirmed the commit on a new connection: what went wrong, and how
+    /// long confirming took.
+    #[serde(default)]
+    pub commit_recovered: Option<String>,
 }
 
 /// What the guest itself saw, reported by the destination after it ran.

@@ -31,7 +31,7 @@ fn options(target_ms: u64, bandwidth: Option<u64>) -> PrecopyOptions {
         bandwidth,
         io_timeout: Duration::from_secs(10),
         guest_report_wait: Duration::ZERO,
-        postcopy_recovery: Duration::ZERO,
+        link_recovery: Duration::ZERO,
         streams: 1,
     }
 }

@@ -77,7 +77,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     let yielding = args.priority.apply();
     // The listener stays open for the fault channel of a post-copy.
     let options = ReceiveOptions {
-        postcopy_recovery: args.recovery_timeout,
+        link_recovery: args.recovery_timeout,
         ..Default::default()
     };
     let received = receive_vm(stream, Some(&listener), &options, |offer| {

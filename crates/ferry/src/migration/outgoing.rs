@@ -47,9 +47,9 @@ pub fn migrate_vm(
         ..Default::default()
     };
     let options = PrecopyOptions {
-        postcopy_recovery: request
+        link_recovery: request
             .recovery_ms
-            .map_or(options.postcopy_recovery, Duration::from_millis),
+            .map_or(options.link_recovery, Duration::from_millis),
         streams: request
             .streams
             .unwrap_or_else(|| auto_streams(vm.machine().vcpus)),

@@ -23,9 +23,10 @@ use crate::postcopy::channel::{accept_fault_channel, wait_readable};
 use crate::postcopy::latency;
 use crate::protocol::{
     read_header, read_message, read_pages_into, recv_message, write_message, Abort, FrameKind,
-    HelloAck, Message, PageRequest, PageSink, PostcopyComplete, PostcopyReady, ResumeState,
-    Resumed, Role, VersionRange, PAGE_SIZE,
+    Message, PageRequest, PageSink, PostcopyComplete, PostcopyReady, ResumeState, Resumed,
+    PAGE_SIZE,
 };
+use crate::reconnect;
 use crate::shared_pages::SharedPages;
 use crate::ProtocolError;
 
@@ -410,54 +411,24 @@ fn wait_for_source(shared: &Shared, recovery: &Recovery) -> Result<(TcpStream, T
     let Some(listener) = &recovery.listener else {
         return Err("this destination has no listener to wait on".into());
     };
-    let deadline = Instant::now() + recovery.timeout;
-    loop {
-        if Instant::now() >= deadline {
-            return Err(format!("no source came back within {:?}", recovery.timeout));
-        }
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("waiting for the source: {e}"))?;
-        match listener.accept() {
-            Ok((conn, _)) => {
-                // A connection that is not this source resuming is dropped.
-                if let Ok(pair) = resume_handshake(shared, conn, listener, recovery.session) {
-                    return Ok(pair);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(format!("waiting for the source: {e}")),
-        }
-    }
+    // A connection that is not this source resuming is dropped.
+    reconnect::wait_for_source(listener, recovery.timeout, |conn, first| {
+        resume_handshake(shared, conn, first, listener, recovery.session)
+    })
 }
 
-/// Hello, Resume{session}, our ResumeState, then the fault channel.
+/// After the returning source's Hello: Resume{session}, our ResumeState,
+/// then the fault channel.
 fn resume_handshake(
     shared: &Shared,
     mut conn: TcpStream,
+    first: Message,
     listener: &TcpListener,
     session: u64,
 ) -> Result<(TcpStream, TcpStream), String> {
     let err = |e: &dyn std::fmt::Display| format!("resuming: {e}");
-    conn.set_nonblocking(false).map_err(|e| err(&e))?;
-    conn.set_nodelay(true).map_err(|e| err(&e))?;
-    conn.set_read_timeout(Some(RESUME_TIMEOUT))
-        .map_err(|e| err(&e))?;
-    conn.set_write_timeout(Some(RESUME_TIMEOUT))
-        .map_err(|e| err(&e))?;
     let mut scratch = Vec::new();
-    let hello = match recv_message(&mut conn, &mut scratch).map_err(|e| err(&e))? {
-        Message::Hello(h) => h,
-        other => return Err(format!("resuming: expected Hello, got {}", other.kind())),
-    };
-    let ack = hello.answer(VersionRange::SUPPORTED, Role::Destination);
-    write_message(&mut conn, &Message::HelloAck(ack.clone())).map_err(|e| err(&e))?;
-    if let HelloAck::Refused { reason } = ack {
-        return Err(format!("resuming: {reason}"));
-    }
-    match recv_message(&mut conn, &mut scratch).map_err(|e| err(&e))? {
+    match first {
         Message::Resume(r) if r.session == session => {}
         other => {
             let _ = write_message(
@@ -496,9 +467,6 @@ fn resume_handshake(
         .map_err(|e| err(&e))?;
     Ok((conn, fault))
 }
-
-/// How long one step of a resume may take.
-const RESUME_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// After a new link: asks again for every page a vCPU still waits on.
 fn resend_pending(shared: &Shared) {

@@ -17,9 +17,10 @@ use crate::precopy::error::error_chain as describe;
 use crate::precopy::error::MigrateError;
 use crate::precopy::send::{PageSender, SendError};
 use crate::protocol::{
-    recv_message, write_message, write_pages, Hello, HelloAck, Message, PageRun, PostcopyComplete,
-    RamRange, Resume, Role, PAGE_SIZE,
+    recv_message, write_message, write_pages, Message, PageRun, PostcopyComplete, RamRange, Resume,
+    PAGE_SIZE,
 };
+use crate::reconnect;
 use crate::shared_pages::SharedPages;
 use crate::stats::PostcopyReport;
 use crate::ProtocolError;
@@ -337,15 +338,12 @@ fn reconnect(
         match try_resume(addr, needed, options) {
             Ok(resumed) => return Ok(resumed),
             Err(e) if link_failed(&e) && Instant::now() < deadline => {
-                std::thread::sleep(RECONNECT_EVERY);
+                std::thread::sleep(reconnect::DIAL_EVERY);
             }
             Err(e) => return Err(e),
         }
     }
 }
-
-/// How often a source whose link failed tries to reach the destination.
-const RECONNECT_EVERY: Duration = Duration::from_millis(200);
 
 fn try_resume(
     addr: std::net::SocketAddr,
@@ -353,32 +351,8 @@ fn try_resume(
     options: &ServeOptions,
 ) -> Result<(TcpStream, TcpStream, PageBitmap), MigrateError> {
     let stage = "resuming post-copy";
-    let io = |e: std::io::Error| MigrateError::Protocol {
-        stage,
-        source: e.into(),
-    };
-    let mut main = TcpStream::connect_timeout(&addr, RECONNECT_TIMEOUT).map_err(io)?;
-    main.set_nodelay(true).map_err(io)?;
-    main.set_read_timeout(Some(options.io_timeout))
-        .map_err(io)?;
-    main.set_write_timeout(Some(options.io_timeout))
-        .map_err(io)?;
+    let mut main = reconnect::dial(addr, options.io_timeout, stage)?;
     let mut scratch = Vec::new();
-    write_message(&mut main, &Message::Hello(Hello::new(Role::Source)))
-        .map_err(MigrateError::protocol(stage))?;
-    match recv_message(&mut main, &mut scratch).map_err(MigrateError::protocol(stage))? {
-        Message::HelloAck(HelloAck::Accepted { .. }) => {}
-        Message::HelloAck(HelloAck::Refused { reason }) => {
-            return Err(MigrateError::Refused(reason))
-        }
-        other => {
-            return Err(MigrateError::Unexpected {
-                stage,
-                expected: "HelloAck",
-                got: other.kind(),
-            })
-        }
-    }
     write_message(
         &mut main,
         &Message::Resume(Resume {
@@ -416,9 +390,6 @@ fn try_resume(
     let fault = open_fault_channel(&mut main, options.session, options.io_timeout)?;
     Ok((main, fault, held))
 }
-
-/// How long one attempt to reach the destination again may take.
-const RECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Sends every page of `needed` not yet sent by the page server, nearest
 /// to the latest request first. Returns (pages, bytes) pushed.

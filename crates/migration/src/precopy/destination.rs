@@ -11,6 +11,7 @@ use crate::bitmap::PageBitmap;
 use crate::guest::IncomingGuest;
 use crate::postcopy::channel::accept_fault_channel;
 use crate::postcopy::PostcopyHandle;
+use crate::precopy::decision;
 use crate::precopy::error::{error_chain, ReceiveError};
 use crate::precopy::parallel_receive::{accept_streams, receive_striped_round};
 use crate::protocol::{
@@ -24,15 +25,18 @@ pub struct ReceiveOptions {
     /// Longest silence from the source before the migration is abandoned.
     pub io_timeout: Duration,
     /// How long a post-copy whose link failed waits for the source to come
-    /// back before it declares the VM lost.
-    pub postcopy_recovery: Duration,
+    /// back before it declares the VM lost; also how long a prepared
+    /// migration whose link failed waits for the source's decision, and
+    /// how long after a commit a source that lost our Committed is
+    /// answered.
+    pub link_recovery: Duration,
 }
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
         Self {
             io_timeout: Duration::from_secs(30),
-            postcopy_recovery: Duration::from_secs(30),
+            link_recovery: Duration::from_secs(30),
         }
     }
 }
@@ -226,9 +230,33 @@ fn drive<G: IncomingGuest>(
     let mut session = 0;
     let mut missing: Option<PageBitmap> = None;
     let mut data_streams: Option<Vec<TcpStream>> = None;
+    // Set by a v4 source: a broken link after StateLoaded is waited out.
+    let mut prepared: Option<u64> = None;
     let stage = "receiving pages";
     loop {
-        let header = read_header(stream).map_err(ReceiveError::protocol(stage))?;
+        let header = match read_header(stream) {
+            Ok(header) => header,
+            Err(e) if state_len.is_some() && e.is_retryable() => {
+                let (Some(session), Some(listener)) = (prepared, listener) else {
+                    return Err(ReceiveError::protocol(stage)(e));
+                };
+                let (conn, commit) =
+                    decision::await_decision(listener, session, options.link_recovery).map_err(
+                        |why| ReceiveError::NoDecision {
+                            link: error_chain(&e),
+                            why,
+                        },
+                    )?;
+                *stream = conn;
+                if !commit {
+                    return Err(ReceiveError::SourceAborted(
+                        "the source came back after the link broke and chose to abort".into(),
+                    ));
+                }
+                break;
+            }
+            Err(e) => return Err(ReceiveError::protocol(stage)(e)),
+        };
         match header.kind {
             FrameKind::Pages => {
                 let got = read_pages_into(stream, &header, &mut sink)
@@ -273,6 +301,7 @@ fn drive<G: IncomingGuest>(
                         round_pages = 0;
                     }
                     Message::Commit(_) if state_len.is_some() => break,
+                    Message::Prepare(p) if state_len.is_none() => prepared = Some(p.session),
                     Message::StreamsOpen(open) if data_streams.is_none() && state_len.is_none() => {
                         let stage = "opening the page-data streams";
                         let opened = match listener {
@@ -366,7 +395,7 @@ fn drive<G: IncomingGuest>(
                     .transpose()
                     .map_err(|e| ReceiveError::protocol(stage)(e.into()))?,
                 session,
-                timeout: options.postcopy_recovery,
+                timeout: options.link_recovery,
             };
             let handle = PostcopyHandle::start(lazy, missing, main, fault, recovery)
                 .map_err(|e| ReceiveError::protocol(stage)(e.into()))?;
@@ -382,6 +411,14 @@ fn drive<G: IncomingGuest>(
     report.start_ms = t_start.elapsed().as_secs_f64() * 1e3;
     let _ = write_message(stream, &Message::Committed(Committed));
     let _ = stream.flush();
+    // In case that Committed is lost: a pre-copy source comes back for
+    // it. (A post-copy source comes back with Resume instead, to the
+    // post-copy's own wait on the listener.)
+    // Failing that (no thread or descriptor to spare), such a source stays
+    // in doubt, as before v4: the VM runs here all the same.
+    if let (Some(session), Some(listener), None) = (prepared, listener, &started.1) {
+        let _ = decision::answer_late_decisions(listener, session, options.link_recovery);
+    }
     Ok(started)
 }
 

@@ -90,6 +90,8 @@ pub enum ReceiveError {
     Postcopy(String),
     #[error("page-data streams: {0}")]
     Streams(String),
+    #[error("the link broke after the state was acknowledged ({link}) and the source's decision never came: {why}")]
+    NoDecision { link: String, why: String },
 }
 
 impl ReceiveError {

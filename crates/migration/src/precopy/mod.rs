@@ -1,6 +1,7 @@
 //! Pre-copy live migration: the VM keeps running while its memory is sent
 //! in rounds, then pauses briefly for the last pages and its state.
 
+mod decision;
 pub mod destination;
 pub mod error;
 mod parallel_receive;

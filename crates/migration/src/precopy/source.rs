@@ -15,13 +15,14 @@ use crate::mode::Mode;
 use crate::policy::{Decision, Policy, PolicyConfig, RoundFacts};
 use crate::postcopy::channel::{new_session, open_fault_channel};
 use crate::postcopy::source::{serve, ServeEvent, ServeOptions, Unfinished};
+use crate::precopy::decision;
 use crate::precopy::error::{error_chain, MigrateError};
 use crate::precopy::parallel_send::{open_streams, send_striped, Streams};
 use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
-    HelloAck, Message, PageRun, PostcopyBegin, RamRange, Role, RoundEnd, StripedRound, PAGE_SIZE,
-    POSTCOPY_VERSION, STREAMS_VERSION,
+    HelloAck, Message, PageRun, PostcopyBegin, Prepare, RamRange, Role, RoundEnd, StripedRound,
+    COMMIT_RECOVERY_VERSION, PAGE_SIZE, POSTCOPY_VERSION, STREAMS_VERSION,
 };
 use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
 
@@ -47,9 +48,10 @@ pub struct PrecopyOptions {
     /// How long to wait, after the commit, for the destination's report of
     /// what the guest saw.
     pub guest_report_wait: Duration,
-    /// How long a post-copy whose link failed keeps trying to reach the
-    /// destination again (the VM stays paused here meanwhile).
-    pub postcopy_recovery: Duration,
+    /// How long a post-copy whose link failed, or a commit whose answer
+    /// was lost, keeps trying to reach the destination again (the VM stays
+    /// paused here meanwhile).
+    pub link_recovery: Duration,
     /// Page-data streams for large pre-copy rounds; 1 keeps every page on
     /// the main connection.
     pub streams: u16,
@@ -63,7 +65,7 @@ impl Default for PrecopyOptions {
             bandwidth: None,
             io_timeout: Duration::from_secs(30),
             guest_report_wait: Duration::from_secs(2),
-            postcopy_recovery: Duration::from_secs(30),
+            link_recovery: Duration::from_secs(30),
             streams: 1,
         }
     }
@@ -89,6 +91,15 @@ impl Failure {
     }
 }
 
+/// How to reach the destination again about the commit decision.
+#[derive(Debug, Clone, Copy)]
+struct CommitRecovery {
+    addr: std::net::SocketAddr,
+    session: u64,
+    window: Duration,
+    io_timeout: Duration,
+}
+
 /// Live state of one migration, shared by its steps.
 struct Run<'p> {
     t0: Instant,
@@ -98,6 +109,12 @@ struct Run<'p> {
     paused: bool,
     throttle: u32,
     commit_sent: bool,
+    /// (window, io timeout) when the destination speaks v4, whose commit
+    /// decision can be repeated on a new connection.
+    recoverable_commit: Option<(Duration, Duration)>,
+    /// Set once the destination may wait for our decision: what to name
+    /// when coming back to repeat or withdraw it.
+    commit_recovery: Option<CommitRecovery>,
     postcopy_started: bool,
     /// A post-copy given up on, which can be resumed.
     unfinished: Option<Box<Unfinished>>,
@@ -182,6 +199,8 @@ pub fn migrate<G: SourceGuest + ?Sized>(
         paused: false,
         throttle: 0,
         commit_sent: false,
+        recoverable_commit: None,
+        commit_recovery: None,
         postcopy_started: false,
         unfinished: None,
         rate: None,
@@ -205,6 +224,10 @@ pub fn migrate<G: SourceGuest + ?Sized>(
                 // Best effort: the destination may be gone already.
                 let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
                 let _ = write_message(&mut stream, &Message::Abort(Abort { reason }));
+                if let Some(r) = run.commit_recovery {
+                    // The Abort above may not get through the link that failed.
+                    decision::announce_abort(r.addr, r.session);
+                }
                 let _ = guest.set_throttle(0);
                 let _ = guest.set_dirty_logging(false);
                 if run.paused {
@@ -254,6 +277,8 @@ fn drive<G: SourceGuest + ?Sized>(
     run.tell("setup", 0, 0, 0, Instant::now(), true);
     let version = handshake(guest, stream, run)?;
     run.report.setup_ms = run.ms();
+    run.recoverable_commit =
+        (version >= COMMIT_RECOVERY_VERSION).then_some((options.link_recovery, options.io_timeout));
     if options.mode.may_postcopy() && version < POSTCOPY_VERSION {
         return Err(MigrateError::Refused(format!(
             "the destination speaks protocol v{version}, which has no post-copy (v{POSTCOPY_VERSION} and later); use --mode precopy"
@@ -880,7 +905,7 @@ fn blackout<G: SourceGuest + ?Sized>(
     dirty.union_with(&last);
     let sent = send_round(guest, stream, sender, run, round, &dirty.runs(), true)?;
 
-    let handed = hand_over(guest, stream, run)?;
+    let handed = hand_over(guest, stream, run, run.recoverable_commit)?;
     let b = &mut run.report.blackout;
     b.host_downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
     b.predicted_ms = predicted.as_secs_f64() * 1e3;
@@ -921,7 +946,24 @@ fn hand_over<G: SourceGuest + ?Sized>(
     guest: &mut G,
     stream: &mut TcpStream,
     run: &mut Run<'_>,
+    recovery: Option<(Duration, Duration)>,
 ) -> Result<HandedOver, MigrateError> {
+    if let Some((window, io_timeout)) = recovery {
+        let stage = "preparing the commit";
+        let addr = stream.peer_addr().map_err(|e| MigrateError::Protocol {
+            stage,
+            source: e.into(),
+        })?;
+        let session = new_session();
+        write_message(stream, &Message::Prepare(Prepare { session }))
+            .map_err(MigrateError::protocol(stage))?;
+        run.commit_recovery = Some(CommitRecovery {
+            addr,
+            session,
+            window,
+            io_timeout,
+        });
+    }
     let t_save = Instant::now();
     let state = guest
         .save_state()
@@ -962,15 +1004,31 @@ fn hand_over<G: SourceGuest + ?Sized>(
     write_message(stream, &Message::Commit(Commit))
         .map_err(|e| MigrateError::CommitUnacknowledged(error_chain(&e)))?;
     run.commit_sent = true;
-    match recv_message(stream, &mut scratch) {
-        Ok(Message::Committed(_)) => {}
-        Ok(other) => {
-            return Err(MigrateError::CommitUnacknowledged(format!(
-                "the destination sent {} instead of Committed",
-                other.kind()
-            )))
-        }
-        Err(e) => return Err(MigrateError::CommitUnacknowledged(error_chain(&e))),
+    let unacknowledged = match recv_message(stream, &mut scratch) {
+        Ok(Message::Committed(_)) => None,
+        Ok(other) => Some(format!(
+            "the destination sent {} instead of Committed",
+            other.kind()
+        )),
+        Err(e) => Some(error_chain(&e)),
+    };
+    if let Some(why) = unacknowledged {
+        let Some(r) = run.commit_recovery else {
+            return Err(MigrateError::CommitUnacknowledged(why));
+        };
+        run.say(format!(
+            "no Committed ({why}); asking the destination again for up to {:?}",
+            r.window
+        ));
+        let t_retry = Instant::now();
+        *stream =
+            decision::confirm_commit(r.addr, r.session, r.window, r.io_timeout).map_err(|e| {
+                MigrateError::CommitUnacknowledged(format!("{why}; then: {}", error_chain(&e)))
+            })?;
+        run.report.blackout.commit_recovered = Some(format!(
+            "{why}; the destination confirmed on a new connection {:.0} ms later",
+            t_retry.elapsed().as_secs_f64() * 1e3
+        ));
     }
     Ok(HandedOver {
         state_bytes: state.len() as u64,
@@ -1033,7 +1091,9 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
         }),
     )
     .map_err(MigrateError::protocol(stage))?;
-    let handed = hand_over(guest, stream, run)?;
+    // No Prepare: after a post-copy commit a broken link is the post-copy's
+    // to recover (Resume), and before it the source keeps the VM.
+    let handed = hand_over(guest, stream, run, None)?;
     run.postcopy_started = true;
     let b = &mut run.report.blackout;
     b.host_downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
@@ -1048,7 +1108,7 @@ fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     let serve_options = ServeOptions {
         bandwidth: options.bandwidth,
         io_timeout: options.io_timeout,
-        recovery: options.postcopy_recovery,
+        recovery: options.link_recovery,
         session,
     };
     let needed_bytes = needed.bytes();

@@ -71,10 +71,12 @@ pub enum FrameKind {
     StreamJoin = 23,
     StreamsOpened = 24,
     StripedRound = 25,
+    Prepare = 26,
+    Decide = 27,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 25] = [
+    pub const ALL: [FrameKind; 27] = [
         Self::Hello,
         Self::HelloAck,
         Self::Offer,
@@ -100,6 +102,8 @@ impl FrameKind {
         Self::StreamJoin,
         Self::StreamsOpened,
         Self::StripedRound,
+        Self::Prepare,
+        Self::Decide,
     ];
 
     pub fn from_u16(value: u16) -> Option<Self> {
@@ -148,6 +152,8 @@ impl FrameKind {
             Self::StreamJoin => "StreamJoin",
             Self::StreamsOpened => "StreamsOpened",
             Self::StripedRound => "StripedRound",
+            Self::Prepare => "Prepare",
+            Self::Decide => "Decide",
         }
     }
 }

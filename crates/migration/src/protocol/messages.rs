@@ -303,6 +303,25 @@ pub struct StripedRound {
     pub round: u32,
 }
 
+/// Source to destination, just before the State frame (v4): if the link
+/// breaks after the state is acknowledged, do not discard yet but wait for
+/// the source to come back with a Decide for this session, because the
+/// source may already have sent its Commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepare {
+    pub session: u64,
+}
+
+/// The first message after Hello on a new connection (v4): the source's
+/// decision for a prepared migration whose link broke. The destination
+/// answers a commit with Committed (it may have committed already) and
+/// takes an abort as the end of the migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decide {
+    pub session: u64,
+    pub commit: bool,
+}
+
 /// Any control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -329,6 +348,8 @@ pub enum Message {
     StreamJoin(StreamJoin),
     StreamsOpened(StreamsOpened),
     StripedRound(StripedRound),
+    Prepare(Prepare),
+    Decide(Decide),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -371,6 +392,8 @@ impl Message {
             Self::StreamJoin(_) => FrameKind::StreamJoin,
             Self::StreamsOpened(_) => FrameKind::StreamsOpened,
             Self::StripedRound(_) => FrameKind::StripedRound,
+            Self::Prepare(_) => FrameKind::Prepare,
+            Self::Decide(_) => FrameKind::Decide,
         }
     }
 
@@ -400,6 +423,8 @@ impl Message {
             Self::StreamJoin(m) => encode(m),
             Self::StreamsOpened(m) => encode(m),
             Self::StripedRound(m) => encode(m),
+            Self::Prepare(m) => encode(m),
+            Self::Decide(m) => encode(m),
         }
     }
 
@@ -429,6 +454,8 @@ impl Message {
             FrameKind::StreamJoin => Self::StreamJoin(decode(kind, payload)?),
             FrameKind::StreamsOpened => Self::StreamsOpened(decode(kind, payload)?),
             FrameKind::StripedRound => Self::StripedRound(decode(kind, payload)?),
+            FrameKind::Prepare => Self::Prepare(decode(kind, payload)?),
+            FrameKind::Decide => Self::Decide(decode(kind, payload)?),
             FrameKind::Pages | FrameKind::State => {
                 return Err(ProtocolError::Unexpected {
                     expected: "a control message",

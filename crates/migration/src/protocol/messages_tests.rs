@@ -91,6 +91,11 @@ fn every_message() -> Vec<Message> {
         }),
         Message::StreamsOpened(StreamsOpened { count: 2 }),
         Message::StripedRound(StripedRound { round: 1 }),
+        Message::Prepare(Prepare { session: 9 }),
+        Message::Decide(Decide {
+            session: 9,
+            commit: true,
+        }),
     ]
 }
 

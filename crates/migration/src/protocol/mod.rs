@@ -87,16 +87,16 @@ pub use frame::{
     MAX_PAGES_PAYLOAD, MAX_STATE_PAYLOAD,
 };
 pub use messages::{
-    read_message, recv_message, write_message, Abort, Accept, Commit, Committed, Hello, HelloAck,
-    InvalidOffer, Join, Message, Offer, PageRequest, PostcopyBegin, PostcopyComplete,
-    PostcopyPrepare, PostcopyReady, RamRange, Refuse, Resume, ResumeState, Resumed, Role, RoundEnd,
-    StateLoaded, StreamJoin, StreamsOpen, StreamsOpened, StripedRound, HELLO_MAGIC,
+    read_message, recv_message, write_message, Abort, Accept, Commit, Committed, Decide, Hello,
+    HelloAck, InvalidOffer, Join, Message, Offer, PageRequest, PostcopyBegin, PostcopyComplete,
+    PostcopyPrepare, PostcopyReady, Prepare, RamRange, Refuse, Resume, ResumeState, Resumed, Role,
+    RoundEnd, StateLoaded, StreamJoin, StreamsOpen, StreamsOpened, StripedRound, HELLO_MAGIC,
 };
 pub use pages::{
     read_pages_into, write_pages, PageRun, PageSink, PagesSummary, MAX_BATCH_DATA_BYTES,
     MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, PAGE_SIZE,
 };
 pub use version::{
-    negotiate, NegotiationError, VersionRange, POSTCOPY_VERSION, PROTOCOL_VERSION,
-    PROTOCOL_VERSION_MIN, STREAMS_VERSION,
+    negotiate, NegotiationError, VersionRange, COMMIT_RECOVERY_VERSION, POSTCOPY_VERSION,
+    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, STREAMS_VERSION,
 };
