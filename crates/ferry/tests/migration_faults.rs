@@ -376,6 +376,26 @@ fn relay_frames(mut from: TcpStream, mut to: TcpStream, fault: Fault, log: &Mute
     log.lock().unwrap().ended.push(format!("forward: {why}"));
 }
 
+/// A 512 MiB source with two vCPUs rewriting 64 MiB, a proxy with `fault`
+/// in front of the destination at `dst_port`, and a pre-copy
+/// `ferry migrate --json` through it, started once the guest runs.
+fn migrate_through_proxy(
+    dir: &TempDir,
+    dst_port: u16,
+    fault: Fault,
+) -> (FerryProc, Proxy, FerryProc) {
+    let (mut src, socket) = migration_source(dir, "source", "512M", "2", "dirty:64:100");
+    let proxy = Proxy::start(dst_port, fault);
+    src.next_heartbeat(Duration::from_secs(10));
+    let mig = start_migrate(
+        "migrate",
+        &socket,
+        proxy.port,
+        &["--mode", "precopy", "--downtime", "10ms", "--json"],
+    );
+    (src, proxy, mig)
+}
+
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -426,16 +446,8 @@ fn connection_dropped_during_blackout() {
         return;
     }
     let dir = TempDir::new(test);
-    let (mut src, socket) = migration_source(&dir, "source", "512M", "2", "dirty:64:100");
     let (mut dst, dst_port) = migration_destination("destination", &[]);
-    let proxy = Proxy::start(dst_port, Fault::CutAtState);
-    src.next_heartbeat(Duration::from_secs(10));
-    let mut mig = start_migrate(
-        "migrate",
-        &socket,
-        proxy.port,
-        &["--mode", "precopy", "--downtime", "10ms", "--json"],
-    );
+    let (mut src, proxy, mut mig) = migrate_through_proxy(&dir, dst_port, Fault::CutAtState);
     let reason = migrate_failed(&mut mig, Duration::from_secs(60));
     eprintln!("{test}: ferry migrate: {reason}");
     {
@@ -462,16 +474,8 @@ fn corrupt_frame_is_refused() {
         return;
     }
     let dir = TempDir::new(test);
-    let (mut src, socket) = migration_source(&dir, "source", "512M", "2", "dirty:64:100");
     let (mut dst, dst_port) = migration_destination("destination", &[]);
-    let proxy = Proxy::start(dst_port, Fault::CorruptPages(3));
-    src.next_heartbeat(Duration::from_secs(10));
-    let mut mig = start_migrate(
-        "migrate",
-        &socket,
-        proxy.port,
-        &["--mode", "precopy", "--downtime", "10ms", "--json"],
-    );
+    let (mut src, proxy, mut mig) = migrate_through_proxy(&dir, dst_port, Fault::CorruptPages(3));
     let reason = migrate_failed(&mut mig, Duration::from_secs(60));
     eprintln!("{test}: ferry migrate: {reason}");
     {
@@ -636,16 +640,8 @@ fn commit_survives(test: &str, fault: Fault) {
         return;
     }
     let dir = TempDir::new(test);
-    let (mut src, socket) = migration_source(&dir, "source", "512M", "2", "dirty:64:100");
     let (mut dst, dst_port, _dst_socket) = migration_destination_with_api(&dir, "destination");
-    let proxy = Proxy::start(dst_port, fault);
-    src.next_heartbeat(Duration::from_secs(10));
-    let mut mig = start_migrate(
-        "migrate",
-        &socket,
-        proxy.port,
-        &["--mode", "precopy", "--downtime", "10ms", "--json"],
-    );
+    let (mut src, proxy, mut mig) = migrate_through_proxy(&dir, dst_port, fault);
     let (status, report) = finish_migrate(&mut mig, Duration::from_secs(90));
     {
         let log = proxy.log();
@@ -706,18 +702,10 @@ fn state_acknowledgment_lost_leaves_the_vm_on_the_source() {
         return;
     }
     let dir = TempDir::new(test);
-    let (mut src, socket) = migration_source(&dir, "source", "512M", "2", "dirty:64:100");
     // A long wait for the decision: the destination must end because the
     // source came back to withdraw, not because the wait ran out.
     let (mut dst, dst_port) = migration_destination("destination", &["--recovery-timeout", "60s"]);
-    let proxy = Proxy::start(dst_port, Fault::DropStateLoaded);
-    src.next_heartbeat(Duration::from_secs(10));
-    let mut mig = start_migrate(
-        "migrate",
-        &socket,
-        proxy.port,
-        &["--mode", "precopy", "--downtime", "10ms", "--json"],
-    );
+    let (mut src, proxy, mut mig) = migrate_through_proxy(&dir, dst_port, Fault::DropStateLoaded);
     let reason = migrate_failed(&mut mig, Duration::from_secs(60));
     eprintln!("{test}: ferry migrate: {reason}");
     let t = Instant::now();
