@@ -6,15 +6,33 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::postcopy::channel::link_failed;
 use crate::precopy::error::MigrateError;
 use crate::protocol::{recv_message, write_message, Hello, HelloAck, Message, Role, VersionRange};
 
 /// How long one attempt to reach the destination again may take.
 pub(crate) const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a source whose link failed tries to reach the destination.
-pub(crate) const DIAL_EVERY: Duration = Duration::from_millis(200);
+const DIAL_EVERY: Duration = Duration::from_millis(200);
 /// How long a returning source may take over its greeting.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Source side: runs `attempt` (which dials) until it succeeds, fails for
+/// a reason other than the link, or `window` has passed.
+pub(crate) fn keep_trying<T>(
+    window: Duration,
+    mut attempt: impl FnMut() -> Result<T, MigrateError>,
+) -> Result<T, MigrateError> {
+    let deadline = Instant::now() + window;
+    loop {
+        match attempt() {
+            Err(e) if link_failed(&e) && Instant::now() < deadline => {
+                std::thread::sleep(DIAL_EVERY);
+            }
+            done => return done,
+        }
+    }
+}
 
 /// Source side: connects to `addr` and negotiates again.
 pub(crate) fn dial(

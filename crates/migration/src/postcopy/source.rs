@@ -333,16 +333,7 @@ fn reconnect(
     needed: &PageBitmap,
     options: &ServeOptions,
 ) -> Result<(TcpStream, TcpStream, PageBitmap), MigrateError> {
-    let deadline = Instant::now() + options.recovery;
-    loop {
-        match try_resume(addr, needed, options) {
-            Ok(resumed) => return Ok(resumed),
-            Err(e) if link_failed(&e) && Instant::now() < deadline => {
-                std::thread::sleep(reconnect::DIAL_EVERY);
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    reconnect::keep_trying(options.recovery, || try_resume(addr, needed, options))
 }
 
 fn try_resume(

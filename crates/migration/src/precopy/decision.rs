@@ -14,7 +14,6 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::postcopy::channel::link_failed;
 use crate::precopy::error::MigrateError;
 use crate::protocol::{recv_message, write_message, Abort, Committed, Decide, Message};
 use crate::reconnect;
@@ -90,16 +89,7 @@ pub(crate) fn confirm_commit(
     window: Duration,
     io_timeout: Duration,
 ) -> Result<TcpStream, MigrateError> {
-    let deadline = Instant::now() + window;
-    loop {
-        match decide(addr, session, true, io_timeout) {
-            Ok(conn) => return Ok(conn),
-            Err(e) if link_failed(&e) && Instant::now() < deadline => {
-                std::thread::sleep(reconnect::DIAL_EVERY);
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    reconnect::keep_trying(window, || decide(addr, session, true, io_timeout))
 }
 
 /// Source, failed before its Commit: one short try to tell a destination

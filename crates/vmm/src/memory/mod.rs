@@ -16,8 +16,8 @@ use crate::layout;
 
 mod mapping;
 
+pub use mapping::Backing;
 use mapping::Mapping;
-pub use mapping::{Backing, HUGE_PAGE};
 
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
@@ -122,12 +122,6 @@ impl GuestRam {
             size,
             backing,
         })
-    }
-
-    /// How preallocation backed the memory; None if it was not
-    /// preallocated.
-    pub fn backing(&self) -> Option<&Backing> {
-        self.backing.as_ref()
     }
 
     /// " (preallocated in …)" for a start-up line, or nothing.
