@@ -1,24 +1,44 @@
 #!/usr/bin/env bash
 # Installs what Ferry's build, tests and benchmarks need on a fresh Debian 12
-# machine of this kind: QEMU (the baseline the guest and benchmarks are
-# checked against) and libclang (the userfaultfd crate generates its kernel
-# bindings with bindgen at build time). Idempotent: installs only what is
-# missing.
+# machine of this kind:
+# - QEMU 10.0 from bookworm-backports, the newest QEMU Debian ships and the
+#   baseline `ferry bench` compares against (the guest boots under it too);
+# - iperf3, the loopback TCP limit `ferry bench` measures beside every
+#   throughput row;
+# - libclang (the userfaultfd crate generates its kernel bindings with bindgen).
+# Idempotent: installs only what is missing.
 set -euo pipefail
 
+if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+export DEBIAN_FRONTEND=noninteractive
+
+backports=/etc/apt/sources.list.d/bookworm-backports.sources
+if grep -qs 'bookworm' /etc/os-release && [ ! -e "$backports" ]; then
+  echo "setup: adding Debian's bookworm-backports source (for QEMU 10.0)"
+  $SUDO tee "$backports" >/dev/null <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p'; }
 need=()
-command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+[ "$(qemu_major)" -ge 10 ] 2>/dev/null || need+=(qemu-system-x86)
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (Debian packages)"
-  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
-  export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  target=()
+  [ -e "$backports" ] && target=(-t bookworm-backports)
+  $SUDO apt-get install -y -qq --no-install-recommends "${target[@]}" "${need[@]}" >/dev/null
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust stable (rustup)" >&2; exit 1; }
 if [ ! -e /dev/kvm ]; then
   echo "setup: WARNING: /dev/kvm is missing: every KVM test will report SKIPPED" >&2
 fi
-echo "setup: ok"
+echo "setup: ok ($(qemu-system-x86_64 --version | head -1))"

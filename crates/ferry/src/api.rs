@@ -8,15 +8,13 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::time::Duration;
 
-use crate::control::{Request, Response};
 use anyhow::{bail, Context};
+use ferry_control::client::ANSWER_TIMEOUT;
+use ferry_control::{Request, Response};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 << 10;
-/// How long a client waits for the VM's owner to answer.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A request waiting for the VM's owner, and where the answer goes.
 pub struct Pending {
@@ -138,45 +136,4 @@ fn write_line(w: &mut impl Write, response: &Response) -> std::io::Result<()> {
     w.write_all(text.as_bytes())
 }
 
-/// Sends one request to a VM's API socket and returns its answer.
-pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
-    call_with_progress(socket, request, |_| {})
-}
-
-/// Like [`call`], handing every progress line to `on_progress` first.
-pub fn call_with_progress(
-    socket: &Path,
-    request: &Request,
-    mut on_progress: impl FnMut(&Response),
-) -> anyhow::Result<Response> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach a VM at {} (is `ferry run --api` running?)",
-            socket.display()
-        )
-    })?;
-    stream.set_read_timeout(Some(ANSWER_TIMEOUT + Duration::from_secs(5)))?;
-    let mut text = serde_json::to_string(request)?;
-    text.push('\n');
-    stream.write_all(text.as_bytes())?;
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        (&mut reader)
-            .take(16 << 20)
-            .read_line(&mut line)
-            .context("reading the VM's answer")?;
-        if line.is_empty() {
-            bail!(
-                "the VM at {} closed the connection without answering",
-                socket.display()
-            );
-        }
-        let response: Response =
-            serde_json::from_str(line.trim()).context("the VM's answer is not valid JSON")?;
-        if response.is_final() {
-            return Ok(response);
-        }
-        on_progress(&response);
-    }
-}
+pub use ferry_control::client::{call, call_with_progress};

@@ -5,7 +5,6 @@ mod api;
 mod bench;
 mod child;
 mod commands;
-mod control;
 mod duration;
 mod migration;
 mod report;

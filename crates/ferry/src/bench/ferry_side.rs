@@ -13,8 +13,8 @@ use serde::Serialize;
 use super::console_watch::{dst_done, judge, Console, VERIFY_TIMEOUT};
 use crate::api::call;
 use crate::child::FerryChild;
-use crate::control::{MigrateRequest, Request, Response};
 use crate::migration::priority::CpuPriority;
+use ferry_control::{MigrateRequest, Request, Response};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -12,11 +12,11 @@ use ferry_testguest::workload::Workload;
 use crate::child::{lines, FerryChild};
 use crate::commands::migrate::ProgressView;
 use crate::commands::run::{boot, watch_until, Ending, VmArgs};
-use crate::control::MigrateRequest;
 use crate::migration::outgoing::migrate_vm;
 use crate::report::print_migration_report;
 use crate::size::show_size;
 use crate::watch::GuestWatch;
+use ferry_control::MigrateRequest;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {

@@ -11,9 +11,9 @@ use ferry_migration::stats::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::api::call_with_progress;
-use crate::control::{MigrateRequest, Request, Response};
 use crate::migration::priority::CpuPriority;
 use crate::report::print_migration_report;
+use ferry_control::{MigrateRequest, Request, Response};
 
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {

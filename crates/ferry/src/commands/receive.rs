@@ -74,7 +74,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         max_vcpus: args.max_vcpus,
     };
     let prealloc = args.prealloc;
-    let yielding = args.priority.apply();
+    let yielding = crate::migration::priority::apply(args.priority);
     // The listener stays open for the fault channel of a post-copy.
     let options = ReceiveOptions {
         link_recovery: args.recovery_timeout,

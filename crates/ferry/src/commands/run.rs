@@ -14,9 +14,9 @@ use ferry_testguest::workload::Workload;
 use ferry_vmm::{GuestImage, Vm, VmConfig, VmEvent};
 
 use crate::api::{ApiServer, Pending};
-use crate::control::{Request, Response};
 use crate::size::{parse_size, show_size};
 use crate::watch::{GuestWatch, Seen};
+use ferry_control::{Request, Response};
 use ferry_vmm::snapshot::take_snapshot;
 
 #[derive(Debug, Clone, clap::Args)]

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use crate::control::{Request, Response};
 use anyhow::{bail, Context};
+use ferry_control::{Request, Response};
 use ferry_vmm::snapshot::SnapshotReport;
 
 use crate::api;

@@ -11,7 +11,7 @@ use ferry_migration::stats::{MigrationReport, Progress};
 use ferry_vmm::Vm;
 
 use super::source::VmSource;
-use crate::control::MigrateRequest;
+use ferry_control::MigrateRequest;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most streams `--streams auto` opens: past four, loopback and 25 GbE
@@ -71,7 +71,7 @@ pub fn migrate_vm(
             })
         }
     };
-    let yielding = request.priority.apply();
+    let yielding = super::priority::apply(request.priority);
     let result = migrate(&mut VmSource(vm), stream, &request.to, &options, progress);
     drop(yielding);
     if result.is_ok() {

@@ -7,37 +7,12 @@
 /// Nice value of a thread doing migration work.
 const MIGRATION_NICE: i32 = 10;
 
-/// Who gets a core when the migration and the guests on this host compete
-/// for one (`--priority`).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum CpuPriority {
-    /// The guests: migration threads yield (nice 10), so the migration
-    /// takes only the cores the vCPUs leave idle.
-    #[default]
-    Guest,
-    /// The migration: its threads run at normal priority and share cores
-    /// with the vCPUs, which then lose scheduler slices (the guest sees
-    /// stalls of a few milliseconds) while memory moves faster.
-    Migration,
-}
+pub use ferry_control::CpuPriority;
 
-impl CpuPriority {
-    /// Lowers this thread's priority for the guests' sake, if that is the
-    /// choice, until the returned guard is dropped.
-    pub fn apply(self) -> Option<Yielding> {
-        (self == Self::Guest).then(Yielding::start)
-    }
+/// Lowers this thread's priority for the guests' sake, if that is the
+/// choice, until the returned guard is dropped.
+pub fn apply(priority: CpuPriority) -> Option<Yielding> {
+    (priority == CpuPriority::Guest).then(Yielding::start)
 }
 
 /// Lowers this thread's priority until dropped.

@@ -1,6 +1,12 @@
-//! The commands a running VM's owner accepts over its API socket, and its
-//! answers. One JSON object per line; a migration answers with progress
-//! lines before its final answer.
+//! The commands a running VM's owner (`ferry run --api`, `ferry receive
+//! --api`) accepts over its API socket, and its answers. One JSON object per
+//! line; a migration answers with progress lines before its final answer.
+//! The CLI and the agent both speak it, through [`client`].
+
+pub mod client;
+mod priority;
+
+pub use priority::CpuPriority;
 
 use std::path::PathBuf;
 
@@ -44,7 +50,7 @@ pub struct MigrateRequest {
     pub streams: Option<u16>,
     /// Who gets a core when the migration and the guest compete for one.
     #[serde(default)]
-    pub priority: crate::migration::priority::CpuPriority,
+    pub priority: CpuPriority,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
