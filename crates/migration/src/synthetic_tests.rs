@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::*;
 use crate::policy::PolicyConfig;
 use crate::precopy::{
-    migrate, receive, Failure, MigrateError, PrecopyOptions, ReceiveError, ReceiveOptions,
+    migrate, receive, Failure, MigrateError, MigrateOptions, ReceiveError, ReceiveOptions,
 };
 use crate::stats::MigrationReport;
 
@@ -21,8 +21,8 @@ fn listen() -> (TcpListener, String) {
     (l, addr)
 }
 
-fn options(target_ms: u64, bandwidth: Option<u64>) -> PrecopyOptions {
-    PrecopyOptions {
+fn options(target_ms: u64, bandwidth: Option<u64>) -> MigrateOptions {
+    MigrateOptions {
         policy: PolicyConfig {
             downtime_target: Duration::from_millis(target_ms),
             ..Default::default()
@@ -40,7 +40,7 @@ type DestResult = Result<SyntheticRunning, ReceiveError>;
 
 fn run_pair(
     source: &mut SyntheticSource,
-    opts: &PrecopyOptions,
+    opts: &MigrateOptions,
     make: impl FnOnce(u64) -> Result<SyntheticIncoming, String> + Send + 'static,
 ) -> (Result<MigrationReport, Failure>, DestResult) {
     run_pair_listening(source, opts, false, make)
@@ -50,7 +50,7 @@ fn run_pair(
 /// connections (page-data streams) when `keep_listener`.
 fn run_pair_listening(
     source: &mut SyntheticSource,
-    opts: &PrecopyOptions,
+    opts: &MigrateOptions,
     keep_listener: bool,
     make: impl FnOnce(u64) -> Result<SyntheticIncoming, String> + Send + 'static,
 ) -> (Result<MigrationReport, Failure>, DestResult) {
@@ -217,7 +217,7 @@ type PostcopyDest = Result<(Vec<u8>, Vec<(u64, Vec<u8>)>), String>;
 /// the destination's memory, and what each touch read (page, bytes).
 fn run_postcopy_pair(
     source: &mut SyntheticSource,
-    opts: &PrecopyOptions,
+    opts: &MigrateOptions,
     touches: Vec<u64>,
 ) -> (Result<MigrationReport, Failure>, PostcopyDest) {
     let (listener, addr) = listen();
@@ -321,8 +321,8 @@ fn hybrid_ends_as_precopy_when_rounds_converge() {
 /// 96 MiB: the first pass is past the size that goes out striped.
 const STRIPED_PAGES: usize = 24576;
 
-fn streams_options(streams: u16) -> PrecopyOptions {
-    PrecopyOptions {
+fn streams_options(streams: u16) -> MigrateOptions {
+    MigrateOptions {
         streams,
         ..options(5, None)
     }

@@ -24,4 +24,4 @@ pub use config::{ConfigError, VmConfig};
 pub use events::{ConsoleLine, StopReason, VmEvent};
 pub use kvm::{KvmError, KvmHost};
 pub use memory::{GuestRam, MemoryError};
-pub use vm::{Vm, VmError};
+pub use vm::{Paused, Vm, VmError};

@@ -119,6 +119,23 @@ struct Parts {
     manual_dirty: bool,
 }
 
+/// What a pause measured: when it was asked for, and when the last vCPU
+/// stopped running guest code (earlier than `requested` when the brake had
+/// parked them all already). The blackout the guest sees starts at
+/// `all_stopped`.
+#[derive(Debug, Clone, Copy)]
+pub struct Paused {
+    pub requested: Instant,
+    pub all_stopped: Instant,
+}
+
+impl Paused {
+    /// How long stopping the vCPUs took (zero when they already were).
+    pub fn stop_latency(&self) -> Duration {
+        self.all_stopped.saturating_duration_since(self.requested)
+    }
+}
+
 // Field order is drop order: vCPU threads and fds go before the VM fd, and
 // the VM before the memory its slots point into.
 pub struct Vm {
@@ -299,27 +316,36 @@ impl Vm {
         self.throttle.as_ref().map_or(0, Throttle::percent)
     }
 
-    /// Stops every vCPU outside KVM_RUN; returns once all have stopped.
-    /// Any throttle is released first, so it cannot resume them behind
-    /// the caller's back.
-    pub fn pause(&mut self) -> Result<Duration, VmError> {
-        self.throttle = None;
-        let t0 = Instant::now();
+    /// Stops every vCPU outside KVM_RUN; returns once all have stopped,
+    /// with when they did. vCPUs the brake holds parked are stopped
+    /// already, so the pause does not wait for the brake: it is released
+    /// only afterwards, when it no longer decides anything.
+    pub fn pause(&mut self) -> Result<Paused, VmError> {
+        let requested = Instant::now();
         self.gate.set(Want::Pause);
         self.kick_all();
-        if !self.gate.wait_all_stopped(PAUSE_TIMEOUT) {
-            return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
-        }
-        Ok(t0.elapsed())
+        let stopped = self.gate.wait_all_stopped(PAUSE_TIMEOUT);
+        self.throttle = None;
+        let all_stopped = stopped.ok_or(VmError::PauseTimeout(PAUSE_TIMEOUT))?;
+        Ok(Paused {
+            requested,
+            all_stopped,
+        })
     }
 
     pub fn resume(&self) {
         self.gate.set(Want::Run);
     }
 
+    /// When a vCPU first entered the guest since the VM last started or
+    /// resumed; waits up to `timeout` for it.
+    pub fn first_run_since_resume(&self, timeout: Duration) -> Option<Instant> {
+        self.gate.wait_running(timeout)
+    }
+
     /// The complete state but memory. The VM must be paused.
     pub fn save_state(&self) -> Result<StateRecord, VmError> {
-        if self.gate.wanted() != Want::Pause {
+        if self.gate.controller_wants() != Want::Pause {
             return Err(VmError::NotPaused("save its state"));
         }
         let vcpus = self

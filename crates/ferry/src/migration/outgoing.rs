@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ferry_migration::policy::PolicyConfig;
 use ferry_migration::postcopy::source::Unfinished;
-use ferry_migration::precopy::{migrate, resume_postcopy, Failure, MigrateError, PrecopyOptions};
+use ferry_migration::precopy::{migrate, resume_postcopy, Failure, MigrateError, MigrateOptions};
 use ferry_migration::stats::{MigrationReport, Progress};
 use ferry_vmm::Vm;
 
@@ -36,7 +36,7 @@ pub fn migrate_vm(
     request: &MigrateRequest,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, Failure> {
-    let options = PrecopyOptions {
+    let options = MigrateOptions {
         mode: request.mode,
         policy: PolicyConfig {
             downtime_target: Duration::from_secs_f64(request.downtime_ms / 1e3),
@@ -46,7 +46,7 @@ pub fn migrate_vm(
         bandwidth: request.bandwidth,
         ..Default::default()
     };
-    let options = PrecopyOptions {
+    let options = MigrateOptions {
         link_recovery: request
             .recovery_ms
             .map_or(options.link_recovery, Duration::from_millis),

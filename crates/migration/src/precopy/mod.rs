@@ -12,4 +12,4 @@ pub mod stripes;
 
 pub use destination::{receive, send_resumed, ReceiveOptions, ReceiveReport, Received};
 pub use error::{error_chain, MigrateError, ReceiveError};
-pub use source::{migrate, resume_postcopy, Failure, PrecopyOptions};
+pub use source::{migrate, resume_postcopy, Failure, MigrateOptions};

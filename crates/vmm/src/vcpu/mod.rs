@@ -62,6 +62,7 @@ fn run_loop(index: u32, vcpu: &SharedVcpu, gate: &RunGate, bus: &IoBus) -> Optio
                 continue;
             }
         }
+        gate.note_running();
         match run_once(index, &mut fd, bus) {
             Step::Continue => {}
             Step::Stop(reason) => return Some(reason),

@@ -6,9 +6,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::gate::{RunGate, Want};
+use super::gate::RunGate;
 use super::kick;
 
 /// One throttle cycle: short enough that the guest sees many small stalls
@@ -18,7 +18,8 @@ const PERIOD: Duration = Duration::from_millis(20);
 /// Never stop the guest completely: it must still make progress.
 pub const MAX_PERCENT: u32 = 99;
 
-/// A running throttle; stops (and leaves the vCPUs running) when dropped.
+/// A running throttle; stops (and lets the vCPUs run) when dropped, at
+/// once: its thread sleeps in a wait that the drop ends.
 pub struct Throttle {
     percent: Arc<AtomicU32>,
     quit: Arc<AtomicBool>,
@@ -60,28 +61,42 @@ impl Throttle {
 
 impl Drop for Throttle {
     fn drop(&mut self) {
-        self.quit.store(true, Ordering::Relaxed);
+        self.quit.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
 }
 
 fn brake(gate: &RunGate, threads: &[libc::pthread_t], share: &AtomicU32, quit: &AtomicBool) {
-    while !quit.load(Ordering::Relaxed) {
+    while !quit.load(Ordering::Acquire) {
         let percent = share.load(Ordering::Relaxed);
         let stopped = PERIOD * percent / 100;
         if !stopped.is_zero() {
-            gate.set(Want::Pause);
+            gate.set_brake(true);
             for &t in threads {
                 // SAFETY: the ids are of vCPU threads the Vm joins only after
                 // dropping this throttle, so each still names a live thread;
                 // the signal's handler is installed before any vCPU starts.
                 unsafe { libc::pthread_kill(t, kick::kick_signal()) };
             }
-            std::thread::sleep(stopped);
-            gate.set(Want::Run);
+            sleep_unless_quit(stopped, quit);
+            gate.set_brake(false);
         }
-        std::thread::sleep(PERIOD - stopped);
+        sleep_unless_quit(PERIOD - stopped, quit);
+    }
+}
+
+/// Sleeps for `span`, or less if the throttle is dropped meanwhile (its
+/// drop unparks this thread).
+fn sleep_unless_quit(span: Duration, quit: &AtomicBool) {
+    let deadline = Instant::now() + span;
+    while !quit.load(Ordering::Acquire) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::park_timeout(left);
     }
 }

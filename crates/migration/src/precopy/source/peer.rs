@@ -1,0 +1,124 @@
+//! Talking with the destination outside the rounds: the handshake, its
+//! Abort between rounds, its reasons, its report after the commit.
+
+use super::*;
+
+/// Hello, then the Offer; returns the protocol version agreed on.
+pub(super) fn handshake<G: SourceGuest + ?Sized>(
+    guest: &G,
+    stream: &mut TcpStream,
+    run: &mut Run<'_>,
+) -> Result<u16, MigrateError> {
+    let mut scratch = Vec::new();
+    let stage = "handshake";
+    write_message(stream, &Message::Hello(Hello::new(Role::Source)))
+        .map_err(MigrateError::protocol(stage))?;
+    let version = match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::HelloAck(HelloAck::Accepted { version }) => version,
+        Message::HelloAck(HelloAck::Refused { reason }) => {
+            return Err(MigrateError::Refused(reason))
+        }
+        Message::Abort(a) => return Err(MigrateError::PeerAborted(a.reason)),
+        other => {
+            return Err(MigrateError::Unexpected {
+                stage,
+                expected: "HelloAck",
+                got: other.kind(),
+            })
+        }
+    };
+    let offer = guest
+        .describe()
+        .map_err(MigrateError::guest("describing the VM"))?;
+    run.report.mem_bytes = offer.mem_bytes;
+    run.report.vcpus = offer.vcpus;
+    run.ram_ranges = offer.ram_ranges.clone();
+    let stage = "offering the VM";
+    write_message(stream, &Message::Offer(offer)).map_err(MigrateError::protocol(stage))?;
+    match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
+        Message::Accept(_) => Ok(version),
+        Message::Refuse(r) => Err(MigrateError::Refused(r.reason)),
+        Message::Abort(a) => Err(MigrateError::PeerAborted(a.reason)),
+        other => Err(MigrateError::Unexpected {
+            stage,
+            expected: "Accept or Refuse",
+            got: other.kind(),
+        }),
+    }
+}
+
+
+/// A destination that gave up mid-round says why in an Abort frame; look
+/// for one without blocking, between rounds.
+pub(super) fn poll_abort(stream: &mut TcpStream, scratch: &mut Vec<u8>) -> Result<(), MigrateError> {
+    let stage = "checking on the destination";
+    let io = |e: std::io::Error| MigrateError::Protocol {
+        stage,
+        source: e.into(),
+    };
+    stream.set_nonblocking(true).map_err(io)?;
+    let mut byte = [0u8; 1];
+    let peeked = stream.peek(&mut byte);
+    stream.set_nonblocking(false).map_err(io)?;
+    match peeked {
+        Ok(0) => Err(MigrateError::Protocol {
+            stage,
+            source: crate::ProtocolError::PeerClosed,
+        }),
+        Ok(_) => {
+            let header = read_header(stream).map_err(MigrateError::protocol(stage))?;
+            match read_message(stream, &header, scratch).map_err(MigrateError::protocol(stage))? {
+                Message::Abort(a) => Err(MigrateError::PeerAborted(a.reason)),
+                other => Err(MigrateError::Unexpected {
+                    stage,
+                    expected: "nothing (or Abort)",
+                    got: other.kind(),
+                }),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// A write that failed because the destination hung up may have a reason
+/// waiting in the stream: an Abort it sent before closing. Prefer that.
+pub(super) fn peer_reason(stream: &mut TcpStream, error: MigrateError) -> MigrateError {
+    let link_failed =
+        matches!(&error, MigrateError::Protocol { source, .. } if source.is_retryable());
+    if !link_failed {
+        return error;
+    }
+    if stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .is_err()
+    {
+        return error;
+    }
+    let mut scratch = Vec::new();
+    // Skip what the destination sent before its Abort (nothing, normally).
+    for _ in 0..4 {
+        match recv_message(stream, &mut scratch) {
+            Ok(Message::Abort(a)) => return MigrateError::PeerAborted(a.reason),
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    error
+}
+
+/// After the commit: the destination's word on what the guest saw.
+pub(super) fn wait_guest_report(stream: &mut TcpStream, wait: Duration) -> GuestSeen {
+    if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+        return GuestSeen::default();
+    }
+    let mut scratch = Vec::new();
+    match recv_message(stream, &mut scratch) {
+        Ok(Message::Resumed(r)) => GuestSeen {
+            stall_ms: r.guest_stall_us.map(|us| us as f64 / 1e3),
+            first_seq: r.first_seq,
+        },
+        _ => GuestSeen::default(),
+    }
+}
+
