@@ -33,6 +33,10 @@ pub struct MigrateRequest {
     pub to: String,
     /// The blackout to aim for.
     pub downtime_ms: f64,
+    /// A hard limit on the blackout: a migration that cannot keep it is
+    /// abandoned, the VM running on the source.
+    #[serde(default)]
+    pub max_downtime_ms: Option<f64>,
     /// Send-rate cap, bytes per second.
     pub bandwidth: Option<u64>,
     /// Brake a guest that outruns the link.
@@ -51,6 +55,11 @@ pub struct MigrateRequest {
     /// Who gets a core when the migration and the guest compete for one.
     #[serde(default)]
     pub priority: CpuPriority,
+    /// The migration's guaranteed share of the CPU (percent of the time the
+    /// vCPUs are parked while rounds run); None: 50 when the vCPUs leave
+    /// no core free and the guest has priority, else 0.
+    #[serde(default)]
+    pub cpu_share: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

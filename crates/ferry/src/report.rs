@@ -33,23 +33,34 @@ pub fn print_migration_report(r: &MigrationReport) {
         (
             "host-side downtime",
             format!(
-                "{:.2} ms (predicted {:.2} ms{})",
+                "{:.2} ms{} (predicted {:.2} ms{}){}",
                 r.blackout.host_downtime_ms,
+                if r.blackout.exact { "" } else { " at most" },
                 r.blackout.predicted_ms,
-                if r.blackout.forced { ", FORCED" } else { "" }
+                if r.blackout.forced { ", FORCED" } else { "" },
+                match (r.blackout.target_met, &r.blackout.missed_by) {
+                    (Some(true), _) => format!(": target {:.1} ms met", r.downtime_target_ms),
+                    (Some(false), Some(by)) => format!(
+                        ": target {:.1} ms MISSED, by {by}",
+                        r.downtime_target_ms
+                    ),
+                    (Some(false), None) => {
+                        format!(": target {:.1} ms MISSED", r.downtime_target_ms)
+                    }
+                    (None, _) => String::new(),
+                }
             ),
         ),
         ("stall the guest measured", stall),
+        ("blackout parts", r.blackout.parts_line()),
         (
-            "blackout parts",
+            "around the blackout",
             format!(
-                "pause {:.2} ms, last {} pages, state {} B saved in {:.2} ms, loaded+acked in {:.2} ms, commit {:.2} ms",
-                r.blackout.pause_ms,
+                "stopping the vCPUs took {:.2} ms before it; last {} pages, state {} B; blackout thread at {}",
+                r.blackout.stop_vcpus_ms,
                 r.blackout.final_pages,
                 r.blackout.state_bytes,
-                r.blackout.state_save_ms,
-                r.blackout.state_load_ms,
-                r.blackout.commit_ms
+                r.blackout.priority
             ),
         ),
         (
@@ -119,6 +130,12 @@ pub fn print_migration_report(r: &MigrationReport) {
             ),
         ]);
     }
+    if !r.rounds.is_empty() {
+        rows.push((
+            "CPU",
+            "the source's migration threads, percent of one core per round (a throttle floor is the share the brake guarantees them)".into(),
+        ));
+    }
     println!();
     for (k, v) in rows {
         println!("  {k:<26} {v}");
@@ -128,12 +145,12 @@ pub fn print_migration_report(r: &MigrationReport) {
     }
     println!();
     println!(
-        "  {:>5} {:>9} {:>9} {:>10} {:>9} {:>10} {:>11} {:>8}",
-        "round", "pages", "zero", "MiB sent", "ms", "MiB/s", "dirty MiB/s", "throttle"
+        "  {:>5} {:>9} {:>9} {:>10} {:>9} {:>10} {:>11} {:>8} {:>8}",
+        "round", "pages", "zero", "MiB sent", "ms", "MiB/s", "dirty MiB/s", "throttle", "CPU"
     );
     for round in &r.rounds {
         println!(
-            "  {:>5} {:>9} {:>9} {:>10.1} {:>9.1} {:>10.0} {:>11.0} {:>7}%{}",
+            "  {:>5} {:>9} {:>9} {:>10.1} {:>9.1} {:>10.0} {:>11.0} {:>7}% {:>7.0}%{}",
             round.round,
             round.pages,
             round.zero_pages,
@@ -142,6 +159,7 @@ pub fn print_migration_report(r: &MigrationReport) {
             round.throughput_mibs,
             round.dirty_rate_mibs,
             round.throttle_percent,
+            round.cpu_percent,
             if round.blackout { "  (blackout)" } else { "" }
         );
     }

@@ -616,6 +616,12 @@ fn bad_command_lines_say_why() {
             &["--bandwidth", "'fast'", "not a size"][..],
         ),
         ("--downtime", "5", &["--downtime", "'5'", "no unit"][..]),
+        ("--cpu-share", "95", &["--cpu-share", "0 to 90"][..]),
+        (
+            "--max-downtime",
+            "5ms",
+            &["--max-downtime", "below --downtime"][..],
+        ),
     ] {
         let (code, err, out) = run_to_end(&["migrate", &missing, "--to", "X", flag, value]);
         assert!(
@@ -726,4 +732,42 @@ fn state_acknowledgment_lost_leaves_the_vm_on_the_source() {
         log.later_connections >= 1,
         "the source never came back: {log:?}"
     );
+}
+
+/// `--max-downtime` is a hard limit: with 2 vCPUs the fixed costs of a
+/// blackout alone (state, commit, resume) predict more than 1 ms, so the
+/// brake rises to its end, the prediction stays above the limit, and the
+/// migration gives up with the VM running, verified, on the source, and
+/// the destination holding nothing.
+#[test]
+fn max_downtime_that_cannot_be_met_aborts_with_the_vm_on_the_source() {
+    let test = "max_downtime_that_cannot_be_met_aborts_with_the_vm_on_the_source";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new(test);
+    let (mut src, socket) = migration_source(&dir, "source", "1G", "2", "dirty:64:200");
+    let (mut dst, port) = migration_destination("destination", &[]);
+    src.next_heartbeat(Duration::from_secs(10));
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        port,
+        &[
+            "--mode",
+            "precopy",
+            "--downtime",
+            "1ms",
+            "--max-downtime",
+            "1ms",
+            "--json",
+        ],
+    );
+    let reason = migrate_failed(&mut mig, Duration::from_secs(120));
+    assert!(
+        reason.contains("--max-downtime 1.0 ms") && reason.contains("downtime limit"),
+        "the reason must name the limit: {reason}"
+    );
+    source_runs_on_after_failure(&mut src, port);
+    destination_holds_nothing(&mut dst, false);
 }

@@ -3,7 +3,7 @@
 //! `synthetic` implements them over plain memory for the engine's tests.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::protocol::{Offer, RamRange};
@@ -32,6 +32,26 @@ pub trait LazyMemory: Send + Sync {
     fn finish(&self) -> Result<(), GuestError>;
 }
 
+/// What a pause measured: when it was asked for, and when the last vCPU
+/// stopped running guest code (before `requested` when the brake had
+/// parked them all already). The blackout begins at `all_stopped`.
+#[derive(Debug, Clone, Copy)]
+pub struct PauseTiming {
+    pub requested: Instant,
+    pub all_stopped: Instant,
+}
+
+impl PauseTiming {
+    /// For a guest that stops the moment it is asked to.
+    pub fn now() -> Self {
+        let t = Instant::now();
+        Self {
+            requested: t,
+            all_stopped: t,
+        }
+    }
+}
+
 /// The running VM on the source.
 pub trait SourceGuest {
     /// What the destination needs to judge and rebuild the VM.
@@ -47,8 +67,8 @@ pub trait SourceGuest {
     fn harvest_dirty(&mut self) -> Result<PageBitmap, GuestError>;
     /// Parks the vCPUs for `percent` of the time (0 = full speed).
     fn set_throttle(&mut self, percent: u32) -> Result<(), GuestError>;
-    /// Stops every vCPU; returns when all have stopped.
-    fn pause(&mut self) -> Result<(), GuestError>;
+    /// Stops every vCPU; returns when all have stopped, and when they did.
+    fn pause(&mut self) -> Result<PauseTiming, GuestError>;
     fn resume(&mut self) -> Result<(), GuestError>;
     /// The complete state but memory, as one opaque record (paused only).
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError>;

@@ -9,6 +9,7 @@
 pub mod auto;
 pub mod bandwidth;
 pub mod bitmap;
+pub mod cpu_clock;
 pub mod error;
 pub mod guest;
 pub mod mode;
@@ -20,5 +21,6 @@ mod reconnect;
 pub mod shared_pages;
 pub mod stats;
 pub mod synthetic;
+pub mod thread_priority;
 
 pub use error::ProtocolError;

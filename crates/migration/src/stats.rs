@@ -41,35 +41,120 @@ pub struct RoundReport {
     pub dirty_rate_mibs: f64,
     /// Throttle in force while this round was sent.
     pub throttle_percent: u32,
+    /// CPU time the source's migration threads got during the round, in
+    /// percent of one core (several streams can take more than one).
+    #[serde(default)]
+    pub cpu_percent: f64,
     /// True for the pages sent while the VM was paused.
     pub blackout: bool,
 }
 
-/// The blackout: from the last vCPU stop on the source to the destination's
-/// acknowledgment that its vCPUs run.
+/// The blackout: from the moment the last vCPU stopped running guest code
+/// on the source to the moment the first vCPU ran guest code on the
+/// destination. Its parts add up to it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BlackoutReport {
-    /// Pause on the source to `Committed` received: an upper bound on the
-    /// host-side downtime (it includes half a round trip).
+    /// The host-side downtime. Exact (to within half the commit's round
+    /// trip on the link) when `exact`; otherwise an upper bound: from the
+    /// last vCPU stop to `Committed` received, for a destination that does
+    /// not report its own share (protocol v4 and older, post-copy).
     pub host_downtime_ms: f64,
+    pub exact: bool,
+    /// The parts, in order; they add up to `host_downtime_ms`.
+    pub parts: Vec<BlackoutPart>,
+    /// What the switchover decision expected, and how.
     pub predicted_ms: f64,
+    pub prediction: String,
     /// Whether the switchover was forced (round limit or brake exhausted)
     /// rather than chosen because the prediction fit the target.
     pub forced: bool,
-    pub pause_ms: f64,
+    /// From asking the vCPUs to stop to the last one stopping: before the
+    /// blackout (the guest still ran), but part of what a pause costs.
+    /// Zero when the brake had parked them all already.
+    pub stop_vcpus_ms: f64,
+    /// The scheduling the blackout's thread got here.
+    pub priority: String,
     pub final_pages: u64,
     pub final_bytes: u64,
     pub state_bytes: u64,
-    pub state_save_ms: f64,
-    /// From sending the state to the destination's `StateLoaded`.
-    pub state_load_ms: f64,
-    pub commit_ms: f64,
+    /// Whether `host_downtime_ms` kept the downtime target; None before a
+    /// blackout.
+    pub target_met: Option<bool>,
+    /// Present when the target was missed: the part that missed it most.
+    pub missed_by: Option<String>,
     /// Present when the first Committed never came and the destination
     /// confirmed the commit on a new connection: what went wrong, and how
     /// long confirming took.
     #[serde(default)]
     pub commit_recovered: Option<String>,
 }
+
+/// One named stretch of the blackout.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BlackoutPart {
+    pub name: String,
+    pub ms: f64,
+}
+
+impl BlackoutReport {
+    pub fn part(&self, name: &str) -> Option<f64> {
+        self.parts.iter().find(|p| p.name == name).map(|p| p.ms)
+    }
+
+    /// "pause 0.01 ms, last pages 1.20 ms, ..." for a one-line report.
+    pub fn parts_line(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| format!("{} {:.2} ms", p.name, p.ms))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Judges the downtime against `target_ms`. The part that missed it is
+    /// the one that overran its share of the prediction the most: the last
+    /// pages against bytes over rate, the rest against the fixed costs; or
+    /// the decision itself, when the switchover was forced with a
+    /// prediction already over the target.
+    pub fn judge(&mut self, target_ms: f64, predicted_pages_ms: f64) {
+        let met = self.host_downtime_ms <= target_ms;
+        self.target_met = Some(met);
+        self.missed_by = None;
+        if met {
+            return;
+        }
+        if self.forced && self.predicted_ms > target_ms {
+            self.missed_by = Some(format!(
+                "the switchover: forced (round limit or brake exhausted) with {:.2} ms predicted",
+                self.predicted_ms
+            ));
+            return;
+        }
+        let predicted_fixed = (self.predicted_ms - predicted_pages_ms).max(0.0);
+        let pages = self.part(PART_LAST_PAGES).unwrap_or(0.0);
+        let others = || self.parts.iter().filter(|p| p.name != PART_LAST_PAGES);
+        let fixed: f64 = others().map(|p| p.ms).sum();
+        let worst_fixed = others().max_by(|a, b| a.ms.total_cmp(&b.ms));
+        self.missed_by = Some(match worst_fixed {
+            Some(w) if fixed - predicted_fixed > pages - predicted_pages_ms => format!(
+                "{}: {:.2} ms, of {fixed:.2} ms of fixed costs against {predicted_fixed:.2} ms predicted",
+                w.name, w.ms
+            ),
+            _ => format!(
+                "{PART_LAST_PAGES}: {pages:.2} ms against {predicted_pages_ms:.2} ms predicted ({} pages)",
+                self.final_pages
+            ),
+        });
+    }
+}
+
+/// The parts' names, shared by the engine, the report and the tests.
+pub const PART_WAKE: &str = "wake";
+pub const PART_LAST_PAGES: &str = "last pages";
+pub const PART_STATE_SAVE: &str = "state save";
+pub const PART_STATE_TO_DESTINATION: &str = "state to destination";
+pub const PART_COMMIT: &str = "commit";
+pub const PART_RESUME: &str = "resume";
+pub const PART_COMMIT_ROUND_TRIP: &str = "commit round trip";
 
 /// What the guest itself saw, reported by the destination after it ran.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

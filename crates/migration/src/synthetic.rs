@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
-use crate::guest::{GuestError, IncomingGuest, LazyMemory, PageReader, SourceGuest};
+use crate::guest::{GuestError, IncomingGuest, LazyMemory, PageReader, PauseTiming, SourceGuest};
 use crate::protocol::{Offer, RamRange, PAGE_SIZE};
 
 struct Shared {
@@ -180,11 +180,15 @@ impl SourceGuest for SyntheticSource {
         Ok(())
     }
 
-    fn pause(&mut self) -> Result<(), GuestError> {
+    fn pause(&mut self) -> Result<PauseTiming, GuestError> {
+        let requested = std::time::Instant::now();
         self.shared.paused.store(true, Ordering::SeqCst);
         // Taking the lock waits out a write in progress.
         drop(self.shared.mem.lock().unwrap());
-        Ok(())
+        Ok(PauseTiming {
+            requested,
+            all_stopped: std::time::Instant::now(),
+        })
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {

@@ -33,6 +33,7 @@ fn options(target_ms: u64, bandwidth: Option<u64>) -> MigrateOptions {
         guest_report_wait: Duration::ZERO,
         link_recovery: Duration::ZERO,
         streams: 1,
+        cpu_share: 0,
     }
 }
 

@@ -28,6 +28,7 @@ pub struct FerryMigration {
     pub mode: ferry_migration::mode::Mode,
     pub streams: Option<u16>,
     pub priority: CpuPriority,
+    pub vcpus: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +73,8 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         mem,
         "--workload".into(),
         m.workload.to_string(),
+        "--vcpus".into(),
+        m.vcpus.to_string(),
         "--api".into(),
         socket.display().to_string(),
     ];
@@ -99,6 +102,8 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
     let request = Request::Migrate(MigrateRequest {
         to: addr,
         downtime_ms: m.downtime.as_secs_f64() * 1e3,
+        max_downtime_ms: None,
+        cpu_share: None,
         bandwidth: m.bandwidth,
         auto_converge: true,
         mode: m.mode,

@@ -4,6 +4,7 @@
 
 pub mod console_watch;
 pub mod ferry_side;
+pub mod iperf;
 pub mod qemu;
 pub mod qmp;
 pub mod table;
@@ -43,7 +44,39 @@ pub struct Row {
     /// Ferry's `--priority` on both sides. QEMU's threads always run at
     /// normal priority, which is what `migration` gives Ferry's.
     pub priority: CpuPriority,
+    /// The guest's vCPUs (Ferry; QEMU's guest runs on its boot vCPU).
+    pub vcpus: u32,
+    /// Whether QEMU runs this row too.
+    pub qemu: bool,
 }
+
+impl Row {
+    /// The downtime target each engine works to: the row's, or its default.
+    pub fn targets_ms(&self) -> (f64, f64) {
+        match self.downtime_ms {
+            Some(d) => (d as f64, d as f64),
+            None => (
+                FERRY_DEFAULT_DOWNTIME.as_secs_f64() * 1e3,
+                QEMU_DEFAULT_DOWNTIME_MS,
+            ),
+        }
+    }
+
+    /// A row that moves memory in bulk, set against the loopback limit.
+    pub fn is_throughput_row(&self) -> bool {
+        self.name.starts_with("fill-")
+    }
+}
+
+/// QEMU's downtime-limit on the post-copy rows. With its default (300 ms)
+/// and a 300 MiB/s cap, QEMU 10 may finish in pre-copy before the switch
+/// to post-copy it was asked for takes effect (anything under bandwidth x
+/// limit = 90 MiB goes in one blackout), and the row would not compare
+/// post-copy at all. Ferry's default target keeps it in post-copy.
+pub const POSTCOPY_QEMU_DOWNTIME_MS: u64 = 20;
+
+/// QEMU's default downtime-limit.
+pub const QEMU_DEFAULT_DOWNTIME_MS: f64 = 300.0;
 
 pub fn rows() -> Vec<Row> {
     let row = |name, workload: &str, prealloc, downtime_ms| Row {
@@ -56,6 +89,8 @@ pub fn rows() -> Vec<Row> {
         bandwidth: None,
         streams: None,
         priority: CpuPriority::Guest,
+        vcpus: 1,
+        qemu: true,
     };
     let capped = |name, mode| Row {
         mode,
@@ -66,6 +101,12 @@ pub fn rows() -> Vec<Row> {
         row("idle", "idle", false, None),
         row("dirty-100", "dirty:256:100", false, None),
         row("dirty-1024-10ms", "dirty:256:1024", false, Some(10)),
+        // Under QEMU the guest runs on its boot vCPU only: Ferry alone.
+        Row {
+            vcpus: 2,
+            qemu: false,
+            ..row("dirty-1024-10ms-2vcpu", "dirty:256:1024", false, Some(10))
+        },
         row("fill-768-prealloc", "dirty:0:1:768", true, None),
         Row {
             streams: Some(FILL_STREAMS),
@@ -93,6 +134,26 @@ pub struct Medians {
     pub verified: String,
 }
 
+/// How many runs kept the row's downtime target.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetKept {
+    pub target_ms: f64,
+    pub runs: usize,
+    /// Host-side downtime within the target (Ferry only: QEMU reports no
+    /// figure measured the same way).
+    pub host_side: Option<usize>,
+    pub guest_seen: usize,
+}
+
+impl TargetKept {
+    pub fn show(&self) -> String {
+        match self.host_side {
+            Some(h) => format!("{h}/{} / {}/{}", self.runs, self.guest_seen, self.runs),
+            None => format!("- / {}/{}", self.guest_seen, self.runs),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct RowResult {
     pub row: Row,
@@ -106,6 +167,20 @@ pub struct RowResult {
     pub ratio_total: Option<f64>,
     pub ratio_stall: Option<f64>,
     pub ratio_bytes: Option<f64>,
+    pub ferry_target: Option<TargetKept>,
+    pub qemu_target: Option<TargetKept>,
+    /// Ferry's median throughput as a fraction of iperf3's on as many
+    /// streams, in the same run (throughput rows only).
+    pub ferry_of_loopback: Option<f64>,
+    pub qemu_of_loopback: Option<f64>,
+}
+
+/// What a whole bench run measured.
+#[derive(Debug, Serialize)]
+pub struct BenchResults {
+    pub loopback: Option<iperf::LoopbackLimit>,
+    pub loopback_error: Option<String>,
+    pub rows: Vec<RowResult>,
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -180,16 +255,27 @@ pub fn run_rows(
     rows: &[Row],
     reps: usize,
     with_qemu: bool,
+    with_iperf: bool,
     on_run: &mut dyn FnMut(&str),
-) -> anyhow::Result<Vec<RowResult>> {
+) -> anyhow::Result<BenchResults> {
     let dir = TempDir::new()?;
     let elf = dir.path().join("ferry-guest.elf");
     std::fs::write(&elf, ferry_testguest::GUEST_ELF).context("writing the guest ELF for QEMU")?;
     if with_qemu {
         qemu::qemu_binary()?;
     }
+    let (loopback, loopback_error) = if with_iperf {
+        on_run("iperf3: loopback TCP, 1 and 4 streams");
+        match iperf::measure() {
+            Ok(l) => (Some(l), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        }
+    } else {
+        (None, None)
+    };
     let mut results = Vec::new();
     for row in rows {
+        let with_qemu = with_qemu && row.qemu;
         let workload: Workload = row.workload.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut result = RowResult {
             row: row.clone(),
@@ -202,6 +288,10 @@ pub fn run_rows(
             ratio_total: None,
             ratio_stall: None,
             ratio_bytes: None,
+            ferry_target: None,
+            qemu_target: None,
+            ferry_of_loopback: None,
+            qemu_of_loopback: None,
         };
         for rep in 1..=reps {
             on_run(&format!("{} ferry {rep}/{reps}", row.name));
@@ -217,6 +307,7 @@ pub fn run_rows(
                 mode: row.mode,
                 streams: row.streams,
                 priority: row.priority,
+                vcpus: row.vcpus,
             };
             match run_ferry_migration(&m, dir.path()) {
                 Ok(o) => result.ferry_runs.push(o),
@@ -230,8 +321,11 @@ pub fn run_rows(
                     ferry_testguest::guest_cmdline(&workload, 1, None),
                 );
                 q.prealloc = row.prealloc;
-                q.downtime_ms = row.downtime_ms;
                 q.postcopy = row.mode != Mode::Precopy;
+                q.downtime_ms = match (row.downtime_ms, q.postcopy) {
+                    (None, true) => Some(POSTCOPY_QEMU_DOWNTIME_MS),
+                    (d, _) => d,
+                };
                 q.multifd_channels = row.streams;
                 if row.bandwidth.is_some() {
                     q.max_bandwidth = row.bandwidth;
@@ -250,9 +344,44 @@ pub fn run_rows(
             result.ratio_stall = ratio(f.guest_stall_ms, q.guest_stall_ms);
             result.ratio_bytes = ratio(f.transferred_mib, q.transferred_mib);
         }
+        let (ferry_target_ms, qemu_target_ms) = row.targets_ms();
+        let kept = |stalls: &mut dyn Iterator<Item = f64>, target: f64| {
+            stalls.filter(|s| s.is_finite() && *s <= target).count()
+        };
+        if !result.ferry_runs.is_empty() {
+            let runs = &result.ferry_runs;
+            result.ferry_target = Some(TargetKept {
+                target_ms: ferry_target_ms,
+                runs: runs.len(),
+                host_side: Some(kept(
+                    &mut runs.iter().map(|o| o.host_downtime_ms),
+                    ferry_target_ms,
+                )),
+                guest_seen: kept(&mut runs.iter().map(|o| o.guest_stall_ms), ferry_target_ms),
+            });
+        }
+        if !result.qemu_runs.is_empty() {
+            let runs = &result.qemu_runs;
+            result.qemu_target = Some(TargetKept {
+                target_ms: qemu_target_ms,
+                runs: runs.len(),
+                host_side: None,
+                guest_seen: kept(&mut runs.iter().map(|o| o.guest_stall_ms), qemu_target_ms),
+            });
+        }
+        if let (Some(limit), true) = (&loopback, row.is_throughput_row()) {
+            let gbit = limit.for_streams(row.streams.unwrap_or(1));
+            let of = |m: &Option<Medians>| m.as_ref().map(|m| m.throughput_gbit / gbit);
+            result.ferry_of_loopback = of(&result.ferry);
+            result.qemu_of_loopback = of(&result.qemu);
+        }
         results.push(result);
     }
-    Ok(results)
+    Ok(BenchResults {
+        loopback,
+        loopback_error,
+        rows: results,
+    })
 }
 
 /// A private directory for sockets and the guest file, removed at the end.

@@ -929,6 +929,7 @@ mod tests {
             mem_bytes: 1024 * MIB,
             postcopy: true,
             max_bandwidth: Some(cap),
+            downtime_ms: Some(super::super::POSTCOPY_QEMU_DOWNTIME_MS),
             ..migration("workload=dirty:256:max cpus=1")
         };
         let outcome = run_qemu_migration(&m).unwrap_or_else(|e| panic!("{e}"));

@@ -1,26 +1,38 @@
 //! The bench table for people.
 
-use super::RowResult;
+use super::{BenchResults, RowResult};
 
-pub fn print(results: &[RowResult], reps: usize) {
+pub fn print(all: &BenchResults, reps: usize) {
+    let results = &all.rows[..];
+    match (&all.loopback, &all.loopback_error) {
+        (Some(l), _) => println!(
+            "\niperf3, loopback TCP in this run: {:.1} Gbit/s on 1 stream, {:.1} Gbit/s on 4",
+            l.one_stream_gbit, l.four_streams_gbit
+        ),
+        (None, Some(e)) => println!("\niperf3 FAILED: {e}"),
+        (None, None) => {}
+    }
     let f1 = |v: Option<f64>| {
         v.filter(|x| x.is_finite())
             .map_or("-".into(), |x| format!("{x:.1}"))
     };
     let ratio = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
     println!(
-        "\nMedians of {reps} runs each; 1 vCPU, 1 GiB, microvm for QEMU; ratio = Ferry/QEMU (below 1: Ferry better).\n"
+        "\nMedians of {reps} runs each; 1 GiB, microvm for QEMU (its guest runs on one vCPU); ratio = Ferry/QEMU (below 1: Ferry better); target kept = runs whose downtime kept the target, host-side / guest-seen.\n"
     );
     println!(
-        "| row | workload | mode (ferry / qemu) | cap | prealloc | downtime target | ferry total ms | qemu total ms | ratio | ferry guest stall ms | qemu guest stall ms | ratio | ferry MiB sent | qemu MiB sent | ratio | ferry Gbit/s | qemu Gbit/s | verified ferry / qemu |"
+        "| row | vCPUs | workload | mode (ferry / qemu) | cap | prealloc | downtime target | ferry total ms | qemu total ms | ratio | ferry guest stall ms | qemu guest stall ms | ratio | ferry MiB sent | qemu MiB sent | ratio | ferry Gbit/s | qemu Gbit/s | of iperf3 ferry / qemu | target kept ferry | target kept qemu | verified ferry / qemu |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in results {
         let f = r.ferry.as_ref();
         let q = r.qemu.as_ref();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
             r.row.name,
+            r.row.vcpus,
             r.row.workload,
             format_args!(
                 "{} / {}",
@@ -49,6 +61,9 @@ pub fn print(results: &[RowResult], reps: usize) {
             ratio(r.ratio_bytes),
             f1(f.map(|m| m.throughput_gbit)),
             f1(q.map(|m| m.throughput_gbit)),
+            format_args!("{} / {}", percent(r.ferry_of_loopback), percent(r.qemu_of_loopback)),
+            r.ferry_target.as_ref().map_or("-".into(), |t| t.show()),
+            r.qemu_target.as_ref().map_or("-".into(), |t| t.show()),
             f.map_or("-".into(), |m| m.verified.clone()),
             q.map_or("-".into(), |m| m.verified.clone()),
         );
@@ -76,6 +91,11 @@ pub fn print(results: &[RowResult], reps: usize) {
             );
         }
     }
+}
+
+fn percent(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("-".into(), |x| format!("{:.0}%", x * 100.0))
 }
 
 /// The post-copy phase of the rows that have one: Ferry's remote fault

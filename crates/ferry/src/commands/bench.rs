@@ -9,9 +9,10 @@ pub struct BenchArgs {
     /// Migrations per row and engine; the table shows medians.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub reps: u32,
-    /// Only these rows (idle, dirty-100, dirty-1024-10ms, fill-768-prealloc,
-    /// fill-768-prealloc-4streams,
-    /// postcopy-max-300MiBs, hybrid-max-300MiBs, auto-max-300MiBs).
+    /// Only these rows (iperf3, idle, dirty-100, dirty-1024-10ms,
+    /// dirty-1024-10ms-2vcpu, fill-768-prealloc, fill-768-prealloc-4streams,
+    /// postcopy-max-300MiBs, hybrid-max-300MiBs, auto-max-300MiBs). iperf3,
+    /// the loopback TCP limit, runs whenever a throughput row does.
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<String>,
     /// Skip QEMU (no ratios): for a machine without qemu-system-x86.
@@ -22,12 +23,18 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// The name of the loopback-limit row.
+const IPERF_ROW: &str = "iperf3";
+
 pub fn bench(args: BenchArgs) -> anyhow::Result<bool> {
     let all = rows();
     for name in &args.rows {
-        if !all.iter().any(|r| r.name == name) {
+        if name != IPERF_ROW && !all.iter().any(|r| r.name == name) {
             let names: Vec<_> = all.iter().map(|r| r.name).collect();
-            bail!("--rows: unknown row {name:?} (rows: {})", names.join(", "));
+            bail!(
+                "--rows: unknown row {name:?} (rows: {IPERF_ROW}, {})",
+                names.join(", ")
+            );
         }
     }
     let chosen: Vec<_> = all
@@ -35,7 +42,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<bool> {
         .filter(|r| args.rows.is_empty() || args.rows.iter().any(|n| n == r.name))
         .collect();
     let reps = args.reps as usize;
-    let results = run_rows(&chosen, reps, !args.no_qemu, &mut |what| {
+    let with_iperf = args.rows.is_empty()
+        || args.rows.iter().any(|n| n == IPERF_ROW)
+        || chosen.iter().any(|r| r.is_throughput_row());
+    let results = run_rows(&chosen, reps, !args.no_qemu, with_iperf, &mut |what| {
         eprintln!("ferry bench: {what}")
     })?;
     if args.json {
@@ -43,11 +53,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<bool> {
     } else {
         table::print(&results, reps);
     }
-    let all_verified = results.iter().all(|r| {
-        r.ferry_errors.is_empty()
-            && r.qemu_errors.is_empty()
-            && r.ferry_runs.iter().all(|o| o.verified)
-            && r.qemu_runs.iter().all(|o| o.verified)
-    });
+    let all_verified = results.loopback_error.is_none()
+        && results.rows.iter().all(|r| {
+            r.ferry_errors.is_empty()
+                && r.qemu_errors.is_empty()
+                && r.ferry_runs.iter().all(|o| o.verified)
+                && r.qemu_runs.iter().all(|o| o.verified)
+        });
     Ok(all_verified)
 }

@@ -31,6 +31,45 @@ pub struct DemoArgs {
     /// Echo the guest console.
     #[arg(long)]
     pub verbose: bool,
+    /// Print the demo's whole report as one JSON document on stdout (the
+    /// running commentary goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The demo's whole report (`--json`).
+#[derive(Debug, serde::Serialize)]
+struct DemoReport {
+    ok: bool,
+    verdict: String,
+    vcpus: u32,
+    mem_bytes: u64,
+    workload: String,
+    source_ready_ms: Option<f64>,
+    source_last_seq: Option<u64>,
+    source_errors: u64,
+    migration: Option<Box<ferry_migration::stats::MigrationReport>>,
+    destination: Option<DestinationReport>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct DestinationReport {
+    first_seq: u64,
+    first_stall_ms: f64,
+    pages_verified: u64,
+    sweeps_on_b: u64,
+    errors: u64,
+}
+
+/// Commentary for people: stdout, or stderr when stdout carries JSON.
+macro_rules! say {
+    ($json:expr, $($arg:tt)*) => {
+        if $json {
+            eprintln!($($arg)*)
+        } else {
+            println!($($arg)*)
+        }
+    };
 }
 
 /// The demo's workload unless flags say otherwise: 256 MiB rewritten at 1 GiB/s.
@@ -65,13 +104,26 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
     args.vm.vcpus.get_or_insert(2);
     let start = Instant::now();
     let (mut host_b, addr) = HostB::start(args.vm.prealloc, args.vm.mem)?;
-    println!(
+    say!(
+        args.json,
         "Host A: booting a {} vCPU VM with {} of memory, workload {} ...",
         args.vm.vcpus(),
         show_size(args.vm.mem),
         args.vm.workload()
     );
-    println!("Host B: `ferry receive` listening on {addr}");
+    say!(args.json, "Host B: `ferry receive` listening on {addr}");
+    let mut doc = DemoReport {
+        ok: false,
+        verdict: String::new(),
+        vcpus: args.vm.vcpus(),
+        mem_bytes: args.vm.mem,
+        workload: args.vm.workload().to_string(),
+        source_ready_ms: None,
+        source_last_seq: None,
+        source_errors: 0,
+        migration: None,
+        destination: None,
+    };
     let (mut vm, events) = boot(&args.vm)?;
     let mut watch = GuestWatch::new(start);
     let want = args.sweeps;
@@ -84,29 +136,35 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
         !args.verbose,
         |w| w.ready_ms.is_some() && w.sweeps >= want,
     );
+    doc.source_ready_ms = watch.ready_ms;
+    doc.source_errors = watch.errors;
     if ending != Ending::Predicate || !watch.memory_ok() {
-        println!(
+        let why = format!(
             "Demo FAILED before the migration: ended by {ending:?}, {} errors",
             watch.errors
         );
-        return Ok(false);
+        return finish(doc, false, why, args.json);
     }
     for event in events.try_iter() {
         watch.observe(&event);
     }
-    println!(
+    say!(
+        args.json,
         "Host A: guest READY after {:.0} ms, {} full sweep(s) verified; last heartbeat seq {}",
         watch.ready_ms.unwrap_or_default(),
         watch.sweeps,
         watch.last_seq.unwrap_or_default()
     );
-    println!(
+    say!(
+        args.json,
         "Live-migrating A -> B (downtime target {:?}) ...",
         args.downtime
     );
     let request = MigrateRequest {
         to: addr.clone(),
         downtime_ms: args.downtime.as_secs_f64() * 1e3,
+        max_downtime_ms: None,
+        cpu_share: None,
         bandwidth: None,
         auto_converge: true,
         mode: ferry_migration::mode::Mode::Precopy,
@@ -124,7 +182,7 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
     let report = match result {
         Ok(r) => r,
         Err(failure) => {
-            println!(
+            let why = format!(
                 "Demo FAILED: the migration failed: {}; the VM {} on host A",
                 failure.reason(),
                 if failure.vm_running {
@@ -133,42 +191,74 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
                     "is paused"
                 }
             );
-            return Ok(false);
+            doc.migration = Some(failure.report);
+            return finish(doc, false, why, args.json);
         }
     };
-    drop(vm);
-    print_migration_report(&report);
+    {
+        // Host A frees the guest's memory on cores host B's vCPUs leave.
+        let _quiet = ferry_migration::thread_priority::Background::start();
+        drop(vm);
+    }
+    if !args.json {
+        print_migration_report(&report);
+    }
     let last_src_seq = watch.last_seq.unwrap_or_default();
+    doc.source_last_seq = watch.last_seq;
+    doc.source_errors = watch.errors;
+    doc.migration = Some(Box::new(report));
     let verdict = watch_destination(&mut host_b, last_src_seq, args.verbose);
-    println!();
-    println!(
+    say!(args.json, "");
+    say!(
+        args.json,
         "  host A's last heartbeat     seq {last_src_seq} ({} verification errors on A)",
         watch.errors
     );
     match verdict {
         Ok(v) => {
-            println!(
+            say!(
+                args.json,
                 "  host B's first heartbeat    seq {} (stall the guest measured: {:.2} ms)",
                 v.first.seq,
                 v.first.stall_us as f64 / 1e3
             );
-            println!(
+            say!(args.json,
                 "  on host B                   {} pages verified, {} full sweep(s) entirely on B, {} errors",
                 v.last.ver - v.first.ver,
                 v.sweeps_on_b,
                 v.last.err
             );
-            println!(
+            doc.destination = Some(DestinationReport {
+                first_seq: v.first.seq,
+                first_stall_ms: v.first.stall_us as f64 / 1e3,
+                pages_verified: v.last.ver - v.first.ver,
+                sweeps_on_b: v.sweeps_on_b,
+                errors: v.last.err,
+            });
+            let ok = format!(
                 "Demo OK: the VM moved from A to B while running; the guest continued at seq {} and verified its whole working set on B with 0 errors.",
                 v.first.seq
             );
-            Ok(true)
+            finish(doc, true, ok, args.json)
         }
-        Err(why) => {
-            println!("Demo FAILED on host B: {why}");
-            Ok(false)
-        }
+        Err(why) => finish(
+            doc,
+            false,
+            format!("Demo FAILED on host B: {why}"),
+            args.json,
+        ),
     }
+}
+
+/// Says the verdict, and with `--json` prints the whole report.
+fn finish(mut doc: DemoReport, ok: bool, verdict: String, json: bool) -> anyhow::Result<bool> {
+    say!(json, "{verdict}");
+    doc.ok = ok;
+    doc.verdict = verdict;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    Ok(ok)
 }
 
 struct DestinationVerdict {

@@ -33,6 +33,12 @@ pub struct MigrateArgs {
     /// The blackout to aim for (e.g. 10ms).
     #[arg(long, default_value = "20ms", value_parser = crate::duration::parse_duration)]
     pub downtime: Duration,
+    /// A hard limit on the blackout (like vSphere's stun-time limit): if
+    /// the predicted blackout stays above it once the brake has done what
+    /// it may, the migration is abandoned and the VM keeps running here.
+    /// At least --downtime.
+    #[arg(long, value_parser = crate::duration::parse_duration, conflicts_with = "resume")]
+    pub max_downtime: Option<Duration>,
     /// Cap on the send rate, e.g. 200MiB/s or 2GiB/s; default: no cap.
     #[arg(long, value_parser = crate::size::parse_rate)]
     pub bandwidth: Option<u64>,
@@ -56,9 +62,30 @@ pub struct MigrateArgs {
     /// vCPUs' cores: faster, and the guest loses scheduler slices).
     #[arg(long, value_enum, default_value = "guest", conflicts_with = "resume")]
     pub priority: CpuPriority,
+    /// The migration's guaranteed share of the CPU, as the percentage of
+    /// every 5 ms the vCPUs are parked while the rounds run, or auto: 50
+    /// when the vCPUs take every core and --priority is guest, else 0.
+    #[arg(long, default_value = "auto", value_parser = parse_cpu_share, conflicts_with = "resume")]
+    pub cpu_share: CpuShareArg,
     /// Print the report as one JSON document.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--cpu-share`: a percentage up to 90, or None for auto.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuShareArg(pub Option<u32>);
+
+fn parse_cpu_share(text: &str) -> Result<CpuShareArg, String> {
+    if text == "auto" {
+        return Ok(CpuShareArg(None));
+    }
+    match text.trim_end_matches('%').parse::<u32>() {
+        Ok(n) if n <= 90 => Ok(CpuShareArg(Some(n))),
+        _ => Err(format!(
+            "`{text}` is not a share: give auto or a percentage from 0 to 90"
+        )),
+    }
 }
 
 impl MigrateArgs {
@@ -66,6 +93,7 @@ impl MigrateArgs {
         MigrateRequest {
             to: self.to.clone().unwrap_or_default(),
             downtime_ms: self.downtime.as_secs_f64() * 1e3,
+            max_downtime_ms: self.max_downtime.map(|d| d.as_secs_f64() * 1e3),
             bandwidth: self.bandwidth,
             auto_converge: !self.no_auto_converge,
             mode: self.mode,
@@ -74,6 +102,7 @@ impl MigrateArgs {
                 .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
             streams: self.streams.0,
             priority: self.priority,
+            cpu_share: self.cpu_share.0,
         }
     }
 }
@@ -164,6 +193,14 @@ impl ProgressView {
 }
 
 pub fn migrate(args: MigrateArgs) -> anyhow::Result<bool> {
+    if let Some(max) = args.max_downtime {
+        if max < args.downtime {
+            bail!(
+                "--max-downtime {max:?} is below --downtime {:?}: the limit must allow the target",
+                args.downtime
+            );
+        }
+    }
     let mut view = ProgressView::new();
     let request = if args.resume {
         Request::ResumeMigration

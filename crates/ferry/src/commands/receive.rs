@@ -4,10 +4,12 @@
 //! it can be migrated on again).
 
 use std::net::TcpListener;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ferry_migration::precopy::{error_chain, receive as receive_vm, send_resumed, ReceiveOptions};
+use ferry_migration::precopy::{
+    error_chain, receive as receive_vm, send_resumed, send_started, ReceiveOptions,
+};
 use ferry_vmm::compat::IncomingLimits;
 use ferry_vmm::GuestRam;
 
@@ -45,6 +47,10 @@ pub struct ReceiveArgs {
     #[command(flatten)]
     pub supervise: SuperviseArgs,
 }
+
+/// How long to wait for a started VM's first vCPU to enter the guest
+/// (normally microseconds) before giving up on reporting when it did.
+const FIRST_RUN_WAIT: Duration = Duration::from_millis(500);
 
 pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     let api = args.supervise.bind_api()?;
@@ -107,6 +113,12 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         report.start_ms
     );
     let mut postcopy = received.postcopy;
+    if postcopy.is_none() {
+        // The source adds this side's share to its downtime figure.
+        if let Some(first_run) = vm.first_run_since_resume(FIRST_RUN_WAIT) {
+            send_started(&mut stream, &report, first_run);
+        }
+    }
     if let Some(h) = &postcopy {
         eprintln!(
             "ferry: post-copy: the VM runs here without {} of its pages ({} MiB); fetching them from {peer}",

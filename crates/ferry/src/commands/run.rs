@@ -228,6 +228,9 @@ fn serve_request(
                         request.to, report.total_ms, report.blackout.host_downtime_ms
                     );
                     pending.answer(Response::Migrated(Box::new(report)));
+                    // What is left, freeing the guest's memory on the way
+                    // out, waits for cores nothing else wants.
+                    std::mem::forget(ferry_migration::thread_priority::Background::start());
                     Some(Ending::Migrated)
                 }
                 Err(failure) => migration_failed(&request.to, failure, pending, unfinished),
@@ -251,6 +254,9 @@ fn serve_request(
                         report.total_ms
                     );
                     pending.answer(Response::Migrated(Box::new(report)));
+                    // What is left, freeing the guest's memory on the way
+                    // out, waits for cores nothing else wants.
+                    std::mem::forget(ferry_migration::thread_priority::Background::start());
                     Some(Ending::Migrated)
                 }
                 Err(failure) => migration_failed(&to, failure, pending, unfinished),

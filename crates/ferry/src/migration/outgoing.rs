@@ -28,6 +28,24 @@ fn auto_streams(vcpus: u32) -> u16 {
         .clamp(1, u32::from(AUTO_STREAMS_MAX)) as u16
 }
 
+/// The share of the CPU a migration gets when the vCPUs would leave it
+/// none: the guest yields half of every brake period (2.5 ms of 5 ms).
+/// Measured on a 2-core host with 2 vCPUs rewriting 256 MiB at 1 GiB/s:
+/// at 25% the first pass crawled at about 120 MiB/s, at 50% it ran at
+/// 330-440 MiB/s and the whole migration took under a second.
+const AUTO_CPU_SHARE: u32 = 50;
+
+/// `--cpu-share auto`: a floor only where the migration would otherwise
+/// wait for cores that the vCPUs never leave (its threads yield to them).
+fn auto_cpu_share(vcpus: u32, priority: ferry_control::CpuPriority) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    if priority == ferry_control::CpuPriority::Guest && vcpus >= cores {
+        AUTO_CPU_SHARE
+    } else {
+        0
+    }
+}
+
 /// Migrates `vm` as `request` says. On success the VM is stopped here (it
 /// runs on the destination); on failure it runs here unless the commit
 /// was sent and never acknowledged.
@@ -41,6 +59,9 @@ pub fn migrate_vm(
         policy: PolicyConfig {
             downtime_target: Duration::from_secs_f64(request.downtime_ms / 1e3),
             auto_converge: request.auto_converge,
+            max_downtime: request
+                .max_downtime_ms
+                .map(|ms| Duration::from_secs_f64(ms / 1e3)),
             ..Default::default()
         },
         bandwidth: request.bandwidth,
@@ -53,6 +74,9 @@ pub fn migrate_vm(
         streams: request
             .streams
             .unwrap_or_else(|| auto_streams(vm.machine().vcpus)),
+        cpu_share: request
+            .cpu_share
+            .unwrap_or_else(|| auto_cpu_share(vm.machine().vcpus, request.priority)),
         ..options
     };
     let stream = match connect(&request.to) {
@@ -75,6 +99,7 @@ pub fn migrate_vm(
     let result = migrate(&mut VmSource(vm), stream, &request.to, &options, progress);
     drop(yielding);
     if result.is_ok() {
+        let _quiet = ferry_migration::thread_priority::Background::start();
         vm.stop();
     }
     result

@@ -3,7 +3,7 @@
 use ferry_migration::bitmap::{PageBitmap, RangeBits};
 use std::sync::Arc;
 
-use ferry_migration::guest::{GuestError, PageReader, SourceGuest};
+use ferry_migration::guest::{GuestError, PageReader, PauseTiming, SourceGuest};
 use ferry_migration::protocol::{Offer, RamRange};
 use ferry_vmm::compat::encode_cpuid;
 use ferry_vmm::{GuestRam, Vm};
@@ -68,9 +68,12 @@ impl SourceGuest for VmSource<'_> {
         Ok(self.0.set_throttle(percent)?)
     }
 
-    fn pause(&mut self) -> Result<(), GuestError> {
-        self.0.pause()?;
-        Ok(())
+    fn pause(&mut self) -> Result<PauseTiming, GuestError> {
+        let paused = self.0.pause()?;
+        Ok(PauseTiming {
+            requested: paused.requested,
+            all_stopped: paused.all_stopped,
+        })
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {

@@ -5,6 +5,8 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+
+use crate::thread_priority::Boost;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
@@ -17,7 +19,7 @@ use crate::precopy::parallel_receive::{accept_streams, receive_striped_round};
 use crate::protocol::{
     read_header, read_message, read_pages_into, read_state, write_message, Abort, Accept,
     Committed, FrameKind, HelloAck, Message, Offer, PageSink, PostcopyReady, Refuse, Resumed, Role,
-    StateLoaded, StreamsOpened, VersionRange,
+    Started, StateLoaded, StreamsOpened, VersionRange, BLACKOUT_TIMING_VERSION,
 };
 
 #[derive(Debug, Clone)]
@@ -59,6 +61,21 @@ pub struct ReceiveReport {
     pub total_ms: f64,
     /// Pages the VM started without (post-copy), fetched after the start.
     pub postcopy_pages: Option<u64>,
+    /// The protocol version agreed on.
+    pub version: u16,
+    /// The thread's scheduling from the source's BlackoutBegins to the
+    /// start (v5).
+    pub thread_priority: Option<String>,
+    #[serde(skip)]
+    pub commit: Option<CommitTiming>,
+}
+
+/// When this side read the Commit and answered it: the destination's share
+/// of the blackout is measured from here to the first vCPU's entry.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitTiming {
+    pub read: Instant,
+    pub replied: Instant,
 }
 
 /// A received VM, running, and the stream to tell the source how the guest
@@ -139,6 +156,25 @@ fn linger(stream: &mut TcpStream) {
 /// How long a failed destination keeps draining the source's stream.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// Once the first vCPU entered the guest here (at `first_run`): this
+/// side's share of the blackout, for the source to add up the downtime
+/// (v5; best effort, the source may have gone).
+pub fn send_started(stream: &mut TcpStream, report: &ReceiveReport, first_run: Instant) {
+    let Some(commit) = report.commit else { return };
+    if report.version < BLACKOUT_TIMING_VERSION {
+        return;
+    }
+    let us = |from: Instant, to: Instant| to.saturating_duration_since(from).as_micros() as u64;
+    let _ = write_message(
+        stream,
+        &Message::Started(Started {
+            commit_to_run_us: us(commit.read, first_run),
+            commit_to_reply_us: us(commit.read, commit.replied),
+        }),
+    );
+    let _ = stream.flush();
+}
+
 /// After the VM ran on this side: what the guest measured, for the
 /// source's report. Best effort: the source may have gone.
 pub fn send_resumed(stream: &mut TcpStream, guest_stall_us: Option<u64>, first_seq: Option<u64>) {
@@ -152,7 +188,7 @@ pub fn send_resumed(stream: &mut TcpStream, guest_stall_us: Option<u64>, first_s
     let _ = stream.flush();
 }
 
-type Started<R> = (R, Option<PostcopyHandle>);
+type StartedVm<R> = (R, Option<PostcopyHandle>);
 
 fn drive<G: IncomingGuest>(
     stream: &mut TcpStream,
@@ -160,7 +196,7 @@ fn drive<G: IncomingGuest>(
     options: &ReceiveOptions,
     accept: impl FnOnce(&Offer) -> Result<G, String>,
     report: &mut ReceiveReport,
-) -> Result<Started<G::Running>, ReceiveError> {
+) -> Result<StartedVm<G::Running>, ReceiveError> {
     let stage = "setting up the connection";
     let io = |e: std::io::Error| ReceiveError::Protocol {
         stage,
@@ -185,6 +221,9 @@ fn drive<G: IncomingGuest>(
         .map_err(ReceiveError::protocol(stage))?;
     if let HelloAck::Refused { reason } = ack {
         return Err(ReceiveError::Refused(reason));
+    }
+    if let HelloAck::Accepted { version } = ack {
+        report.version = version;
     }
 
     let stage = "judging the offer";
@@ -232,6 +271,9 @@ fn drive<G: IncomingGuest>(
     let mut data_streams: Option<Vec<TcpStream>> = None;
     // Set by a v4 source: a broken link after StateLoaded is waited out.
     let mut prepared: Option<u64> = None;
+    // From the source's pause to the start, nothing here may be starved.
+    let mut boost: Option<Boost> = None;
+    let mut commit_read = None;
     let stage = "receiving pages";
     loop {
         let header = match read_header(stream) {
@@ -300,7 +342,14 @@ fn drive<G: IncomingGuest>(
                         report.rounds = end.round;
                         round_pages = 0;
                     }
-                    Message::Commit(_) if state_len.is_some() => break,
+                    Message::Commit(_) if state_len.is_some() => {
+                        commit_read = Some(Instant::now());
+                        break;
+                    }
+                    Message::BlackoutBegins(_) if state_len.is_none() => {
+                        let b = boost.get_or_insert_with(Boost::start);
+                        report.thread_priority = Some(b.level.describe());
+                    }
                     Message::Prepare(p) if state_len.is_none() => prepared = Some(p.session),
                     Message::StreamsOpen(open) if data_streams.is_none() && state_len.is_none() => {
                         let stage = "opening the page-data streams";
@@ -411,6 +460,11 @@ fn drive<G: IncomingGuest>(
     report.start_ms = t_start.elapsed().as_secs_f64() * 1e3;
     let _ = write_message(stream, &Message::Committed(Committed));
     let _ = stream.flush();
+    report.commit = commit_read.map(|read| CommitTiming {
+        read,
+        replied: Instant::now(),
+    });
+    drop(boost);
     // In case that Committed is lost: a pre-copy source comes back for
     // it. (A post-copy source comes back with Resume instead, to the
     // post-copy's own wait on the listener.)

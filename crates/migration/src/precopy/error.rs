@@ -47,6 +47,8 @@ pub enum MigrateError {
     },
     #[error("page-data streams: {0}")]
     Streams(String),
+    #[error("the downtime limit cannot be kept: {0}")]
+    DowntimeLimit(String),
     #[error("the commit was sent but not acknowledged ({0}); the VM stays paused on the source until an operator confirms where it runs")]
     CommitUnacknowledged(String),
 }
@@ -90,6 +92,8 @@ pub enum ReceiveError {
     Postcopy(String),
     #[error("page-data streams: {0}")]
     Streams(String),
+    #[error("the downtime limit cannot be kept: {0}")]
+    DowntimeLimit(String),
     #[error("the link broke after the state was acknowledged ({link}) and the source's decision never came: {why}")]
     NoDecision { link: String, why: String },
 }

@@ -10,6 +10,8 @@ pub mod send;
 pub mod source;
 pub mod stripes;
 
-pub use destination::{receive, send_resumed, ReceiveOptions, ReceiveReport, Received};
+pub use destination::{
+    receive, send_resumed, send_started, CommitTiming, ReceiveOptions, ReceiveReport, Received,
+};
 pub use error::{error_chain, MigrateError, ReceiveError};
 pub use source::{migrate, resume_postcopy, Failure, MigrateOptions};

@@ -91,8 +91,9 @@ pub(crate) fn send_striped(
     bandwidth: Option<u64>,
     tick: Duration,
     progress: &mut dyn FnMut(SentCounts),
-) -> Result<SentCounts, MigrateError> {
+) -> Result<(SentCounts, Duration), MigrateError> {
     let stage = "sending pages on the page-data streams";
+    let cpu_ns = AtomicU64::new(0);
     let count = streams.count();
     let per_stream = bandwidth.map(|b| (b / count as u64).max(1));
     let pages = AtomicU64::new(0);
@@ -119,8 +120,9 @@ pub(crate) fn send_striped(
             .zip(&streams.conns)
             .map(|(share, conn)| {
                 let (fail, pages, zero_pages, bytes) = (&fail, &pages, &zero_pages, &bytes);
-                let reader = &streams.reader;
+                let (reader, cpu_ns) = (&streams.reader, &cpu_ns);
                 scope.spawn(move || {
+                    let cpu_start = crate::cpu_clock::thread_cpu_time();
                     let mut sender = PageSender::new(Pacer::new(per_stream));
                     let mut seen = SentCounts::default();
                     let mut on_batch = |t: &SentCounts| {
@@ -149,6 +151,8 @@ pub(crate) fn send_striped(
                     if let Err(e) = sent {
                         fail(e);
                     }
+                    let cpu = crate::cpu_clock::thread_cpu_time().saturating_sub(cpu_start);
+                    cpu_ns.fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
                 })
             })
             .collect();
@@ -168,5 +172,8 @@ pub(crate) fn send_striped(
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    Ok(totals())
+    Ok((
+        totals(),
+        Duration::from_nanos(cpu_ns.load(Ordering::Relaxed)),
+    ))
 }

@@ -73,10 +73,12 @@ pub enum FrameKind {
     StripedRound = 25,
     Prepare = 26,
     Decide = 27,
+    BlackoutBegins = 28,
+    Started = 29,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 27] = [
+    pub const ALL: [FrameKind; 29] = [
         Self::Hello,
         Self::HelloAck,
         Self::Offer,
@@ -104,6 +106,8 @@ impl FrameKind {
         Self::StripedRound,
         Self::Prepare,
         Self::Decide,
+        Self::BlackoutBegins,
+        Self::Started,
     ];
 
     pub fn from_u16(value: u16) -> Option<Self> {
@@ -154,6 +158,8 @@ impl FrameKind {
             Self::StripedRound => "StripedRound",
             Self::Prepare => "Prepare",
             Self::Decide => "Decide",
+            Self::BlackoutBegins => "BlackoutBegins",
+            Self::Started => "Started",
         }
     }
 }

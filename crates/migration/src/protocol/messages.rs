@@ -322,6 +322,24 @@ pub struct Decide {
     pub commit: bool,
 }
 
+/// Source to destination (v5), right after the source paused the VM: the
+/// blackout begins, so the destination's threads take the highest priority
+/// the host allows until the VM runs there (or the migration ends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlackoutBegins;
+
+/// Destination to source (v5), after `Committed` and before `Resumed`:
+/// the destination's share of the blackout, on its own clock, so the source
+/// can add up the host-side downtime without comparing two hosts' clocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    /// From reading the Commit to the first vCPU entering the guest.
+    pub commit_to_run_us: u64,
+    /// From reading the Commit to writing Committed: taken off the source's
+    /// round trip to leave the time on the link.
+    pub commit_to_reply_us: u64,
+}
+
 /// Any control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -350,6 +368,8 @@ pub enum Message {
     StripedRound(StripedRound),
     Prepare(Prepare),
     Decide(Decide),
+    BlackoutBegins(BlackoutBegins),
+    Started(Started),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -394,6 +414,8 @@ impl Message {
             Self::StripedRound(_) => FrameKind::StripedRound,
             Self::Prepare(_) => FrameKind::Prepare,
             Self::Decide(_) => FrameKind::Decide,
+            Self::BlackoutBegins(_) => FrameKind::BlackoutBegins,
+            Self::Started(_) => FrameKind::Started,
         }
     }
 
@@ -425,6 +447,8 @@ impl Message {
             Self::StripedRound(m) => encode(m),
             Self::Prepare(m) => encode(m),
             Self::Decide(m) => encode(m),
+            Self::BlackoutBegins(m) => encode(m),
+            Self::Started(m) => encode(m),
         }
     }
 
@@ -456,6 +480,8 @@ impl Message {
             FrameKind::StripedRound => Self::StripedRound(decode(kind, payload)?),
             FrameKind::Prepare => Self::Prepare(decode(kind, payload)?),
             FrameKind::Decide => Self::Decide(decode(kind, payload)?),
+            FrameKind::BlackoutBegins => Self::BlackoutBegins(decode(kind, payload)?),
+            FrameKind::Started => Self::Started(decode(kind, payload)?),
             FrameKind::Pages | FrameKind::State => {
                 return Err(ProtocolError::Unexpected {
                     expected: "a control message",

@@ -29,6 +29,8 @@
 //!  RoundEnd{round: k, Σ pages_i}             ──▶   (main) after every stream ended
 //!
 //!  blackout: pause the vCPUs
+//!  BlackoutBegins                            ──▶   (v5) its threads take the highest
+//!                                                  priority the host allows
 //!  Pages ... (last dirty pages)              ──▶
 //!  RoundEnd{round: n+1, pages}               ──▶
 //!  State(encoded state record, ≤ 32 MiB)     ──▶   loads the state record
@@ -36,6 +38,8 @@
 //!  ═════════════════ commit point: the source gives the VM up ═════════════════
 //!  Commit                                    ──▶   the destination owns the VM
 //!                                            ◀──   Committed                    (and resumes it)
+//!                                            ◀──   Started{commit_to_run_us,    (v5, once a vCPU
+//!                                                    commit_to_reply_us}         entered the guest)
 //!  source VM torn down                       ◀──   Resumed{guest stall}         (optional, once
 //!                                                  the guest has run: for the report)
 //!
@@ -87,16 +91,17 @@ pub use frame::{
     MAX_PAGES_PAYLOAD, MAX_STATE_PAYLOAD,
 };
 pub use messages::{
-    read_message, recv_message, write_message, Abort, Accept, Commit, Committed, Decide, Hello,
-    HelloAck, InvalidOffer, Join, Message, Offer, PageRequest, PostcopyBegin, PostcopyComplete,
-    PostcopyPrepare, PostcopyReady, Prepare, RamRange, Refuse, Resume, ResumeState, Resumed, Role,
-    RoundEnd, StateLoaded, StreamJoin, StreamsOpen, StreamsOpened, StripedRound, HELLO_MAGIC,
+    read_message, recv_message, write_message, Abort, Accept, BlackoutBegins, Commit, Committed,
+    Decide, Hello, HelloAck, InvalidOffer, Join, Message, Offer, PageRequest, PostcopyBegin,
+    PostcopyComplete, PostcopyPrepare, PostcopyReady, Prepare, RamRange, Refuse, Resume,
+    ResumeState, Resumed, Role, RoundEnd, Started, StateLoaded, StreamJoin, StreamsOpen,
+    StreamsOpened, StripedRound, HELLO_MAGIC,
 };
 pub use pages::{
     read_pages_into, write_pages, PageRun, PageSink, PagesSummary, MAX_BATCH_DATA_BYTES,
     MAX_BATCH_DATA_PAGES, MAX_BATCH_RUNS, PAGE_SIZE,
 };
 pub use version::{
-    negotiate, NegotiationError, VersionRange, COMMIT_RECOVERY_VERSION, POSTCOPY_VERSION,
-    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, STREAMS_VERSION,
+    negotiate, NegotiationError, VersionRange, BLACKOUT_TIMING_VERSION, COMMIT_RECOVERY_VERSION,
+    POSTCOPY_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, STREAMS_VERSION,
 };

@@ -28,6 +28,9 @@ struct Counts {
     all_stopped_at: Option<Instant>,
     /// When a vCPU first entered the guest after the last `set(Run)`.
     running_since: Option<Instant>,
+    /// When each vCPU last left the guest: a vCPU woken from a park and
+    /// parked again before it entered the guest keeps its earlier instant.
+    last_stop: Vec<Option<Instant>>,
 }
 
 pub struct RunGate {
@@ -48,7 +51,10 @@ impl RunGate {
             want: AtomicU8::new(initial as u8),
             brake: AtomicBool::new(false),
             awaiting_run: AtomicBool::new(true),
-            counts: Mutex::new(Counts::default()),
+            counts: Mutex::new(Counts {
+                last_stop: vec![None; vcpus],
+                ..Counts::default()
+            }),
             changed: Condvar::new(),
             vcpus,
         }
@@ -73,11 +79,17 @@ impl RunGate {
         }
     }
 
-    /// A vCPU thread parks here while a pause (or the brake) is wanted;
-    /// returns what is wanted once it is no longer a pause.
-    pub fn park(&self) -> Want {
+    /// vCPU `index` parks here while a pause (or the brake) is wanted;
+    /// `ran` says whether it entered the guest since it last parked.
+    /// Returns what is wanted once it is no longer a pause.
+    pub fn park(&self, index: usize, ran: bool) -> Want {
         let mut counts = self.counts.lock().unwrap();
         counts.parked += 1;
+        if let Some(slot) = counts.last_stop.get_mut(index) {
+            if ran || slot.is_none() {
+                *slot = Some(Instant::now());
+            }
+        }
         self.note_if_all_stopped(&mut counts);
         self.changed.notify_all();
         while self.wanted() == Want::Pause {
@@ -111,7 +123,9 @@ impl RunGate {
 
     fn note_if_all_stopped(&self, counts: &mut Counts) {
         if counts.parked + counts.exited >= self.vcpus && counts.all_stopped_at.is_none() {
-            counts.all_stopped_at = Some(Instant::now());
+            let now = Instant::now();
+            let latest = counts.last_stop.iter().map(|t| t.unwrap_or(now)).max();
+            counts.all_stopped_at = Some(latest.unwrap_or(now).min(now));
         }
     }
 
@@ -189,7 +203,7 @@ mod tests {
                     match gate.wanted() {
                         Want::Run => std::thread::yield_now(),
                         Want::Pause => {
-                            if gate.park() == Want::Stop {
+                            if gate.park(0, true) == Want::Stop {
                                 gate.mark_exited();
                                 return;
                             }

@@ -48,13 +48,16 @@ pub fn spawn(
 fn run_loop(index: u32, vcpu: &SharedVcpu, gate: &RunGate, bus: &IoBus) -> Option<StopReason> {
     let mut fd = vcpu.lock().unwrap();
     let _binding = kick::bind_run_area(fd.get_kvm_run() as *mut _);
+    // Whether this vCPU entered the guest since it last parked.
+    let mut ran = false;
     loop {
         match gate.wanted() {
             Want::Run => {}
             Want::Stop => return None,
             Want::Pause => {
                 drop(fd);
-                let next = gate.park();
+                let next = gate.park(index as usize, ran);
+                ran = false;
                 fd = vcpu.lock().unwrap();
                 if next == Want::Stop {
                     return None;
@@ -63,6 +66,7 @@ fn run_loop(index: u32, vcpu: &SharedVcpu, gate: &RunGate, bus: &IoBus) -> Optio
             }
         }
         gate.note_running();
+        ran = true;
         match run_once(index, &mut fd, bus) {
             Step::Continue => {}
             Step::Stop(reason) => return Some(reason),

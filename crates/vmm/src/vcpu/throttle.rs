@@ -14,7 +14,7 @@ use super::kick;
 /// One throttle cycle: short enough that the guest sees many small stalls
 /// (each under its heartbeat period), long enough that a pause is worth
 /// the kick it costs.
-const PERIOD: Duration = Duration::from_millis(20);
+const PERIOD: Duration = Duration::from_millis(5);
 /// Never stop the guest completely: it must still make progress.
 pub const MAX_PERCENT: u32 = 99;
 
@@ -69,7 +69,21 @@ impl Drop for Throttle {
     }
 }
 
+/// Real-time priority of the brake's thread. It sleeps nearly all the
+/// time; when it wakes to let the vCPUs go it must not wait behind the
+/// threads that use the cores they left (the migration's, which may even
+/// have started it at a lower priority): a late release is a longer stall
+/// than the brake meant.
+const BRAKE_RT_PRIORITY: libc::c_int = 50;
+
 fn brake(gate: &RunGate, threads: &[libc::pthread_t], share: &AtomicU32, quit: &AtomicBool) {
+    let rt = libc::sched_param {
+        sched_priority: BRAKE_RT_PRIORITY,
+    };
+    // SAFETY: sched_setscheduler reads the sched_param we pass; pid 0 is
+    // this thread. Where the host refuses, the brake keeps normal
+    // scheduling and only releases later than it should.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &rt) };
     while !quit.load(Ordering::Acquire) {
         let percent = share.load(Ordering::Relaxed);
         let stopped = PERIOD * percent / 100;

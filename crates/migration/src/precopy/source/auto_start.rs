@@ -112,4 +112,3 @@ pub(super) fn choose_mode<G: SourceGuest + ?Sized>(
         harvested,
     })
 }
-

@@ -1,6 +1,23 @@
-//! The blackout: pause, the last pages, the state, the commit.
+//! The blackout: pause, the last pages, the state, the commit; and the
+//! clock that adds its parts up to the host-side downtime.
 
 use super::*;
+use crate::guest::PauseTiming;
+use crate::protocol::{BlackoutBegins, Started, BLACKOUT_TIMING_VERSION};
+use crate::stats::{
+    BlackoutPart, BlackoutReport, PART_COMMIT, PART_COMMIT_ROUND_TRIP, PART_LAST_PAGES,
+    PART_RESUME, PART_STATE_SAVE, PART_STATE_TO_DESTINATION, PART_WAKE,
+};
+use crate::thread_priority::Boost;
+
+/// What the switchover decision expected of the blackout.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Expected {
+    pub(super) total: Duration,
+    /// Of which sending the last pages.
+    pub(super) pages: Duration,
+    pub(super) forced: bool,
+}
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn blackout<G: SourceGuest + ?Sized>(
@@ -10,31 +27,75 @@ pub(super) fn blackout<G: SourceGuest + ?Sized>(
     run: &mut Run<'_>,
     round: u32,
     mut dirty: PageBitmap,
-    predicted: Duration,
-    forced: bool,
+    expected: Expected,
+    limit: Option<Duration>,
 ) -> Result<(), MigrateError> {
-    let t_pause = Instant::now();
-    guest
+    let boost = Boost::start();
+    run.report.blackout.priority = boost.level.describe();
+    if run.version >= BLACKOUT_TIMING_VERSION {
+        write_message(stream, &Message::BlackoutBegins(BlackoutBegins)).map_err(
+            MigrateError::protocol("telling the destination the blackout begins"),
+        )?;
+    }
+    if run.throttle > 0 {
+        // A pause while the brake holds the vCPUs parked would add what is
+        // left of that park to the blackout; let them go first.
+        guest
+            .set_throttle(0)
+            .map_err(MigrateError::guest("releasing the brake"))?;
+    }
+    let paused = guest
         .pause()
         .map_err(MigrateError::guest("pausing the VM"))?;
+    let woke = Instant::now();
     run.paused = true;
     run.throttle = 0;
-    let pause_ms = t_pause.elapsed().as_secs_f64() * 1e3;
     let last = guest
         .harvest_dirty()
         .map_err(MigrateError::guest("harvesting the last dirty pages"))?;
     dirty.union_with(&last);
+    if let Some(limit) = limit {
+        // The hard limit holds against what is really left, not against
+        // what the last live round suggested.
+        let rate = run.rate.unwrap_or(ASSUMED_RATE);
+        let fixed = expected.total.saturating_sub(expected.pages);
+        let now = fixed + Duration::from_secs_f64(dirty.bytes() as f64 / rate) + woke.elapsed();
+        if now > limit {
+            return Err(MigrateError::DowntimeLimit(format!(
+                "at the pause {:.1} MiB were left: a blackout of about {:.1} ms, over --max-downtime {:.1} ms; the VM was paused {:.2} ms and resumes here",
+                dirty.bytes() as f64 / (1 << 20) as f64,
+                now.as_secs_f64() * 1e3,
+                limit.as_secs_f64() * 1e3,
+                paused.all_stopped.elapsed().as_secs_f64() * 1e3
+            )));
+        }
+    }
     let sent = send_round(guest, stream, sender, run, round, &dirty.runs(), true)?;
-
+    let pages_sent = Instant::now();
     let handed = hand_over(guest, stream, run, run.recoverable_commit)?;
+    drop(boost);
+    run.clock = Some(BlackoutClock {
+        paused,
+        woke,
+        pages_sent,
+        handed,
+    });
     let b = &mut run.report.blackout;
-    b.host_downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
-    b.predicted_ms = predicted.as_secs_f64() * 1e3;
-    b.forced = forced;
-    b.pause_ms = pause_ms;
+    b.predicted_ms = expected.total.as_secs_f64() * 1e3;
+    b.prediction = format!(
+        "{:.2} ms to send the last pages at the last rounds' rate, {:.2} ms of fixed costs",
+        expected.pages.as_secs_f64() * 1e3,
+        expected.total.saturating_sub(expected.pages).as_secs_f64() * 1e3
+    );
+    b.forced = expected.forced;
     b.final_pages = sent.pages;
     b.final_bytes = sent.bytes;
-    handed.record(b);
+    run.expected_pages_ms = expected.pages.as_secs_f64() * 1e3;
+    // Until the destination reports its share, the upper bound.
+    run.clock
+        .as_ref()
+        .expect("just set")
+        .fill(&mut run.report.blackout, None);
     run.report.total_ms = run.ms();
     run.report.throughput_mibs = mib_per_s(
         run.report.bytes_sent,
@@ -43,21 +104,66 @@ pub(super) fn blackout<G: SourceGuest + ?Sized>(
     Ok(())
 }
 
-/// What handing the state over measured.
-pub(super) struct HandedOver {
-    pub(super) state_bytes: u64,
-    pub(super) state_save_ms: f64,
-    pub(super) state_load_ms: f64,
-    pub(super) commit_ms: f64,
+/// The instants a blackout passed through on the source.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BlackoutClock {
+    pub(super) paused: PauseTiming,
+    /// When the pause returned to the engine.
+    pub(super) woke: Instant,
+    pub(super) pages_sent: Instant,
+    pub(super) handed: HandedOver,
 }
 
-impl HandedOver {
-    pub(super) fn record(&self, b: &mut crate::stats::BlackoutReport) {
-        b.state_bytes = self.state_bytes;
-        b.state_save_ms = self.state_save_ms;
-        b.state_load_ms = self.state_load_ms;
-        b.commit_ms = self.commit_ms;
+impl BlackoutClock {
+    /// Writes the parts and the downtime into `b`: exact with the
+    /// destination's `Started`, an upper bound without it.
+    pub(super) fn fill(&self, b: &mut BlackoutReport, started: Option<&Started>) {
+        let ms =
+            |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
+        let h = &self.handed;
+        let t0 = self.paused.all_stopped;
+        b.stop_vcpus_ms = ms(self.paused.requested, t0);
+        b.state_bytes = h.state_bytes;
+        let mut parts = vec![
+            (PART_WAKE, ms(t0, self.woke)),
+            (PART_LAST_PAGES, ms(self.woke, self.pages_sent)),
+            (PART_STATE_SAVE, ms(self.pages_sent, h.saved)),
+            (PART_STATE_TO_DESTINATION, ms(h.saved, h.loaded)),
+        ];
+        match started {
+            Some(s) => {
+                let round_trip = ms(h.commit_written, h.committed);
+                let one_way = ((round_trip - s.commit_to_reply_us as f64 / 1e3) / 2.0).max(0.0);
+                parts.push((PART_COMMIT, ms(h.loaded, h.commit_written) + one_way));
+                parts.push((PART_RESUME, s.commit_to_run_us as f64 / 1e3));
+                b.exact = true;
+            }
+            None => {
+                parts.push((PART_COMMIT_ROUND_TRIP, ms(h.loaded, h.committed)));
+                b.exact = false;
+            }
+        }
+        b.parts = parts
+            .into_iter()
+            .map(|(name, ms)| BlackoutPart {
+                name: name.into(),
+                ms,
+            })
+            .collect();
+        b.host_downtime_ms = b.parts.iter().map(|p| p.ms).sum();
     }
+}
+
+/// What handing the state over measured.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HandedOver {
+    pub(super) state_bytes: u64,
+    pub(super) saved: Instant,
+    /// `StateLoaded` read.
+    pub(super) loaded: Instant,
+    pub(super) commit_written: Instant,
+    /// `Committed` read.
+    pub(super) committed: Instant,
 }
 
 /// With the VM paused: sends the state record, waits until the destination
@@ -85,12 +191,10 @@ pub(super) fn hand_over<G: SourceGuest + ?Sized>(
             io_timeout,
         });
     }
-    let t_save = Instant::now();
     let state = guest
         .save_state()
         .map_err(MigrateError::guest("saving the VM state"))?;
-    let state_save_ms = t_save.elapsed().as_secs_f64() * 1e3;
-    let t_state = Instant::now();
+    let saved = Instant::now();
     let stage = "sending the VM state";
     write_state(stream, &state).map_err(MigrateError::protocol(stage))?;
     stream.flush().map_err(|e| MigrateError::Protocol {
@@ -120,10 +224,10 @@ pub(super) fn hand_over<G: SourceGuest + ?Sized>(
             })
         }
     }
-    let state_load_ms = t_state.elapsed().as_secs_f64() * 1e3;
-    let t_commit = Instant::now();
+    let loaded = Instant::now();
     write_message(stream, &Message::Commit(Commit))
         .map_err(|e| MigrateError::CommitUnacknowledged(error_chain(&e)))?;
+    let commit_written = Instant::now();
     run.commit_sent = true;
     let unacknowledged = match recv_message(stream, &mut scratch) {
         Ok(Message::Committed(_)) => None,
@@ -153,9 +257,9 @@ pub(super) fn hand_over<G: SourceGuest + ?Sized>(
     }
     Ok(HandedOver {
         state_bytes: state.len() as u64,
-        state_save_ms,
-        state_load_ms,
-        commit_ms: t_commit.elapsed().as_secs_f64() * 1e3,
+        saved,
+        loaded,
+        commit_written,
+        committed: Instant::now(),
     })
 }
-

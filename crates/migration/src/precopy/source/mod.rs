@@ -36,8 +36,8 @@ use auto_start::*;
 use blackout::*;
 use peer::*;
 use rounds::*;
-use to_postcopy::*;
 pub use to_postcopy::resume_postcopy;
+use to_postcopy::*;
 
 /// How often the progress callback hears from a running migration.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
@@ -68,6 +68,11 @@ pub struct MigrateOptions {
     /// Page-data streams for large pre-copy rounds; 1 keeps every page on
     /// the main connection.
     pub streams: u16,
+    /// The migration's guaranteed share of the host's CPU, for a host
+    /// whose vCPUs leave no core free: while the rounds run, the vCPUs are
+    /// parked at least this percentage of every brake period, and the
+    /// migration's threads run on the cores they leave (0: no floor).
+    pub cpu_share: u32,
 }
 
 impl Default for MigrateOptions {
@@ -80,6 +85,7 @@ impl Default for MigrateOptions {
             guest_report_wait: Duration::from_secs(2),
             link_recovery: Duration::from_secs(30),
             streams: 1,
+            cpu_share: 0,
         }
     }
 }
@@ -134,6 +140,16 @@ struct Run<'p> {
     rate: Option<f64>,
     last_dirty_rate: f64,
     ram_ranges: Vec<RamRange>,
+    /// The protocol version agreed on.
+    version: u16,
+    /// Hello to HelloAck: the link's round trip.
+    round_trip: Duration,
+    /// How long the last live harvest of the dirty log took.
+    last_harvest_cost: Duration,
+    /// The blackout's instants, once it happened; the downtime is added up
+    /// from them when the destination reports its share.
+    clock: Option<BlackoutClock>,
+    expected_pages_ms: f64,
 }
 
 impl Run<'_> {
@@ -219,11 +235,24 @@ pub fn migrate<G: SourceGuest + ?Sized>(
         rate: None,
         last_dirty_rate: 0.0,
         ram_ranges: Vec::new(),
+        version: 0,
+        round_trip: Duration::ZERO,
+        last_harvest_cost: Duration::ZERO,
+        clock: None,
+        expected_pages_ms: 0.0,
     };
     match drive(guest, &mut stream, options, &mut run) {
         Ok(()) => {
             run.report.outcome = "committed".into();
-            run.report.guest = wait_guest_report(&mut stream, options.guest_report_wait);
+            let (guest_seen, started) = wait_guest_report(&mut stream, options.guest_report_wait);
+            run.report.guest = guest_seen;
+            if let Some(clock) = &run.clock {
+                clock.fill(&mut run.report.blackout, started.as_ref());
+            }
+            if run.clock.is_some() || run.postcopy_started {
+                let target = run.report.downtime_target_ms;
+                run.report.blackout.judge(target, run.expected_pages_ms);
+            }
             let rounds = run.report.rounds.len() as u32;
             run.tell("committed", rounds, 0, 0, Instant::now(), true);
             Ok(run.report)
@@ -289,6 +318,7 @@ fn drive<G: SourceGuest + ?Sized>(
         })?;
     run.tell("setup", 0, 0, 0, Instant::now(), true);
     let version = handshake(guest, stream, run)?;
+    run.version = version;
     run.report.setup_ms = run.ms();
     run.recoverable_commit =
         (version >= COMMIT_RECOVERY_VERSION).then_some((options.link_recovery, options.io_timeout));
@@ -324,6 +354,13 @@ fn drive<G: SourceGuest + ?Sized>(
     guest
         .set_dirty_logging(true)
         .map_err(MigrateError::guest("starting dirty logging"))?;
+    let share = options.cpu_share;
+    if share > 0 {
+        guest.set_throttle(share).map_err(MigrateError::guest(
+            "parking the vCPUs for the migration's share",
+        ))?;
+        run.throttle = share;
+    }
     let (mut runs, mut round, mut last_harvest) = match start {
         // Auto sent the first pages already, to measure the link.
         Some(s) => (s.unsent.runs(), 2u32, s.harvested),
@@ -372,9 +409,20 @@ fn drive<G: SourceGuest + ?Sized>(
         if sent.bytes >= RATE_SAMPLE_MIN {
             run.rate = Some(sent.bytes as f64 / (round_report.duration_ms / 1e3).max(1e-6));
         }
+        let harvest_cpu = crate::cpu_clock::thread_cpu_time();
         let mut dirty = guest
             .harvest_dirty()
             .map_err(MigrateError::guest("harvesting dirty pages"))?;
+        run.last_harvest_cost = crate::cpu_clock::thread_cpu_time().saturating_sub(harvest_cpu);
+        if let Some(rtt) = crate::cpu_clock::tcp_round_trip(stream) {
+            run.round_trip = rtt;
+        }
+        policy.set_fixed_blackout(crate::policy::fixed_costs(
+            run.last_harvest_cost,
+            run.round_trip,
+            run.rate.unwrap_or(ASSUMED_RATE),
+            run.report.vcpus,
+        ));
         if let Some(seen) = &seen {
             dirty.union_with(seen);
         }
@@ -391,6 +439,16 @@ fn drive<G: SourceGuest + ?Sized>(
         };
         match policy.decide(facts) {
             Decision::Switchover { predicted, forced } => break (dirty, predicted, forced),
+            Decision::GiveUp { predicted } => {
+                return Err(MigrateError::DowntimeLimit(format!(
+                    "after {round} rounds with the brake at {}% the blackout would still take about {:.1} ms ({:.1} MiB left at {:.0} MiB/s), over --max-downtime {:.1} ms",
+                    run.throttle,
+                    predicted.as_secs_f64() * 1e3,
+                    dirty.bytes() as f64 / (1 << 20) as f64,
+                    run.rate.unwrap_or(ASSUMED_RATE) / (1 << 20) as f64,
+                    policy.config().max_downtime.unwrap_or_default().as_secs_f64() * 1e3
+                )));
+            }
             Decision::StartPostcopy { predicted, reason } => {
                 return switch_to_postcopy(
                     guest,
@@ -403,6 +461,7 @@ fn drive<G: SourceGuest + ?Sized>(
                 );
             }
             Decision::NextRound { throttle, .. } => {
+                let throttle = throttle.max(share);
                 if throttle != run.throttle {
                     guest
                         .set_throttle(throttle)
@@ -415,6 +474,13 @@ fn drive<G: SourceGuest + ?Sized>(
             }
         }
     };
+    let fixed = policy.config().fixed_blackout;
+    let expected = Expected {
+        total: predicted,
+        pages: predicted.saturating_sub(fixed),
+        forced,
+    };
+    let limit = policy.config().max_downtime;
     blackout(
         guest,
         stream,
@@ -422,11 +488,10 @@ fn drive<G: SourceGuest + ?Sized>(
         run,
         round + 1,
         dirty,
-        predicted,
-        forced,
+        expected,
+        limit,
     )
 }
-
 
 pub(super) fn ranges_to_runs(ranges: &[RamRange]) -> Vec<PageRun> {
     let mut out = Vec::new();
@@ -435,4 +500,3 @@ pub(super) fn ranges_to_runs(ranges: &[RamRange]) -> Vec<PageRun> {
     }
     out
 }
-

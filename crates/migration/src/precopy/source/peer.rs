@@ -11,9 +11,12 @@ pub(super) fn handshake<G: SourceGuest + ?Sized>(
 ) -> Result<u16, MigrateError> {
     let mut scratch = Vec::new();
     let stage = "handshake";
+    let hello = Instant::now();
     write_message(stream, &Message::Hello(Hello::new(Role::Source)))
         .map_err(MigrateError::protocol(stage))?;
-    let version = match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {
+    let answer = recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage));
+    run.round_trip = hello.elapsed();
+    let version = match answer? {
         Message::HelloAck(HelloAck::Accepted { version }) => version,
         Message::HelloAck(HelloAck::Refused { reason }) => {
             return Err(MigrateError::Refused(reason))
@@ -47,10 +50,12 @@ pub(super) fn handshake<G: SourceGuest + ?Sized>(
     }
 }
 
-
 /// A destination that gave up mid-round says why in an Abort frame; look
 /// for one without blocking, between rounds.
-pub(super) fn poll_abort(stream: &mut TcpStream, scratch: &mut Vec<u8>) -> Result<(), MigrateError> {
+pub(super) fn poll_abort(
+    stream: &mut TcpStream,
+    scratch: &mut Vec<u8>,
+) -> Result<(), MigrateError> {
     let stage = "checking on the destination";
     let io = |e: std::io::Error| MigrateError::Protocol {
         stage,
@@ -107,18 +112,30 @@ pub(super) fn peer_reason(stream: &mut TcpStream, error: MigrateError) -> Migrat
     error
 }
 
-/// After the commit: the destination's word on what the guest saw.
-pub(super) fn wait_guest_report(stream: &mut TcpStream, wait: Duration) -> GuestSeen {
+/// After the commit: the destination's word on its share of the blackout
+/// (v5) and on what the guest saw.
+pub(super) fn wait_guest_report(
+    stream: &mut TcpStream,
+    wait: Duration,
+) -> (GuestSeen, Option<crate::protocol::Started>) {
+    let mut started = None;
     if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
-        return GuestSeen::default();
+        return (GuestSeen::default(), started);
     }
     let mut scratch = Vec::new();
-    match recv_message(stream, &mut scratch) {
-        Ok(Message::Resumed(r)) => GuestSeen {
-            stall_ms: r.guest_stall_us.map(|us| us as f64 / 1e3),
-            first_seq: r.first_seq,
-        },
-        _ => GuestSeen::default(),
+    // Started, then Resumed; anything else ends the wait.
+    for _ in 0..2 {
+        match recv_message(stream, &mut scratch) {
+            Ok(Message::Started(s)) => started = Some(s),
+            Ok(Message::Resumed(r)) => {
+                let seen = GuestSeen {
+                    stall_ms: r.guest_stall_us.map(|us| us as f64 / 1e3),
+                    first_seq: r.first_seq,
+                };
+                return (seen, started);
+            }
+            _ => break,
+        }
     }
+    (GuestSeen::default(), started)
 }
-

@@ -19,10 +19,10 @@ pub(super) fn send_round<G: SourceGuest + ?Sized>(
         "sending pages"
     };
     let round_bytes: u64 = runs.iter().map(PageRun::bytes).sum();
-    let start = Instant::now();
+    let start = RoundStart::now();
     let base = sender.total;
     let phase = if blackout { "blackout" } else { "round" };
-    run.tell(phase, round, round_bytes, 0, start, true);
+    run.tell(phase, round, round_bytes, 0, start.wall, true);
     let mut last_sample = -TIMELINE_EVERY_MS;
     let sent = {
         let mut on_batch = |total: &SentCounts| {
@@ -33,7 +33,7 @@ pub(super) fn send_round<G: SourceGuest + ?Sized>(
                 let bytes = run.report.bytes_sent + (total.bytes - base.bytes);
                 run.report.timeline.push((now_ms, bytes));
             }
-            run.tell(phase, round, round_bytes, in_round, start, false);
+            run.tell(phase, round, round_bytes, in_round, start.wall, false);
         };
         sender
             .send_runs(
@@ -45,6 +45,25 @@ pub(super) fn send_round<G: SourceGuest + ?Sized>(
             .map_err(|e| e.at(stage))?
     };
     end_round(stream, run, (round, stage), sent, start, blackout)
+}
+
+/// When a round began, on the wall clock and on this thread's CPU clock;
+/// `others` is CPU time other threads spent on the round.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RoundStart {
+    pub(super) wall: Instant,
+    pub(super) cpu: Duration,
+    pub(super) others: Duration,
+}
+
+impl RoundStart {
+    pub(super) fn now() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: crate::cpu_clock::thread_cpu_time(),
+            others: Duration::ZERO,
+        }
+    }
 }
 
 /// Rounds at least this large go out on the page-data streams, when there
@@ -94,13 +113,13 @@ pub(super) fn send_round_striped(
 ) -> Result<SentCounts, MigrateError> {
     let stage = "sending pages";
     let round_bytes: u64 = runs.iter().map(PageRun::bytes).sum();
-    let start = Instant::now();
-    run.tell("round", round, round_bytes, 0, start, true);
+    let mut start = RoundStart::now();
+    run.tell("round", round, round_bytes, 0, start.wall, true);
     write_message(main, &Message::StripedRound(StripedRound { round }))
         .map_err(MigrateError::protocol(stage))?;
     let mut last_sample = -TIMELINE_EVERY_MS;
     let tick = Duration::from_secs_f64(TIMELINE_EVERY_MS / 1e3);
-    let sent = send_striped(streams, round, runs, bandwidth, tick, &mut |total| {
+    let (sent, streams_cpu) = send_striped(streams, round, runs, bandwidth, tick, &mut |total| {
         let now_ms = run.ms();
         if now_ms - last_sample >= TIMELINE_EVERY_MS {
             last_sample = now_ms;
@@ -108,8 +127,9 @@ pub(super) fn send_round_striped(
             run.report.timeline.push((now_ms, bytes));
         }
         let in_round = total.pages * PAGE_SIZE as u64;
-        run.tell("round", round, round_bytes, in_round, start, false);
+        run.tell("round", round, round_bytes, in_round, start.wall, false);
     })?;
+    start.others = streams_cpu;
     end_round(main, run, (round, stage), sent, start, false)
 }
 
@@ -120,7 +140,7 @@ pub(super) fn end_round(
     run: &mut Run<'_>,
     (round, stage): (u32, &'static str),
     sent: SentCounts,
-    start: Instant,
+    start: RoundStart,
     blackout: bool,
 ) -> Result<SentCounts, MigrateError> {
     let end = RoundEnd {
@@ -128,7 +148,8 @@ pub(super) fn end_round(
         pages: sent.pages,
     };
     write_message(main, &Message::RoundEnd(end)).map_err(MigrateError::protocol(stage))?;
-    let duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    let duration_ms = start.wall.elapsed().as_secs_f64() * 1e3;
+    let cpu = crate::cpu_clock::thread_cpu_time().saturating_sub(start.cpu) + start.others;
     run.report.bytes_sent += sent.bytes;
     run.report.pages_sent += sent.pages;
     run.report.zero_pages += sent.zero_pages;
@@ -143,6 +164,7 @@ pub(super) fn end_round(
         throughput_mibs: mib_per_s(sent.bytes, duration_ms),
         dirty_rate_mibs: 0.0,
         throttle_percent: run.throttle,
+        cpu_percent: cpu.as_secs_f64() * 1e3 / duration_ms.max(1e-3) * 100.0,
         blackout,
     });
     Ok(sent)
@@ -256,7 +278,6 @@ pub(super) fn split_runs(runs: &[PageRun], pages: u64) -> Vec<Vec<PageRun>> {
     }
     out
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -80,13 +80,14 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     let session = new_session();
     let fault = open_fault_channel(stream, session, options.io_timeout)?;
 
-    let t_pause = Instant::now();
-    guest
+    let boost = crate::thread_priority::Boost::start();
+    run.report.blackout.priority = boost.level.describe();
+    let paused = guest
         .pause()
         .map_err(MigrateError::guest("pausing the VM"))?;
+    let woke = Instant::now();
     run.paused = true;
     run.throttle = 0;
-    let pause_ms = t_pause.elapsed().as_secs_f64() * 1e3;
     let needed = match dirty {
         Some(mut dirty) => {
             let last = guest
@@ -117,13 +118,23 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     .map_err(MigrateError::protocol(stage))?;
     // No Prepare: after a post-copy commit a broken link is the post-copy's
     // to recover (Resume), and before it the source keeps the VM.
+    let pages_sent = Instant::now();
     let handed = hand_over(guest, stream, run, None)?;
+    drop(boost);
     run.postcopy_started = true;
+    // The post-copy destination reports no share of its own: the downtime
+    // is the upper bound, up to Committed. ("last pages" here is the set of
+    // pages the destination lacks.)
+    let clock = BlackoutClock {
+        paused,
+        woke,
+        pages_sent,
+        handed,
+    };
     let b = &mut run.report.blackout;
-    b.host_downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+    clock.fill(b, None);
     b.predicted_ms = predicted.as_secs_f64() * 1e3;
-    b.pause_ms = pause_ms;
-    handed.record(b);
+    b.prediction = "the state and the set of missing pages, at the measured rate".into();
 
     let memory = guest
         .memory_reader()
@@ -177,4 +188,3 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     );
     Ok(())
 }
-

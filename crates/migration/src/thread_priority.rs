@@ -1,0 +1,253 @@
+//! Who gets a core, at each stage of a migration.
+//!
+//! - Live rounds, `--priority guest` ([`Yielding`]): the migration's threads
+//!   run only on cores no guest wants (SCHED_IDLE). A vCPU that wakes (from
+//!   the brake, say) takes its core back at once; under a lower nice value
+//!   it would wait for the migration thread's slice to end, up to a
+//!   scheduler tick (4 ms here), and the guest would see that as a stall.
+//!   Where the VM's own vCPUs leave no core free, the brake parks them for
+//!   a guaranteed share so that the migration still moves.
+//! - The blackout ([`Boost`]): never starved. From the pause to the resume
+//!   the threads that finish the migration run at the highest priority this
+//!   host allows, whatever `--priority` chose. The vCPUs are stopped then,
+//!   so nothing is taken from the guest; what is kept off the cores is
+//!   everything else on the host.
+//! - After the commit ([`Background`]): the source's teardown waits for
+//!   cores nothing else wants.
+
+/// Real-time priority of a blackout thread: just under the threaded
+/// interrupt handlers (50), so a NIC's interrupts are still served while
+/// the last pages go out, and far under the kernel's per-CPU threads (99).
+const BLACKOUT_RT_PRIORITY: libc::c_int = 49;
+/// Linux's flag (sched.h) that resets a policy to normal, nice 0, in
+/// threads the caller creates; the libc crate does not carry it.
+const SCHED_RESET_ON_FORK: libc::c_int = 0x4000_0000;
+/// Where SCHED_IDLE is refused, live-round work yields at this nice value.
+const YIELD_NICE: libc::c_int = 10;
+/// The fallback where real-time scheduling is refused: the best nice.
+const BLACKOUT_NICE: libc::c_int = -20;
+
+/// What the boost got from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoostLevel {
+    /// SCHED_FIFO at this priority.
+    Realtime(i32),
+    /// Normal scheduling at this nice value.
+    Nice(i32),
+    /// Nothing better than before was allowed.
+    Unchanged,
+}
+
+impl BoostLevel {
+    pub fn describe(self) -> String {
+        match self {
+            Self::Realtime(p) => format!("SCHED_FIFO {p}"),
+            Self::Nice(n) => format!("nice {n}"),
+            Self::Unchanged => "unchanged (the host refused a higher priority)".into(),
+        }
+    }
+}
+
+/// Raises the calling thread's priority until dropped, then puts back
+/// exactly what it had.
+#[derive(Debug)]
+pub struct Boost {
+    policy: libc::c_int,
+    param: libc::sched_param,
+    nice: libc::c_int,
+    pub level: BoostLevel,
+}
+
+impl Boost {
+    pub fn start() -> Self {
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: both calls only read their integer arguments and write the
+        // sched_param we own; pid 0 is the calling thread.
+        let policy = unsafe {
+            libc::sched_getparam(0, &mut param);
+            libc::sched_getscheduler(0)
+        };
+        let nice = current_nice();
+        let rt = libc::sched_param {
+            sched_priority: BLACKOUT_RT_PRIORITY,
+        };
+        // Threads this one creates meanwhile (a destination's vCPUs, which
+        // spin) must not inherit the boost: they would take the cores from
+        // every other thread, this one included.
+        let fifo = libc::SCHED_FIFO | SCHED_RESET_ON_FORK;
+        // SAFETY: sched_setscheduler reads the sched_param we pass; pid 0
+        // is the calling thread. Failing leaves the thread as it was.
+        let level = if unsafe { libc::sched_setscheduler(0, fifo, &rt) } == 0 {
+            BoostLevel::Realtime(BLACKOUT_RT_PRIORITY)
+        } else if reset_on_fork_other() && set_nice(BLACKOUT_NICE) && current_nice() < nice {
+            BoostLevel::Nice(current_nice())
+        } else {
+            BoostLevel::Unchanged
+        };
+        Self {
+            policy,
+            param,
+            nice,
+            level,
+        }
+    }
+}
+
+impl Drop for Boost {
+    fn drop(&mut self) {
+        // SAFETY: as in `start`; restoring what sched_getscheduler and
+        // sched_getparam reported for this very thread.
+        unsafe { libc::sched_setscheduler(0, self.policy, &self.param) };
+        set_nice(self.nice);
+    }
+}
+
+/// The opposite of a boost, for work after a commit that nothing waits
+/// for (stopping the source's vCPU threads, freeing its memory): the
+/// calling thread runs only on cores nothing else wants (SCHED_IDLE), so
+/// that on a shared host the VM that now runs elsewhere, or any other,
+/// never waits for it. Puts back what the thread had when dropped.
+#[derive(Debug)]
+pub struct Background {
+    policy: libc::c_int,
+    param: libc::sched_param,
+    nice: libc::c_int,
+}
+
+impl Background {
+    pub fn start() -> Self {
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as in `Boost::start`.
+        let policy = unsafe {
+            libc::sched_getparam(0, &mut param);
+            libc::sched_getscheduler(0)
+        };
+        let nice = current_nice();
+        let idle = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as in `Boost::start`; failing leaves the thread as it was.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE | SCHED_RESET_ON_FORK, &idle) };
+        Self {
+            policy,
+            param,
+            nice,
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // SAFETY: as in `Boost::drop`.
+        unsafe { libc::sched_setscheduler(0, self.policy, &self.param) };
+        set_nice(self.nice);
+    }
+}
+
+/// Live-round work that yields every core a guest wants: SCHED_IDLE until
+/// dropped. Threads this one creates (page-data streams) inherit it; a
+/// thread that starts vCPUs must call [`normal`] first.
+#[derive(Debug)]
+pub struct Yielding {
+    policy: libc::c_int,
+    param: libc::sched_param,
+    nice: libc::c_int,
+}
+
+impl Yielding {
+    pub fn start() -> Self {
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as in `Boost::start`.
+        let policy = unsafe {
+            libc::sched_getparam(0, &mut param);
+            libc::sched_getscheduler(0)
+        };
+        let nice = current_nice();
+        let idle = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as in `Boost::start`; failing leaves the thread as it was.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) } != 0 {
+            set_nice(YIELD_NICE);
+        }
+        Self {
+            policy,
+            param,
+            nice,
+        }
+    }
+}
+
+impl Drop for Yielding {
+    fn drop(&mut self) {
+        // SAFETY: as in `Boost::drop`.
+        unsafe { libc::sched_setscheduler(0, self.policy, &self.param) };
+        set_nice(self.nice);
+    }
+}
+
+/// Normal scheduling at nice 0 for this thread, so that the threads it
+/// creates next (a destination's vCPUs, its fault service) start there.
+pub fn normal() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in `Boost::start`.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+    set_nice(0);
+}
+
+/// Normal scheduling, with children reset to nice 0 (see `start`).
+fn reset_on_fork_other() -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = libc::SCHED_OTHER | SCHED_RESET_ON_FORK;
+    // SAFETY: as in `start`.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+}
+
+fn tid() -> libc::id_t {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() as libc::id_t }
+}
+
+fn current_nice() -> libc::c_int {
+    // SAFETY: getpriority only reads its integer arguments; -1 may be a
+    // valid answer, which the clamp keeps.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, tid()) }.clamp(-20, 19)
+}
+
+fn set_nice(nice: libc::c_int) -> bool {
+    // SAFETY: setpriority only reads its integer arguments.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid(), nice) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_started_under_a_boost_do_not_inherit_it() {
+        let _boost = Boost::start();
+        let child = std::thread::spawn(|| {
+            // SAFETY: pid 0 is this thread; the call only reads it.
+            (unsafe { libc::sched_getscheduler(0) }, current_nice())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(child, (libc::SCHED_OTHER, 0));
+    }
+
+    #[test]
+    fn a_boost_puts_back_what_the_thread_had() {
+        std::thread::spawn(|| {
+            set_nice(5);
+            let before = current_nice();
+            {
+                let boost = Boost::start();
+                // SAFETY: geteuid has no arguments and cannot fail.
+                if unsafe { libc::geteuid() } == 0 {
+                    assert_ne!(boost.level, BoostLevel::Unchanged);
+                }
+            }
+            assert_eq!(current_nice(), before);
+            // SAFETY: pid 0 is this thread; the call only reads it.
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+        })
+        .join()
+        .unwrap();
+    }
+}
