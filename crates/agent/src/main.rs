@@ -1,0 +1,3 @@
+//! `ferryd --config host.toml`: the host agent.
+
+fn main() {}
