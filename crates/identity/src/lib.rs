@@ -20,6 +20,7 @@ pub mod identity;
 pub mod names;
 pub mod peer;
 pub mod tls;
+mod verify;
 
 pub use authz::{authorize, Allowed, AuthzError};
 pub use ca::{CaError, CertificateAuthority, IssueRequest, IssuedCert, Validity};

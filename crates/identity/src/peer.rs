@@ -54,7 +54,7 @@ pub struct PeerIdentity {
 }
 
 /// A certificate that states no usable Ferry identity.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
     #[error("the peer presented no certificate")]
     NoCertificate,

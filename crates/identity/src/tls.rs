@@ -41,6 +41,7 @@ use rustls::{
 
 use crate::identity::{client_verifier, provider, Identity, VerifierError};
 use crate::peer::{PeerError, PeerIdentity, Role};
+use crate::verify::{FerryClientVerifier, FerryServerVerifier};
 
 /// ALPN protocol of Ferry's migration streams.
 pub const ALPN_MIGRATION: &str = "ferry-migration/1";
@@ -93,7 +94,7 @@ pub fn server_config(identity: &Identity, alpn: &[&str]) -> Result<Arc<ServerCon
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(FerryClientVerifier::new(verifier))
         .with_single_cert(vec![identity.cert().clone()], identity.key())
         .map_err(tls)?;
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
@@ -112,10 +113,17 @@ pub fn client_config(identity: &Identity, alpn: &[&str]) -> Result<Arc<ClientCon
         source,
     };
     let roots = identity.roots().map_err(tls)?;
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let provider = provider();
+    let verifier =
+        FerryServerVerifier::new(roots, provider.clone()).map_err(|source| ConfigError::Verifier {
+            me: me.clone(),
+            source,
+        })?;
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![identity.cert().clone()], identity.key())
         .map_err(tls)?;
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
@@ -559,6 +567,16 @@ fn classify(error: rustls::Error, ctx: &Ctx<'_>) -> HandshakeError {
                 HandshakeError::WrongPurpose {
                     peer,
                     detail: error.to_string(),
+                }
+            }
+            CertificateError::Other(other) if other.0.is::<PeerError>() => {
+                HandshakeError::NoFerryIdentity {
+                    peer,
+                    source: other
+                        .0
+                        .downcast_ref::<PeerError>()
+                        .cloned()
+                        .unwrap_or(PeerError::NoFerryUri),
                 }
             }
             _ => HandshakeError::Tls {
