@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod ca;
 pub mod demo;
 pub mod migrate;
 pub mod receive;
