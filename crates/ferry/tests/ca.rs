@@ -99,7 +99,15 @@ fn ca_init_and_issue_make_identities_that_handshake() {
     assert!(out.contains("ferry://host/hostA"), "{out}");
     assert!(out.contains("IP 127.0.0.1"), "{out}");
     let json = ok(&[
-        "ca", "issue", "--name", "hostB", "--ip", "127.0.0.2", "--dns", "hostb.lab", "--json",
+        "ca",
+        "issue",
+        "--name",
+        "hostB",
+        "--ip",
+        "127.0.0.2",
+        "--dns",
+        "hostb.lab",
+        "--json",
         ca_s,
     ]);
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -132,17 +140,44 @@ fn ca_init_and_issue_make_identities_that_handshake() {
     assert!(err.contains("not a valid name"), "{err}");
     let err = fails(&["ca", "issue", "--name", "hostA", ca_s]);
     assert!(err.contains("--force"), "{err}");
-    let err = fails(&["ca", "issue", "--name", "bob", "--operator", "--ip", "10.0.0.1", ca_s]);
-    assert!(err.contains("operator certificate names no addresses"), "{err}");
+    let err = fails(&[
+        "ca",
+        "issue",
+        "--name",
+        "bob",
+        "--operator",
+        "--ip",
+        "10.0.0.1",
+        ca_s,
+    ]);
+    assert!(
+        err.contains("operator certificate names no addresses"),
+        "{err}"
+    );
     let err = fails(&["ca", "issue", "--name", "hostD", "--ip", "not-an-ip", ca_s]);
     assert!(err.contains("not-an-ip"), "{err}");
     assert_eq!(tree(&ca), before);
-    let err = fails(&["ca", "issue", "--name", "hostA", tmp.0.join("nowhere").to_str().unwrap()]);
+    let err = fails(&[
+        "ca",
+        "issue",
+        "--name",
+        "hostA",
+        tmp.0.join("nowhere").to_str().unwrap(),
+    ]);
     assert!(err.contains("ferry ca init"), "{err}");
 
     // --force replaces hostA's identity with a new key.
     let old_key = fs::read(ca.join("hostA/key.pem")).unwrap();
-    ok(&["ca", "issue", "--name", "hostA", "--ip", "127.0.0.1", "--force", ca_s]);
+    ok(&[
+        "ca",
+        "issue",
+        "--name",
+        "hostA",
+        "--ip",
+        "127.0.0.1",
+        "--force",
+        ca_s,
+    ]);
     assert_ne!(fs::read(ca.join("hostA/key.pem")).unwrap(), old_key);
     assert_eq!(mode(&ca.join("hostA/key.pem")), 0o600);
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -45,7 +45,9 @@ pub enum CaError {
     CaExists { dir: PathBuf, file: PathBuf },
     #[error("{dir} holds no CA ({file} is missing): make one with `ferry ca init {dir}`")]
     NoCa { dir: PathBuf, file: PathBuf },
-    #[error("an identity already exists in {dir}: nothing was changed; pass --force to replace it")]
+    #[error(
+        "an identity already exists in {dir}: nothing was changed; pass --force to replace it"
+    )]
     IdentityExists { dir: PathBuf },
     #[error("{path}: {source}")]
     Io {
@@ -59,7 +61,9 @@ pub enum CaError {
         expected: &'static str,
         detail: String,
     },
-    #[error("{key} is not the private key of the CA certificate {cert}: restore the matching pair")]
+    #[error(
+        "{key} is not the private key of the CA certificate {cert}: restore the matching pair"
+    )]
     KeyMismatch { key: PathBuf, cert: PathBuf },
     #[error("{path} is readable by group or others (mode {mode:03o}): run `chmod 600 {path}`")]
     InsecureKey { path: PathBuf, mode: u32 },
@@ -352,26 +356,24 @@ impl CertificateAuthority {
                 mode,
             });
         }
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
+        let cert_der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::BadPem {
+                path: cert_path.clone(),
+                expected: "CERTIFICATE",
+                detail: e.to_string(),
+            })?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadPem {
+            path: key_path.clone(),
+            expected: "PRIVATE KEY",
+            detail: e.to_string(),
+        })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert_der.as_ref()).map_err(|e| {
             CaError::BadPem {
                 path: cert_path.clone(),
                 expected: "CERTIFICATE",
                 detail: e.to_string(),
             }
         })?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadPem {
-            path: key_path.clone(),
-            expected: "PRIVATE KEY",
-            detail: e.to_string(),
-        })?;
-        let (_, parsed) =
-            x509_parser::parse_x509_certificate(cert_der.as_ref()).map_err(|e| {
-                CaError::BadPem {
-                    path: cert_path.clone(),
-                    expected: "CERTIFICATE",
-                    detail: e.to_string(),
-                }
-            })?;
         if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key) {
             return Err(CaError::KeyMismatch {
                 key: key_path,

@@ -114,12 +114,10 @@ impl Identity {
         let ca = read(&ca_path, "the fleet CA certificate")?;
         let cert = read(&cert_path, "this identity's certificate")?;
         let key = read(&key_path, "this identity's private key")?;
-        if let Some(mode) =
-            files::insecure_mode(&key_path).map_err(|source| IdentityError::Io {
-                path: key_path.clone(),
-                source,
-            })?
-        {
+        if let Some(mode) = files::insecure_mode(&key_path).map_err(|source| IdentityError::Io {
+            path: key_path.clone(),
+            source,
+        })? {
             return Err(IdentityError::InsecureKey {
                 path: key_path,
                 mode,
@@ -341,7 +339,9 @@ fn unix_time(t: SystemTime) -> UnixTime {
 }
 
 /// A certificate's validity window.
-pub(crate) fn cert_times(cert: &x509_parser::certificate::X509Certificate<'_>) -> (SystemTime, SystemTime) {
+pub(crate) fn cert_times(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> (SystemTime, SystemTime) {
     let at = |secs: i64| {
         if secs >= 0 {
             SystemTime::UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
@@ -358,7 +358,9 @@ pub(crate) fn cert_times(cert: &x509_parser::certificate::X509Certificate<'_>) -
 
 /// A time as people read it: `2027-12-02T03:10:00Z`.
 pub fn show_time(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t).replace_nanosecond(0).unwrap_or_else(|_| t.into());
+    let t = time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| t.into());
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| format!("{t}"))
 }

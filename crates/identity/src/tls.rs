@@ -114,11 +114,12 @@ pub fn client_config(identity: &Identity, alpn: &[&str]) -> Result<Arc<ClientCon
     };
     let roots = identity.roots().map_err(tls)?;
     let provider = provider();
-    let verifier =
-        FerryServerVerifier::new(roots, provider.clone()).map_err(|source| ConfigError::Verifier {
+    let verifier = FerryServerVerifier::new(roots, provider.clone()).map_err(|source| {
+        ConfigError::Verifier {
             me: me.clone(),
             source,
-        })?;
+        }
+    })?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
@@ -142,7 +143,9 @@ pub enum HandshakeError {
     Closed { peer: String },
     #[error("{peer}'s certificate is not signed by our fleet CA: it belongs to another fleet, or one side has the wrong ca.crt")]
     UnknownCa { peer: String },
-    #[error("{peer}'s certificate has expired ({detail}): reissue it with `ferry ca issue --force`")]
+    #[error(
+        "{peer}'s certificate has expired ({detail}): reissue it with `ferry ca issue --force`"
+    )]
     Expired { peer: String, detail: String },
     #[error("{peer}'s certificate is not valid yet ({detail}): check both hosts' clocks")]
     NotYetValid { peer: String, detail: String },
@@ -154,7 +157,9 @@ pub enum HandshakeError {
     },
     #[error("{peer}'s certificate may not be used this way ({detail}); an operator certificate cannot serve")]
     WrongPurpose { peer: String, detail: String },
-    #[error("{peer} sent no client certificate: every Ferry connection needs one (give it `--tls DIR`)")]
+    #[error(
+        "{peer} sent no client certificate: every Ferry connection needs one (give it `--tls DIR`)"
+    )]
     NoClientCertificate { peer: String },
     #[error("{peer} does not speak TLS ({detail}): plaintext or garbage on a TLS port; is it running with --insecure-plaintext?")]
     NotTls { peer: String, detail: String },
@@ -194,7 +199,9 @@ impl HandshakeError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            HandshakeError::Timeout { .. } | HandshakeError::Closed { .. } | HandshakeError::Io { .. }
+            HandshakeError::Timeout { .. }
+                | HandshakeError::Closed { .. }
+                | HandshakeError::Io { .. }
         )
     }
 }
@@ -325,12 +332,11 @@ pub fn connect_timeout(
 
     // webpki checked the DNS name; the URI says which host this really is
     // (a certificate may carry extra DNS names).
-    let identity = PeerIdentity::from_connection(&conn).map_err(|source| {
-        HandshakeError::NoFerryIdentity {
+    let identity =
+        PeerIdentity::from_connection(&conn).map_err(|source| HandshakeError::NoFerryIdentity {
             peer: peer.clone(),
             source,
-        }
-    })?;
+        })?;
     if !identity.is_host(expected_host) {
         return Err(HandshakeError::WrongHost {
             peer,

@@ -64,7 +64,10 @@ fn issue_writes_a_ready_identity_that_loads() {
     let files = ca::issue(tmp.path(), &request, false).unwrap();
     assert_eq!(files.dir, tmp.path().join("hostB"));
     assert_eq!(mode(&files.key), 0o600);
-    assert_eq!(fs::read(&files.ca).unwrap(), fs::read(tmp.path().join("ca.crt")).unwrap());
+    assert_eq!(
+        fs::read(&files.ca).unwrap(),
+        fs::read(tmp.path().join("ca.crt")).unwrap()
+    );
     let names: Vec<_> = fs::read_dir(&files.dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -186,9 +189,13 @@ fn load_refuses_a_key_others_can_read() {
     let key = dir.join("key.pem");
     fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).unwrap();
     let err = Identity::load(&dir).unwrap_err();
-    assert!(matches!(err, IdentityError::InsecureKey { mode: 0o640, .. }), "{err}");
     assert!(
-        err.to_string().contains(&format!("chmod 600 {}", key.display())),
+        matches!(err, IdentityError::InsecureKey { mode: 0o640, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("chmod 600 {}", key.display())),
         "{err}"
     );
 }
@@ -200,7 +207,11 @@ fn load_refuses_the_wrong_pem() {
     fs::copy(dir.join("key.pem"), dir.join("cert.pem")).unwrap();
     let err = Identity::load(&dir).unwrap_err();
     assert!(matches!(err, IdentityError::BadPem { .. }), "{err}");
-    assert!(err.to_string().contains("cert.pem is not a PEM CERTIFICATE"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("cert.pem is not a PEM CERTIFICATE"),
+        "{err}"
+    );
 
     let (_tmp, dir) = fleet("pem2");
     fs::write(dir.join("ca.crt"), "hello").unwrap();
@@ -215,7 +226,10 @@ fn load_refuses_a_key_that_is_not_the_certificates() {
     fs::write(dir.join("key.pem"), fs::read(&other.key).unwrap()).unwrap();
     let err = Identity::load(&dir).unwrap_err();
     assert!(matches!(err, IdentityError::KeyMismatch { .. }), "{err}");
-    assert!(err.to_string().contains("is not the private key of"), "{err}");
+    assert!(
+        err.to_string().contains("is not the private key of"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -226,7 +240,10 @@ fn load_refuses_a_certificate_another_ca_signed() {
     fs::copy(other.path().join("ca.crt"), dir.join("ca.crt")).unwrap();
     let err = Identity::load(&dir).unwrap_err();
     assert!(matches!(err, IdentityError::NotSignedByCa { .. }), "{err}");
-    assert!(err.to_string().contains("was not issued by the CA"), "{err}");
+    assert!(
+        err.to_string().contains("was not issued by the CA"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -234,15 +251,15 @@ fn load_refuses_an_expired_or_future_certificate() {
     let tmp = TempDir::new("expired");
     ca::init_ca(tmp.path(), "fleet", 10).unwrap();
     let now = SystemTime::now();
-    let expired = IssueRequest::host("old")
-        .validity(Validity::between(now - 10 * DAY, now - DAY).unwrap());
+    let expired =
+        IssueRequest::host("old").validity(Validity::between(now - 10 * DAY, now - DAY).unwrap());
     let dir = ca::issue(tmp.path(), &expired, false).unwrap().dir;
     let err = Identity::load(&dir).unwrap_err();
     assert!(matches!(err, IdentityError::Expired { .. }), "{err}");
     assert!(err.to_string().contains("ferry ca issue --force"), "{err}");
 
-    let future = IssueRequest::host("new")
-        .validity(Validity::between(now + DAY, now + 2 * DAY).unwrap());
+    let future =
+        IssueRequest::host("new").validity(Validity::between(now + DAY, now + 2 * DAY).unwrap());
     let dir = ca::issue(tmp.path(), &future, false).unwrap().dir;
     let err = Identity::load(&dir).unwrap_err();
     assert!(matches!(err, IdentityError::NotYetValid { .. }), "{err}");

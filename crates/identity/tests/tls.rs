@@ -144,8 +144,14 @@ fn an_operator_identity_cannot_serve() {
     let ca = new_ca("test fleet");
     let alice = identity(&ca, IssueRequest::operator("alice"));
     let err = server_config(&alice, &[]).unwrap_err();
-    assert!(matches!(err, ConfigError::OperatorCannotServe { .. }), "{err}");
-    assert!(err.to_string().contains("operator alice cannot serve"), "{err}");
+    assert!(
+        matches!(err, ConfigError::OperatorCannotServe { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("operator alice cannot serve"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -167,7 +173,10 @@ fn a_client_certificate_from_another_ca_is_refused() {
     assert!(err.to_string().contains("same fleet ca.crt"), "{err}");
     let err = server.next().unwrap_err();
     assert!(matches!(err, HandshakeError::UnknownCa { .. }), "{err}");
-    assert!(err.to_string().contains("not signed by our fleet CA"), "{err}");
+    assert!(
+        err.to_string().contains("not signed by our fleet CA"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -303,8 +312,14 @@ fn a_client_without_a_certificate_is_refused() {
         "{err}"
     );
     let err = server.next().unwrap_err();
-    assert!(matches!(err, HandshakeError::NoClientCertificate { .. }), "{err}");
-    assert!(err.to_string().contains("sent no client certificate"), "{err}");
+    assert!(
+        matches!(err, HandshakeError::NoClientCertificate { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("sent no client certificate"),
+        "{err}"
+    );
 }
 
 #[test]

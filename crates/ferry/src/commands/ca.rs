@@ -86,7 +86,10 @@ fn init(args: InitArgs) -> anyhow::Result<bool> {
         );
         print_table(&[
             (&written.cert, "CA certificate: give a copy to every host"),
-            (&written.key, "CA private key (mode 0600): keep it off the hosts"),
+            (
+                &written.key,
+                "CA private key (mode 0600): keep it off the hosts",
+            ),
         ]);
         println!(
             "next: ferry ca issue --name HOST --ip ADDR {}",
@@ -119,7 +122,8 @@ fn issue(args: IssueArgs) -> anyhow::Result<bool> {
         );
         let cert_says = match issued.identity.role {
             Role::Host => {
-                let mut names: Vec<String> = issued.dns.iter().map(|d| format!("DNS {d}")).collect();
+                let mut names: Vec<String> =
+                    issued.dns.iter().map(|d| format!("DNS {d}")).collect();
                 names.extend(issued.ips.iter().map(|ip| format!("IP {ip}")));
                 format!("certificate: server and client, {}", names.join(", "))
             }
