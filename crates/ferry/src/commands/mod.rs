@@ -8,3 +8,4 @@ pub mod receive;
 pub mod restore;
 pub mod run;
 pub mod snapshot;
+pub mod vm;
