@@ -28,6 +28,6 @@ pub use identity::{Identity, IdentityError};
 pub use names::{validate_name, NameError};
 pub use peer::{PeerError, PeerIdentity, Role};
 pub use tls::{
-    accept, client_config, connect, server_config, ConfigError, HandshakeError, TlsStream,
-    ALPN_MIGRATION, HANDSHAKE_TIMEOUT,
+    accept, accept_authorized, client_config, connect, server_config, ConfigError, HandshakeError,
+    TlsStream, ALPN_MIGRATION, HANDSHAKE_TIMEOUT,
 };

@@ -13,7 +13,9 @@
 //!   Certificate, CertificateVerify, Finished --->
 //!                                             checks: chain to the fleet CA, a
 //!                                             ferry:// URI; on failure a TLS alert
-//!                                      <---   one byte 0x06: "accepted"
+//!                                             (accept_authorized: is it allowed?)
+//!                                      <---   0x06 "accepted", or
+//!                                             0x15 "refused", a reason line, close
 //! ```
 //!
 //! In TLS 1.3 the client finishes its handshake before the server has
@@ -39,6 +41,7 @@ use rustls::{
     ServerConfig, ServerConnection, SideData, StreamOwned,
 };
 
+use crate::authz::{authorize, Allowed, AuthzError};
 use crate::identity::{client_verifier, provider, Identity, VerifierError};
 use crate::peer::{PeerError, PeerIdentity, Role};
 use crate::verify::{FerryClientVerifier, FerryServerVerifier};
@@ -51,6 +54,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What [`accept`] sends once it has accepted the client (ASCII ACK).
 const ACCEPTED: u8 = 0x06;
+/// What [`accept_authorized`] sends, then a reason line, to a client it
+/// does not allow (ASCII NAK).
+const REFUSED: u8 = 0x15;
+/// Longest refusal reason read by a client.
+const MAX_REASON: usize = 512;
 
 /// A TLS configuration that cannot be built from an identity.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +179,14 @@ pub enum HandshakeError {
     },
     #[error("{peer} completed the TLS handshake, then closed the connection without accepting us: see its log")]
     NotAccepted { peer: String },
+    #[error("{peer} does not allow us: {reason}")]
+    NotAuthorized { peer: String, reason: String },
+    #[error("{peer}: {source}")]
+    Unauthorized {
+        peer: String,
+        #[source]
+        source: AuthzError,
+    },
     #[error("{peer} sent {byte:#04x} where a Ferry peer sends its accept byte: not a Ferry peer?")]
     NotFerry { peer: String, byte: u8 },
     #[error("{peer}'s certificate states no usable Ferry identity: {source}")]
@@ -345,23 +361,58 @@ pub fn connect_timeout(
         });
     }
 
+    // The server's verdict: ACCEPTED, or REFUSED and a reason line.
+    let mut refusal: Option<Vec<u8>> = None;
     drive(&mut conn, &mut tcp, &ctx, |conn| {
-        let mut byte = [0u8; 1];
-        match conn.reader().read(&mut byte) {
-            Ok(1) if byte[0] == ACCEPTED => Ok(true),
-            Ok(1) => Err(HandshakeError::NotFerry {
-                peer: peer.clone(),
-                byte: byte[0],
-            }),
-            Ok(_) => Err(HandshakeError::NotAccepted { peer: peer.clone() }),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                Err(HandshakeError::NotAccepted { peer: peer.clone() })
+        let refused = |reason: &[u8]| HandshakeError::NotAuthorized {
+            peer: peer.clone(),
+            reason: String::from_utf8_lossy(reason).trim_end().to_string(),
+        };
+        loop {
+            let Some(reason) = refusal.as_mut() else {
+                // Read one byte only: what follows ACCEPTED is the
+                // caller's data.
+                let mut byte = [0u8; 1];
+                match conn.reader().read(&mut byte) {
+                    Ok(1) if byte[0] == ACCEPTED => return Ok(true),
+                    Ok(1) if byte[0] == REFUSED => {
+                        refusal = Some(Vec::new());
+                        continue;
+                    }
+                    Ok(1) => {
+                        return Err(HandshakeError::NotFerry {
+                            peer: peer.clone(),
+                            byte: byte[0],
+                        })
+                    }
+                    Ok(_) => return Err(HandshakeError::NotAccepted { peer: peer.clone() }),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Err(HandshakeError::NotAccepted { peer: peer.clone() })
+                    }
+                    Err(source) => {
+                        return Err(HandshakeError::Io {
+                            peer: peer.clone(),
+                            source,
+                        })
+                    }
+                }
+            };
+            let mut buf = [0u8; 256];
+            match conn.reader().read(&mut buf) {
+                Ok(0) => return Err(refused(reason)),
+                Ok(n) => {
+                    reason.extend_from_slice(&buf[..n]);
+                    if let Some(end) = reason.iter().position(|&b| b == b'\n') {
+                        return Err(refused(&reason[..end]));
+                    }
+                    if reason.len() >= MAX_REASON {
+                        return Err(refused(&reason[..MAX_REASON]));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(_) => return Err(refused(reason)),
             }
-            Err(source) => Err(HandshakeError::Io {
-                peer: peer.clone(),
-                source,
-            }),
         }
     })?;
     saved.restore(&tcp, &peer)?;
@@ -373,9 +424,9 @@ pub fn connect_timeout(
 
 /// Accepts one TLS client on `tcp` within [`HANDSHAKE_TIMEOUT`]: it must
 /// present a certificate of the fleet CA stating a Ferry identity. Returns
-/// the stream and who the client is; whether that client may do what it
-/// asks is for [`crate::authorize`]. A failure is logged and the connection
-/// dropped; the listener should go on accepting.
+/// the stream and who the client is. Prefer [`accept_authorized`], which
+/// also tells a client that is not allowed why. A failure is logged and the
+/// connection dropped; the listener should go on accepting.
 pub fn accept(
     tcp: TcpStream,
     config: &Arc<ServerConfig>,
@@ -390,7 +441,24 @@ pub fn accept_timeout(
     timeout: Duration,
 ) -> Result<(TlsStream, PeerIdentity), HandshakeError> {
     let peer = peer_addr(&tcp);
-    accept_inner(tcp, config, timeout, &peer).inspect_err(|e| {
+    accept_inner(tcp, config, None, timeout, &peer).inspect_err(|e| {
+        tracing::warn!("refused a TLS connection from {peer}: {e}");
+    })
+}
+
+/// [`accept`], then [`crate::authorize`] the client against `allowed`
+/// before accepting it: a client that is not allowed is told who was
+/// refused and who was expected (its [`connect`] fails with
+/// [`HandshakeError::NotAuthorized`]), and this returns
+/// [`HandshakeError::Unauthorized`].
+pub fn accept_authorized(
+    tcp: TcpStream,
+    config: &Arc<ServerConfig>,
+    allowed: &Allowed,
+    timeout: Duration,
+) -> Result<(TlsStream, PeerIdentity), HandshakeError> {
+    let peer = peer_addr(&tcp);
+    accept_inner(tcp, config, Some(allowed), timeout, &peer).inspect_err(|e| {
         tracing::warn!("refused a TLS connection from {peer}: {e}");
     })
 }
@@ -398,6 +466,7 @@ pub fn accept_timeout(
 fn accept_inner(
     mut tcp: TcpStream,
     config: &Arc<ServerConfig>,
+    allowed: Option<&Allowed>,
     timeout: Duration,
     peer: &str,
 ) -> Result<(TlsStream, PeerIdentity), HandshakeError> {
@@ -419,7 +488,7 @@ fn accept_inner(
             // Tell the client we are done with it rather than leave it
             // waiting for the accept byte.
             conn.send_close_notify();
-            if let Err(e) = conn.complete_io(&mut tcp) {
+            if let Err(e) = flush_tls(&mut conn, &mut tcp, &ctx) {
                 tracing::debug!("sending close_notify to {peer}: {e}");
             }
             return Err(HandshakeError::NoFerryIdentity {
@@ -428,6 +497,25 @@ fn accept_inner(
             });
         }
     };
+    if let Some(Err(refused)) = allowed.map(|allowed| authorize(&identity, allowed)) {
+        let mut reply = vec![REFUSED];
+        reply.extend_from_slice(refused.to_string().as_bytes());
+        reply.push(b'\n');
+        let told = conn
+            .writer()
+            .write_all(&reply)
+            .map(|()| conn.send_close_notify());
+        if let Err(e) = told
+            .map_err(|e| ctx.io(e))
+            .and_then(|()| flush_tls(&mut conn, &mut tcp, &ctx))
+        {
+            tracing::debug!("telling {peer} why it was refused: {e}");
+        }
+        return Err(HandshakeError::Unauthorized {
+            peer: peer.to_string(),
+            source: refused,
+        });
+    }
     conn.writer()
         .write_all(&[ACCEPTED])
         .map_err(|source| HandshakeError::Io {

@@ -162,3 +162,52 @@ impl ClientCertVerifier for FerryClientVerifier {
         self.webpki.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{client_verifier, provider};
+
+    /// A certificate our CA signed but that states no ferry:// identity
+    /// (not made by `ferry ca issue`) is refused by both verifiers.
+    #[test]
+    fn a_certificate_without_a_ferry_uri_is_refused() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let mut params = rcgen::CertificateParams::new(vec!["hostB".to_string()]).unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let client_side = FerryServerVerifier::new(Arc::new(roots), provider()).unwrap();
+        let err = client_side
+            .verify_server_cert(
+                cert.der(),
+                &[],
+                &ServerName::try_from("hostB").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        let is_no_uri = |err: &rustls::Error| {
+            matches!(err, rustls::Error::InvalidCertificate(CertificateError::Other(o))
+                if matches!(o.0.downcast_ref::<PeerError>(), Some(PeerError::NoFerryUri)))
+        };
+        assert!(is_no_uri(&err), "{err}");
+
+        let server_side =
+            FerryClientVerifier::new(client_verifier(ca_cert.der(), provider()).unwrap());
+        let err = server_side
+            .verify_client_cert(cert.der(), &[], UnixTime::now())
+            .unwrap_err();
+        assert!(is_no_uri(&err), "{err}");
+    }
+}

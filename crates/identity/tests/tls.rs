@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::{identity, identity_valid, new_ca, DAY};
-use ferry_identity::tls::{accept_timeout, connect_timeout};
+use ferry_identity::tls::{accept_authorized, accept_timeout, connect_timeout};
 use ferry_identity::{
     authorize, client_config, server_config, Allowed, ConfigError, HandshakeError, Identity,
     IssueRequest, IssuedCert, PeerIdentity, TlsStream, ALPN_MIGRATION,
@@ -34,6 +34,14 @@ impl Server {
     }
 
     fn start_with_timeout(identity: &Identity, timeout: Duration) -> Server {
+        Self::start_full(identity, timeout, None)
+    }
+
+    fn start_authorized(identity: &Identity, allowed: Allowed) -> Server {
+        Self::start_full(identity, TIMEOUT, Some(allowed))
+    }
+
+    fn start_full(identity: &Identity, timeout: Duration, allowed: Option<Allowed>) -> Server {
         let config = server_config(identity, &[ALPN_MIGRATION]).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -41,7 +49,11 @@ impl Server {
         std::thread::spawn(move || {
             for tcp in listener.incoming() {
                 let tcp = tcp.unwrap();
-                let outcome = accept_timeout(tcp, &config, timeout).map(|(mut stream, peer)| {
+                let accepted = match &allowed {
+                    Some(allowed) => accept_authorized(tcp, &config, allowed, timeout),
+                    None => accept_timeout(tcp, &config, timeout),
+                };
+                let outcome = accepted.map(|(mut stream, peer)| {
                     assert_eq!(stream.peer(), &peer);
                     echo(&mut stream);
                     peer
@@ -137,6 +149,35 @@ fn an_operator_is_seen_as_an_operator_and_authorization_denies_by_default() {
         "refused host hostC: this connection accepts only host hostA"
     );
     assert!(authorize(&peer, &Allowed::default()).is_err());
+}
+
+#[test]
+fn a_server_that_authorizes_tells_a_refused_client_who_it_expected() {
+    let ca = new_ca("test fleet");
+    let host_a = identity(&ca, IssueRequest::host("hostA"));
+    let host_b = identity(&ca, IssueRequest::host("hostB"));
+    let host_c = identity(&ca, IssueRequest::host("hostC"));
+    let alice = identity(&ca, IssueRequest::operator("alice"));
+    let server = Server::start_authorized(&host_b, Allowed::hosts(["hostA"]));
+
+    for (intruder, who) in [(&host_c, "host hostC"), (&alice, "operator alice")] {
+        let err = dial(&server, &client(intruder), "hostB").unwrap_err();
+        let expected = format!("refused {who}: this connection accepts only host hostA");
+        match &err {
+            HandshakeError::NotAuthorized { reason, .. } => assert_eq!(reason, &expected),
+            other => panic!("expected NotAuthorized, got {other}"),
+        }
+        assert!(!err.is_retryable());
+        let err = server.next().unwrap_err();
+        assert!(matches!(err, HandshakeError::Unauthorized { .. }), "{err}");
+        assert!(err.to_string().ends_with(&expected), "{err}");
+    }
+
+    // The allowed host gets through, and its data is not eaten by the
+    // accept/refuse exchange.
+    let mut stream = dial(&server, &client(&host_a), "hostB").unwrap();
+    round_trip(&mut stream);
+    assert_eq!(server.next().unwrap(), PeerIdentity::host("hostA"));
 }
 
 #[test]
