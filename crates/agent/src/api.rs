@@ -36,6 +36,8 @@ pub enum ApiError {
     TooLarge(String),
     #[error("no VM {0} on this host")]
     NotFound(String),
+    #[error("no such route: {0}")]
+    NoRoute(String),
     #[error("{0}")]
     Conflict(String),
     #[error(transparent)]
@@ -51,11 +53,18 @@ impl ApiError {
         Self::Internal(e.to_string())
     }
 
+    /// True when the agent or the VMM could not do what was asked; false
+    /// for a refusal (bad input, unknown VM, conflict, no capacity), which
+    /// changed nothing.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Self::Vmm(_) | Self::Internal(_))
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Vmm(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -66,7 +75,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => "bad_request",
             Self::TooLarge(_) => "payload_too_large",
-            Self::NotFound(_) => "not_found",
+            Self::NotFound(_) | Self::NoRoute(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::NoCapacity(_) => "no_capacity",
             Self::Vmm(_) => "vmm_error",
@@ -132,13 +141,8 @@ fn audited<T: serde::Serialize>(
     let (status, outcome, reason) = match &result {
         Ok(_) => (ok_status, "ok", None),
         Err(e) => {
-            let status = e.status();
-            let outcome = if status.is_server_error() {
-                "failed"
-            } else {
-                "refused"
-            };
-            (status, outcome, Some(e.to_string()))
+            let outcome = if e.is_failure() { "failed" } else { "refused" };
+            (e.status(), outcome, Some(e.to_string()))
         }
     };
     agent.events.audit(AuditEntry {
@@ -190,7 +194,11 @@ pub fn router(agent: Arc<Agent>) -> (axum::Router, utoipa::openapi::OpenApi) {
                 async move { Json(served) }
             }),
         )
-        .fallback(|| async { ApiError::NotFound("such route".into()) })
+        .fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                ApiError::NoRoute(format!("{method} {}", uri.path()))
+            },
+        )
         .layer(axum::middleware::from_fn_with_state(agent.clone(), count))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(agent);
