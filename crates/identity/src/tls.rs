@@ -266,6 +266,22 @@ impl TlsStream {
         }
     }
 
+    /// The TLS version in use (always TLS 1.3 with these configurations).
+    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        match &self.inner {
+            Inner::Client(s) => s.conn.protocol_version(),
+            Inner::Server(s) => s.conn.protocol_version(),
+        }
+    }
+
+    /// The cipher suite negotiated, e.g. `TLS13_AES_128_GCM_SHA256`.
+    pub fn cipher_suite(&self) -> Option<rustls::SupportedCipherSuite> {
+        match &self.inner {
+            Inner::Client(s) => s.conn.negotiated_cipher_suite(),
+            Inner::Server(s) => s.conn.negotiated_cipher_suite(),
+        }
+    }
+
     /// Sends TLS close_notify and flushes: the peer reads a clean end of
     /// stream instead of a truncation error.
     pub fn close(&mut self) -> io::Result<()> {

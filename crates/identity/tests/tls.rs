@@ -115,6 +115,14 @@ fn mutual_tls_both_ways_echoes_data_and_names_both_peers() {
         let mut stream = dial(&server, &client(client_id), server_id.name()).unwrap();
         assert_eq!(stream.peer(), server_id.me());
         assert_eq!(stream.alpn_protocol(), Some(ALPN_MIGRATION.as_bytes()));
+        assert_eq!(
+            stream.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        assert_eq!(
+            stream.cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
         round_trip(&mut stream);
         assert_eq!(server.next().unwrap(), *client_id.me());
     }
@@ -463,4 +471,69 @@ fn client_trusting(issued: &IssuedCert, trusted: &Identity) -> Arc<rustls::Clien
         .with_client_auth_cert(vec![cert], key)
         .unwrap(),
     )
+}
+
+/// Not a pass/fail test: how fast one TLS stream moves bulk data over
+/// loopback next to plain TCP on this machine. Run by hand:
+/// `cargo test --release -p ferry-identity --test tls -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput_of_one_stream_next_to_plain_tcp() {
+    const TOTAL: usize = 256 << 20;
+    const CHUNK: usize = 256 << 10;
+    let ca = new_ca("test fleet");
+    let host_a = identity(&ca, IssueRequest::host("hostA"));
+    let host_b = identity(&ca, IssueRequest::host("hostB"));
+    let server = server_config(&host_b, &[ALPN_MIGRATION]).unwrap();
+    let client_cfg = client(&host_a);
+
+    let sink = |mut r: Box<dyn Read + Send>| {
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0;
+        while got < TOTAL {
+            let n = r.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got += n;
+        }
+    };
+    let send = |w: &mut dyn Write| {
+        let chunk = vec![0x5au8; CHUNK];
+        let started = std::time::Instant::now();
+        for _ in 0..TOTAL / CHUNK {
+            w.write_all(&chunk).unwrap();
+        }
+        w.flush().unwrap();
+        started
+    };
+
+    for tls in [false, true] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = server.clone();
+        let receiver = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let reader: Box<dyn Read + Send> = if tls {
+                Box::new(accept_timeout(tcp, &server, TIMEOUT).unwrap().0)
+            } else {
+                Box::new(tcp)
+            };
+            sink(reader);
+            std::time::Instant::now()
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let started = if tls {
+            let mut stream = connect_timeout(tcp, &client_cfg, "hostB", TIMEOUT).unwrap();
+            send(&mut stream)
+        } else {
+            let mut tcp = tcp;
+            send(&mut tcp)
+        };
+        let done = receiver.join().unwrap();
+        let secs = done.duration_since(started).as_secs_f64();
+        println!(
+            "{}: {:.1} Gbit/s",
+            if tls { "TLS 1.3" } else { "plain TCP" },
+            TOTAL as f64 * 8.0 / secs / 1e9
+        );
+    }
 }
