@@ -32,7 +32,7 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::client::Resumption;
 use rustls::pki_types::ServerName;
@@ -42,7 +42,7 @@ use rustls::{
 };
 
 use crate::authz::{authorize, Allowed, AuthzError};
-use crate::identity::{client_verifier, provider, Identity, VerifierError};
+use crate::identity::{client_verifier, provider, show_time, Identity, VerifierError};
 use crate::peer::{PeerError, PeerIdentity, Role};
 use crate::verify::{FerryClientVerifier, FerryServerVerifier};
 
@@ -140,7 +140,8 @@ pub fn client_config(identity: &Identity, alpn: &[&str]) -> Result<Arc<ClientCon
     Ok(Arc::new(config))
 }
 
-/// Why a TLS handshake failed. `peer` is the remote socket address.
+/// Why a TLS handshake failed. `peer` says which side and its socket
+/// address: "the server at 10.0.0.2:7070", "the client at ...".
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
     #[error("`{name}` cannot be a TLS server name: give the destination's host name, as in its certificate")]
@@ -149,13 +150,13 @@ pub enum HandshakeError {
     Timeout { peer: String, timeout: Duration },
     #[error("{peer} closed the connection during the TLS handshake: it may have refused us (see its log)")]
     Closed { peer: String },
-    #[error("{peer}'s certificate is not signed by our fleet CA: it belongs to another fleet, or one side has the wrong ca.crt")]
+    #[error("the certificate of {peer} is not signed by our fleet CA: it belongs to another fleet, or one side has the wrong ca.crt")]
     UnknownCa { peer: String },
     #[error(
-        "{peer}'s certificate has expired ({detail}): reissue it with `ferry ca issue --force`"
+        "the certificate of {peer} has expired ({detail}): reissue it with `ferry ca issue --force`"
     )]
     Expired { peer: String, detail: String },
-    #[error("{peer}'s certificate is not valid yet ({detail}): check both hosts' clocks")]
+    #[error("the certificate of {peer} is not valid yet ({detail}): check both hosts' clocks")]
     NotYetValid { peer: String, detail: String },
     #[error("{peer} is not host {expected}: its certificate is for {presented}; check the address of {expected}")]
     WrongHost {
@@ -163,7 +164,7 @@ pub enum HandshakeError {
         expected: String,
         presented: String,
     },
-    #[error("{peer}'s certificate may not be used this way ({detail}); an operator certificate cannot serve")]
+    #[error("the certificate of {peer} may not be used this way ({detail}); an operator certificate cannot serve")]
     WrongPurpose { peer: String, detail: String },
     #[error(
         "{peer} sent no client certificate: every Ferry connection needs one (give it `--tls DIR`)"
@@ -189,7 +190,7 @@ pub enum HandshakeError {
     },
     #[error("{peer} sent {byte:#04x} where a Ferry peer sends its accept byte: not a Ferry peer?")]
     NotFerry { peer: String, byte: u8 },
-    #[error("{peer}'s certificate states no usable Ferry identity: {source}")]
+    #[error("the certificate of {peer} states no usable Ferry identity: {source}")]
     NoFerryIdentity {
         peer: String,
         #[source]
@@ -341,7 +342,7 @@ pub fn connect_timeout(
     expected_host: &str,
     timeout: Duration,
 ) -> Result<TlsStream, HandshakeError> {
-    let peer = peer_addr(&tcp);
+    let peer = format!("the server at {}", peer_addr(&tcp));
     let server_name = ServerName::try_from(expected_host.to_string()).map_err(|_| {
         HandshakeError::BadServerName {
             name: expected_host.to_string(),
@@ -456,9 +457,9 @@ pub fn accept_timeout(
     config: &Arc<ServerConfig>,
     timeout: Duration,
 ) -> Result<(TlsStream, PeerIdentity), HandshakeError> {
-    let peer = peer_addr(&tcp);
+    let peer = format!("the client at {}", peer_addr(&tcp));
     accept_inner(tcp, config, None, timeout, &peer).inspect_err(|e| {
-        tracing::warn!("refused a TLS connection from {peer}: {e}");
+        tracing::warn!("refused a TLS connection: {e}");
     })
 }
 
@@ -473,9 +474,9 @@ pub fn accept_authorized(
     allowed: &Allowed,
     timeout: Duration,
 ) -> Result<(TlsStream, PeerIdentity), HandshakeError> {
-    let peer = peer_addr(&tcp);
+    let peer = format!("the client at {}", peer_addr(&tcp));
     accept_inner(tcp, config, Some(allowed), timeout, &peer).inspect_err(|e| {
-        tracing::warn!("refused a TLS connection from {peer}: {e}");
+        tracing::warn!("refused a TLS connection: {e}");
     })
 }
 
@@ -649,16 +650,30 @@ fn classify(error: rustls::Error, ctx: &Ctx<'_>) -> HandshakeError {
             CertificateError::UnknownIssuer | CertificateError::BadSignature => {
                 HandshakeError::UnknownCa { peer }
             }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                HandshakeError::Expired {
-                    peer,
-                    detail: error.to_string(),
-                }
-            }
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            CertificateError::Expired => HandshakeError::Expired {
+                peer,
+                detail: "expired".to_string(),
+            },
+            CertificateError::ExpiredContext { time, not_after } => HandshakeError::Expired {
+                peer,
+                detail: format!(
+                    "not valid after {}, it is now {}",
+                    show_unix_time(*not_after),
+                    show_unix_time(*time)
+                ),
+            },
+            CertificateError::NotValidYet => HandshakeError::NotYetValid {
+                peer,
+                detail: "not valid yet".to_string(),
+            },
+            CertificateError::NotValidYetContext { time, not_before } => {
                 HandshakeError::NotYetValid {
                     peer,
-                    detail: error.to_string(),
+                    detail: format!(
+                        "not valid before {}, it is now {}",
+                        show_unix_time(*not_before),
+                        show_unix_time(*time)
+                    ),
                 }
             }
             CertificateError::NotValidForName => HandshakeError::WrongHost {
@@ -670,7 +685,7 @@ fn classify(error: rustls::Error, ctx: &Ctx<'_>) -> HandshakeError {
                 HandshakeError::WrongHost {
                     peer,
                     expected: ctx.expected.unwrap_or("?").to_string(),
-                    presented: presented.join(", "),
+                    presented: show_presented(presented),
                 }
             }
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
@@ -713,6 +728,31 @@ fn classify(error: rustls::Error, ctx: &Ctx<'_>) -> HandshakeError {
     }
 }
 
+fn show_unix_time(t: rustls::pki_types::UnixTime) -> String {
+    show_time(SystemTime::UNIX_EPOCH + Duration::from_secs(t.as_secs()))
+}
+
+/// The names webpki found in a certificate (`DnsName("hostC")`, ...) as
+/// the Ferry identity they state if there is one, else the names.
+fn show_presented(presented: &[String]) -> String {
+    let values: Vec<&str> = presented
+        .iter()
+        .map(|p| {
+            p.split_once("(\"")
+                .and_then(|(_, rest)| rest.strip_suffix("\")"))
+                .unwrap_or(p)
+        })
+        .collect();
+    if let Some(identity) = values.iter().find_map(|v| PeerIdentity::parse_uri(v).ok()) {
+        return identity.to_string();
+    }
+    if values.is_empty() {
+        "no name".to_string()
+    } else {
+        values.join(", ")
+    }
+}
+
 fn alert_hint(alert: AlertDescription) -> &'static str {
     match alert {
         AlertDescription::UnknownCA => {
@@ -741,7 +781,7 @@ fn alert_hint(alert: AlertDescription) -> &'static str {
 fn peer_addr(tcp: &TcpStream) -> String {
     tcp.peer_addr()
         .map(|a| a.to_string())
-        .unwrap_or_else(|_| "an unconnected peer".to_string())
+        .unwrap_or_else(|_| "an unknown address".to_string())
 }
 
 /// The socket timeouts the caller had, put back after the handshake.

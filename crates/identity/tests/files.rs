@@ -287,3 +287,22 @@ fn bad_days_and_ca_names_are_refused() {
     ));
     assert!(!tmp.path().join("ca.key").exists());
 }
+
+#[test]
+fn issue_refuses_a_ca_whose_key_is_open_or_not_its_own() {
+    let tmp = TempDir::new("cakey");
+    ca::init_ca(tmp.path(), "fleet", 10).unwrap();
+    let key = tmp.path().join("ca.key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = ca::issue(tmp.path(), &IssueRequest::host("hostA"), false).unwrap_err();
+    assert!(matches!(err, CaError::InsecureKey { .. }), "{err}");
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+
+    let other = TempDir::new("cakey-other");
+    ca::init_ca(other.path(), "other", 10).unwrap();
+    fs::write(&key, fs::read(other.path().join("ca.key")).unwrap()).unwrap();
+    let err = ca::issue(tmp.path(), &IssueRequest::host("hostA"), false).unwrap_err();
+    assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
+    assert!(!tmp.path().join("hostA").exists());
+}
