@@ -10,8 +10,43 @@
 //!   sides authenticated against the fleet CA and nothing else.
 //! - [`PeerIdentity`] and [`authorize`]: who the verified peer is, and
 //!   whether it is allowed here (deny by default).
-//! - [`connect`] / [`accept`]: a blocking [`TlsStream`] over a
+//! - [`connect`] / [`accept_authorized`]: a blocking [`TlsStream`] over a
 //!   `TcpStream` for the migration data plane.
+//!
+//! A destination that expects the migration hostA prepared, and the source:
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use std::net::{TcpListener, TcpStream};
+//! use std::path::Path;
+//! use ferry_identity::{tls, Allowed, Identity, ALPN_MIGRATION, HANDSHAKE_TIMEOUT};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // On hostB:
+//! let me = Identity::load(Path::new("/etc/ferry/identity"))?;
+//! let server = ferry_identity::server_config(&me, &[ALPN_MIGRATION])?;
+//! let listener = TcpListener::bind("0.0.0.0:7070")?;
+//! for tcp in listener.incoming() {
+//!     // A stranger, a plaintext client or the wrong host is refused and
+//!     // logged; keep waiting for the source we prepared for.
+//!     let Ok((mut stream, _peer)) =
+//!         tls::accept_authorized(tcp?, &server, &Allowed::hosts(["hostA"]), HANDSHAKE_TIMEOUT)
+//!     else {
+//!         continue;
+//!     };
+//!     let mut frame = [0u8; 4];
+//!     stream.read_exact(&mut frame)?;
+//!     break;
+//! }
+//!
+//! // On hostA:
+//! let me = Identity::load(Path::new("/etc/ferry/identity"))?;
+//! let client = ferry_identity::client_config(&me, &[ALPN_MIGRATION])?;
+//! let mut stream = ferry_identity::connect(TcpStream::connect("10.0.0.2:7070")?, &client, "hostB")?;
+//! stream.write_all(b"FRY1")?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod authz;
 pub mod ca;
