@@ -80,7 +80,9 @@ pub struct AuditOpenError {
 
 /// Publishes events and writes the audit log.
 pub struct Events {
-    tx: broadcast::Sender<Event>,
+    /// None once the agent stops: every event stream then ends, so the
+    /// server's graceful shutdown is not held up by open streams.
+    tx: Mutex<Option<broadcast::Sender<Event>>>,
     audit: Mutex<File>,
 }
 
@@ -96,29 +98,45 @@ impl Events {
             })?;
         let (tx, _) = broadcast::channel(1024);
         Ok(Self {
-            tx,
+            tx: Mutex::new(Some(tx)),
             audit: Mutex::new(file),
         })
     }
 
+    /// A receiver of every event from now on (already closed once the
+    /// agent stops).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.tx.subscribe()
+        match &*lock(&self.tx) {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
     }
 
     pub fn publish(&self, event: Event) {
-        // No subscriber is fine.
-        let _ = self.tx.send(event);
+        if let Some(tx) = &*lock(&self.tx) {
+            // No subscriber is fine.
+            let _ = tx.send(event);
+        }
+    }
+
+    /// Ends every event stream.
+    pub fn close(&self) {
+        lock(&self.tx).take();
     }
 
     /// Appends `entry` to the audit log and publishes it.
     pub fn audit(&self, entry: AuditEntry) {
         let mut line = serde_json::to_string(&entry).unwrap_or_default();
         line.push('\n');
-        let mut file = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut file = lock(&self.audit);
         if let Err(e) = file.write_all(line.as_bytes()) {
             tracing::error!("cannot write the audit log: {e}");
         }
         drop(file);
         self.publish(Event::Audit(entry));
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -598,18 +598,21 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         agent.list().map(|l| l.len()).unwrap_or(0)
     );
     let mut graceful = stop_rx.clone();
+    let closing = agent.clone();
     let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<crate::api::PeerCred>(),
     )
     .with_graceful_shutdown(async move {
         let _ = graceful.wait_for(|s| *s).await;
+        closing.events.close();
     });
     let serving = tokio::spawn(async move { server.await });
     let _ = stop_rx.wait_for(|s| *s).await;
     tracing::info!("stopping; the VMs keep running");
-    // Event streams never end by themselves: give the rest a moment.
-    let _ = tokio::time::timeout(Duration::from_secs(2), serving).await;
+    // Calls in flight may finish; one that waits on a slow VMM is cut
+    // short (the VMM runs on either way).
+    let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
