@@ -196,6 +196,18 @@ vcpus = 4
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../host.example.toml");
+        let c = Config::parse(
+            Path::new("host.example.toml"),
+            &format!("ferry_bin = \"/x\"\n{text}"),
+        )
+        .unwrap();
+        assert_eq!(c.capacity.vcpus, 8);
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         let unknown = GOOD.replace("vcpus = 4", "vcpus = 4\ncpus = 2");
         let e = Config::parse(Path::new("h.toml"), &unknown).unwrap_err();

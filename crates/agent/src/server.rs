@@ -579,7 +579,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // Bind first: a second agent must fail before it touches any record.
     let listener = bind_socket(&config.socket)?;
     let socket = config.socket.clone();
-    let agent = Agent::open(config).await?;
+    let agent = match Agent::open(config).await {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
     let (app, _) = crate::api::router(agent.clone());
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
