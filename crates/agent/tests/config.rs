@@ -9,6 +9,16 @@ use std::process::Command;
 
 use common::{ferryd_bin, Agent, TempDir};
 
+/// A process killed and reaped when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn ferryd_fails(config: &std::path::Path) -> String {
     let out = Command::new(ferryd_bin())
         .arg("--config")
@@ -78,11 +88,13 @@ fn one_agent_per_socket_and_state_dir_and_stale_sockets_are_replaced() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(ferryd_bin())
-        .arg("--config")
-        .arg(&config)
-        .spawn()
-        .unwrap();
+    let first = KillOnDrop(
+        Command::new(ferryd_bin())
+            .arg("--config")
+            .arg(&config)
+            .spawn()
+            .unwrap(),
+    );
     let client = ferry_agent::client::AgentClient::new(&socket);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while client.get("/v1/vms").map(|r| r.status).ok() != Some(200) {
@@ -92,8 +104,7 @@ fn one_agent_per_socket_and_state_dir_and_stale_sockets_are_replaced() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(first);
 
     // A live agent: a second on its socket is refused, and so is one on
     // its state directory; the first serves on.
