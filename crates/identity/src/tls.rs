@@ -172,6 +172,8 @@ pub enum HandshakeError {
     NoClientCertificate { peer: String },
     #[error("{peer} does not speak TLS ({detail}): plaintext or garbage on a TLS port; is it running with --insecure-plaintext?")]
     NotTls { peer: String, detail: String },
+    #[error("{peer} cannot do TLS 1.3 the way Ferry requires ({detail}): it is not a Ferry peer, or an outdated one")]
+    Incompatible { peer: String, detail: String },
     #[error("{peer} refused the TLS handshake (alert {alert}): {hint}")]
     RefusedByPeer {
         peer: String,
@@ -710,6 +712,10 @@ fn classify(error: rustls::Error, ctx: &Ctx<'_>) -> HandshakeError {
             },
         },
         rustls::Error::NoCertificatesPresented => HandshakeError::NoClientCertificate { peer },
+        rustls::Error::PeerIncompatible(why) => HandshakeError::Incompatible {
+            peer,
+            detail: format!("{why:?}"),
+        },
         rustls::Error::AlertReceived(alert) => HandshakeError::RefusedByPeer {
             peer,
             alert: format!("{alert:?}"),

@@ -404,6 +404,19 @@ fn plaintext_and_garbage_are_refused_and_the_server_keeps_accepting() {
     assert!(matches!(err, HandshakeError::NotTls { .. }), "{err}");
     drop(tcp);
 
+    // A TLS 1.2-only ClientHello (no supported_versions extension).
+    let mut tcp = TcpStream::connect(server.addr).unwrap();
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x00, 0x2d, 0x01, 0x00, 0x00, 0x29, 0x03, 0x03,
+    ];
+    hello.extend_from_slice(&[0x42; 32]);
+    hello.extend_from_slice(&[0x00, 0x00, 0x02, 0xc0, 0x2f, 0x01, 0x00]);
+    tcp.write_all(&hello).unwrap();
+    let err = server.next().unwrap_err();
+    assert!(matches!(err, HandshakeError::Incompatible { .. }), "{err}");
+    assert!(err.to_string().contains("cannot do TLS 1.3"), "{err}");
+    drop(tcp);
+
     // A client that connects and says nothing.
     let silent = TcpStream::connect(server.addr).unwrap();
     let err = server.next().unwrap_err();
