@@ -117,9 +117,14 @@ impl Agent {
             events,
             metrics: Metrics::new(),
         });
+        // Each VMM is asked at once: a mute one delays the start by one
+        // status timeout, not one per VM.
+        let mut checks = tokio::task::JoinSet::new();
         for record in agent.store.list()? {
-            agent.readopt(record).await;
+            let agent = agent.clone();
+            checks.spawn(async move { agent.readopt(record).await });
         }
+        while checks.join_next().await.is_some() {}
         Ok(agent)
     }
 

@@ -123,3 +123,43 @@ impl Restart for Agent {
         self.heartbeat("keep")
     }
 }
+
+/// A VMM that lives but does not answer when the agent comes back (here:
+/// stopped with SIGSTOP) is never killed, only reported failed, still
+/// counted against capacity, and still stopped by delete.
+#[test]
+fn a_mute_vmm_is_reported_failed_but_left_alone() {
+    if !kvm_or_skip("a_mute_vmm_is_reported_failed_but_left_alone") {
+        return;
+    }
+    let mut agent = Agent::new("mute", "1G", 4);
+    let vm = agent.create_vm("mute", "64M", "idle");
+    let pid = vm["pid"].as_u64().unwrap() as u32;
+    agent.kill9();
+    // SAFETY: kill(2) with a valid signal on the VMM this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    agent.start();
+    let v = agent.show("mute");
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("alive but its API socket does not answer"),
+        "{v}"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        alive(pid),
+        "the agent must not kill a VMM it could not adopt"
+    );
+    let m = agent.get("/metrics").text();
+    assert!(
+        m.contains(&format!("ferryd_memory_reserved_bytes {}", 64 << 20)),
+        "{m}"
+    );
+    assert_eq!(agent.delete("/v1/vms/mute").status, 200);
+    assert!(!alive(pid));
+}
