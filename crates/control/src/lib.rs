@@ -25,6 +25,30 @@ pub enum Request {
     Migrate(MigrateRequest),
     /// Try again a post-copy that gave up after its link failed.
     ResumeMigration,
+    /// Stop every vCPU and keep them stopped (the guest's clock runs on:
+    /// its next heartbeat reports the pause as a stall).
+    Pause,
+    /// Run the vCPUs of a paused VM again.
+    Resume,
+}
+
+/// What the guest's latest heartbeat said, as the VM's owner saw it on the
+/// console.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestFacts {
+    /// Heartbeats since boot, from 0.
+    pub seq: u64,
+    /// Pages that failed the guest's verification so far.
+    pub err: u64,
+    /// The stall the latest heartbeat reported, microseconds.
+    pub stall_us: u64,
+    /// The longest stall any heartbeat reported here, microseconds.
+    pub max_stall_us: u64,
+    /// Pages written and verified so far.
+    pub wr: u64,
+    pub ver: u64,
+    /// Heartbeats whose sequence number did not follow the previous one.
+    pub sequence_breaks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,7 +93,19 @@ pub enum Response {
         vcpus: u32,
         mem_bytes: u64,
         uptime_ms: f64,
+        /// True while a Pause holds the vCPUs.
+        #[serde(default)]
+        paused: bool,
+        /// The guest's latest heartbeat; None before the first.
+        #[serde(default)]
+        guest: Option<GuestFacts>,
     },
+    /// Every vCPU has stopped.
+    Paused {
+        pause_ms: f64,
+    },
+    /// The vCPUs run again.
+    Resumed,
     Snapshot(SnapshotReport),
     /// Not final: a migration is under way.
     Progress(Progress),

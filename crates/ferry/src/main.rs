@@ -36,6 +36,10 @@ enum Command {
     Receive(commands::receive::ReceiveArgs),
     /// Ferry and QEMU live migration side by side on this machine.
     Bench(commands::bench::BenchArgs),
+    /// The VMs of this host, through its agent (ferryd).
+    Vm(commands::vm::VmArgs),
+    /// The fleet's private CA: `ca init DIR`, `ca issue --name HOST DIR`.
+    Ca(commands::ca::CaArgs),
 }
 
 fn main() {
@@ -48,6 +52,8 @@ fn main() {
         Command::Migrate(args) => commands::migrate::migrate(args),
         Command::Receive(args) => commands::receive::receive(args),
         Command::Bench(args) => commands::bench::bench(args),
+        Command::Vm(args) => commands::vm::vm(args),
+        Command::Ca(args) => commands::ca::ca(args),
     };
     match result {
         Ok(true) => {}

@@ -29,6 +29,8 @@ pub struct GuestWatch {
     pub errors: u64,
     pub sweeps: u64,
     pub max_stall_us: u64,
+    /// The stall the latest heartbeat reported.
+    pub last_stall_us: u64,
     /// Pages the guest named as bad (its first few), guest-physical.
     pub bad_pages: Vec<u64>,
     pub guest_exit: Option<String>,
@@ -96,11 +98,25 @@ impl GuestWatch {
         self.errors = hb.err;
         self.sweeps = hb.sweeps;
         self.max_stall_us = self.max_stall_us.max(hb.stall_us);
+        self.last_stall_us = hb.stall_us;
     }
 
     /// True when the guest verified its memory and found nothing wrong.
     pub fn memory_ok(&self) -> bool {
         self.heartbeats > 0 && self.errors == 0 && self.bad_pages.is_empty()
+    }
+
+    /// The latest heartbeat's figures, for a Status answer.
+    pub fn guest_facts(&self) -> Option<ferry_control::GuestFacts> {
+        Some(ferry_control::GuestFacts {
+            seq: self.last_seq?,
+            err: self.errors,
+            stall_us: self.last_stall_us,
+            max_stall_us: self.max_stall_us,
+            wr: self.pages_written,
+            ver: self.pages_verified,
+            sequence_breaks: self.sequence_breaks,
+        })
     }
 
     pub fn elapsed(&self) -> Duration {

@@ -1,9 +1,11 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod ca;
 pub mod demo;
 pub mod migrate;
 pub mod receive;
 pub mod restore;
 pub mod run;
 pub mod snapshot;
+pub mod vm;

@@ -151,9 +151,11 @@ pub fn watch_until(
     let interrupted = interrupt_flag();
     // A post-copy that gave up on its link, kept for a ResumeMigration.
     let mut unfinished = None;
+    // True while a Pause request holds the vCPUs.
+    let mut paused = false;
     loop {
         while let Some(pending) = api.and_then(ApiServer::try_next) {
-            if let Some(ending) = serve_request(vm, pending, &mut unfinished) {
+            if let Some(ending) = serve_request(vm, pending, &mut unfinished, &mut paused, watch) {
                 return ending;
             }
         }
@@ -207,16 +209,70 @@ fn serve_request(
     vm: &mut Vm,
     pending: Pending,
     unfinished: &mut Option<Box<Unfinished>>,
+    paused: &mut bool,
+    watch: &GuestWatch,
 ) -> Option<Ending> {
+    let refuse_paused = |pending: Pending, what: &str| {
+        pending.answer(Response::Error {
+            message: format!("the VM is paused: resume it before {what}"),
+        });
+        None
+    };
     match pending.request.clone() {
         Request::Status => {
             pending.answer(Response::Status {
                 vcpus: vm.machine().vcpus,
                 mem_bytes: vm.machine().mem_bytes,
                 uptime_ms: vm.started_at().elapsed().as_secs_f64() * 1e3,
+                paused: *paused,
+                guest: watch.guest_facts(),
             });
             None
         }
+        Request::Pause if *paused => {
+            pending.answer(Response::Error {
+                message: "the VM is already paused".into(),
+            });
+            None
+        }
+        Request::Pause => {
+            match vm.pause() {
+                Ok(paused_at) => {
+                    let took = paused_at.requested.elapsed();
+                    *paused = true;
+                    eprintln!("ferry: VM paused ({:.2} ms)", took.as_secs_f64() * 1e3);
+                    pending.answer(Response::Paused {
+                        pause_ms: took.as_secs_f64() * 1e3,
+                    });
+                }
+                Err(e) => {
+                    // Whatever stopped, run it again: a VM is paused fully
+                    // or not at all.
+                    vm.resume();
+                    pending.answer(Response::Error {
+                        message: format!("cannot pause the VM (it runs on): {e}"),
+                    });
+                }
+            }
+            None
+        }
+        Request::Resume if !*paused => {
+            pending.answer(Response::Error {
+                message: "the VM is not paused".into(),
+            });
+            None
+        }
+        Request::Resume => {
+            vm.resume();
+            *paused = false;
+            eprintln!("ferry: VM resumed");
+            pending.answer(Response::Resumed);
+            None
+        }
+        Request::Migrate(_) | Request::ResumeMigration if *paused => {
+            refuse_paused(pending, "migrating it")
+        }
+        Request::Snapshot { .. } if *paused => refuse_paused(pending, "a snapshot"),
         Request::Migrate(request) => {
             let result = crate::migration::outgoing::migrate_vm(vm, &request, &mut |p| {
                 pending.progress(Response::Progress(p.clone()))

@@ -1,0 +1,272 @@
+//! `ferry vm ...`: the VMs of this host through its agent (`ferryd`), over
+//! the agent's Unix socket. Tables for people, `--json` for programs (the
+//! agent's own JSON, unchanged).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ferry_agent::client::{AgentClient, Reply};
+use ferry_agent::model::{VmRecord, VmView};
+use serde_json::json;
+
+use crate::size::show_size;
+
+#[derive(Debug, clap::Args)]
+pub struct VmArgs {
+    /// The agent's socket.
+    #[arg(long, global = true, default_value = ferry_agent::config::DEFAULT_SOCKET)]
+    pub agent: PathBuf,
+    /// Print the agent's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: VmCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum VmCommand {
+    /// Define a VM and start it.
+    Create(CreateArgs),
+    /// Every VM on this host.
+    List,
+    /// One VM, with its uptime and latest heartbeat.
+    Show { id: String },
+    /// Stop a VM and remove it.
+    Delete { id: String },
+    /// Stop a VM's vCPUs.
+    Pause { id: String },
+    /// Run a paused VM again.
+    Resume { id: String },
+    /// Write a snapshot of a running VM to FILE (it runs on).
+    Snapshot { id: String, file: PathBuf },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// The VM's id (lower-case letters, digits, '-'); default: one is made.
+    #[arg(long)]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub vm: super::run::VmArgs,
+    /// Migration policy: the blackout to aim for (e.g. 10ms).
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    pub downtime: Option<Duration>,
+    /// Migration policy: send-rate cap (e.g. 200MiB/s).
+    #[arg(long, value_parser = crate::size::parse_rate)]
+    pub bandwidth: Option<u64>,
+    /// Migration policy: never brake the guest to converge.
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// Migration policy: allow post-copy.
+    #[arg(long)]
+    pub allow_postcopy: bool,
+    /// Migration policy: abort a migration not done within this (e.g. 5m).
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    pub completion_timeout: Option<Duration>,
+}
+
+impl CreateArgs {
+    fn body(&self) -> serde_json::Value {
+        let mut policy = json!({
+            "allow_auto_converge": !self.no_auto_converge,
+            "allow_postcopy": self.allow_postcopy,
+        });
+        if let Some(d) = self.downtime {
+            policy["downtime_ms"] = json!(d.as_secs_f64() * 1e3);
+        }
+        if let Some(b) = self.bandwidth {
+            policy["bandwidth"] = json!(b);
+        }
+        if let Some(t) = self.completion_timeout {
+            policy["completion_timeout_ms"] = json!(t.as_millis() as u64);
+        }
+        let mut body = json!({
+            "definition": {
+                "mem_bytes": self.vm.mem,
+                "vcpus": self.vm.vcpus(),
+                "workload": self.vm.workload().to_string(),
+                "guest": self.vm.guest,
+                "prealloc": self.vm.prealloc,
+            },
+            "policy": policy,
+        });
+        if let Some(id) = &self.id {
+            body["id"] = json!(id);
+        }
+        body
+    }
+}
+
+pub fn vm(args: VmArgs) -> anyhow::Result<bool> {
+    let client = AgentClient::new(&args.agent);
+    let (reply, what) = match &args.command {
+        VmCommand::Create(c) => (
+            client.request("POST", "/v1/vms", Some(&c.body()))?,
+            "create",
+        ),
+        VmCommand::List => (client.get("/v1/vms")?, "list"),
+        VmCommand::Show { id } => (client.get(&format!("/v1/vms/{id}"))?, "show"),
+        VmCommand::Delete { id } => (
+            client.request("DELETE", &format!("/v1/vms/{id}"), None)?,
+            "delete",
+        ),
+        VmCommand::Pause { id } => (
+            client.request("POST", &format!("/v1/vms/{id}/pause"), None)?,
+            "pause",
+        ),
+        VmCommand::Resume { id } => (
+            client.request("POST", &format!("/v1/vms/{id}/resume"), None)?,
+            "resume",
+        ),
+        VmCommand::Snapshot { id, file } => {
+            let path = std::path::absolute(file)
+                .with_context(|| format!("snapshot file {}", file.display()))?;
+            (
+                client.request(
+                    "POST",
+                    &format!("/v1/vms/{id}/snapshot"),
+                    Some(&json!({ "path": path })),
+                )?,
+                "snapshot",
+            )
+        }
+    };
+    if args.json {
+        println!("{}", reply.text().trim_end());
+        return Ok(reply.is_success());
+    }
+    if !reply.is_success() {
+        let body = reply.json();
+        let reason = body["reason"].as_str().unwrap_or("(no reason given)");
+        let kind = body["error"].as_str().unwrap_or("error");
+        bail!(
+            "{what} refused by ferryd ({} {kind}): {reason}",
+            reply.status
+        );
+    }
+    print_human(&args.command, &reply)?;
+    Ok(true)
+}
+
+fn print_human(command: &VmCommand, reply: &Reply) -> anyhow::Result<()> {
+    let decode = |what| -> anyhow::Result<VmRecord> {
+        serde_json::from_slice(&reply.body).with_context(|| format!("ferryd's answer to {what}"))
+    };
+    match command {
+        VmCommand::List => {
+            let records: Vec<VmRecord> =
+                serde_json::from_slice(&reply.body).context("ferryd's list")?;
+            print_table(&records);
+        }
+        VmCommand::Show { .. } => {
+            let view: VmView = serde_json::from_slice(&reply.body).context("ferryd's VM")?;
+            print_view(&view);
+        }
+        VmCommand::Create(_) => {
+            let r = decode("create")?;
+            println!("VM {} {} (pid {})", r.id, r.state.as_str(), pid(&r));
+        }
+        VmCommand::Delete { .. } => println!("VM {} deleted", decode("delete")?.id),
+        VmCommand::Pause { .. } | VmCommand::Resume { .. } => {
+            let r = decode("pause/resume")?;
+            println!("VM {} {}", r.id, r.state.as_str());
+        }
+        VmCommand::Snapshot { .. } => {
+            let v = reply.json();
+            println!(
+                "snapshot written to {} ({} bytes, VM paused {:.1} ms)",
+                v["path"].as_str().unwrap_or("?"),
+                v["file_bytes"],
+                v["pause_ms"].as_f64().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn pid(r: &VmRecord) -> String {
+    r.pid.map_or("-".into(), |p| p.to_string())
+}
+
+fn print_table(records: &[VmRecord]) {
+    println!(
+        "{:<20} {:<9} {:>9} {:>5} {:<20} {:>8}  CREATED",
+        "ID", "STATE", "MEMORY", "VCPUS", "WORKLOAD", "PID"
+    );
+    for r in records {
+        println!(
+            "{:<20} {:<9} {:>9} {:>5} {:<20} {:>8}  {}",
+            r.id,
+            r.state.as_str(),
+            show_size(r.definition.mem_bytes),
+            r.definition.vcpus,
+            r.definition.workload,
+            pid(r),
+            r.created_at
+        );
+        if let Some(reason) = &r.reason {
+            println!("{:<20} {reason}", "");
+        }
+    }
+}
+
+fn print_view(v: &VmView) {
+    let r = &v.record;
+    let p = &r.policy;
+    let mut rows = vec![
+        ("id", r.id.clone()),
+        ("state", r.state.as_str().to_string()),
+        (
+            "VM",
+            format!(
+                "{} vCPU, {}, workload {}{}",
+                r.definition.vcpus,
+                show_size(r.definition.mem_bytes),
+                r.definition.workload,
+                if r.definition.prealloc {
+                    ", preallocated"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        ("VMM pid", pid(r)),
+        ("API socket", r.api_socket.display().to_string()),
+        ("log", r.log.display().to_string()),
+        ("created", r.created_at.clone()),
+        (
+            "migration policy",
+            format!(
+                "downtime {} ms, bandwidth {}, auto-converge {}, post-copy {}, timeout {} s",
+                p.downtime_ms,
+                p.bandwidth
+                    .map_or("unlimited".into(), |b| format!("{}/s", show_size(b))),
+                if p.allow_auto_converge { "yes" } else { "no" },
+                if p.allow_postcopy { "yes" } else { "no" },
+                p.completion_timeout_ms / 1000
+            ),
+        ),
+    ];
+    if let Some(reason) = &r.reason {
+        rows.push(("reason", reason.clone()));
+    }
+    if let Some(live) = &v.live {
+        rows.push(("uptime", format!("{:.1} s", live.uptime_ms / 1e3)));
+        if let Some(hb) = &live.heartbeat {
+            rows.push((
+                "latest heartbeat",
+                format!(
+                    "seq {}, err {}, stall {} us (longest {} us), sequence breaks {}",
+                    hb.seq, hb.err, hb.stall_us, hb.max_stall_us, hb.sequence_breaks
+                ),
+            ));
+        }
+    }
+    if let Some(e) = &v.live_error {
+        rows.push(("VMM", format!("not answering: {e}")));
+    }
+    for (k, v) in rows {
+        println!("  {k:<18} {v}");
+    }
+}
