@@ -289,6 +289,24 @@ fn heartbeat_count(p: &mut FerryProc) -> usize {
     p.heartbeats().len()
 }
 
+/// Heartbeats printed by `p` once it stopped printing: a source prints the
+/// console lines its guest wrote during the migration only after the
+/// migration returns, so those may still be arriving. Waits until none
+/// came for 300 ms (at most 10 s).
+fn settled_heartbeat_count(p: &mut FerryProc) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut count = heartbeat_count(p);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = heartbeat_count(p);
+        if now == count {
+            break;
+        }
+        count = now;
+    }
+    count
+}
+
 #[test]
 fn link_dropped_mid_postcopy_then_restored_completes_verified() {
     let test = "link_dropped_mid_postcopy_then_restored_completes_verified";
@@ -391,7 +409,7 @@ fn a_source_that_gave_up_resumes_on_the_operators_word() {
         mig.transcript()
     );
     // It keeps its VM, paused: alive, no heartbeat.
-    let before = heartbeat_count(&mut src);
+    let before = settled_heartbeat_count(&mut src);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         heartbeat_count(&mut src),

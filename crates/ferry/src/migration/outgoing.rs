@@ -10,6 +10,7 @@ use ferry_migration::precopy::{migrate, resume_postcopy, Failure, MigrateError, 
 use ferry_migration::stats::{MigrationReport, Progress};
 use ferry_vmm::Vm;
 
+use super::priority::{CpuPriority, Yielding};
 use super::source::VmSource;
 use ferry_control::MigrateRequest;
 
@@ -37,9 +38,9 @@ const AUTO_CPU_SHARE: u32 = 50;
 
 /// `--cpu-share auto`: a floor only where the migration would otherwise
 /// wait for cores that the vCPUs never leave (its threads yield to them).
-fn auto_cpu_share(vcpus: u32, priority: ferry_control::CpuPriority) -> u32 {
+fn auto_cpu_share(vcpus: u32, priority: CpuPriority) -> u32 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    if priority == ferry_control::CpuPriority::Guest && vcpus >= cores {
+    if priority == CpuPriority::Guest && vcpus >= cores {
         AUTO_CPU_SHARE
     } else {
         0
@@ -95,7 +96,13 @@ pub fn migrate_vm(
             })
         }
     };
-    let yielding = super::priority::apply(request.priority);
+    let yielding = match request.priority {
+        CpuPriority::Migration => None,
+        // The brake gives the migration its share: it runs in the cores
+        // the parked vCPUs leave, and never makes a released vCPU wait.
+        CpuPriority::Guest if options.cpu_share > 0 => Some(Yielding::start_idle()),
+        CpuPriority::Guest => Some(Yielding::start()),
+    };
     let result = migrate(&mut VmSource(vm), stream, &request.to, &options, progress);
     drop(yielding);
     if result.is_ok() {
