@@ -1,9 +1,9 @@
 //! Who gets a core, at each stage of a migration.
 //!
 //! - Live rounds, `--priority guest` ([`Yielding`]): the migration's threads
-//!   yield (nice 10) and hold a core for at most 0.1 ms when a vCPU wants
-//!   it back. Where the VM's own vCPUs leave no core free, the brake parks
-//!   them for a guaranteed share so that the migration still moves.
+//!   yield (nice 10). Where the VM's own vCPUs leave no core free, the brake
+//!   parks them for a guaranteed share so that the migration still moves,
+//!   and the threads run SCHED_IDLE in the cores it frees.
 //! - The blackout ([`Boost`]): never starved. From the pause to the resume
 //!   the threads that finish the migration run at the highest priority this
 //!   host allows, whatever `--priority` chose. The vCPUs are stopped then,
@@ -100,11 +100,11 @@ impl Drop for Boost {
 }
 
 /// The opposite of a boost, for work after a commit that nothing waits
-/// for (stopping the source's vCPU threads, freeing its memory): nice 19
-/// with the shortest slice, so that on a shared host the VM that now runs
-/// elsewhere, or any other, hardly waits for it, while it still finishes
-/// (SCHED_IDLE could hold the memory for as long as other VMs keep the
-/// cores busy). Puts back what the thread had when dropped.
+/// for (stopping the source's vCPU threads, freeing its memory): nice 19,
+/// so that on a shared host the VM that now runs elsewhere, or any other,
+/// hardly waits for it, while it still finishes (SCHED_IDLE could hold the
+/// memory for as long as other VMs keep the cores busy). Puts back what
+/// the thread had when dropped.
 #[derive(Debug)]
 pub struct Background {
     nice: libc::c_int,
@@ -113,34 +113,26 @@ pub struct Background {
 impl Background {
     pub fn start() -> Self {
         let nice = current_nice();
-        if !set_fair(BACKGROUND_NICE, YIELD_SLICE_NS) {
-            set_nice(BACKGROUND_NICE);
-        }
+        set_nice(BACKGROUND_NICE);
         Self { nice }
     }
 }
 
 impl Drop for Background {
     fn drop(&mut self) {
-        if !set_fair(self.nice, 0) {
-            set_nice(self.nice);
-        }
+        set_nice(self.nice);
     }
 }
 
 /// Nice value of after-commit teardown.
 const BACKGROUND_NICE: libc::c_int = 19;
 
-/// Live-round work that yields to the guests: nice 10 with the shortest
-/// time slice the scheduler grants (0.1 ms, Linux 6.12 and later), until
-/// dropped. The nice value keeps the migration's share small next to a busy
-/// vCPU; the short slice lets a vCPU that wakes (the brake letting it go)
-/// take its core back within a tenth of a millisecond instead of waiting
-/// out the migration thread's slice, up to a scheduler tick (4 ms here),
-/// which the guest would see as a stall. (SCHED_IDLE would give that too,
-/// but other busy VMs on the host would then starve the migration for
-/// good.) Threads this one creates (page-data streams) inherit it; a
-/// thread that starts vCPUs must call [`normal`] first.
+/// Live-round work that yields to the guests: nice 10 until dropped, so
+/// the migration's share next to a busy vCPU stays small (SCHED_IDLE would
+/// let other busy VMs on the host starve it for good; a 0.1 ms slice, tried
+/// too, cut one stream's rate several times over and did not make a woken
+/// vCPU preempt any sooner). Threads this one creates (page-data streams)
+/// inherit it; a thread that starts vCPUs must call [`normal`] first.
 #[derive(Debug)]
 pub struct Yielding {
     nice: libc::c_int,
@@ -149,9 +141,7 @@ pub struct Yielding {
 impl Yielding {
     pub fn start() -> Self {
         let nice = current_nice();
-        if !set_fair(YIELD_NICE, YIELD_SLICE_NS) {
-            set_nice(YIELD_NICE);
-        }
+        set_nice(YIELD_NICE);
         Self { nice }
     }
 
@@ -165,9 +155,7 @@ impl Yielding {
         let nice = current_nice();
         let idle = libc::sched_param { sched_priority: 0 };
         // SAFETY: as in `Boost::start`; failing leaves the thread as it was.
-        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) } != 0
-            && !set_fair(YIELD_NICE, YIELD_SLICE_NS)
-        {
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) } != 0 {
             set_nice(YIELD_NICE);
         }
         Self { nice }
@@ -176,44 +164,8 @@ impl Yielding {
 
 impl Drop for Yielding {
     fn drop(&mut self) {
-        if !set_fair(self.nice, 0) {
-            set_nice(self.nice);
-        }
+        set_nice(self.nice);
     }
-}
-
-/// The shortest slice Linux grants a fair task.
-const YIELD_SLICE_NS: u64 = 100_000;
-
-/// `struct sched_attr` of sched_setattr(2), its first version (48 bytes).
-#[repr(C)]
-struct SchedAttr {
-    size: u32,
-    sched_policy: u32,
-    sched_flags: u64,
-    sched_nice: i32,
-    sched_priority: u32,
-    sched_runtime: u64,
-    sched_deadline: u64,
-    sched_period: u64,
-}
-
-/// Normal scheduling at `nice` with a slice of `slice_ns` (0: the
-/// scheduler's default) for this thread.
-fn set_fair(nice: libc::c_int, slice_ns: u64) -> bool {
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        sched_policy: libc::SCHED_OTHER as u32,
-        sched_flags: 0,
-        sched_nice: nice,
-        sched_priority: 0,
-        sched_runtime: slice_ns,
-        sched_deadline: 0,
-        sched_period: 0,
-    };
-    // SAFETY: sched_setattr reads `size` bytes of the struct we pass, laid
-    // out as the kernel's sched_attr (version 0); pid 0 is this thread.
-    unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) == 0 }
 }
 
 /// Normal scheduling at nice 0 for this thread, so that the threads it
@@ -270,6 +222,8 @@ mod tests {
         std::thread::spawn(|| {
             set_nice(5);
             let before = current_nice();
+            // SAFETY: pid 0 is this thread; the call only reads it.
+            let policy = unsafe { libc::sched_getscheduler(0) };
             {
                 let boost = Boost::start();
                 // SAFETY: geteuid has no arguments and cannot fail.
@@ -279,7 +233,7 @@ mod tests {
             }
             assert_eq!(current_nice(), before);
             // SAFETY: pid 0 is this thread; the call only reads it.
-            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, policy);
         })
         .join()
         .unwrap();

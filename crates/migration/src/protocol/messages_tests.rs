@@ -96,6 +96,11 @@ fn every_message() -> Vec<Message> {
             session: 9,
             commit: true,
         }),
+        Message::BlackoutBegins(BlackoutBegins),
+        Message::Started(Started {
+            commit_to_run_us: 310,
+            commit_to_reply_us: 120,
+        }),
     ]
 }
 
