@@ -107,9 +107,8 @@ impl Metrics {
             "Bytes outgoing migrations sent",
             migration_bytes.clone(),
         );
-        let downtime = Histogram::new(
-            [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0].into_iter(),
-        );
+        let downtime =
+            Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]);
         registry.register(
             "migration_downtime_milliseconds",
             "Host-side downtime of committed outgoing migrations",

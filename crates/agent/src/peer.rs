@@ -37,12 +37,12 @@ pub enum PeerSetupError {
     #[error("tls_dir {}: {source}", .dir.display())]
     Identity {
         dir: std::path::PathBuf,
-        source: ferry_identity::IdentityError,
+        source: Box<ferry_identity::IdentityError>,
     },
     #[error("tls_dir {}: {source}", .dir.display())]
     Tls {
         dir: std::path::PathBuf,
-        source: ferry_identity::ConfigError,
+        source: Box<ferry_identity::ConfigError>,
     },
     #[error("tls_dir {}: the identity is {name}'s, not this host's ({host})", .dir.display())]
     NotThisHost {
@@ -68,7 +68,7 @@ impl PeerTls {
     pub fn load(dir: &Path, host_name: &str) -> Result<Self, PeerSetupError> {
         let id = Identity::load(dir).map_err(|source| PeerSetupError::Identity {
             dir: dir.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         if !id.me().is_host(host_name) {
             return Err(PeerSetupError::NotThisHost {
@@ -79,7 +79,7 @@ impl PeerTls {
         }
         let tls = |source| PeerSetupError::Tls {
             dir: dir.to_owned(),
-            source,
+            source: Box::new(source),
         };
         Ok(Self {
             server: ferry_identity::server_config(&id, &[ALPN_HTTP1]).map_err(tls)?,

@@ -169,7 +169,41 @@ fn a_vm_moves_between_two_agents_and_back_three_times() {
     );
     assert_eq!(reserved(&b, "ferryd_memory_reserved_bytes"), 0);
     assert_eq!(reserved(&a, "ferryd_memory_reserved_incoming_bytes"), 0);
-    assert_eq!(a.delete("/v1/vms/vm1").status, 200);
+    let metrics = a.get("/metrics").text();
+    assert!(
+        metrics.contains("ferryd_migrations_total{outcome=\"committed\"} 3"),
+        "{metrics}"
+    );
+
+    // The same from the command line: ferry vm migrate, ferry migration show.
+    let before = a.heartbeat("vm1");
+    let out = Command::new(ferry_bin())
+        .args(["vm", "migrate", "vm1", "--json", "--to"])
+        .arg(format!("{}@{}", host(&b), peer_addr(&b)))
+        .arg("--agent")
+        .arg(&a.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ferry vm migrate: {out:?}");
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["phase"], "committed", "{job}");
+    let hb = b.heartbeat_after(
+        "vm1",
+        before["seq"].as_u64().unwrap(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(hb["err"], 0, "{hb}");
+    let out = Command::new(ferry_bin())
+        .args(["migration", "show", job["id"].as_str().unwrap(), "--agent"])
+        .arg(&a.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("committed"),
+        "{out:?}"
+    );
+    assert_eq!(b.delete("/v1/vms/vm1").status, 200);
 }
 
 #[test]
@@ -218,6 +252,16 @@ fn a_second_migration_and_modify_calls_are_refused_and_a_cancel_in_the_first_pas
             .contains("cancelled by the operator"),
         "{done}"
     );
+    // The engine stopped at the end of the pass the cancel came in.
+    assert_eq!(
+        done["report"]["rounds"].as_array().map(Vec::len),
+        Some(1),
+        "{done}"
+    );
+    assert_eq!(
+        done["report"]["outcome"],
+        "aborted: VM running on the source"
+    );
     // The VM runs on the source, whole.
     let hb = a.heartbeat_after(
         "vm1",
@@ -225,6 +269,7 @@ fn a_second_migration_and_modify_calls_are_refused_and_a_cancel_in_the_first_pas
         Duration::from_secs(20),
     );
     assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
     assert_eq!(a.show("vm1")["state"], "running");
     // The destination let go of everything.
     let deadline = Instant::now() + Duration::from_secs(20);
