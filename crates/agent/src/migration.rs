@@ -210,6 +210,8 @@ pub struct MigrationJob {
 pub struct JobSlot {
     pub view: Mutex<MigrationJob>,
     cancel: AtomicBool,
+    /// Set when the policy's completion timeout ended it.
+    timed_out: AtomicBool,
 }
 
 impl JobSlot {
@@ -447,6 +449,7 @@ impl Agent {
         let job = Arc::new(JobSlot {
             view: Mutex::new(view.clone()),
             cancel: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
         });
         *lock(&slot.job) = Some(id.clone());
         lock(&self.jobs).insert(id.clone(), job.clone());
@@ -497,10 +500,21 @@ impl Agent {
     ) {
         let (phase, reason) = match self.drive(&client, &slot, &job, &record, &req, mode).await {
             Ok(()) => (JobPhase::Committed, None),
+            Err(reason) if job.timed_out.load(Ordering::SeqCst) => (
+                JobPhase::Failed,
+                Some(format!(
+                    "not done within the policy's completion timeout of {} ms ({reason}); the VM runs on the source",
+                    record.policy.completion_timeout_ms
+                )),
+            ),
             Err(reason) if job.cancelled() => (JobPhase::Cancelled, Some(reason)),
             Err(reason) => (JobPhase::Failed, Some(reason)),
         };
-        slot.departing.store(false, Ordering::SeqCst);
+        // After a commit the old VMM's exit stays no failure: it may come
+        // after the VM has come back here under the same id.
+        if phase != JobPhase::Committed {
+            slot.departing.store(false, Ordering::SeqCst);
+        }
         *lock(&slot.job) = None;
         self.set_phase(&job, phase, reason.clone());
         let view = job.snapshot();
@@ -633,6 +647,20 @@ impl Agent {
             priority: Default::default(),
             cpu_share: None,
         });
+        // The policy's completion timeout: the engine is cancelled the
+        // same way an operator cancels it.
+        let limit = Duration::from_millis(record.policy.completion_timeout_ms);
+        let timer = {
+            let job = job.clone();
+            let socket = record.api_socket.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                job.timed_out.store(true, Ordering::SeqCst);
+                if let Err(e) = supervisor::call(&socket, Request::CancelMigration).await {
+                    tracing::warn!("completion timeout: cannot cancel: {e}");
+                }
+            })
+        };
         let socket = record.api_socket.clone();
         let progress_job = job.clone();
         let answer = tokio::task::spawn_blocking(move || {
@@ -648,6 +676,7 @@ impl Agent {
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()));
+        timer.abort();
         match answer {
             Ok(Response::Migrated(report)) => {
                 lock(&job.view).report = Some(*report);
@@ -857,14 +886,9 @@ impl Agent {
                     "a VM {vm} exists on this host already"
                 )));
             }
-            let incoming = lock(&self.incoming);
-            if let Some(other) = incoming.values().find(|i| {
-                let v = lock(&i.view);
-                v.vm == vm && v.phase == IncomingPhase::Ready
-            }) {
+            if let Some(other) = self.incoming_vm(&vm) {
                 return Err(ApiError::Conflict(format!(
-                    "VM {vm} is already coming here ({})",
-                    lock(&other.view).id
+                    "VM {vm} is already coming here ({other})"
                 )));
             }
             // Checked and reserved under the slots' lock: two offers
@@ -1070,6 +1094,14 @@ impl Agent {
         v.phase = IncomingPhase::Committed;
         v.reason = None;
         tracing::info!("incoming migration {}: VM {} runs here", v.id, record.id);
+    }
+
+    /// The incoming migration, not yet ended, that brings `vm` here.
+    pub(crate) fn incoming_vm(&self, vm: &str) -> Option<String> {
+        lock(&self.incoming).values().find_map(|i| {
+            let v = lock(&i.view);
+            (v.vm == vm && v.phase == IncomingPhase::Ready).then(|| v.id.clone())
+        })
     }
 
     /// Memory reserved now by incoming migrations.

@@ -423,6 +423,11 @@ impl Agent {
             if slots.contains_key(&id) {
                 return Err(ApiError::Conflict(format!("a VM {id} exists already")));
             }
+            if let Some(m) = self.incoming_vm(&id) {
+                return Err(ApiError::Conflict(format!(
+                    "VM {id} is migrating here ({m})"
+                )));
+            }
             lock(&self.ledger).reserve(&id, reservation(&record.definition))?;
             if let Err(e) = self.store.insert_new(&record) {
                 lock(&self.ledger).release(&id);

@@ -402,3 +402,54 @@ fn refusals_change_nothing() {
     assert_eq!(a.show("vm1")["state"], "running");
     assert_eq!(a.delete("/v1/vms/vm1").status, 200);
 }
+
+#[test]
+fn a_migration_past_its_completion_timeout_is_aborted_with_the_vm_on_the_source() {
+    if !kvm_or_skip("completion_timeout") {
+        return;
+    }
+    let fleet = Fleet::new("timeout");
+    let a = agent("to-a", &fleet, "2G", true);
+    let b = agent("to-b", &fleet, "2G", true);
+    let r = a.post(
+        "/v1/vms",
+        Some(json!({"id": "vm1",
+            "definition": {"mem_bytes": 256u64 << 20, "workload": "dirty:32:50"},
+            "policy": {"completion_timeout_ms": 300}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let before = a.heartbeat("vm1");
+    // 4 MiB/s: the first pass alone takes seconds.
+    let r = start(&a, "vm1", &b, json!({"bandwidth": 4u64 << 20}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let done = wait_job(
+        &a,
+        r.json()["id"].as_str().unwrap(),
+        Duration::from_secs(120),
+    );
+    assert_eq!(done["phase"], "failed", "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("completion timeout"),
+        "{done}"
+    );
+    let hb = a.heartbeat_after(
+        "vm1",
+        before["seq"].as_u64().unwrap() + 3,
+        Duration::from_secs(20),
+    );
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(a.show("vm1")["state"], "running");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reserved(&b, "ferryd_memory_reserved_bytes") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the destination still reserves memory"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.get("/v1/vms").json(), json!([]));
+    assert_eq!(a.delete("/v1/vms/vm1").status, 200);
+}
