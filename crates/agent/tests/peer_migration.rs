@@ -453,3 +453,73 @@ fn a_migration_past_its_completion_timeout_is_aborted_with_the_vm_on_the_source(
     assert_eq!(b.get("/v1/vms").json(), json!([]));
     assert_eq!(a.delete("/v1/vms/vm1").status, 200);
 }
+
+#[test]
+fn a_cancel_while_the_destination_prepares_leaves_the_vm_on_the_source() {
+    if !kvm_or_skip("cancel_in_setup") {
+        return;
+    }
+    let fleet = Fleet::new("setup");
+    let a = agent("su-a", &fleet, "2G", true);
+    // The destination's receiver takes a second to start: the job sits in
+    // its setup phase meanwhile.
+    let id = fleet.issue("test-su-b", false);
+    let extra = format!(
+        "tls_dir = \"{}\"\ninsecure_plaintext_data_plane = true\n",
+        id.display()
+    );
+    let slow = fleet.dir.path("slow-ferry");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/sh\nsleep 1\nexec {} \"$@\"\n",
+            ferry_bin().display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(&slow)
+        .status()
+        .unwrap();
+    let b = Agent::with_extra("su-b", "2G", 4, Some(&slow), &extra, |_| {});
+    a.create_vm("vm1", "256M", "dirty:32:50");
+    let before = a.heartbeat("vm1");
+    let r = start(&a, "vm1", &b, json!({}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job = r.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        a.get(&format!("/v1/migrations/{job}")).json()["phase"],
+        "preparing"
+    );
+    let c = a.delete(&format!("/v1/migrations/{job}"));
+    assert_eq!(c.status, 202, "{}", c.text());
+    let done = wait_job(&a, &job, Duration::from_secs(60));
+    assert_eq!(done["phase"], "cancelled", "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("before the data plane started"),
+        "{done}"
+    );
+    assert!(done["report"].is_null(), "no page moved: {done}");
+    let hb = a.heartbeat_after(
+        "vm1",
+        before["seq"].as_u64().unwrap() + 3,
+        Duration::from_secs(20),
+    );
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+    assert_eq!(a.show("vm1")["state"], "running");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reserved(&b, "ferryd_memory_reserved_bytes") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the destination still reserves memory"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.get("/v1/vms").json(), json!([]));
+    assert_eq!(a.delete("/v1/vms/vm1").status, 200);
+}
