@@ -329,6 +329,26 @@ fn refusals_change_nothing() {
         "{why}"
     );
 
+    // The wrong host at the address: its certificate is not the target's.
+    let r = a.post(
+        "/v1/vms/vm1/migrations",
+        Some(json!({"target": {"host": host(&strict), "address": peer_addr(&small)}})),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let done = wait_job(
+        &a,
+        r.json()["id"].as_str().unwrap(),
+        Duration::from_secs(30),
+    );
+    assert_eq!(done["phase"], "failed", "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("TLS handshake failed"),
+        "{done}"
+    );
+
     // Bad input.
     let r = a.post(
         "/v1/vms/vm1/migrations",
