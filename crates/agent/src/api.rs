@@ -21,6 +21,9 @@ use utoipa_axum::routes;
 
 use crate::events::{AuditEntry, Caller, Event};
 use crate::ledger::NoCapacity;
+use crate::migration::{
+    IncomingPhase, IncomingView, JobPhase, MigrationJob, PeerOffer, Prepared, StartMigration,
+};
 use crate::model::{CreateVm, ErrorBody, SnapshotDone, SnapshotRequest, VmRecord, VmView};
 use crate::server::Agent;
 use crate::time::now_rfc3339;
@@ -38,6 +41,12 @@ pub enum ApiError {
     NotFound(String),
     #[error("no such route: {0}")]
     NoRoute(String),
+    #[error("no migration {0} on this host")]
+    NoMigration(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Incompatible(String),
     #[error("{0}")]
     Conflict(String),
     #[error(transparent)]
@@ -64,7 +73,9 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::NoRoute(_) | Self::NoMigration(_) => StatusCode::NOT_FOUND,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Incompatible(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Vmm(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -75,7 +86,9 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => "bad_request",
             Self::TooLarge(_) => "payload_too_large",
-            Self::NotFound(_) | Self::NoRoute(_) => "not_found",
+            Self::NotFound(_) | Self::NoRoute(_) | Self::NoMigration(_) => "not_found",
+            Self::Forbidden(_) => "forbidden",
+            Self::Incompatible(_) => "incompatible",
             Self::Conflict(_) => "conflict",
             Self::NoCapacity(_) => "no_capacity",
             Self::Vmm(_) => "vmm_error",
@@ -111,12 +124,12 @@ pub struct PeerCred(pub Caller);
 impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for PeerCred {
     fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
         let caller = match stream.io().peer_cred() {
-            Ok(c) => Caller {
+            Ok(c) => Caller::Local {
                 uid: c.uid(),
                 gid: c.gid(),
                 pid: c.pid(),
             },
-            Err(_) => Caller {
+            Err(_) => Caller::Local {
                 uid: u32::MAX,
                 gid: u32::MAX,
                 pid: None,
@@ -166,7 +179,7 @@ fn audited<T: serde::Serialize>(
         title = "ferryd",
         description = "The Ferry host agent: the VMs of one host, each its own VMM process."
     ),
-    components(schemas(ErrorBody, Event, AuditEntry, Caller))
+    components(schemas(ErrorBody, Event, AuditEntry, Caller, JobPhase, IncomingPhase))
 )]
 struct ApiDoc;
 
@@ -178,6 +191,10 @@ fn documented() -> OpenApiRouter<Arc<Agent>> {
         .routes(routes!(pause_vm))
         .routes(routes!(resume_vm))
         .routes(routes!(snapshot_vm))
+        .routes(routes!(start_migration))
+        .routes(routes!(show_migration, cancel_migration))
+        .routes(routes!(prepare_incoming))
+        .routes(routes!(show_incoming, abort_incoming))
         .routes(routes!(events))
         .routes(routes!(metrics))
 }
@@ -368,6 +385,140 @@ async fn snapshot_vm(
     )
 }
 
+/// Starts migrating a running VM to another host's agent (over mutual
+/// TLS); the job holds the VM's lock until it ends.
+#[utoipa::path(post, path = "/v1/vms/{id}/migrations", params(("id" = String, Path)),
+    request_body = StartMigration, responses(
+    (status = 202, description = "The job; follow it with GET /v1/migrations/{id}", body = MigrationJob),
+    (status = 400, body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "Another operation or migration holds the VM (named)", body = ErrorBody),
+    (status = 422, description = "Not possible from this host (no TLS identity, plaintext not allowed, mode not allowed by the policy)", body = ErrorBody),
+))]
+async fn start_migration(
+    State(agent): State<Arc<Agent>>,
+    who: Who,
+    Path(id): Path<String>,
+    body: Result<Json<StartMigration>, JsonRejection>,
+) -> Response {
+    let r = match body {
+        Err(e) => Err(e.into()),
+        Ok(Json(req)) => agent.start_migration(&who.0 .0, &id, req).await,
+    };
+    audited(
+        &agent,
+        &who,
+        "POST /v1/vms/{id}/migrations",
+        Some(&id),
+        StatusCode::ACCEPTED,
+        r,
+    )
+}
+
+/// A migration job: phase, live progress, then the engine's report.
+#[utoipa::path(get, path = "/v1/migrations/{id}", params(("id" = String, Path)), responses(
+    (status = 200, body = MigrationJob),
+    (status = 404, body = ErrorBody),
+))]
+async fn show_migration(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationJob>, ApiError> {
+    agent.job(&id).map(Json)
+}
+
+/// Cancels a migration before its commit: the VM runs on here.
+#[utoipa::path(delete, path = "/v1/migrations/{id}", params(("id" = String, Path)), responses(
+    (status = 202, description = "Cancelling; the job ends `cancelled`", body = MigrationJob),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "The job has ended", body = ErrorBody),
+))]
+async fn cancel_migration(
+    State(agent): State<Arc<Agent>>,
+    who: Who,
+    Path(id): Path<String>,
+) -> Response {
+    let r = agent.cancel_migration(&id).await;
+    let vm = r.as_ref().ok().map(|j| j.vm.clone());
+    audited(
+        &agent,
+        &who,
+        "DELETE /v1/migrations/{id}",
+        vm.as_deref(),
+        StatusCode::ACCEPTED,
+        r,
+    )
+}
+
+/// (Peer) A source offers a VM: checked, reserved, a receiver started.
+#[utoipa::path(post, path = "/v1/peer/migrations", request_body = PeerOffer, responses(
+    (status = 201, description = "Reserved; the receiver listens", body = Prepared),
+    (status = 400, body = ErrorBody),
+    (status = 409, description = "The VM is here or coming already", body = ErrorBody),
+    (status = 422, description = "Incompatible (plaintext not allowed here)", body = ErrorBody),
+    (status = 503, description = "Not enough capacity; nothing started", body = ErrorBody),
+))]
+async fn prepare_incoming(
+    State(agent): State<Arc<Agent>>,
+    who: Who,
+    body: Result<Json<PeerOffer>, JsonRejection>,
+) -> Response {
+    let (vm, r) = match body {
+        Err(e) => (None, Err(e.into())),
+        Ok(Json(offer)) => (
+            Some(offer.vm.clone()),
+            agent.prepare_incoming(&who.0 .0, offer).await,
+        ),
+    };
+    audited(
+        &agent,
+        &who,
+        "POST /v1/peer/migrations",
+        vm.as_deref(),
+        StatusCode::CREATED,
+        r,
+    )
+}
+
+/// (Peer) An incoming migration: ready, committed, aborted, expired.
+#[utoipa::path(get, path = "/v1/peer/migrations/{id}", params(("id" = String, Path)), responses(
+    (status = 200, body = IncomingView),
+    (status = 403, description = "Prepared by another host", body = ErrorBody),
+    (status = 404, body = ErrorBody),
+))]
+async fn show_incoming(
+    State(agent): State<Arc<Agent>>,
+    who: Who,
+    Path(id): Path<String>,
+) -> Result<Json<IncomingView>, ApiError> {
+    agent.incoming(&who.0 .0, &id).map(Json)
+}
+
+/// (Peer) The source gave up: the receiver is stopped, the reservation
+/// released.
+#[utoipa::path(delete, path = "/v1/peer/migrations/{id}", params(("id" = String, Path)), responses(
+    (status = 200, description = "Aborting", body = IncomingView),
+    (status = 403, description = "Prepared by another host", body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "Committed already", body = ErrorBody),
+))]
+async fn abort_incoming(
+    State(agent): State<Arc<Agent>>,
+    who: Who,
+    Path(id): Path<String>,
+) -> Response {
+    let r = agent.abort_incoming(&who.0 .0, &id);
+    let vm = r.as_ref().ok().map(|v| v.vm.clone());
+    audited(
+        &agent,
+        &who,
+        "DELETE /v1/peer/migrations/{id}",
+        vm.as_deref(),
+        StatusCode::OK,
+        r,
+    )
+}
+
 /// Server-sent events: VM state changes, adoptions, deletions, and every
 /// audited call (`event:` is the event's `type`).
 #[utoipa::path(get, path = "/v1/events", responses(
@@ -395,7 +546,9 @@ async fn events(
 async fn metrics(State(agent): State<Arc<Agent>>) -> Result<Response, ApiError> {
     let states: Vec<_> = agent.list()?.into_iter().map(|r| r.state).collect();
     let (reserved, capacity) = agent.ledger_figures();
-    let text = agent.metrics.render(&states, reserved, capacity);
+    let text = agent
+        .metrics
+        .render(&states, reserved, capacity, agent.incoming_reserved());
     Ok((
         [(
             header::CONTENT_TYPE,

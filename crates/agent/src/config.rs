@@ -30,12 +30,18 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     host_name: String,
-    /// host:port the peer (mTLS) listener will bind; stored, not served yet.
+    /// host:port of the peer (mTLS) listener; served when `tls_dir` is
+    /// set too.
     peer_listen: Option<SocketAddr>,
     socket: Option<PathBuf>,
-    /// Directory holding the CA certificate and this host's certificate
-    /// and key; stored for the peer listener, not read yet.
+    /// This host's identity directory (`ferry ca issue`): the CA
+    /// certificate, this host's certificate and key.
     tls_dir: Option<PathBuf>,
+    /// Let migrations to and from this host carry guest memory in the
+    /// clear (the data plane has no TLS in this build). Both agents must
+    /// say so; otherwise an agent migration is refused.
+    #[serde(default)]
+    insecure_plaintext_data_plane: bool,
     state_dir: PathBuf,
     ferry_bin: Option<PathBuf>,
     capacity: RawCapacity,
@@ -63,6 +69,7 @@ pub struct Config {
     pub peer_listen: Option<SocketAddr>,
     pub socket: PathBuf,
     pub tls_dir: Option<PathBuf>,
+    pub insecure_plaintext_data_plane: bool,
     pub state_dir: PathBuf,
     pub ferry_bin: PathBuf,
     pub capacity: Capacity,
@@ -120,6 +127,7 @@ impl Config {
             peer_listen: raw.peer_listen,
             socket: raw.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
             tls_dir: raw.tls_dir,
+            insecure_plaintext_data_plane: raw.insecure_plaintext_data_plane,
             state_dir: raw.state_dir,
             ferry_bin,
             capacity: Capacity {

@@ -13,13 +13,36 @@ use utoipa::ToSchema;
 
 use crate::model::VmState;
 
-/// Who asked, as the kernel vouches for the peer of the Unix socket
-/// (SO_PEERCRED).
+/// Who asked: on the Unix socket, what the kernel vouches for
+/// (SO_PEERCRED); on the peer listener, the identity the verified client
+/// certificate states.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
+#[serde(untagged)]
+pub enum Caller {
+    /// A local process.
+    Local {
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+    },
+    /// A peer with a certificate of the fleet's CA.
+    Peer {
+        /// `host` or `operator`.
+        role: String,
+        name: String,
+        /// `ferry://ROLE/NAME`, as the certificate states it.
+        uri: String,
+    },
+}
+
+impl Caller {
+    pub fn peer(id: &ferry_identity::PeerIdentity) -> Self {
+        Self::Peer {
+            role: id.role.as_str().to_owned(),
+            name: id.name.clone(),
+            uri: id.uri(),
+        }
+    }
 }
 
 /// One line of the audit log.
@@ -35,7 +58,7 @@ pub struct AuditEntry {
     /// `ok`, or `refused` (bad input, conflict, no capacity: nothing
     /// changed), or `failed` (the agent or the VMM could not do it).
     pub outcome: String,
-    /// The HTTP status answered.
+    /// The HTTP status answered (0 for a migration's own ending).
     pub status: u16,
     /// Why it was refused or failed.
     pub reason: Option<String>,
@@ -56,6 +79,20 @@ pub enum Event {
     VmDeleted { time: String, vm: String },
     /// A VMM left running by a previous agent was taken over.
     VmAdopted { time: String, vm: String, pid: u32 },
+    /// A migration job of this host changed phase.
+    Migration {
+        time: String,
+        job: String,
+        vm: String,
+        phase: crate::migration::JobPhase,
+        reason: Option<String>,
+    },
+    /// A VM now runs on another host; its record here is gone.
+    VmMigrated {
+        time: String,
+        vm: String,
+        to: String,
+    },
     /// A call that changed (or tried to change) something.
     Audit(AuditEntry),
 }
@@ -66,6 +103,8 @@ impl Event {
             Self::VmState { .. } => "vm_state",
             Self::VmDeleted { .. } => "vm_deleted",
             Self::VmAdopted { .. } => "vm_adopted",
+            Self::Migration { .. } => "migration",
+            Self::VmMigrated { .. } => "vm_migrated",
             Self::Audit(_) => "audit",
         }
     }

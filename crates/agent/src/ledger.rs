@@ -22,6 +22,9 @@ pub struct NoCapacity {
 pub enum Holder {
     /// A VM of this host.
     Vm,
+    /// An incoming migration prepared here: released if it is not
+    /// committed in time, turned into `Vm` when it is.
+    Incoming,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +93,15 @@ impl Ledger {
     /// config now says).
     pub fn force(&mut self, key: &str, r: Reservation) {
         self.held.insert(key.to_owned(), r);
+    }
+
+    /// Memory reserved by holders of one kind.
+    pub fn held_by(&self, holder: Holder) -> u64 {
+        self.held
+            .values()
+            .filter(|r| r.holder == holder)
+            .map(|r| r.mem_bytes)
+            .sum()
     }
 
     pub fn release(&mut self, key: &str) {

@@ -1,6 +1,7 @@
 //! ferryd, the host agent: it owns the VMs on this host, each its own
 //! `ferry run` process, keeps their records in an embedded database, and
-//! serves an HTTP/JSON API on a Unix socket.
+//! serves an HTTP/JSON API on a Unix socket and, over mutual TLS 1.3, to
+//! its peers; it migrates VMs to other agents as jobs ([`migration`]).
 //!
 //! # Process model
 //! Every VM is a detached `ferry run --api SOCKET` in its own session, its
@@ -24,7 +25,9 @@ pub mod config;
 pub mod events;
 pub mod ledger;
 pub mod metrics;
+pub mod migration;
 pub mod model;
+pub mod peer;
 pub mod server;
 pub mod store;
 pub mod supervisor;

@@ -1,13 +1,13 @@
 //! `GET /metrics`: one Prometheus registry for the agent. Gauges that
 //! describe the VMs are refreshed from the records at each scrape;
 //! counters count as things happen. Migration metrics (by outcome, bytes
-//! sent, a downtime histogram) register here next to these when
-//! migrations land.
+//! sent, a downtime histogram, memory reserved for incoming ones) too.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::model::VmState;
@@ -34,8 +34,18 @@ pub struct RequestLabels {
     pub outcome: Outcome,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationLabels {
+    /// committed, failed or cancelled.
+    pub outcome: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    migrations: Family<MigrationLabels, Counter>,
+    migration_bytes: Counter,
+    downtime: Histogram,
+    mem_incoming: Gauge,
     vms: Family<StateLabels, Gauge>,
     mem_reserved: Gauge,
     mem_capacity: Gauge,
@@ -85,8 +95,37 @@ impl Metrics {
             "API requests by route and outcome",
             requests.clone(),
         );
+        let migrations = Family::<MigrationLabels, Counter>::default();
+        registry.register(
+            "migrations",
+            "Outgoing migrations ended, by outcome",
+            migrations.clone(),
+        );
+        let migration_bytes = Counter::default();
+        registry.register(
+            "migration_sent_bytes",
+            "Bytes outgoing migrations sent",
+            migration_bytes.clone(),
+        );
+        let downtime =
+            Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]);
+        registry.register(
+            "migration_downtime_milliseconds",
+            "Host-side downtime of committed outgoing migrations",
+            downtime.clone(),
+        );
+        let mem_incoming = Gauge::default();
+        registry.register(
+            "memory_reserved_incoming_bytes",
+            "Guest memory reserved for incoming migrations not yet committed",
+            mem_incoming.clone(),
+        );
         Self {
             registry,
+            migrations,
+            migration_bytes,
+            downtime,
+            mem_incoming,
             vms,
             mem_reserved,
             mem_capacity,
@@ -111,8 +150,33 @@ impl Metrics {
             .inc();
     }
 
+    /// An outgoing migration ended with `outcome`.
+    pub fn migration_ended(&self, outcome: &str) {
+        self.migrations
+            .get_or_create(&MigrationLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// What a migration's data plane sent, and its downtime if it
+    /// committed.
+    pub fn migration_moved(&self, bytes: u64, downtime_ms: Option<f64>) {
+        self.migration_bytes.inc_by(bytes);
+        if let Some(d) = downtime_ms {
+            self.downtime.observe(d);
+        }
+    }
+
     /// Sets the gauges, then renders the text format.
-    pub fn render(&self, states: &[VmState], reserved: (u64, u32), capacity: (u64, u32)) -> String {
+    pub fn render(
+        &self,
+        states: &[VmState],
+        reserved: (u64, u32),
+        capacity: (u64, u32),
+        incoming: u64,
+    ) -> String {
+        self.mem_incoming.set(incoming as i64);
         for s in VmState::ALL {
             let n = states.iter().filter(|&&x| x == s).count();
             self.vms

@@ -18,9 +18,11 @@ use crate::config::Config;
 use crate::events::{AuditOpenError, Event, Events};
 use crate::ledger::{Holder, Ledger, Reservation};
 use crate::metrics::Metrics;
+use crate::migration::{IncomingSlot, JobSlot};
 use crate::model::{
     CreateVm, LiveFacts, SnapshotDone, SnapshotRequest, VmDefinition, VmRecord, VmState, VmView,
 };
+use crate::peer::{PeerSetupError, PeerTls};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{self, Exit, Vmm, VmmHandle};
 use crate::time::now_rfc3339;
@@ -52,41 +54,57 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Peer(#[from] PeerSetupError),
     #[error("serving the API: {0}")]
     Serve(std::io::Error),
 }
 
 /// A VM the agent knows: the lock its modifying calls take, and its VMM.
-struct Slot {
+pub(crate) struct Slot {
     /// Held by a modifying call for its whole length; a second one gets
-    /// 409 instead of waiting (a migration will hold it the same way).
-    op: Arc<tokio::sync::Mutex<()>>,
+    /// 409 instead of waiting. A migration job holds it the same way.
+    pub(crate) op: Arc<tokio::sync::Mutex<()>>,
     /// The VMM and the news of its exit, while it lives.
-    vmm: Mutex<Option<(VmmHandle, watch::Receiver<Option<Exit>>)>>,
+    pub(crate) vmm: Mutex<Option<(VmmHandle, watch::Receiver<Option<Exit>>)>>,
     /// Set by delete: the exit it causes is not a failure.
-    deleting: AtomicBool,
+    pub(crate) deleting: AtomicBool,
+    /// Set while the VM's memory goes to another host: its VMM exits by
+    /// itself at the commit, which is no failure; the job records any
+    /// other ending.
+    pub(crate) departing: AtomicBool,
+    /// The migration job holding `op`, named in its 409s.
+    pub(crate) job: Mutex<Option<String>>,
 }
 
 impl Slot {
-    fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             op: Arc::new(tokio::sync::Mutex::new(())),
             vmm: Mutex::new(None),
             deleting: AtomicBool::new(false),
+            departing: AtomicBool::new(false),
+            job: Mutex::new(None),
         })
     }
 }
 
 pub struct Agent {
     pub config: Config,
-    store: Store,
-    ledger: Mutex<Ledger>,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    pub(crate) store: Store,
+    pub(crate) ledger: Mutex<Ledger>,
+    pub(crate) slots: Mutex<HashMap<String, Arc<Slot>>>,
     pub events: Events,
     pub metrics: Metrics,
+    /// This host's TLS identity, when the config has a tls_dir.
+    pub(crate) peer_tls: Option<PeerTls>,
+    /// Outgoing migrations by job id (kept after they end, for GET).
+    pub(crate) jobs: Mutex<HashMap<String, Arc<JobSlot>>>,
+    /// Incoming migrations by id.
+    pub(crate) incoming: Mutex<HashMap<String, Arc<IncomingSlot>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -107,6 +125,10 @@ impl Agent {
             std::fs::create_dir_all(&d)
                 .map_err(|source| StartError::StateDir { path: d, source })?;
         }
+        let peer_tls = match &config.tls_dir {
+            Some(d) => Some(PeerTls::load(d, &config.host_name)?),
+            None => None,
+        };
         let store = Store::open(&dir.join("vms.redb"))?;
         let events = Events::open(&dir.join("audit.jsonl"))?;
         let agent = Arc::new(Self {
@@ -116,6 +138,9 @@ impl Agent {
             slots: Mutex::new(HashMap::new()),
             events,
             metrics: Metrics::new(),
+            peer_tls,
+            jobs: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
         });
         // Each VMM is asked at once: a mute one delays the start by one
         // status timeout, not one per VM.
@@ -190,7 +215,7 @@ impl Agent {
     }
 
     /// Stores a new state and tells the event stream.
-    fn set_state(&self, record: &mut VmRecord, state: VmState, reason: Option<String>) {
+    pub(crate) fn set_state(&self, record: &mut VmRecord, state: VmState, reason: Option<String>) {
         record.state = state;
         record.reason = reason.clone();
         if let Err(e) = self.store.put(record) {
@@ -205,7 +230,7 @@ impl Agent {
     }
 
     /// Starts the task that waits for `vmm` to exit and records why.
-    fn watch_vmm(self: &Arc<Self>, id: &str, slot: &Arc<Slot>, vmm: Vmm) {
+    pub(crate) fn watch_vmm(self: &Arc<Self>, id: &str, slot: &Arc<Slot>, vmm: Vmm) {
         let (tx, rx) = watch::channel(None);
         *lock(&slot.vmm) = Some((vmm.handle(), rx));
         let agent = self.clone();
@@ -215,7 +240,7 @@ impl Agent {
             let pid = vmm.pid;
             let exit = vmm.wait().await;
             tracing::info!("VM {id}: VMM pid {pid} {}", exit.description);
-            if !slot.deleting.load(Ordering::SeqCst) {
+            if !slot.deleting.load(Ordering::SeqCst) && !slot.departing.load(Ordering::SeqCst) {
                 lock(&agent.ledger).release(&id);
                 if let Ok(Some(mut record)) = agent.store.get(&id) {
                     let (state, reason) = if exit.clean {
@@ -238,26 +263,34 @@ impl Agent {
         });
     }
 
-    fn slot(&self, id: &str) -> Result<Arc<Slot>, ApiError> {
+    pub(crate) fn slot(&self, id: &str) -> Result<Arc<Slot>, ApiError> {
         lock(&self.slots)
             .get(id)
             .cloned()
             .ok_or_else(|| ApiError::NotFound(id.to_owned()))
     }
 
-    fn record(&self, id: &str) -> Result<VmRecord, ApiError> {
+    pub(crate) fn record(&self, id: &str) -> Result<VmRecord, ApiError> {
         self.store
             .get(id)
             .map_err(ApiError::internal)?
             .ok_or_else(|| ApiError::NotFound(id.to_owned()))
     }
 
-    /// The slot's operation lock, or 409 if another call holds it.
-    fn begin(slot: &Slot, id: &str) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
-        slot.op
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| ApiError::Conflict(format!("another operation on VM {id} is in progress")))
+    /// The slot's operation lock, or 409 if another call (or a migration
+    /// job, named) holds it.
+    pub(crate) fn begin(
+        slot: &Slot,
+        id: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
+        slot.op.clone().try_lock_owned().map_err(|_| {
+            match lock(&slot.job).as_deref() {
+                Some(job) => ApiError::Conflict(format!(
+                    "VM {id} is being migrated by job {job}: only queries and DELETE /v1/migrations/{job} are allowed until it ends"
+                )),
+                None => ApiError::Conflict(format!("another operation on VM {id} is in progress")),
+            }
+        })
     }
 
     pub fn list(&self) -> Result<Vec<VmRecord>, ApiError> {
@@ -301,7 +334,7 @@ impl Agent {
     }
 
     /// Checks a definition without touching anything.
-    fn validate(req: &CreateVm) -> Result<(), ApiError> {
+    pub(crate) fn validate(req: &CreateVm) -> Result<(), ApiError> {
         let bad = |m: String| Err(ApiError::BadRequest(m));
         if let Some(id) = &req.id {
             let ok = !id.is_empty()
@@ -389,6 +422,11 @@ impl Agent {
             let mut slots = lock(&self.slots);
             if slots.contains_key(&id) {
                 return Err(ApiError::Conflict(format!("a VM {id} exists already")));
+            }
+            if let Some(m) = self.incoming_vm(&id) {
+                return Err(ApiError::Conflict(format!(
+                    "VM {id} is migrating here ({m})"
+                )));
             }
             lock(&self.ledger).reserve(&id, reservation(&record.definition))?;
             if let Err(e) = self.store.insert_new(&record) {
@@ -608,6 +646,34 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         socket.display(),
         agent.list().map(|l| l.len()).unwrap_or(0)
     );
+    match (agent.config.peer_listen, &agent.peer_tls) {
+        (Some(addr), Some(tls)) => {
+            let listener = match crate::peer::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(e.into());
+                }
+            };
+            let bound = listener.local_addr().map_err(StartError::Serve)?;
+            // Where a test (or a port-0 config) finds the listener.
+            let _ = std::fs::write(agent.config.state_dir.join("peer.addr"), bound.to_string());
+            tracing::info!(
+                "peer listener (mutual TLS 1.3) on {bound} as {}",
+                agent.config.host_name
+            );
+            tokio::spawn(crate::peer::serve(
+                listener,
+                tls.server.clone(),
+                app.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        (Some(addr), None) => tracing::warn!(
+            "peer_listen {addr} is not served: the config has no tls_dir (no migrations between agents)"
+        ),
+        _ => {}
+    }
     let mut graceful = stop_rx.clone();
     let closing = agent.clone();
     let server = axum::serve(

@@ -104,18 +104,6 @@ impl Vmm {
         socket: &Path,
         log: &Path,
     ) -> Result<Self, SuperviseError> {
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|source| SuperviseError::Log {
-                path: log.to_owned(),
-                source,
-            })?;
-        let err = out.try_clone().map_err(|source| SuperviseError::Log {
-            path: log.to_owned(),
-            source,
-        })?;
         let mut cmd = Command::new(ferry_bin);
         cmd.arg("run")
             .arg("--mem")
@@ -132,6 +120,58 @@ impl Vmm {
         if def.prealloc {
             cmd.arg("--prealloc");
         }
+        Self::spawn_detached(cmd, ferry_bin, log)
+    }
+
+    /// Starts `ferry receive` for an incoming migration of a VM shaped
+    /// like `def`: listening on `ip` (a free port, which it prints in
+    /// `log`), its memory reserved before the source connects, refusing a
+    /// larger VM than the one prepared for, its API at `socket`.
+    pub fn spawn_receiver(
+        ferry_bin: &Path,
+        def: &VmDefinition,
+        ip: std::net::IpAddr,
+        socket: &Path,
+        log: &Path,
+    ) -> Result<Self, SuperviseError> {
+        let mem = format!("{}M", def.mem_bytes >> 20);
+        let mut cmd = Command::new(ferry_bin);
+        cmd.arg("receive")
+            .arg("--listen")
+            .arg(std::net::SocketAddr::new(ip, 0).to_string())
+            .arg("--mem")
+            .arg(&mem)
+            .arg("--max-mem")
+            .arg(&mem)
+            .arg("--max-vcpus")
+            .arg(def.vcpus.to_string())
+            .arg("--api")
+            .arg(socket);
+        if def.prealloc {
+            cmd.arg("--prealloc");
+        }
+        Self::spawn_detached(cmd, ferry_bin, log)
+    }
+
+    /// Runs `cmd` in its own session, stdin null, stdout and stderr
+    /// appended to `log`.
+    fn spawn_detached(
+        mut cmd: Command,
+        ferry_bin: &Path,
+        log: &Path,
+    ) -> Result<Self, SuperviseError> {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| SuperviseError::Log {
+                path: log.to_owned(),
+                source,
+            })?;
+        let err = out.try_clone().map_err(|source| SuperviseError::Log {
+            path: log.to_owned(),
+            source,
+        })?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         // SAFETY: the closure runs in the forked child before exec and only
         // calls setsid(2), which is async-signal-safe and touches no memory
@@ -169,6 +209,15 @@ impl Vmm {
                 pidfd: Arc::new(pidfd),
                 child: None,
             }),
+        }
+    }
+
+    /// True once the process has exited (a child of ours is reaped here;
+    /// [`Vmm::wait`] then reports its status at once).
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => !matches!(proc_stat(self.pid), Some((s, _)) if s != 'Z' && s != 'X'),
         }
     }
 

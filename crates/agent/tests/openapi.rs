@@ -51,15 +51,21 @@ fn documented_endpoints_are_the_tested_ones() {
         }
     }
     let tested: BTreeSet<String> = [
-        "GET /v1/vms",                // lifecycle, bad_input, cli
-        "POST /v1/vms",               // lifecycle, bad_input, readopt, cli
-        "GET /v1/vms/{id}",           // lifecycle, readopt, cli
-        "DELETE /v1/vms/{id}",        // lifecycle, readopt, cli
-        "POST /v1/vms/{id}/pause",    // lifecycle, readopt, cli
-        "POST /v1/vms/{id}/resume",   // lifecycle, readopt, cli
-        "POST /v1/vms/{id}/snapshot", // lifecycle, bad_input, cli
-        "GET /v1/events",             // lifecycle
-        "GET /metrics",               // lifecycle, readopt, bad_input
+        "GET /v1/vms",                     // lifecycle, bad_input, cli
+        "POST /v1/vms",                    // lifecycle, bad_input, readopt, cli
+        "GET /v1/vms/{id}",                // lifecycle, readopt, cli
+        "DELETE /v1/vms/{id}",             // lifecycle, readopt, cli
+        "POST /v1/vms/{id}/pause",         // lifecycle, readopt, cli
+        "POST /v1/vms/{id}/resume",        // lifecycle, readopt, cli
+        "POST /v1/vms/{id}/snapshot",      // lifecycle, bad_input, cli
+        "POST /v1/vms/{id}/migrations",    // peer_migration
+        "GET /v1/migrations/{id}",         // peer_migration
+        "DELETE /v1/migrations/{id}",      // peer_migration
+        "POST /v1/peer/migrations",        // peer_migration (source agent; refused strangers)
+        "GET /v1/peer/migrations/{id}",    // peer_migration (the source confirms the commit)
+        "DELETE /v1/peer/migrations/{id}", // peer_migration (the source aborts on cancel)
+        "GET /v1/events",                  // lifecycle
+        "GET /metrics",                    // lifecycle, readopt, bad_input
     ]
     .into_iter()
     .map(String::from)

@@ -30,6 +30,10 @@ pub enum Request {
     Pause,
     /// Run the vCPUs of a paused VM again.
     Resume,
+    /// Abandon the migration under way before its commit: the VM runs on
+    /// here. Answered at once by the API thread (the VM's owner is busy
+    /// migrating); the engine stops at its next round.
+    CancelMigration,
 }
 
 /// What the guest's latest heartbeat said, as the VM's owner saw it on the
@@ -119,6 +123,12 @@ pub enum Response {
         #[serde(default)]
         resumable: bool,
         report: Box<MigrationReport>,
+    },
+    /// A cancel was passed on; the migration's own answer says how it
+    /// ended.
+    CancelRequested {
+        /// False when no migration was under way.
+        migrating: bool,
     },
     Error {
         message: String,

@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ferry_control::client::ANSWER_TIMEOUT;
@@ -16,13 +18,51 @@ use ferry_control::{Request, Response};
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 << 10;
 
+/// The cancel of the migration under way. The VM's owner is busy inside
+/// the migration, so a `CancelMigration` is answered by the connection's
+/// own thread, which only sets the flag the engine reads between rounds.
+#[derive(Debug, Default)]
+pub struct MigrationCancel {
+    requested: Arc<AtomicBool>,
+    active: AtomicBool,
+}
+
+impl MigrationCancel {
+    /// A migration starts: a fresh, unset flag for the engine.
+    pub fn begin(&self) -> Arc<AtomicBool> {
+        self.requested.store(false, Ordering::SeqCst);
+        self.active.store(true, Ordering::SeqCst);
+        self.requested.clone()
+    }
+
+    /// The migration has ended, one way or the other.
+    pub fn end(&self) {
+        self.active.store(false, Ordering::SeqCst);
+    }
+
+    /// Sets the flag if a migration runs; says whether one did.
+    fn request(&self) -> bool {
+        let active = self.active.load(Ordering::SeqCst);
+        if active {
+            self.requested.store(true, Ordering::SeqCst);
+        }
+        active
+    }
+}
+
 /// A request waiting for the VM's owner, and where the answer goes.
 pub struct Pending {
     pub request: Request,
     reply: Sender<Response>,
+    cancel: Arc<MigrationCancel>,
 }
 
 impl Pending {
+    /// The cancel a migration started for this request listens to.
+    pub fn cancel(&self) -> &MigrationCancel {
+        &self.cancel
+    }
+
     pub fn answer(self, response: Response) {
         // The client may have gone; the work is done either way.
         let _ = self.reply.send(response);
@@ -58,14 +98,16 @@ impl ApiServer {
         let listener = UnixListener::bind(path)
             .with_context(|| format!("--api {}: cannot listen", path.display()))?;
         let (tx, rx) = channel();
+        let cancel = Arc::new(MigrationCancel::default());
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 for stream in listener.incoming().map_while(Result::ok) {
                     let tx = tx.clone();
+                    let cancel = cancel.clone();
                     let _ = std::thread::Builder::new()
                         .name("api-conn".into())
-                        .spawn(move || serve(stream, tx));
+                        .spawn(move || serve(stream, tx, cancel));
                 }
             })
             .context("spawning the API thread")?;
@@ -86,7 +128,7 @@ impl Drop for ApiServer {
     }
 }
 
-fn serve(stream: UnixStream, owner: Sender<Pending>) {
+fn serve(stream: UnixStream, owner: Sender<Pending>, cancel: Arc<MigrationCancel>) {
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -103,9 +145,19 @@ fn serve(stream: UnixStream, owner: Sender<Pending>) {
             Err(e) => Response::Error {
                 message: format!("malformed request: {e}"),
             },
+            Ok(Request::CancelMigration) => Response::CancelRequested {
+                migrating: cancel.request(),
+            },
             Ok(request) => {
                 let (reply, answer) = channel();
-                if owner.send(Pending { request, reply }).is_err() {
+                if owner
+                    .send(Pending {
+                        request,
+                        reply,
+                        cancel,
+                    })
+                    .is_err()
+                {
                     Response::Error {
                         message: "the VM is gone".into(),
                     }

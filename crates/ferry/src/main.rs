@@ -40,6 +40,8 @@ enum Command {
     Vm(commands::vm::VmArgs),
     /// The fleet's private CA: `ca init DIR`, `ca issue --name HOST DIR`.
     Ca(commands::ca::CaArgs),
+    /// A migration job of this host's agent: `migration show|cancel JOB`.
+    Migration(commands::migration::MigrationArgs),
 }
 
 fn main() {
@@ -54,6 +56,7 @@ fn main() {
         Command::Bench(args) => commands::bench::bench(args),
         Command::Vm(args) => commands::vm::vm(args),
         Command::Ca(args) => commands::ca::ca(args),
+        Command::Migration(args) => commands::migration::migration(args),
     };
     match result {
         Ok(true) => {}

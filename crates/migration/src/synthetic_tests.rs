@@ -34,6 +34,7 @@ fn options(target_ms: u64, bandwidth: Option<u64>) -> MigrateOptions {
         link_recovery: Duration::ZERO,
         streams: 1,
         cpu_share: 0,
+        cancel: None,
     }
 }
 

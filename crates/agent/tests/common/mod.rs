@@ -141,7 +141,22 @@ impl Agent {
     }
 
     pub fn with_ferry_bin(name: &str, memory: &str, vcpus: u32, ferry_bin: Option<&Path>) -> Self {
+        Self::with_extra(name, memory, vcpus, ferry_bin, "", |_| {})
+    }
+
+    /// Like [`Agent::with_ferry_bin`], with `extra` lines in the config
+    /// (before `[capacity]`), after `prepare` has run on the fresh
+    /// directory (e.g. to make its TLS identity).
+    pub fn with_extra(
+        name: &str,
+        memory: &str,
+        vcpus: u32,
+        ferry_bin: Option<&Path>,
+        extra: &str,
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
         let dir = TempDir::new(name);
+        prepare(&dir.0);
         let socket = dir.path("ferryd.sock");
         let config = dir.path("host.toml");
         let bin_line = ferry_bin.map_or(String::new(), |b| {
@@ -150,7 +165,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "host_name = \"test-{name}\"\npeer_listen = \"127.0.0.1:0\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n{bin_line}[capacity]\nmemory = \"{memory}\"\nvcpus = {vcpus}\n",
+                "host_name = \"test-{name}\"\npeer_listen = \"127.0.0.1:0\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n{bin_line}{extra}[capacity]\nmemory = \"{memory}\"\nvcpus = {vcpus}\n",
                 socket.display(),
                 dir.path("state").display()
             ),

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod ca;
 pub mod demo;
 pub mod migrate;
+pub mod migration;
 pub mod receive;
 pub mod restore;
 pub mod run;

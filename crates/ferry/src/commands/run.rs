@@ -256,6 +256,11 @@ fn serve_request(
             }
             None
         }
+        // Answered by the API thread itself; never reaches here.
+        Request::CancelMigration => {
+            pending.answer(Response::CancelRequested { migrating: false });
+            None
+        }
         Request::Resume if !*paused => {
             pending.answer(Response::Error {
                 message: "the VM is not paused".into(),
@@ -274,9 +279,14 @@ fn serve_request(
         }
         Request::Snapshot { .. } if *paused => refuse_paused(pending, "a snapshot"),
         Request::Migrate(request) => {
-            let result = crate::migration::outgoing::migrate_vm(vm, &request, &mut |p| {
-                pending.progress(Response::Progress(p.clone()))
-            });
+            let cancel = pending.cancel().begin();
+            let result = crate::migration::outgoing::migrate_vm_cancellable(
+                vm,
+                &request,
+                Some(cancel),
+                &mut |p| pending.progress(Response::Progress(p.clone())),
+            );
+            pending.cancel().end();
             match result {
                 Ok(report) => {
                     eprintln!(

@@ -40,6 +40,62 @@ pub enum VmCommand {
     Resume { id: String },
     /// Write a snapshot of a running VM to FILE (it runs on).
     Snapshot { id: String, file: PathBuf },
+    /// Live-migrate a VM to another host's agent; a live bar, then the
+    /// report.
+    Migrate(MigrateVmArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MigrateVmArgs {
+    pub id: String,
+    /// The destination: its host name (its certificate's) and its agent's
+    /// peer listener, HOST@IP:PORT.
+    #[arg(long)]
+    pub to: String,
+    /// precopy, postcopy, hybrid or auto (post-copy only where the VM's
+    /// policy allows it).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// The blackout to aim for (e.g. 10ms); default: the VM's policy.
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    pub downtime: Option<Duration>,
+    /// Abandon the migration rather than exceed this blackout.
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    pub max_downtime: Option<Duration>,
+    /// Send-rate cap (e.g. 200MiB/s); default: the VM's policy.
+    #[arg(long, value_parser = crate::size::parse_rate)]
+    pub bandwidth: Option<u64>,
+    /// Page-data streams.
+    #[arg(long)]
+    pub streams: Option<u16>,
+}
+
+impl MigrateVmArgs {
+    fn body(&self) -> anyhow::Result<serde_json::Value> {
+        let Some((host, address)) = self.to.split_once('@') else {
+            bail!(
+                "--to {}: expected HOST@IP:PORT, e.g. hostB@10.0.0.2:7443",
+                self.to
+            );
+        };
+        let mut body = json!({"target": {"host": host, "address": address}});
+        if let Some(m) = &self.mode {
+            body["mode"] = json!(m);
+        }
+        if let Some(d) = self.downtime {
+            body["downtime_ms"] = json!(d.as_secs_f64() * 1e3);
+        }
+        if let Some(d) = self.max_downtime {
+            body["max_downtime_ms"] = json!(d.as_secs_f64() * 1e3);
+        }
+        if let Some(b) = self.bandwidth {
+            body["bandwidth"] = json!(b);
+        }
+        if let Some(s) = self.streams {
+            body["streams"] = json!(s);
+        }
+        Ok(body)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +175,7 @@ pub fn vm(args: VmArgs) -> anyhow::Result<bool> {
             client.request("POST", &format!("/v1/vms/{id}/resume"), None)?,
             "resume",
         ),
+        VmCommand::Migrate(m) => return migrate(&client, m, args.json),
         VmCommand::Snapshot { id, file } => {
             let path = std::path::absolute(file)
                 .with_context(|| format!("snapshot file {}", file.display()))?;
@@ -172,6 +229,7 @@ fn print_human(command: &VmCommand, reply: &Reply) -> anyhow::Result<()> {
             let r = decode("pause/resume")?;
             println!("VM {} {}", r.id, r.state.as_str());
         }
+        VmCommand::Migrate(_) => {}
         VmCommand::Snapshot { .. } => {
             let v = reply.json();
             println!(
@@ -269,4 +327,33 @@ fn print_view(v: &VmView) {
     for (k, v) in rows {
         println!("  {k:<18} {v}");
     }
+}
+
+/// Starts the job, draws its progress until it ends, then its report.
+fn migrate(client: &AgentClient, args: &MigrateVmArgs, json: bool) -> anyhow::Result<bool> {
+    let reply = client.request(
+        "POST",
+        &format!("/v1/vms/{}/migrations", args.id),
+        Some(&args.body()?),
+    )?;
+    if !reply.is_success() {
+        let body = reply.json();
+        bail!(
+            "migrate refused by ferryd ({} {}): {}",
+            reply.status,
+            body["error"].as_str().unwrap_or("error"),
+            body["reason"].as_str().unwrap_or("(no reason given)")
+        );
+    }
+    let id = reply.json()["id"].as_str().unwrap_or_default().to_owned();
+    if !json {
+        eprintln!("ferry: migration {id} of VM {} to {}", args.id, args.to);
+    }
+    let job = super::migration::follow(client, &id, !json)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+    } else {
+        super::migration::print_job(&job);
+    }
+    Ok(job.phase == ferry_agent::migration::JobPhase::Committed)
 }

@@ -55,7 +55,19 @@ pub fn migrate_vm(
     request: &MigrateRequest,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, Failure> {
+    migrate_vm_cancellable(vm, request, None, progress)
+}
+
+/// Like [`migrate_vm`]; `cancel`, once set, ends the migration at the next
+/// round with the VM running here.
+pub fn migrate_vm_cancellable(
+    vm: &mut Vm,
+    request: &MigrateRequest,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, Failure> {
     let options = MigrateOptions {
+        cancel,
         mode: request.mode,
         policy: PolicyConfig {
             downtime_target: Duration::from_secs_f64(request.downtime_ms / 1e3),

@@ -49,6 +49,8 @@ pub enum MigrateError {
     Streams(String),
     #[error("the downtime limit cannot be kept: {0}")]
     DowntimeLimit(String),
+    #[error("cancelled by the operator")]
+    Cancelled,
     #[error("the commit was sent but not acknowledged ({0}); the VM stays paused on the source until an operator confirms where it runs")]
     CommitUnacknowledged(String),
 }

@@ -73,6 +73,10 @@ pub struct MigrateOptions {
     /// parked at least this percentage of every brake period, and the
     /// migration's threads run on the cores they leave (0: no floor).
     pub cpu_share: u32,
+    /// Set by an operator's cancel: checked between rounds, it ends the
+    /// migration the way any failure before the commit does (the VM runs
+    /// on here).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for MigrateOptions {
@@ -86,6 +90,7 @@ impl Default for MigrateOptions {
             link_recovery: Duration::from_secs(30),
             streams: 1,
             cpu_share: 0,
+            cancel: None,
         }
     }
 }
@@ -401,6 +406,11 @@ fn drive<G: SourceGuest + ?Sized>(
             (sent, None)
         };
         poll_abort(stream, &mut scratch)?;
+        if let Some(cancel) = &options.cancel {
+            if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(MigrateError::Cancelled);
+            }
+        }
         let round_report = run
             .report
             .rounds
