@@ -66,6 +66,7 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         "127.0.0.1:0".into(),
         "--mem".into(),
         mem.clone(),
+        "--insecure-plaintext".into(),
     ];
     let mut src_args: Vec<String> = vec![
         "run".into(),
@@ -110,6 +111,7 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         recovery_ms: None,
         streams: m.streams,
         priority: m.priority,
+        transport: Some(ferry_control::TransportRequest::InsecurePlaintext),
     });
     let mut report = match call(&socket, &request)? {
         Response::Migrated(r) => *r,
