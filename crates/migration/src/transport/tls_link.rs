@@ -194,68 +194,42 @@ impl TlsLink {
         if side.plain_pos < side.plain.len() {
             return Ok(Ready::Data);
         }
-        loop {
-            let mut chunk = [0u8; 4096];
-            match self.take_plaintext(&mut side, &mut chunk)? {
-                Some(0) => return Ok(Ready::Closed),
-                Some(n) => {
-                    side.plain.extend_from_slice(&chunk[..n]);
-                    return Ok(Ready::Data);
-                }
-                None => {}
-            }
-            if !super::poll_readable(&self.tcp, std::time::Duration::ZERO)? {
-                return Ok(Ready::Nothing);
-            }
-            self.fill_raw(&mut side)?;
-            if !side.eof && side.raw_pos == side.raw.len() {
-                return Ok(Ready::Nothing);
-            }
-            // Feed what came; a whole record makes plaintext, part of one
-            // means a frame is on its way.
-            let mut chunk = [0u8; 4096];
-            match self.take_plaintext(&mut side, &mut chunk)? {
-                Some(0) => return Ok(Ready::Closed),
-                Some(n) => {
-                    side.plain.extend_from_slice(&chunk[..n]);
-                    return Ok(Ready::Data);
-                }
-                None => return Ok(Ready::Data),
-            }
+        if let Some(ready) = self.peek_plaintext(&mut side)? {
+            return Ok(ready);
         }
+        if !super::poll_readable(&self.tcp, std::time::Duration::ZERO)? {
+            return Ok(Ready::Nothing);
+        }
+        // Readable: this read does not block.
+        self.fill_raw(&mut side)?;
+        // A whole record makes plaintext; part of one means a frame is on
+        // its way.
+        Ok(self.peek_plaintext(&mut side)?.unwrap_or(Ready::Data))
+    }
+
+    /// Moves plaintext rustls can give now into the peek buffer.
+    fn peek_plaintext(&self, side: &mut ReadSide) -> io::Result<Option<Ready>> {
+        let mut chunk = [0u8; 4096];
+        Ok(match self.take_plaintext(side, &mut chunk)? {
+            Some(0) => Some(Ready::Closed),
+            Some(n) => {
+                side.plain.extend_from_slice(&chunk[..n]);
+                Some(Ready::Data)
+            }
+            None => None,
+        })
     }
 
     /// True when a read would not block (or the link ended), false if
     /// `timeout` passed first.
     pub(super) fn wait_readable(&self, timeout: std::time::Duration) -> io::Result<bool> {
         {
-            let side = lock(&self.read);
-            if side.plain_pos < side.plain.len() || side.raw_pos < side.raw.len() || side.eof {
-                return Ok(true);
-            }
-        }
-        if lock(&self.conn).wants_read() {
-            // rustls may still hold plaintext (it always "wants" more).
             let mut side = lock(&self.read);
-            if let Ready::Data | Ready::Closed = self.peek_buffered(&mut side)? {
+            if side.plain_pos < side.plain.len() || self.peek_plaintext(&mut side)?.is_some() {
                 return Ok(true);
             }
         }
         super::poll_readable(&self.tcp, timeout)
-    }
-
-    fn peek_buffered(&self, side: &mut ReadSide) -> io::Result<Ready> {
-        let mut chunk = [0u8; 4096];
-        let mut conn = lock(&self.conn);
-        match conn.reader().read(&mut chunk) {
-            Ok(0) => Ok(Ready::Closed),
-            Ok(n) => {
-                side.plain.extend_from_slice(&chunk[..n]);
-                Ok(Ready::Data)
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Ready::Nothing),
-            Err(_) => Ok(Ready::Closed),
-        }
     }
 
     /// Encrypts and sends `bufs` (as much of them as rustls takes at once).

@@ -14,7 +14,7 @@ pub(super) fn handshake<G: SourceGuest + ?Sized>(
     let hello = Instant::now();
     write_message(stream, &Message::Hello(Hello::new(Role::Source)))
         .map_err(MigrateError::protocol(stage))?;
-    let answer = recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage));
+    let answer = recv_message(stream, &mut scratch).map_err(|e| plaintext_hint(stream, e));
     run.round_trip = hello.elapsed();
     let version = match answer? {
         Message::HelloAck(HelloAck::Accepted { version }) => version,
@@ -48,6 +48,22 @@ pub(super) fn handshake<G: SourceGuest + ?Sized>(
             got: other.kind(),
         }),
     }
+}
+
+/// A plaintext Hello that a TLS destination refused ends in a closed
+/// connection or a TLS alert where the HelloAck belongs: say so.
+fn plaintext_hint(stream: &Link, e: crate::ProtocolError) -> MigrateError {
+    use crate::ProtocolError as P;
+    let looks_refused = matches!(
+        e,
+        P::PeerClosed | P::TruncatedHeader { .. } | P::BadMagic { .. }
+    ) || matches!(&e, P::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset);
+    if stream.is_tls() || !looks_refused {
+        return MigrateError::protocol("handshake")(e);
+    }
+    MigrateError::Transport(format!(
+        "the destination did not answer our plaintext Hello ({e}): it may require TLS; give --tls DIR --peer-name HOST, or start it with --insecure-plaintext"
+    ))
 }
 
 /// A destination that gave up mid-round says why in an Abort frame; look
