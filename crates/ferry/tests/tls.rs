@@ -113,7 +113,7 @@ fn tls_migration(test: &str, workload: &str, extra: &[&str]) -> Value {
     log_rounds(test, &report);
     let transport = report["transport"].as_str().unwrap_or_default();
     assert!(
-        transport.starts_with("tls1.3 TLS13_") && transport.ends_with("peer host/hostB"),
+        transport.starts_with("tls1.3 TLS13_") && transport.ends_with("peer host hostB"),
         "the report must name the TLS transport and the peer: {transport:?}"
     );
     destination_says(&mut dst, "tls1.3 TLS13_");
@@ -217,7 +217,7 @@ fn wrong_peers_are_refused_and_the_destination_keeps_waiting() {
         why.contains("does not allow us") && why.contains("hostD"),
         "{why}"
     );
-    let said = destination_says(&mut dst, "host/hostD");
+    let said = destination_says(&mut dst, "refused host hostD");
     eprintln!("{test}: destination: {said}");
 
     // A plaintext source against the TLS destination.

@@ -222,7 +222,7 @@ pub struct MigrationReport {
     pub mode: String,
     pub outcome: String,
     pub destination: String,
-    /// What the connections ran over: `tls1.3 SUITE, peer host/NAME`, or
+    /// What the connections ran over: `tls1.3 SUITE, peer host NAME`, or
     /// `plaintext (insecure, asked on both sides)`.
     #[serde(default)]
     pub transport: String,

@@ -579,7 +579,7 @@ pub fn migration_source(
 pub fn migration_destination(name: &str, args: &[&str]) -> (FerryProc, u16) {
     let mut all = vec!["receive", "--listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
-    if !args.contains(&"--tls") {
+    if !args.contains(&"--tls") && !args.contains(&"--insecure-plaintext") {
         all.push("--insecure-plaintext");
     }
     let mut dst = FerryProc::spawn(name, &all);
@@ -605,7 +605,10 @@ pub fn start_migrate(name: &str, socket: &str, port: u16, args: &[&str]) -> Ferr
     let to = format!("127.0.0.1:{port}");
     let mut all = vec!["migrate", socket, "--to", &to];
     all.extend_from_slice(args);
-    if !args.contains(&"--tls") && !args.contains(&"--resume") {
+    if !["--tls", "--resume", "--insecure-plaintext"]
+        .iter()
+        .any(|flag| args.contains(flag))
+    {
         all.push("--insecure-plaintext");
     }
     FerryProc::spawn(name, &all)

@@ -142,7 +142,7 @@ impl Link {
     }
 
     /// What a report says about this link: `tls1.3 TLS13_AES_128_GCM_SHA256,
-    /// peer host/hostB`, or `plaintext (insecure, asked on both sides)`.
+    /// peer host hostB`, or `plaintext (insecure, asked on both sides)`.
     pub fn describe(&self) -> String {
         match &self.kind {
             Kind::Plain(_) => "plaintext (insecure, asked on both sides)".into(),
@@ -569,3 +569,6 @@ impl Listener {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
