@@ -646,6 +646,8 @@ impl Agent {
             streams: req.streams,
             priority: Default::default(),
             cpu_share: None,
+            // Only reached when both agents allow it (see `PLAINTEXT`).
+            transport: Some(ferry_control::TransportRequest::InsecurePlaintext),
         });
         // The policy's completion timeout: the engine is cancelled the
         // same way an operator cancels it.

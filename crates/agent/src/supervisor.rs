@@ -146,7 +146,10 @@ impl Vmm {
             .arg("--max-vcpus")
             .arg(def.vcpus.to_string())
             .arg("--api")
-            .arg(socket);
+            .arg(socket)
+            // Prepared only when both agents allow a plaintext data plane
+            // (`insecure_plaintext_data_plane`); TLS here is the next step.
+            .arg("--insecure-plaintext");
         if def.prealloc {
             cmd.arg("--prealloc");
         }

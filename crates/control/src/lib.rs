@@ -88,6 +88,24 @@ pub struct MigrateRequest {
     /// no core free and the guest has priority, else 0.
     #[serde(default)]
     pub cpu_share: Option<u32>,
+    /// How the connections to the destination are secured. None: the
+    /// migration is refused (plaintext must be asked for).
+    #[serde(default)]
+    pub transport: Option<TransportRequest>,
+}
+
+/// The security of a migration's connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TransportRequest {
+    /// Mutual TLS 1.3 with the identity in `dir` (ca.crt, cert.pem,
+    /// key.pem), to a destination whose certificate is for `peer_name`.
+    Tls {
+        dir: std::path::PathBuf,
+        peer_name: String,
+    },
+    /// Plain TCP, asked for explicitly (`--insecure-plaintext`).
+    InsecurePlaintext,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -19,6 +19,7 @@ pub fn print_migration_report(r: &MigrationReport) {
             format!("{} vCPU, {}", r.vcpus, show_size(r.mem_bytes)),
         ),
         ("destination", r.destination.clone()),
+        ("transport", r.transport.clone()),
         (
             "mode / downtime target",
             format!("{} / {:.1} ms", r.mode, r.downtime_target_ms),

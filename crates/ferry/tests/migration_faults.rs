@@ -596,7 +596,13 @@ fn bad_command_lines_say_why() {
 
     let dir = TempDir::new("bad_command_lines_say_why");
     let missing = dir.path("no-such-vm.sock");
-    let (code, err, _) = run_to_end(&["migrate", &missing, "--to", "127.0.0.1:1"]);
+    let (code, err, _) = run_to_end(&[
+        "migrate",
+        &missing,
+        "--to",
+        "127.0.0.1:1",
+        "--insecure-plaintext",
+    ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(&missing) && err.contains("cannot reach a VM"),

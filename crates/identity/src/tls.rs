@@ -285,6 +285,24 @@ impl TlsStream {
         }
     }
 
+    /// The rustls connection, its TCP stream and the verified peer, for a
+    /// caller that drives the records itself (e.g. to read and write from
+    /// two threads). Plaintext the connection has already received stays
+    /// buffered in it.
+    pub fn into_parts(self) -> (rustls::Connection, TcpStream, PeerIdentity) {
+        let (conn, tcp) = match self.inner {
+            Inner::Client(s) => {
+                let (conn, tcp) = s.into_parts();
+                (rustls::Connection::from(conn), tcp)
+            }
+            Inner::Server(s) => {
+                let (conn, tcp) = s.into_parts();
+                (rustls::Connection::from(conn), tcp)
+            }
+        };
+        (conn, tcp, self.peer)
+    }
+
     /// Sends TLS close_notify and flushes: the peer reads a clean end of
     /// stream instead of a truncation error.
     pub fn close(&mut self) -> io::Result<()> {

@@ -22,5 +22,6 @@ pub mod shared_pages;
 pub mod stats;
 pub mod synthetic;
 pub mod thread_priority;
+pub mod transport;
 
 pub use error::ProtocolError;

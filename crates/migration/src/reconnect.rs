@@ -3,7 +3,8 @@
 //! that meeting live here: the source dials and says Hello again, the
 //! destination waits on its listener for a source that does.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use crate::transport::{Dialer, Link, Listener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::postcopy::channel::link_failed;
@@ -36,16 +37,16 @@ pub(crate) fn keep_trying<T>(
 
 /// Source side: connects to `addr` and negotiates again.
 pub(crate) fn dial(
+    dialer: &Dialer,
     addr: SocketAddr,
     io_timeout: Duration,
     stage: &'static str,
-) -> Result<TcpStream, MigrateError> {
+) -> Result<Link, MigrateError> {
     let io = |e: std::io::Error| MigrateError::Protocol {
         stage,
         source: e.into(),
     };
-    let mut conn = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT).map_err(io)?;
-    conn.set_nodelay(true).map_err(io)?;
+    let mut conn = dialer.dial(addr, DIAL_TIMEOUT).map_err(|e| io(e.into()))?;
     conn.set_read_timeout(Some(io_timeout)).map_err(io)?;
     conn.set_write_timeout(Some(io_timeout)).map_err(io)?;
     let mut scratch = Vec::new();
@@ -66,9 +67,9 @@ pub(crate) fn dial(
 /// takes one (each comes with the first message after its Hello), or
 /// `timeout` has passed. Connections `greet` refuses are dropped.
 pub(crate) fn wait_for_source<T>(
-    listener: &TcpListener,
+    listener: &Listener,
     timeout: Duration,
-    mut greet: impl FnMut(TcpStream, Message) -> Result<T, String>,
+    mut greet: impl FnMut(Link, Message) -> Result<T, String>,
 ) -> Result<T, String> {
     let deadline = Instant::now() + timeout;
     let io = |e: std::io::Error| format!("waiting for the source: {e}");
@@ -97,7 +98,7 @@ pub(crate) fn wait_for_source<T>(
 }
 
 /// Answers a returning source's Hello; returns the message after it.
-fn hello_again(mut conn: TcpStream) -> Result<(TcpStream, Message), String> {
+fn hello_again(mut conn: Link) -> Result<(Link, Message), String> {
     let err = |e: &dyn std::fmt::Display| format!("greeting a returning source: {e}");
     conn.set_nonblocking(false).map_err(|e| err(&e))?;
     conn.set_nodelay(true).map_err(|e| err(&e))?;

@@ -222,6 +222,10 @@ pub struct MigrationReport {
     pub mode: String,
     pub outcome: String,
     pub destination: String,
+    /// What the connections ran over: `tls1.3 SUITE, peer host NAME`, or
+    /// `plaintext (insecure, asked on both sides)`.
+    #[serde(default)]
+    pub transport: String,
     pub mem_bytes: u64,
     pub vcpus: u32,
     pub downtime_target_ms: f64,

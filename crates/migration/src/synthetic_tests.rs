@@ -1,8 +1,8 @@
 //! The engine against the in-memory guest over real loopback TCP: source
 //! and destination on their own threads, every page compared at the end.
 
+use crate::transport::{Link, Listener};
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
@@ -15,8 +15,8 @@ use crate::stats::MigrationReport;
 
 const PAGES: usize = 4096; // 16 MiB
 
-fn listen() -> (TcpListener, String) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+fn listen() -> (Listener, String) {
+    let l = Listener::plain(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
     let addr = l.local_addr().unwrap().to_string();
     (l, addr)
 }
@@ -65,7 +65,7 @@ fn run_pair_listening(
         })
         .map(|r| r.vm)
     });
-    let stream = TcpStream::connect(&addr).unwrap();
+    let stream = Link::plain(std::net::TcpStream::connect(&addr).unwrap());
     let result = migrate(source, stream, &addr, opts, &mut |_| {});
     (result, dest.join().unwrap())
 }
@@ -133,7 +133,7 @@ fn a_destination_that_cannot_load_the_state_aborts_and_the_source_resumes() {
 
 /// Plays a destination's part of the handshake through the real message
 /// code: answers Hello and accepts the Offer.
-fn fake_destination_handshake(stream: &mut TcpStream) {
+fn fake_destination_handshake(stream: &mut Link) {
     use crate::protocol::*;
     let mut scratch = Vec::new();
     let Message::Hello(h) = recv_message(stream, &mut scratch).unwrap() else {
@@ -163,7 +163,7 @@ fn a_destination_that_vanishes_mid_round_leaves_the_guest_running() {
         stream.read_exact(&mut buf).unwrap();
         drop(stream);
     });
-    let stream = TcpStream::connect(&addr).unwrap();
+    let stream = Link::plain(std::net::TcpStream::connect(&addr).unwrap());
     let result = migrate(
         &mut source,
         stream,
@@ -246,7 +246,7 @@ fn run_postcopy_pair(
         handle.wait().map_err(|e| e.to_string())?;
         Ok((received.vm.lazy.unwrap().memory(), seen))
     });
-    let stream = TcpStream::connect(&addr).unwrap();
+    let stream = Link::plain(std::net::TcpStream::connect(&addr).unwrap());
     let result = migrate(source, stream, &addr, opts, &mut |_| {});
     (result, dest.join().unwrap())
 }
@@ -374,7 +374,7 @@ fn a_stream_cut_mid_round_leaves_the_guest_running() {
         let Message::StreamsOpen(open) = recv_message(&mut main, &mut scratch).unwrap() else {
             panic!()
         };
-        let streams: Vec<TcpStream> = (0..open.count)
+        let streams: Vec<Link> = (0..open.count)
             .map(|_| {
                 let (mut s, _) = listener.accept().unwrap();
                 let Message::StreamJoin(_) = recv_message(&mut s, &mut scratch).unwrap() else {
@@ -392,7 +392,7 @@ fn a_stream_cut_mid_round_leaves_the_guest_running() {
         (&streams[0]).read_exact(&mut buf).unwrap();
         drop((streams, main));
     });
-    let stream = TcpStream::connect(&addr).unwrap();
+    let stream = Link::plain(std::net::TcpStream::connect(&addr).unwrap());
     let result = migrate(&mut source, stream, &addr, &streams_options(2), &mut |_| {});
     peer.join().unwrap();
     let failure = result.unwrap_err();

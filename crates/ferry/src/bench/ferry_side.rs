@@ -29,6 +29,46 @@ pub struct FerryMigration {
     pub streams: Option<u16>,
     pub priority: CpuPriority,
     pub vcpus: u32,
+    /// Mutual TLS 1.3 with identities made for the run, else plaintext.
+    pub tls: bool,
+}
+
+/// Host names of the bench's TLS identities.
+const TLS_SOURCE: &str = "bench-src";
+const TLS_DESTINATION: &str = "bench-dst";
+
+/// `ferry ca init DIR/tls-ca` and an identity for each side; returns the
+/// CA directory.
+fn bench_identities(dir: &Path) -> anyhow::Result<PathBuf> {
+    let ca = dir.join(format!("tls-ca-{}", std::process::id()));
+    if ca.join(TLS_DESTINATION).join("cert.pem").exists() {
+        return Ok(ca);
+    }
+    let exe = std::env::current_exe()?;
+    let ca_s = ca.display().to_string();
+    let mut steps = vec![vec!["ca", "init", ca_s.as_str()]];
+    for host in [TLS_SOURCE, TLS_DESTINATION] {
+        steps.push(vec![
+            "ca",
+            "issue",
+            "--name",
+            host,
+            "--ip",
+            "127.0.0.1",
+            ca_s.as_str(),
+        ]);
+    }
+    for args in steps {
+        let out = std::process::Command::new(&exe).args(&args).output()?;
+        if !out.status.success() {
+            bail!(
+                "ferry {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(ca)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +107,22 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         "--mem".into(),
         mem.clone(),
     ];
+    let transport = if m.tls {
+        let ca = bench_identities(dir)?;
+        dst_args.extend([
+            "--tls".into(),
+            ca.join(TLS_DESTINATION).display().to_string(),
+            "--allow-source".into(),
+            TLS_SOURCE.into(),
+        ]);
+        ferry_control::TransportRequest::Tls {
+            dir: ca.join(TLS_SOURCE),
+            peer_name: TLS_DESTINATION.into(),
+        }
+    } else {
+        dst_args.push("--insecure-plaintext".into());
+        ferry_control::TransportRequest::InsecurePlaintext
+    };
     let mut src_args: Vec<String> = vec![
         "run".into(),
         "--mem".into(),
@@ -110,6 +166,7 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         recovery_ms: None,
         streams: m.streams,
         priority: m.priority,
+        transport: Some(transport),
     });
     let mut report = match call(&socket, &request)? {
         Response::Migrated(r) => *r,

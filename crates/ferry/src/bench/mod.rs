@@ -48,6 +48,10 @@ pub struct Row {
     pub vcpus: u32,
     /// Whether QEMU runs this row too.
     pub qemu: bool,
+    /// Ferry over mutual TLS 1.3 (a CA made for the run) instead of
+    /// plaintext. QEMU's side of such a row (`tls-creds-x509`) is still
+    /// to come: these rows run Ferry only.
+    pub tls: bool,
 }
 
 impl Row {
@@ -91,6 +95,7 @@ pub fn rows() -> Vec<Row> {
         priority: CpuPriority::Guest,
         vcpus: 1,
         qemu: true,
+        tls: false,
     };
     let capped = |name, mode| Row {
         mode,
@@ -112,6 +117,25 @@ pub fn rows() -> Vec<Row> {
             streams: Some(FILL_STREAMS),
             priority: CpuPriority::Migration,
             ..row("fill-768-prealloc-4streams", "dirty:0:1:768", true, None)
+        },
+        // The same fills over mutual TLS 1.3, beside the plaintext rows.
+        Row {
+            streams: Some(1),
+            qemu: false,
+            tls: true,
+            ..row("fill-768-prealloc-tls", "dirty:0:1:768", true, None)
+        },
+        Row {
+            streams: Some(FILL_STREAMS),
+            priority: CpuPriority::Migration,
+            qemu: false,
+            tls: true,
+            ..row(
+                "fill-768-prealloc-tls-4streams",
+                "dirty:0:1:768",
+                true,
+                None,
+            )
         },
         capped("postcopy-max-300MiBs", Mode::Postcopy),
         capped("hybrid-max-300MiBs", Mode::Hybrid),
@@ -308,6 +332,7 @@ pub fn run_rows(
                 streams: row.streams,
                 priority: row.priority,
                 vcpus: row.vcpus,
+                tls: row.tls,
             };
             match run_ferry_migration(&m, dir.path()) {
                 Ok(o) => result.ferry_runs.push(o),

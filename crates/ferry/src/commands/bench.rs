@@ -11,6 +11,7 @@ pub struct BenchArgs {
     pub reps: u32,
     /// Only these rows (iperf3, idle, dirty-100, dirty-1024-10ms,
     /// dirty-1024-10ms-2vcpu, fill-768-prealloc, fill-768-prealloc-4streams,
+    /// fill-768-prealloc-tls, fill-768-prealloc-tls-4streams,
     /// postcopy-max-300MiBs, hybrid-max-300MiBs, auto-max-300MiBs). iperf3,
     /// the loopback TCP limit, runs whenever a throughput row does.
     #[arg(long, value_delimiter = ',')]

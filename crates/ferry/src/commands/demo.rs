@@ -85,9 +85,16 @@ struct HostB {
 
 impl HostB {
     fn start(prealloc: bool, mem: u64) -> anyhow::Result<(Self, String)> {
-        let mut args: Vec<String> = ["receive", "--listen", "127.0.0.1:0", "--duration", "120s"]
-            .map(String::from)
-            .to_vec();
+        let mut args: Vec<String> = [
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--duration",
+            "120s",
+            "--insecure-plaintext",
+        ]
+        .map(String::from)
+        .to_vec();
         args.extend(["--mem".into(), format!("{}M", mem >> 20)]);
         if prealloc {
             args.push("--prealloc".into());
@@ -171,6 +178,7 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
         recovery_ms: None,
         streams: None,
         priority: Default::default(),
+        transport: Some(ferry_control::TransportRequest::InsecurePlaintext),
     };
     let mut view = ProgressView::new();
     let result = migrate_vm(&mut vm, &request, &mut |p| view.show(p));

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::api::call_with_progress;
 use crate::migration::priority::CpuPriority;
 use crate::report::print_migration_report;
-use ferry_control::{MigrateRequest, Request, Response};
+use ferry_control::{MigrateRequest, Request, Response, TransportRequest};
 
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
@@ -67,6 +67,23 @@ pub struct MigrateArgs {
     /// when the vCPUs take every core and --priority is guest, else 0.
     #[arg(long, default_value = "auto", value_parser = parse_cpu_share, conflicts_with = "resume")]
     pub cpu_share: CpuShareArg,
+    /// Mutual TLS 1.3: this host's identity directory (ca.crt, cert.pem,
+    /// key.pem, as `ferry ca issue` writes it). Needs --peer-name.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "peer_name",
+        conflicts_with = "resume"
+    )]
+    pub tls: Option<PathBuf>,
+    /// The destination's host name: its certificate must be for it, or the
+    /// migration is refused before any page moves.
+    #[arg(long, value_name = "HOST", requires = "tls", conflicts_with = "resume")]
+    pub peer_name: Option<String>,
+    /// Send the VM's memory and state in the clear, unauthenticated. The
+    /// destination must be told the same.
+    #[arg(long, conflicts_with_all = ["tls", "resume"])]
+    pub insecure_plaintext: bool,
     /// Print the report as one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -103,6 +120,15 @@ impl MigrateArgs {
             streams: self.streams.0,
             priority: self.priority,
             cpu_share: self.cpu_share.0,
+            transport: match (&self.tls, &self.peer_name) {
+                (Some(dir), Some(peer_name)) => Some(TransportRequest::Tls {
+                    // The VM's process may run in another directory.
+                    dir: std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
+                    peer_name: peer_name.clone(),
+                }),
+                _ if self.insecure_plaintext => Some(TransportRequest::InsecurePlaintext),
+                _ => None,
+            },
         }
     }
 }
@@ -200,6 +226,11 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<bool> {
                 args.downtime
             );
         }
+    }
+    if !args.resume && args.tls.is_none() && !args.insecure_plaintext {
+        bail!(
+            "refusing to migrate in the clear: give --tls DIR --peer-name HOST (mutual TLS 1.3), or --insecure-plaintext on both sides to send the VM's memory unencrypted and unauthenticated"
+        );
     }
     let mut view = ProgressView::new();
     let request = if args.resume {

@@ -3,13 +3,15 @@
 //! after the commit, then supervises it like `ferry run` (with `--api`, so
 //! it can be migrated on again).
 
+use std::cell::Cell;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use ferry_migration::precopy::{
     error_chain, receive as receive_vm, send_resumed, send_started, ReceiveOptions,
 };
+use ferry_migration::transport::{Acceptor, Link, Listener};
 use ferry_vmm::compat::IncomingLimits;
 use ferry_vmm::GuestRam;
 
@@ -44,8 +46,60 @@ pub struct ReceiveArgs {
     /// host: guest (the receiver yields) or migration.
     #[arg(long, value_enum, default_value = "guest")]
     pub priority: crate::migration::priority::CpuPriority,
+    /// Mutual TLS 1.3: this host's identity directory (ca.crt, cert.pem,
+    /// key.pem, as `ferry ca issue` writes it). Needs --allow-source.
+    #[arg(long, value_name = "DIR", requires = "allow_source")]
+    pub tls: Option<std::path::PathBuf>,
+    /// A source host allowed to migrate here (its certificate's host
+    /// name); repeat for several. Every other peer is refused.
+    #[arg(long, value_name = "HOST", requires = "tls")]
+    pub allow_source: Vec<String>,
+    /// Take the VM in the clear, from anyone. The source must be told the
+    /// same.
+    #[arg(long, conflicts_with = "tls")]
+    pub insecure_plaintext: bool,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
+}
+
+/// The acceptor the flags ask for; plaintext only when asked by name.
+fn acceptor(args: &ReceiveArgs) -> anyhow::Result<Acceptor> {
+    match &args.tls {
+        Some(dir) => Acceptor::tls_from_dir(dir, args.allow_source.iter().cloned())
+            .with_context(|| format!("--tls {}", dir.display())),
+        None if args.insecure_plaintext => Ok(Acceptor::plaintext()),
+        None => bail!(
+            "refusing to receive in the clear: give --tls DIR --allow-source HOST (mutual TLS 1.3), or --insecure-plaintext on both sides to take a VM unencrypted from anyone"
+        ),
+    }
+}
+
+/// Waits for a connection that passes the acceptor; refused ones are
+/// logged and the wait goes on, up to `deadline`.
+fn next_source(
+    listener: &Listener,
+    deadline: Option<Instant>,
+) -> anyhow::Result<(Link, std::net::SocketAddr)> {
+    listener.set_nonblocking(deadline.is_some())?;
+    loop {
+        match listener.accept_or_refuse() {
+            Ok(Ok(taken)) => {
+                listener.set_nonblocking(false)?;
+                taken.0.set_nonblocking(false)?;
+                return Ok(taken);
+            }
+            Ok(Err(refusal)) => {
+                eprintln!("ferry: {refusal}; still waiting for the source");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    bail!("no source connected within --duration");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).context("accepting the source's connection"),
+        }
+    }
 }
 
 /// How long to wait for a started VM's first vCPU to enter the guest
@@ -56,6 +110,8 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     let api = args.supervise.bind_api()?;
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
+    let listener = Listener::new(listener, acceptor(&args)?);
+    let waiting_since = Instant::now();
     let mut reserved = match args.mem {
         Some(size) => {
             let t = Instant::now();
@@ -71,26 +127,45 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         None => None,
     };
     eprintln!("ferry: listening on {}", listener.local_addr()?);
-    let (stream, peer) = listener
-        .accept()
-        .context("accepting the source's connection")?;
-    let start = Instant::now();
     let limits = IncomingLimits {
         max_mem_bytes: args.max_mem,
         max_vcpus: args.max_vcpus,
     };
     let prealloc = args.prealloc;
-    let yielding = crate::migration::priority::apply(args.priority);
-    // The listener stays open for the fault channel of a post-copy.
-    let options = ReceiveOptions {
-        link_recovery: args.recovery_timeout,
-        ..Default::default()
+    let deadline = args.supervise.duration.map(|d| waiting_since + d);
+    // A connection that fails before it offers a VM (garbage, a stranger,
+    // a broken Hello) changes nothing here: wait for the real source.
+    let (received, peer, start) = loop {
+        let (stream, peer) = next_source(&listener, deadline)?;
+        let start = Instant::now();
+        let transport = stream.describe();
+        let yielding = crate::migration::priority::apply(args.priority);
+        let options = ReceiveOptions {
+            link_recovery: args.recovery_timeout,
+            ..Default::default()
+        };
+        let offered = Cell::new(false);
+        // The listener stays open for the fault channel of a post-copy.
+        let received = receive_vm(stream, Some(&listener), &options, |offer| {
+            offered.set(true);
+            accept(offer, &limits, prealloc, reserved.take())
+        });
+        drop(yielding);
+        match received {
+            Err(e) if !offered.get() => {
+                eprintln!(
+                    "ferry: dropped a connection from {peer} that offered no VM: {}; still waiting for the source",
+                    error_chain(&e)
+                );
+                continue;
+            }
+            received => {
+                eprintln!("ferry: transport from {peer}: {transport}");
+                break (received, peer, start);
+            }
+        }
     };
-    let received = receive_vm(stream, Some(&listener), &options, |offer| {
-        accept(offer, &limits, prealloc, reserved.take())
-    });
     drop(listener);
-    drop(yielding);
     let received = match received {
         Ok(r) => r,
         Err(e) => {

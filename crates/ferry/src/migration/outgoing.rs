@@ -1,7 +1,7 @@
 //! The source side, inside the process that owns the VM: connect to the
 //! destination and let the engine move the VM.
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::time::Duration;
 
 use ferry_migration::policy::PolicyConfig;
@@ -12,7 +12,8 @@ use ferry_vmm::Vm;
 
 use super::priority::{CpuPriority, Yielding};
 use super::source::VmSource;
-use ferry_control::MigrateRequest;
+use ferry_control::{MigrateRequest, TransportRequest};
+use ferry_migration::transport::{DialError, Dialer, Link};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most streams `--streams auto` opens: past four, loopback and 25 GbE
@@ -92,7 +93,7 @@ pub fn migrate_vm_cancellable(
             .unwrap_or_else(|| auto_cpu_share(vm.machine().vcpus, request.priority)),
         ..options
     };
-    let stream = match connect(&request.to) {
+    let stream = match connect(request) {
         Ok(s) => s,
         Err(error) => {
             return Err(Failure {
@@ -140,7 +141,23 @@ pub fn resume_vm(
     result
 }
 
-fn connect(to: &str) -> Result<TcpStream, MigrateError> {
+/// How `request` asks for its connections to be secured: TLS with an
+/// identity and the destination's host name, or plaintext asked for by
+/// name; nothing else.
+fn dialer(request: &MigrateRequest) -> Result<Dialer, MigrateError> {
+    match &request.transport {
+        Some(TransportRequest::Tls { dir, peer_name }) => Dialer::tls_from_dir(dir, peer_name)
+            .map_err(|e| MigrateError::Transport(format!("--tls {}: {e}", dir.display()))),
+        Some(TransportRequest::InsecurePlaintext) => Ok(Dialer::plaintext()),
+        None => Err(MigrateError::Transport(
+            "no transport chosen: give --tls DIR --peer-name HOST, or --insecure-plaintext (on both sides) to send the VM's memory in the clear".into(),
+        )),
+    }
+}
+
+fn connect(request: &MigrateRequest) -> Result<Link, MigrateError> {
+    let dialer = dialer(request)?;
+    let to = request.to.as_str();
     let failed = |source| MigrateError::Connect {
         addr: to.into(),
         source,
@@ -148,9 +165,12 @@ fn connect(to: &str) -> Result<TcpStream, MigrateError> {
     let addrs: Vec<_> = to.to_socket_addrs().map_err(failed)?.collect();
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        match dialer.dial(addr, CONNECT_TIMEOUT) {
             Ok(s) => return Ok(s),
-            Err(e) => last = e,
+            Err(DialError::Handshake(e)) => {
+                return Err(MigrateError::Transport(e.to_string()));
+            }
+            Err(e) => last = e.into(),
         }
     }
     Err(failed(last))

@@ -579,6 +579,9 @@ pub fn migration_source(
 pub fn migration_destination(name: &str, args: &[&str]) -> (FerryProc, u16) {
     let mut all = vec!["receive", "--listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
+    if !args.contains(&"--tls") && !args.contains(&"--insecure-plaintext") {
+        all.push("--insecure-plaintext");
+    }
     let mut dst = FerryProc::spawn(name, &all);
     let port = dst.wait_line(Duration::from_secs(20), "the listening port", |s, text| {
         let rest = text.strip_prefix("ferry: listening on ")?;
@@ -602,6 +605,12 @@ pub fn start_migrate(name: &str, socket: &str, port: u16, args: &[&str]) -> Ferr
     let to = format!("127.0.0.1:{port}");
     let mut all = vec!["migrate", socket, "--to", &to];
     all.extend_from_slice(args);
+    if !["--tls", "--resume", "--insecure-plaintext"]
+        .iter()
+        .any(|flag| args.contains(flag))
+    {
+        all.push("--insecure-plaintext");
+    }
     FerryProc::spawn(name, &all)
 }
 

@@ -2,9 +2,8 @@
 //! data without committing to read a frame, and session numbers that pair
 //! the fault channel with its migration.
 
+use crate::transport::{Link, Listener};
 use std::hash::{BuildHasher, Hasher};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::precopy::error::MigrateError;
@@ -16,24 +15,8 @@ pub(crate) const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// True when `stream` has bytes to read (or is closed: the read that
 /// follows reports that), false if `timeout` passed first. Lets a reader
 /// look up between frames without a read timeout that could cut a frame.
-pub(crate) fn wait_readable(stream: &TcpStream, timeout: Duration) -> std::io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: `pfd` is one valid pollfd that outlives the call, and the
-    // descriptor belongs to `stream`, borrowed for the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    Ok(n > 0)
+pub(crate) fn wait_readable(stream: &Link, timeout: Duration) -> std::io::Result<bool> {
+    stream.wait_readable(timeout)
 }
 
 /// A number no other migration on this host is likely to use.
@@ -67,10 +50,10 @@ const FAULT_SERVICE_NICE: i32 = -10;
 /// same address and joins it to `session`, then waits until the
 /// destination has it.
 pub(crate) fn open_fault_channel(
-    main: &mut TcpStream,
+    main: &mut Link,
     session: u64,
     io_timeout: Duration,
-) -> Result<TcpStream, MigrateError> {
+) -> Result<Link, MigrateError> {
     let stage = "opening the fault channel";
     let io = |e: std::io::Error| MigrateError::Protocol {
         stage,
@@ -79,8 +62,9 @@ pub(crate) fn open_fault_channel(
     write_message(main, &Message::PostcopyPrepare(PostcopyPrepare { session }))
         .map_err(MigrateError::protocol(stage))?;
     let addr = main.peer_addr().map_err(io)?;
-    let mut fault = TcpStream::connect_timeout(&addr, JOIN_TIMEOUT).map_err(io)?;
-    fault.set_nodelay(true).map_err(io)?;
+    let mut fault = main
+        .dial_sibling(addr, JOIN_TIMEOUT)
+        .map_err(|e| io(e.into()))?;
     fault.set_write_timeout(Some(io_timeout)).map_err(io)?;
     write_message(&mut fault, &Message::Join(Join { session }))
         .map_err(MigrateError::protocol(stage))?;
@@ -98,10 +82,7 @@ pub(crate) fn open_fault_channel(
 
 /// Destination side: accepts connections on `listener` until one opens
 /// with `Join{session}`; others are dropped. Err says why, for a human.
-pub(crate) fn accept_fault_channel(
-    listener: &TcpListener,
-    session: u64,
-) -> Result<TcpStream, String> {
+pub(crate) fn accept_fault_channel(listener: &Listener, session: u64) -> Result<Link, String> {
     accept_joining(
         listener,
         "the fault channel",
@@ -114,10 +95,10 @@ pub(crate) fn accept_fault_channel(
 /// `ours` takes, and returns it with that message; other connections are
 /// someone else's and are dropped. `what` names the connection in errors.
 pub(crate) fn accept_joining(
-    listener: &TcpListener,
+    listener: &Listener,
     what: &str,
     mut ours: impl FnMut(&Message) -> bool,
-) -> Result<(TcpStream, Message), String> {
+) -> Result<(Link, Message), String> {
     let io = |e: std::io::Error| format!("opening {what}: {e}");
     let deadline = Instant::now() + JOIN_TIMEOUT;
     listener.set_nonblocking(true).map_err(io)?;

@@ -9,9 +9,9 @@
 //! destination waits for the source to come back with `Resume`; then both
 //! connections are opened again and every page not yet here is sent.
 
+use crate::transport::{Link, Listener};
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -95,7 +95,7 @@ struct Shared {
     resumed: Mutex<Option<Resumed>>,
     /// Where requests go; None while the link is down (requests then wait
     /// in `pending` and are sent again on the next link).
-    fault_writer: Mutex<Option<TcpStream>>,
+    fault_writer: Mutex<Option<Link>>,
     link_down: AtomicBool,
     link_error: Mutex<Option<String>>,
     recoveries: AtomicU32,
@@ -186,8 +186,8 @@ impl PostcopyHandle {
     pub(crate) fn start(
         lazy: Arc<dyn LazyMemory>,
         needed: PageBitmap,
-        main: TcpStream,
-        fault: TcpStream,
+        main: Link,
+        fault: Link,
         recovery: Recovery,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
@@ -274,7 +274,7 @@ impl PostcopyHandle {
 
 /// Where a post-copy whose link failed waits for its source.
 pub struct Recovery {
-    pub listener: Option<TcpListener>,
+    pub listener: Option<Listener>,
     pub session: u64,
     pub timeout: Duration,
 }
@@ -283,8 +283,8 @@ pub struct Recovery {
 /// the links back after a failure.
 fn run(
     shared: Arc<Shared>,
-    mut main: TcpStream,
-    mut fault_reader: TcpStream,
+    mut main: Link,
+    mut fault_reader: Link,
     recovery: Recovery,
 ) -> Result<PostcopyComplete, PostcopyError> {
     let faults = {
@@ -407,7 +407,7 @@ fn run(
 /// Waits on the listener for the source to come back with `Resume` for
 /// this session; answers with the pages held here and takes the new fault
 /// channel. Err: why not, for a human.
-fn wait_for_source(shared: &Shared, recovery: &Recovery) -> Result<(TcpStream, TcpStream), String> {
+fn wait_for_source(shared: &Shared, recovery: &Recovery) -> Result<(Link, Link), String> {
     let Some(listener) = &recovery.listener else {
         return Err("this destination has no listener to wait on".into());
     };
@@ -421,11 +421,11 @@ fn wait_for_source(shared: &Shared, recovery: &Recovery) -> Result<(TcpStream, T
 /// then the fault channel.
 fn resume_handshake(
     shared: &Shared,
-    mut conn: TcpStream,
+    mut conn: Link,
     first: Message,
-    listener: &TcpListener,
+    listener: &Listener,
     session: u64,
-) -> Result<(TcpStream, TcpStream), String> {
+) -> Result<(Link, Link), String> {
     let err = |e: &dyn std::fmt::Display| format!("resuming: {e}");
     let mut scratch = Vec::new();
     match first {
@@ -485,7 +485,7 @@ fn resend_pending(shared: &Shared) {
 /// whose pages all came by the fault channel first, until it closes:
 /// closing with unread bytes would reset the connection under the source
 /// before it read PostcopyComplete.
-fn drain(main: &mut TcpStream) {
+fn drain(main: &mut Link) {
     use std::io::Read;
     let _ = main.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + RESUMED_WAIT;
@@ -503,7 +503,7 @@ fn drain(main: &mut TcpStream) {
 }
 
 /// Places the background push until every page is here.
-fn receive_push(shared: &Shared, main: &mut TcpStream) -> Result<(), PostcopyError> {
+fn receive_push(shared: &Shared, main: &mut Link) -> Result<(), PostcopyError> {
     let stage = "post-copy: receiving pushed pages";
     let mut staging = Staging::default();
     let mut scratch = Vec::new();
@@ -569,7 +569,7 @@ fn serve_faults(shared: &Shared) {
 }
 
 /// Places the answers to requests, until this link fails.
-fn receive_answers(shared: &Shared, mut fault: TcpStream) {
+fn receive_answers(shared: &Shared, mut fault: Link) {
     crate::postcopy::channel::serve_faults_promptly();
     let stage = "post-copy: receiving requested pages";
     let mut staging = Staging::default();

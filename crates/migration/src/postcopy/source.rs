@@ -4,7 +4,8 @@
 //! destination lacks on the main connection, starting next to the latest
 //! request, then waits for the destination to say it has them all.
 
-use std::net::{SocketAddr, TcpStream};
+use crate::transport::Link;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +45,8 @@ pub struct ServeOptions {
     /// link failed; zero: give up at once.
     pub recovery: Duration,
     pub session: u64,
+    /// How to reach the destination again (as the main connection was).
+    pub dialer: crate::transport::Dialer,
 }
 
 impl Served {
@@ -136,8 +139,8 @@ pub(crate) struct ServeFailure {
 /// VM stays paused here meanwhile, and every page stays here.
 pub(crate) fn serve(
     memory: Arc<dyn PageReader>,
-    main: &mut TcpStream,
-    fault: TcpStream,
+    main: &mut Link,
+    fault: Link,
     needed: &PageBitmap,
     options: &ServeOptions,
     events: &mut dyn FnMut(ServeEvent),
@@ -198,8 +201,8 @@ pub fn resume(
 #[allow(clippy::too_many_arguments)]
 fn serve_from(
     memory: Arc<dyn PageReader>,
-    main: &mut TcpStream,
-    mut fault: TcpStream,
+    main: &mut Link,
+    mut fault: Link,
     needed: &PageBitmap,
     mut sent: SharedPages,
     addr: SocketAddr,
@@ -277,8 +280,8 @@ type LinkFailure = (MigrateError, u64, u64);
 #[allow(clippy::too_many_arguments)]
 fn serve_link(
     memory: &dyn PageReader,
-    main: &mut TcpStream,
-    fault: TcpStream,
+    main: &mut Link,
+    fault: Link,
     needed: &PageBitmap,
     sent: &SharedPages,
     options: &ServeOptions,
@@ -332,7 +335,7 @@ fn reconnect(
     addr: std::net::SocketAddr,
     needed: &PageBitmap,
     options: &ServeOptions,
-) -> Result<(TcpStream, TcpStream, PageBitmap), MigrateError> {
+) -> Result<(Link, Link, PageBitmap), MigrateError> {
     reconnect::keep_trying(options.recovery, || try_resume(addr, needed, options))
 }
 
@@ -340,9 +343,9 @@ fn try_resume(
     addr: std::net::SocketAddr,
     needed: &PageBitmap,
     options: &ServeOptions,
-) -> Result<(TcpStream, TcpStream, PageBitmap), MigrateError> {
+) -> Result<(Link, Link, PageBitmap), MigrateError> {
     let stage = "resuming post-copy";
-    let mut main = reconnect::dial(addr, options.io_timeout, stage)?;
+    let mut main = reconnect::dial(&options.dialer, addr, options.io_timeout, stage)?;
     let mut scratch = Vec::new();
     write_message(
         &mut main,
@@ -387,7 +390,7 @@ fn try_resume(
 #[allow(clippy::too_many_arguments)]
 fn push(
     memory: &dyn PageReader,
-    main: &mut TcpStream,
+    main: &mut Link,
     needed: &PageBitmap,
     sent: &SharedPages,
     hint: &AtomicU64,
@@ -463,7 +466,7 @@ fn push(
 
 /// After the push: the destination's word that every page is placed.
 fn wait_complete(
-    main: &mut TcpStream,
+    main: &mut Link,
     timeout: Duration,
     broken: &AtomicBool,
 ) -> Result<PostcopyComplete, MigrateError> {
@@ -511,7 +514,7 @@ fn wait_complete(
 /// Answers page requests on the fault channel until told to stop.
 fn answer_requests(
     memory: &dyn PageReader,
-    mut fault: TcpStream,
+    mut fault: Link,
     needed: &PageBitmap,
     sent: &SharedPages,
     hint: &AtomicU64,

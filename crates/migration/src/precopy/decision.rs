@@ -11,7 +11,8 @@
 //! Committed was the frame lost. The source, missing its Committed, dials
 //! again and repeats its decision until one of them answers.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use crate::transport::{Dialer, Link, Listener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::precopy::error::MigrateError;
@@ -21,10 +22,10 @@ use crate::reconnect;
 /// Destination, prepared, link broken: waits up to `window` for the
 /// source's decision. Ok: the new connection and whether to commit.
 pub(crate) fn await_decision(
-    listener: &TcpListener,
+    listener: &Listener,
     session: u64,
     window: Duration,
-) -> Result<(TcpStream, bool), String> {
+) -> Result<(Link, bool), String> {
     reconnect::wait_for_source(listener, window, |mut conn, first| match first {
         Message::Decide(d) if d.session == session => Ok((conn, d.commit)),
         other => {
@@ -38,7 +39,7 @@ pub(crate) fn await_decision(
 /// Committed that the VM runs here. In the background; the thread ends
 /// with the window.
 pub(crate) fn answer_late_decisions(
-    listener: &TcpListener,
+    listener: &Listener,
     session: u64,
     window: Duration,
 ) -> std::io::Result<()> {
@@ -71,7 +72,7 @@ pub(crate) fn answer_late_decisions(
     Ok(())
 }
 
-fn refuse(conn: &mut TcpStream, reason: &str) {
+fn refuse(conn: &mut Link, reason: &str) {
     let _ = write_message(
         conn,
         &Message::Abort(Abort {
@@ -84,29 +85,31 @@ fn refuse(conn: &mut TcpStream, reason: &str) {
 /// decision on new connections until the destination confirms or
 /// `window` passes. Ok: the connection the confirmation came on.
 pub(crate) fn confirm_commit(
+    dialer: &Dialer,
     addr: SocketAddr,
     session: u64,
     window: Duration,
     io_timeout: Duration,
-) -> Result<TcpStream, MigrateError> {
-    reconnect::keep_trying(window, || decide(addr, session, true, io_timeout))
+) -> Result<Link, MigrateError> {
+    reconnect::keep_trying(window, || decide(dialer, addr, session, true, io_timeout))
 }
 
 /// Source, failed before its Commit: one short try to tell a destination
 /// that may be waiting for the decision that there is none to wait for
 /// (it gives up by itself after its window otherwise).
-pub(crate) fn announce_abort(addr: SocketAddr, session: u64) {
-    let _ = decide(addr, session, false, reconnect::DIAL_TIMEOUT);
+pub(crate) fn announce_abort(dialer: &Dialer, addr: SocketAddr, session: u64) {
+    let _ = decide(dialer, addr, session, false, reconnect::DIAL_TIMEOUT);
 }
 
 fn decide(
+    dialer: &Dialer,
     addr: SocketAddr,
     session: u64,
     commit: bool,
     io_timeout: Duration,
-) -> Result<TcpStream, MigrateError> {
+) -> Result<Link, MigrateError> {
     let stage = "repeating the commit decision";
-    let mut conn = reconnect::dial(addr, io_timeout, stage)?;
+    let mut conn = reconnect::dial(dialer, addr, io_timeout, stage)?;
     write_message(&mut conn, &Message::Decide(Decide { session, commit }))
         .map_err(MigrateError::protocol(stage))?;
     if !commit {

@@ -3,8 +3,8 @@
 //! nothing runs on, load the state, and start the VM only after `Commit`.
 //! Any failure before that drops the incoming VM: nothing is left.
 
+use crate::transport::{Link, Listener};
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
 
 use crate::thread_priority::Boost;
 use std::time::{Duration, Instant};
@@ -85,7 +85,7 @@ pub struct CommitTiming {
 pub struct Received<R> {
     pub vm: R,
     pub report: ReceiveReport,
-    pub stream: TcpStream,
+    pub stream: Link,
     pub postcopy: Option<PostcopyHandle>,
 }
 
@@ -94,8 +94,8 @@ pub struct Received<R> {
 /// `listener` is where the source opens the fault channel if it switches
 /// to post-copy; without one, post-copy is refused.
 pub fn receive<G: IncomingGuest>(
-    mut stream: TcpStream,
-    listener: Option<&TcpListener>,
+    mut stream: Link,
+    listener: Option<&Listener>,
     options: &ReceiveOptions,
     accept: impl FnOnce(&Offer) -> Result<G, String>,
 ) -> Result<Received<G::Running>, ReceiveError> {
@@ -133,7 +133,7 @@ pub fn receive<G: IncomingGuest>(
 /// makes the kernel send a reset, which can destroy the Abort before the
 /// source reads it. So stop sending, and read (and drop) what the source
 /// still sends until it notices, for a bounded time.
-fn linger(stream: &mut TcpStream) {
+fn linger(stream: &mut Link) {
     use std::io::Read;
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + LINGER;
@@ -159,7 +159,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Once the first vCPU entered the guest here (at `first_run`): this
 /// side's share of the blackout, for the source to add up the downtime
 /// (v5; best effort, the source may have gone).
-pub fn send_started(stream: &mut TcpStream, report: &ReceiveReport, first_run: Instant) {
+pub fn send_started(stream: &mut Link, report: &ReceiveReport, first_run: Instant) {
     let Some(commit) = report.commit else { return };
     if report.version < BLACKOUT_TIMING_VERSION {
         return;
@@ -177,7 +177,7 @@ pub fn send_started(stream: &mut TcpStream, report: &ReceiveReport, first_run: I
 
 /// After the VM ran on this side: what the guest measured, for the
 /// source's report. Best effort: the source may have gone.
-pub fn send_resumed(stream: &mut TcpStream, guest_stall_us: Option<u64>, first_seq: Option<u64>) {
+pub fn send_resumed(stream: &mut Link, guest_stall_us: Option<u64>, first_seq: Option<u64>) {
     let _ = write_message(
         stream,
         &Message::Resumed(Resumed {
@@ -191,8 +191,8 @@ pub fn send_resumed(stream: &mut TcpStream, guest_stall_us: Option<u64>, first_s
 type StartedVm<R> = (R, Option<PostcopyHandle>);
 
 fn drive<G: IncomingGuest>(
-    stream: &mut TcpStream,
-    listener: Option<&TcpListener>,
+    stream: &mut Link,
+    listener: Option<&Listener>,
     options: &ReceiveOptions,
     accept: impl FnOnce(&Offer) -> Result<G, String>,
     report: &mut ReceiveReport,
@@ -265,10 +265,10 @@ fn drive<G: IncomingGuest>(
     };
     let mut round_pages = 0u64;
     let mut state_len = None;
-    let mut fault_channel: Option<TcpStream> = None;
+    let mut fault_channel: Option<Link> = None;
     let mut session = 0;
     let mut missing: Option<PageBitmap> = None;
-    let mut data_streams: Option<Vec<TcpStream>> = None;
+    let mut data_streams: Option<Vec<Link>> = None;
     // Set by a v4 source: a broken link after StateLoaded is waited out.
     let mut prepared: Option<u64> = None;
     // From the source's pause to the start, nothing here may be starved.
@@ -440,7 +440,7 @@ fn drive<G: IncomingGuest>(
                 .map_err(|e| ReceiveError::protocol(stage)(e.into()))?;
             let recovery = crate::postcopy::destination::Recovery {
                 listener: listener
-                    .map(TcpListener::try_clone)
+                    .map(Listener::try_clone)
                     .transpose()
                     .map_err(|e| ReceiveError::protocol(stage)(e.into()))?,
                 session,
@@ -477,7 +477,7 @@ fn drive<G: IncomingGuest>(
 }
 
 fn next_message(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     scratch: &mut Vec<u8>,
     stage: &'static str,
 ) -> Result<Message, ReceiveError> {

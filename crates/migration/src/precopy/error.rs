@@ -14,6 +14,8 @@ pub enum MigrateError {
     },
     #[error("the destination refused the migration: {0}")]
     Refused(String),
+    #[error("securing the connection to the destination: {0}")]
+    Transport(String),
     #[error("the destination aborted the migration: {0}")]
     PeerAborted(String),
     #[error("{stage}: {source}")]

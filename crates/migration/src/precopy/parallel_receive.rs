@@ -3,7 +3,8 @@
 //! thread per stream, each writing only the stripes of guest memory its
 //! stream owns (so no two threads ever hold the same memory).
 
-use std::net::{Shutdown, TcpListener, TcpStream};
+use crate::transport::{Link, Listener};
+use std::net::Shutdown;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -17,17 +18,17 @@ use crate::protocol::{
 
 /// Takes the `count` streams of `session` on `listener`, in index order.
 pub(crate) fn accept_streams(
-    listener: &TcpListener,
+    listener: &Listener,
     session: u64,
     count: u16,
     io_timeout: Duration,
-) -> Result<Vec<TcpStream>, ReceiveError> {
+) -> Result<Vec<Link>, ReceiveError> {
     if count == 0 || count > MAX_STREAMS {
         return Err(ReceiveError::Streams(format!(
             "the source asked for {count} streams; 1 to {MAX_STREAMS} are allowed"
         )));
     }
-    let mut streams: Vec<Option<TcpStream>> = (0..count).map(|_| None).collect();
+    let mut streams: Vec<Option<Link>> = (0..count).map(|_| None).collect();
     for _ in 0..count {
         let (conn, message) = accept_joining(listener, "a page-data stream", |m| {
             matches!(m, Message::StreamJoin(j)
@@ -59,7 +60,7 @@ pub(crate) struct StripedRound {
 /// before this round. The first failure closes every stream, so the other
 /// threads stop at once instead of waiting out their timeouts.
 pub(crate) fn receive_striped_round(
-    streams: &[TcpStream],
+    streams: &[Link],
     ram: Vec<(u64, &mut [u8])>,
     written: &PageBitmap,
     round: u32,
@@ -123,7 +124,7 @@ pub(crate) fn receive_striped_round(
 
 /// One stream's part of the round: Pages frames, then its RoundEnd.
 fn receive_stripe(
-    stream: &mut &TcpStream,
+    stream: &mut &Link,
     sink: &mut StripeSink<'_, '_>,
     round: u32,
 ) -> Result<(), ReceiveError> {

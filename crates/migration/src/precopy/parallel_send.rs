@@ -3,7 +3,8 @@
 //! first pass above all) goes faster spread over several, each with its own
 //! thread, reading its own stripes of guest memory.
 
-use std::net::{Shutdown, TcpStream};
+use crate::transport::Link;
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use crate::protocol::{
 /// The page-data streams of one migration, and a reader of guest memory
 /// their threads share.
 pub(crate) struct Streams {
-    conns: Vec<TcpStream>,
+    conns: Vec<Link>,
     reader: Arc<dyn PageReader>,
 }
 
@@ -35,7 +36,7 @@ impl Streams {
 /// None when the destination cannot take any (it then gets every round on
 /// the main connection, as before).
 pub(crate) fn open_streams(
-    main: &mut TcpStream,
+    main: &mut Link,
     count: u16,
     reader: Arc<dyn PageReader>,
     io_timeout: Duration,
@@ -51,8 +52,9 @@ pub(crate) fn open_streams(
     let addr = main.peer_addr().map_err(io)?;
     let mut conns = Vec::with_capacity(usize::from(count));
     for index in 0..count {
-        let mut conn = TcpStream::connect_timeout(&addr, JOIN_TIMEOUT).map_err(io)?;
-        conn.set_nodelay(true).map_err(io)?;
+        let mut conn = main
+            .dial_sibling(addr, JOIN_TIMEOUT)
+            .map_err(|e| io(e.into()))?;
         conn.set_write_timeout(Some(io_timeout)).map_err(io)?;
         conn.set_read_timeout(Some(io_timeout)).map_err(io)?;
         write_message(

@@ -1,8 +1,9 @@
 //! Whole-protocol tests over real loopback TCP: a fake source and a fake
 //! destination, each on its own thread, play the sequence of the module doc.
 
+use crate::transport::{Link, Listener};
 use std::io::Write;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::Shutdown;
 use std::thread;
 
 use super::*;
@@ -38,9 +39,9 @@ fn fill(page: &mut [u8], index: usize, generation: u32) {
     }
 }
 
-fn connected_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let source = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+fn connected_pair() -> (Link, Link) {
+    let listener = Listener::plain(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let source = Link::plain(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
     let (destination, _) = listener.accept().unwrap();
     source.set_nodelay(true).unwrap();
     destination.set_nodelay(true).unwrap();
@@ -69,7 +70,7 @@ impl PageSink for Reserved {
 }
 
 /// Sends the pages listed, zero pages as zero runs, in batches of `per`.
-fn send_round(s: &mut TcpStream, mem: &[u8], pages: &[usize], per: usize) -> u64 {
+fn send_round(s: &mut Link, mem: &[u8], pages: &[usize], per: usize) -> u64 {
     let mut batch = PageBatch::new();
     for chunk in pages.chunks(per) {
         batch.clear();
@@ -87,7 +88,7 @@ fn send_round(s: &mut TcpStream, mem: &[u8], pages: &[usize], per: usize) -> u64
     pages.len() as u64
 }
 
-fn source(mut s: TcpStream, state: &[u8]) -> Vec<u8> {
+fn source(mut s: Link, state: &[u8]) -> Vec<u8> {
     let mut scratch = Vec::new();
     write_message(&mut s, &Message::Hello(Hello::new(Role::Source))).unwrap();
     assert_eq!(
@@ -165,7 +166,7 @@ fn source(mut s: TcpStream, state: &[u8]) -> Vec<u8> {
     mem
 }
 
-fn destination(mut s: TcpStream) -> (Vec<u8>, Vec<u8>, Vec<u64>) {
+fn destination(mut s: Link) -> (Vec<u8>, Vec<u8>, Vec<u64>) {
     let mut scratch = Vec::new();
     let Message::Hello(hello) = recv_message(&mut s, &mut scratch).unwrap() else {
         panic!("no Hello")

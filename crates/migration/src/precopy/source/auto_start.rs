@@ -28,7 +28,7 @@ pub(super) struct AutoStart {
 /// the report. Nothing is wasted: those pages are the first pass's.
 pub(super) fn choose_mode<G: SourceGuest + ?Sized>(
     guest: &mut G,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     sender: &mut PageSender,
     options: &MigrateOptions,
     run: &mut Run<'_>,

@@ -22,7 +22,7 @@ pub(super) struct Expected {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn blackout<G: SourceGuest + ?Sized>(
     guest: &mut G,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     sender: &mut PageSender,
     run: &mut Run<'_>,
     round: u32,
@@ -171,7 +171,7 @@ pub(super) struct HandedOver {
 /// destination's.
 pub(super) fn hand_over<G: SourceGuest + ?Sized>(
     guest: &mut G,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     run: &mut Run<'_>,
     recovery: Option<(Duration, Duration)>,
 ) -> Result<HandedOver, MigrateError> {
@@ -186,6 +186,7 @@ pub(super) fn hand_over<G: SourceGuest + ?Sized>(
             .map_err(MigrateError::protocol(stage))?;
         run.commit_recovery = Some(CommitRecovery {
             addr,
+            dialer: stream.dialer(),
             session,
             window,
             io_timeout,
@@ -238,7 +239,7 @@ pub(super) fn hand_over<G: SourceGuest + ?Sized>(
         Err(e) => Some(error_chain(&e)),
     };
     if let Some(why) = unacknowledged {
-        let Some(r) = run.commit_recovery else {
+        let Some(r) = run.commit_recovery.clone() else {
             return Err(MigrateError::CommitUnacknowledged(why));
         };
         run.say(format!(
@@ -246,8 +247,8 @@ pub(super) fn hand_over<G: SourceGuest + ?Sized>(
             r.window
         ));
         let t_retry = Instant::now();
-        *stream =
-            decision::confirm_commit(r.addr, r.session, r.window, r.io_timeout).map_err(|e| {
+        *stream = decision::confirm_commit(&r.dialer, r.addr, r.session, r.window, r.io_timeout)
+            .map_err(|e| {
                 MigrateError::CommitUnacknowledged(format!("{why}; then: {}", error_chain(&e)))
             })?;
         run.report.blackout.commit_recovered = Some(format!(

@@ -4,8 +4,8 @@
 //! blackout and the commit. Before the commit any failure resumes the VM
 //! here; after it the VM is the destination's.
 
+use crate::transport::Link;
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::bandwidth::Pacer;
@@ -116,9 +116,10 @@ impl Failure {
 }
 
 /// How to reach the destination again about the commit decision.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct CommitRecovery {
     addr: std::net::SocketAddr,
+    dialer: crate::transport::Dialer,
     session: u64,
     window: Duration,
     io_timeout: Duration,
@@ -213,7 +214,7 @@ impl Run<'_> {
 /// here and never run it again.
 pub fn migrate<G: SourceGuest + ?Sized>(
     guest: &mut G,
-    mut stream: TcpStream,
+    mut stream: Link,
     destination: &str,
     options: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
@@ -224,6 +225,7 @@ pub fn migrate<G: SourceGuest + ?Sized>(
             mode: options.mode.name().into(),
             outcome: "running".into(),
             destination: destination.into(),
+            transport: stream.describe(),
             downtime_target_ms: options.policy.downtime_target.as_secs_f64() * 1e3,
             bandwidth_limit: options.bandwidth,
             ..Default::default()
@@ -271,9 +273,9 @@ pub fn migrate<G: SourceGuest + ?Sized>(
                 // Best effort: the destination may be gone already.
                 let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
                 let _ = write_message(&mut stream, &Message::Abort(Abort { reason }));
-                if let Some(r) = run.commit_recovery {
+                if let Some(r) = &run.commit_recovery {
                     // The Abort above may not get through the link that failed.
-                    decision::announce_abort(r.addr, r.session);
+                    decision::announce_abort(&r.dialer, r.addr, r.session);
                 }
                 let _ = guest.set_throttle(0);
                 let _ = guest.set_dirty_logging(false);
@@ -303,7 +305,7 @@ pub fn migrate<G: SourceGuest + ?Sized>(
 
 fn drive<G: SourceGuest + ?Sized>(
     guest: &mut G,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     options: &MigrateOptions,
     run: &mut Run<'_>,
 ) -> Result<(), MigrateError> {
@@ -424,7 +426,7 @@ fn drive<G: SourceGuest + ?Sized>(
             .harvest_dirty()
             .map_err(MigrateError::guest("harvesting dirty pages"))?;
         run.last_harvest_cost = crate::cpu_clock::thread_cpu_time().saturating_sub(harvest_cpu);
-        if let Some(rtt) = crate::cpu_clock::tcp_round_trip(stream) {
+        if let Some(rtt) = crate::cpu_clock::tcp_round_trip(stream.tcp()) {
             run.round_trip = rtt;
         }
         policy.set_fixed_blackout(crate::policy::fixed_costs(

@@ -6,7 +6,7 @@ use super::*;
 /// Hello, then the Offer; returns the protocol version agreed on.
 pub(super) fn handshake<G: SourceGuest + ?Sized>(
     guest: &G,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     run: &mut Run<'_>,
 ) -> Result<u16, MigrateError> {
     let mut scratch = Vec::new();
@@ -14,7 +14,7 @@ pub(super) fn handshake<G: SourceGuest + ?Sized>(
     let hello = Instant::now();
     write_message(stream, &Message::Hello(Hello::new(Role::Source)))
         .map_err(MigrateError::protocol(stage))?;
-    let answer = recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage));
+    let answer = recv_message(stream, &mut scratch).map_err(|e| plaintext_hint(stream, e));
     run.round_trip = hello.elapsed();
     let version = match answer? {
         Message::HelloAck(HelloAck::Accepted { version }) => version,
@@ -50,27 +50,36 @@ pub(super) fn handshake<G: SourceGuest + ?Sized>(
     }
 }
 
+/// A plaintext Hello that a TLS destination refused ends in a closed
+/// connection or a TLS alert where the HelloAck belongs: say so.
+fn plaintext_hint(stream: &Link, e: crate::ProtocolError) -> MigrateError {
+    use crate::ProtocolError as P;
+    let looks_refused = matches!(
+        e,
+        P::PeerClosed | P::TruncatedHeader { .. } | P::BadMagic { .. }
+    ) || matches!(&e, P::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset);
+    if stream.is_tls() || !looks_refused {
+        return MigrateError::protocol("handshake")(e);
+    }
+    MigrateError::Transport(format!(
+        "the destination did not answer our plaintext Hello ({e}): it may require TLS; give --tls DIR --peer-name HOST, or start it with --insecure-plaintext"
+    ))
+}
+
 /// A destination that gave up mid-round says why in an Abort frame; look
 /// for one without blocking, between rounds.
-pub(super) fn poll_abort(
-    stream: &mut TcpStream,
-    scratch: &mut Vec<u8>,
-) -> Result<(), MigrateError> {
+pub(super) fn poll_abort(stream: &mut Link, scratch: &mut Vec<u8>) -> Result<(), MigrateError> {
     let stage = "checking on the destination";
     let io = |e: std::io::Error| MigrateError::Protocol {
         stage,
         source: e.into(),
     };
-    stream.set_nonblocking(true).map_err(io)?;
-    let mut byte = [0u8; 1];
-    let peeked = stream.peek(&mut byte);
-    stream.set_nonblocking(false).map_err(io)?;
-    match peeked {
-        Ok(0) => Err(MigrateError::Protocol {
+    match stream.ready_now() {
+        Ok(crate::transport::Ready::Closed) => Err(MigrateError::Protocol {
             stage,
             source: crate::ProtocolError::PeerClosed,
         }),
-        Ok(_) => {
+        Ok(crate::transport::Ready::Data) => {
             let header = read_header(stream).map_err(MigrateError::protocol(stage))?;
             match read_message(stream, &header, scratch).map_err(MigrateError::protocol(stage))? {
                 Message::Abort(a) => Err(MigrateError::PeerAborted(a.reason)),
@@ -81,14 +90,14 @@ pub(super) fn poll_abort(
                 }),
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Ok(crate::transport::Ready::Nothing) => Ok(()),
         Err(e) => Err(io(e)),
     }
 }
 
 /// A write that failed because the destination hung up may have a reason
 /// waiting in the stream: an Abort it sent before closing. Prefer that.
-pub(super) fn peer_reason(stream: &mut TcpStream, error: MigrateError) -> MigrateError {
+pub(super) fn peer_reason(stream: &mut Link, error: MigrateError) -> MigrateError {
     let link_failed =
         matches!(&error, MigrateError::Protocol { source, .. } if source.is_retryable());
     if !link_failed {
@@ -115,7 +124,7 @@ pub(super) fn peer_reason(stream: &mut TcpStream, error: MigrateError) -> Migrat
 /// After the commit: the destination's word on its share of the blackout
 /// (v5) and on what the guest saw.
 pub(super) fn wait_guest_report(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     wait: Duration,
 ) -> (GuestSeen, Option<crate::protocol::Started>) {
     let mut started = None;

@@ -6,7 +6,7 @@ use super::*;
 /// Sends one round of pages and its RoundEnd; records it in the report.
 pub(super) fn send_round<G: SourceGuest + ?Sized>(
     guest: &G,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     sender: &mut PageSender,
     run: &mut Run<'_>,
     round: u32,
@@ -74,7 +74,7 @@ pub(super) const STRIPED_ROUND_MIN_BYTES: u64 = 64 << 20;
 /// and the destination speaks a protocol that has them; None otherwise.
 pub(super) fn open_streams_if_asked<G: SourceGuest + ?Sized>(
     guest: &G,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     options: &MigrateOptions,
     version: u16,
     run: &mut Run<'_>,
@@ -105,7 +105,7 @@ pub(super) fn open_streams_if_asked<G: SourceGuest + ?Sized>(
 /// connection, the pages on the streams, then the round's RoundEnd.
 pub(super) fn send_round_striped(
     streams: &Streams,
-    main: &mut TcpStream,
+    main: &mut Link,
     run: &mut Run<'_>,
     round: u32,
     runs: &[PageRun],
@@ -136,7 +136,7 @@ pub(super) fn send_round_striped(
 /// Ends a round that was sent: its RoundEnd with the page count on the
 /// main connection, and its row in the totals and the report.
 pub(super) fn end_round(
-    main: &mut TcpStream,
+    main: &mut Link,
     run: &mut Run<'_>,
     (round, stage): (u32, &'static str),
     sent: SentCounts,
@@ -191,7 +191,7 @@ pub(super) enum Watched {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn send_round_watching<G: SourceGuest + ?Sized>(
     guest: &mut G,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     sender: &mut PageSender,
     run: &mut Run<'_>,
     round: u32,

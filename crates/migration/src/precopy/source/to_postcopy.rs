@@ -70,7 +70,7 @@ pub fn resume_postcopy(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     guest: &mut G,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     options: &MigrateOptions,
     run: &mut Run<'_>,
     dirty: Option<PageBitmap>,
@@ -145,6 +145,7 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
         io_timeout: options.io_timeout,
         recovery: options.link_recovery,
         session,
+        dialer: stream.dialer(),
     };
     let needed_bytes = needed.bytes();
     let served = serve(
