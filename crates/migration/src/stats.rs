@@ -151,6 +151,8 @@ impl BlackoutReport {
 pub const PART_WAKE: &str = "wake";
 pub const PART_LAST_PAGES: &str = "last pages";
 pub const PART_STATE_SAVE: &str = "state save";
+/// From the state saved to StateLoaded read: the destination takes in the
+/// last pages still in flight, then the state, loads it and answers.
 pub const PART_STATE_TO_DESTINATION: &str = "state to destination";
 pub const PART_COMMIT: &str = "commit";
 pub const PART_RESUME: &str = "resume";
