@@ -170,9 +170,11 @@ fn bad_input_is_refused_and_changes_nothing() {
             ),
         ),
         (
+            // Twice the limit: small enough that the client has written it
+            // all before the refusal comes back (see the 1 MiB case below).
             "oversized body",
             413,
-            raw(&agent, "POST", "/v1/vms", j, &vec![b' '; 1 << 20]),
+            raw(&agent, "POST", "/v1/vms", j, &vec![b' '; 128 << 10]),
         ),
         (
             "duplicate id",
@@ -264,6 +266,21 @@ fn bad_input_is_refused_and_changes_nothing() {
         }
     }
     assert!(wrong.is_empty(), "wrong statuses:\n{}", wrong.join("\n"));
+    // A far larger body: the agent refuses it after the first 64 KiB and
+    // closes the connection, which a client still writing may see as a
+    // write error instead of the 413. Either way the agent must go on.
+    match agent
+        .client
+        .request_raw("POST", "/v1/vms", j, vec![b' '; 1 << 20])
+    {
+        Ok(r) => assert_eq!(r.status, 413, "a 1 MiB body: {}", r.text()),
+        Err(e) => eprintln!("a 1 MiB body: the agent closed the connection early ({e})"),
+    }
+    assert_eq!(
+        agent.get("/v1/vms").status,
+        200,
+        "the agent must still answer"
+    );
     let capacity = &cases
         .iter()
         .find(|c| c.0 == "memory beyond capacity")
@@ -301,7 +318,14 @@ fn bad_input_is_refused_and_changes_nothing() {
         .iter()
         .filter(|c| !c.0.starts_with("show") && c.0 != "unknown route")
         .count();
-    assert_eq!(refused, changes, "{:?}", &audit[audit_before..]);
+    // The 1 MiB body is refused too; whether its audit line is written
+    // before the agent drops the connection the client is still writing
+    // on is a race, so it may count or not.
+    assert!(
+        refused == changes || refused == changes + 1,
+        "{refused} refusals audited for {changes} refused changes (+1 for the 1 MiB body): {:?}",
+        &audit[audit_before..]
+    );
 
     // And counted by outcome.
     let m = agent.get("/metrics").text();
