@@ -71,11 +71,14 @@ pub struct ReceiveReport {
 }
 
 /// When this side read the Commit and answered it: the destination's share
-/// of the blackout is measured from here to the first vCPU's entry.
+/// of the blackout is measured from here to the first vCPU's entry. Also how
+/// long it took from holding the last pages to acknowledging the state, so
+/// the source can tell the last pages' arrival from the state's load.
 #[derive(Debug, Clone, Copy)]
 pub struct CommitTiming {
     pub read: Instant,
     pub replied: Instant,
+    pub last_pages_to_state_acked: Option<std::time::Duration>,
 }
 
 /// A received VM, running, and the stream to tell the source how the guest
@@ -170,6 +173,9 @@ pub fn send_started(stream: &mut Link, report: &ReceiveReport, first_run: Instan
         &Message::Started(Started {
             commit_to_run_us: us(commit.read, first_run),
             commit_to_reply_us: us(commit.read, commit.replied),
+            last_pages_to_state_acked_us: commit
+                .last_pages_to_state_acked
+                .map_or(0, |d| d.as_micros() as u64),
         }),
     );
     let _ = stream.flush();
@@ -274,6 +280,9 @@ fn drive<G: IncomingGuest>(
     // From the source's pause to the start, nothing here may be starved.
     let mut boost: Option<Boost> = None;
     let mut commit_read = None;
+    // The blackout's last RoundEnd read, and StateLoaded written.
+    let mut last_pages_in = None;
+    let mut state_acked = None;
     let stage = "receiving pages";
     loop {
         let header = match read_header(stream) {
@@ -326,6 +335,7 @@ fn drive<G: IncomingGuest>(
                 )
                 .map_err(ReceiveError::protocol(stage))?;
                 state_len = Some(state.len());
+                state_acked = Some(Instant::now());
             }
             kind => {
                 let message = read_message(stream, &header, &mut scratch)
@@ -341,6 +351,9 @@ fn drive<G: IncomingGuest>(
                         }
                         report.rounds = end.round;
                         round_pages = 0;
+                        if boost.is_some() {
+                            last_pages_in = Some(Instant::now());
+                        }
                     }
                     Message::Commit(_) if state_len.is_some() => {
                         commit_read = Some(Instant::now());
@@ -463,6 +476,9 @@ fn drive<G: IncomingGuest>(
     report.commit = commit_read.map(|read| CommitTiming {
         read,
         replied: Instant::now(),
+        last_pages_to_state_acked: last_pages_in
+            .zip(state_acked)
+            .map(|(a, b)| b.saturating_duration_since(a)),
     });
     drop(boost);
     // In case that Committed is lost: a pre-copy source comes back for

@@ -338,6 +338,10 @@ pub struct Started {
     /// From reading the Commit to writing Committed: taken off the source's
     /// round trip to leave the time on the link.
     pub commit_to_reply_us: u64,
+    /// From reading the blackout round's RoundEnd (every last page here) to
+    /// writing StateLoaded: what of the source's wait for StateLoaded was
+    /// the state, and not the last pages still arriving. 0: not measured.
+    pub last_pages_to_state_acked_us: u64,
 }
 
 /// Any control message.

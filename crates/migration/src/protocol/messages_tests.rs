@@ -100,6 +100,7 @@ fn every_message() -> Vec<Message> {
         Message::Started(Started {
             commit_to_run_us: 310,
             commit_to_reply_us: 120,
+            last_pages_to_state_acked_us: 450,
         }),
     ]
 }

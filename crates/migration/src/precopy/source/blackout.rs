@@ -6,7 +6,7 @@ use crate::guest::PauseTiming;
 use crate::protocol::{BlackoutBegins, Started, BLACKOUT_TIMING_VERSION};
 use crate::stats::{
     BlackoutPart, BlackoutReport, PART_COMMIT, PART_COMMIT_ROUND_TRIP, PART_LAST_PAGES,
-    PART_RESUME, PART_STATE_SAVE, PART_STATE_TO_DESTINATION, PART_WAKE,
+    PART_LAST_PAGES_ARRIVING, PART_RESUME, PART_STATE_SAVE, PART_STATE_TO_DESTINATION, PART_WAKE,
 };
 use crate::thread_priority::Boost;
 
@@ -128,17 +128,28 @@ impl BlackoutClock {
             (PART_WAKE, ms(t0, self.woke)),
             (PART_LAST_PAGES, ms(self.woke, self.pages_sent)),
             (PART_STATE_SAVE, ms(self.pages_sent, h.saved)),
-            (PART_STATE_TO_DESTINATION, ms(h.saved, h.loaded)),
         ];
+        let state_wait = ms(h.saved, h.loaded);
         match started {
             Some(s) => {
                 let round_trip = ms(h.commit_written, h.committed);
                 let one_way = ((round_trip - s.commit_to_reply_us as f64 / 1e3) / 2.0).max(0.0);
+                // The wait for StateLoaded began with the last pages still
+                // on their way: what the destination did not spend on the
+                // state (nor the answer's trip back) was their arrival.
+                let state = if s.last_pages_to_state_acked_us > 0 {
+                    (s.last_pages_to_state_acked_us as f64 / 1e3 + one_way).min(state_wait)
+                } else {
+                    state_wait
+                };
+                parts.push((PART_LAST_PAGES_ARRIVING, state_wait - state));
+                parts.push((PART_STATE_TO_DESTINATION, state));
                 parts.push((PART_COMMIT, ms(h.loaded, h.commit_written) + one_way));
                 parts.push((PART_RESUME, s.commit_to_run_us as f64 / 1e3));
                 b.exact = true;
             }
             None => {
+                parts.push((PART_STATE_TO_DESTINATION, state_wait));
                 parts.push((PART_COMMIT_ROUND_TRIP, ms(h.loaded, h.committed)));
                 b.exact = false;
             }
