@@ -47,6 +47,7 @@ fn host_side_downtime_agrees_with_the_guest_and_its_parts_add_up() {
                 "wake",
                 "last pages",
                 "state save",
+                "last pages arriving",
                 "state to destination",
                 "commit",
                 "resume"
