@@ -107,20 +107,14 @@ impl Drop for Boost {
 /// the thread had when dropped.
 #[derive(Debug)]
 pub struct Background {
-    nice: libc::c_int,
+    _lowered: Yielding,
 }
 
 impl Background {
     pub fn start() -> Self {
-        let nice = current_nice();
-        set_nice(BACKGROUND_NICE);
-        Self { nice }
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        set_nice(self.nice);
+        Self {
+            _lowered: Yielding::at_nice(BACKGROUND_NICE),
+        }
     }
 }
 
@@ -140,9 +134,14 @@ pub struct Yielding {
 
 impl Yielding {
     pub fn start() -> Self {
-        let nice = current_nice();
-        set_nice(YIELD_NICE);
-        Self { nice }
+        Self::at_nice(YIELD_NICE)
+    }
+
+    /// This thread at `nice` until dropped.
+    fn at_nice(nice: libc::c_int) -> Self {
+        let previous = current_nice();
+        set_nice(nice);
+        Self { nice: previous }
     }
 
     /// For a source whose vCPUs take every core and give the migration
