@@ -642,6 +642,7 @@ impl Agent {
             bandwidth: req.bandwidth.or(record.policy.bandwidth),
             auto_converge: record.policy.allow_auto_converge,
             mode,
+            allow_postcopy: record.policy.allow_postcopy,
             recovery_ms: None,
             streams: req.streams,
             priority: Default::default(),

@@ -72,6 +72,11 @@ pub struct MigrateRequest {
     /// precopy, postcopy, hybrid or auto.
     #[serde(default)]
     pub mode: ferry_migration::mode::Mode,
+    /// Auto mode may choose post-copy (the VM's policy allows a migration
+    /// that a crash of either host would lose). Without it auto mode stays
+    /// with pre-copy.
+    #[serde(default)]
+    pub allow_postcopy: bool,
     /// How long a post-copy whose link failed keeps reconnecting before it
     /// gives up (and waits for a ResumeMigration); None: the default.
     #[serde(default)]

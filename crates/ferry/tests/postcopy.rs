@@ -138,18 +138,31 @@ fn source_killed_mid_postcopy_leaves_the_vm_lost_not_running() {
 }
 
 #[test]
-fn auto_picks_precopy_for_a_light_writer_and_postcopy_for_an_outrunning_one() {
-    let test = "auto_picks_precopy_for_a_light_writer_and_postcopy_for_an_outrunning_one";
+fn auto_picks_precopy_for_a_light_writer_and_postcopy_for_an_outrunning_one_only_if_allowed() {
+    let test =
+        "auto_picks_precopy_for_a_light_writer_and_postcopy_for_an_outrunning_one_only_if_allowed";
     if !kvm_or_skip(test) {
         return;
     }
     for (name, workload, args, chosen) in [
-        ("auto_light", "dirty:64:10", &["--json"][..], "precopy"),
+        (
+            "auto_light",
+            "dirty:64:10",
+            &["--allow-postcopy", "--json"][..],
+            "precopy",
+        ),
         (
             "auto_max",
             "dirty:256:max",
-            &["--bandwidth", "100MiB/s", "--json"][..],
+            &["--bandwidth", "100MiB/s", "--allow-postcopy", "--json"][..],
             "postcopy",
+        ),
+        // The same writer without the VM's permission: pre-copy, braked.
+        (
+            "auto_safe",
+            "dirty:256:max",
+            &["--bandwidth", "100MiB/s", "--json"][..],
+            "precopy",
         ),
     ] {
         // No --mode: auto is the default.
@@ -162,6 +175,10 @@ fn auto_picks_precopy_for_a_light_writer_and_postcopy_for_an_outrunning_one() {
         assert_eq!(p["modes"].as_array().map(Vec::len), Some(3), "{p:#}");
         assert!(p["why"].as_str().is_some_and(|w| !w.is_empty()));
         assert_eq!(report["postcopy"].is_object(), chosen == "postcopy");
+        if name == "auto_safe" {
+            let why = p["why"].as_str().unwrap_or_default();
+            assert!(why.contains("not allowed"), "{why}");
+        }
     }
 }
 

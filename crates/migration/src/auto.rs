@@ -23,9 +23,17 @@ pub struct AutoFacts {
     pub downtime_target: Duration,
     /// What a blackout costs besides pages (state, commit, restart).
     pub fixed_blackout: Duration,
+    /// The VM's policy lets auto mode choose post-copy.
+    pub allow_postcopy: bool,
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
+
+/// Post-copy is chosen only when pre-copy is predicted to take this many
+/// times as long: post-copy makes the guest wait on the network for the
+/// pages it touches first, and pre-copy costs the guest nothing while it
+/// converges.
+const POSTCOPY_GAIN: f64 = 1.5;
 
 /// Predicts every mode and picks one.
 pub fn choose(f: &AutoFacts) -> (Mode, Prediction) {
@@ -75,24 +83,38 @@ pub fn choose(f: &AutoFacts) -> (Mode, Prediction) {
             guest_cost: faults(resent_ms),
         }
     };
-    let (mode, why) = if r < HYBRID_DIRTY_RATIO {
+    let rates = format!(
+        "the guest dirties {:.0} MiB/s, {:.0}% of the link's {:.0} MiB/s",
+        f.dirty_rate / MIB,
+        r * 100.0,
+        b / MIB
+    );
+    let (mode, why) = if !f.allow_postcopy {
         (
             Mode::Precopy,
             format!(
-                "the guest dirties {:.0} MiB/s, {:.0}% of the link's {:.0} MiB/s: pre-copy converges and the guest never waits on the network",
-                f.dirty_rate / MIB,
-                r * 100.0,
-                b / MIB
+                "{rates}; post-copy is not allowed for this VM (a crash of either host during it loses the VM), so pre-copy{}",
+                if precopy.total_ms > POSTCOPY_GAIN * postcopy.total_ms {
+                    format!(
+                        ", though post-copy would take about {:.0} ms instead of {:.0}",
+                        postcopy.total_ms, precopy.total_ms
+                    )
+                } else {
+                    String::new()
+                }
             ),
+        )
+    } else if r < 0.9 && precopy.total_ms <= POSTCOPY_GAIN * postcopy.total_ms {
+        (
+            Mode::Precopy,
+            format!("{rates}: pre-copy converges and the guest never waits on the network"),
         )
     } else {
         (
             Mode::Postcopy,
             format!(
-                "the guest dirties {:.0} MiB/s, {:.0}% of the link's {:.0} MiB/s: pre-copy would resend most of memory, post-copy sends each page once",
-                f.dirty_rate / MIB,
-                r * 100.0,
-                b / MIB
+                "{rates}: pre-copy would resend most of memory ({:.0} ms predicted), post-copy sends each page once ({:.0} ms)",
+                precopy.total_ms, postcopy.total_ms
             ),
         )
     };
@@ -122,6 +144,7 @@ mod tests {
             sample: Duration::from_millis(100),
             downtime_target: Duration::from_millis(20),
             fixed_blackout: Duration::from_millis(2),
+            allow_postcopy: true,
         }
     }
 
@@ -142,6 +165,30 @@ mod tests {
         let post = &p.modes[1];
         assert!(post.total_ms < pre.total_ms, "{p:?}");
         assert!(post.blackout_ms < pre.blackout_ms);
+    }
+
+    #[test]
+    fn a_writer_at_half_the_link_goes_postcopy_where_it_saves_a_third() {
+        // Pre-copy resends about as much as the first pass: nearly twice
+        // post-copy's total.
+        let (mode, p) = choose(&facts(145.0, 300.0));
+        assert_eq!(mode, Mode::Postcopy, "{p:?}");
+        // A light writer converges cheaply.
+        let (mode, _) = choose(&facts(30.0, 300.0));
+        assert_eq!(mode, Mode::Precopy);
+    }
+
+    #[test]
+    fn without_the_policy_auto_never_chooses_postcopy_and_says_why() {
+        let f = AutoFacts {
+            allow_postcopy: false,
+            ..facts(200.0, 300.0)
+        };
+        let (mode, p) = choose(&f);
+        assert_eq!(mode, Mode::Precopy);
+        assert!(p.why.contains("not allowed"), "{}", p.why);
+        assert!(p.why.contains("post-copy would take"), "{}", p.why);
+        assert_eq!(p.chosen, "precopy");
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub struct PolicyConfig {
     /// whatever the rounds look like.
     pub hybrid_max_rounds: u32,
     pub hybrid_max_time: Duration,
+    /// Whether auto mode may choose post-copy: during a post-copy the VM
+    /// runs on the destination while its memory is still on the source, so
+    /// a crash of either host loses it. Only the VM's policy (or the
+    /// operator's `--allow-postcopy`) says so; an explicit post-copy or
+    /// hybrid mode is the operator's own choice.
+    pub allow_postcopy: bool,
 }
 
 impl Default for PolicyConfig {
@@ -52,6 +58,7 @@ impl Default for PolicyConfig {
             throttle_max: 99,
             max_rounds: 40,
             postcopy_fallback: false,
+            allow_postcopy: false,
             hybrid_max_rounds: 10,
             hybrid_max_time: Duration::from_secs(10),
         }

@@ -163,6 +163,8 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         bandwidth: m.bandwidth,
         auto_converge: true,
         mode: m.mode,
+        // The capped rows compare post-copy engines: auto may choose it.
+        allow_postcopy: true,
         recovery_ms: None,
         streams: m.streams,
         priority: m.priority,

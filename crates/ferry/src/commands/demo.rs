@@ -175,6 +175,7 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
         bandwidth: None,
         auto_converge: true,
         mode: ferry_migration::mode::Mode::Precopy,
+        allow_postcopy: false,
         recovery_ms: None,
         streams: None,
         priority: Default::default(),

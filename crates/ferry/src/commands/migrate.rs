@@ -51,6 +51,13 @@ pub struct MigrateArgs {
     /// measure the guest and the link, predict each, take the best.
     #[arg(long, default_value = "auto")]
     pub mode: ferry_migration::mode::Mode,
+    /// Let auto mode choose post-copy when it predicts it much faster.
+    /// During a post-copy the VM runs on the destination while part of its
+    /// memory is still here: a crash of either host loses the VM. Without this flag auto
+    /// mode stays with pre-copy (and says what post-copy would have
+    /// saved); `--mode postcopy` or `hybrid` asks for post-copy outright.
+    #[arg(long, conflicts_with = "resume")]
+    pub allow_postcopy: bool,
     /// TCP streams for the large pre-copy rounds, 1 to 8, or auto: one per
     /// core the VM's vCPUs leave free on this host, at most 4. More
     /// streams move memory faster when there are cores to drive them, and
@@ -114,6 +121,7 @@ impl MigrateArgs {
             bandwidth: self.bandwidth,
             auto_converge: !self.no_auto_converge,
             mode: self.mode,
+            allow_postcopy: self.allow_postcopy,
             recovery_ms: self
                 .recovery_timeout
                 .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),

@@ -73,6 +73,7 @@ pub fn migrate_vm_cancellable(
         policy: PolicyConfig {
             downtime_target: Duration::from_secs_f64(request.downtime_ms / 1e3),
             auto_converge: request.auto_converge,
+            allow_postcopy: request.allow_postcopy,
             max_downtime: request
                 .max_downtime_ms
                 .map(|ms| Duration::from_secs_f64(ms / 1e3)),

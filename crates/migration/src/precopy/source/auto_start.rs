@@ -72,6 +72,7 @@ pub(super) fn choose_mode<G: SourceGuest + ?Sized>(
         sample,
         downtime_target: options.policy.downtime_target,
         fixed_blackout: options.policy.fixed_blackout,
+        allow_postcopy: options.policy.allow_postcopy,
     };
     let (mode, prediction) = crate::auto::choose(&facts);
     let modes: Vec<String> = prediction
