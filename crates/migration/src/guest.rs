@@ -77,6 +77,12 @@ pub trait SourceGuest {
     /// streams read the running VM's (with `read`'s rule: a page may come
     /// torn while the guest writes it, and then the dirty log has it).
     fn memory_reader(&self) -> Result<Arc<dyn PageReader>, GuestError>;
+    /// The VM's network at this place, once the VM has moved: where frames
+    /// that still reach it wait to be forwarded. None: the VM has no
+    /// network device.
+    fn network_after_commit(&mut self) -> Option<Box<dyn crate::handover::SourceNetwork>> {
+        None
+    }
 }
 
 /// A VM being received: memory exists, nothing runs until `start`.

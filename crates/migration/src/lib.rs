@@ -12,6 +12,7 @@ pub mod bitmap;
 pub mod cpu_clock;
 pub mod error;
 pub mod guest;
+pub mod handover;
 pub mod mode;
 pub mod policy;
 pub mod postcopy;

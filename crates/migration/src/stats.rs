@@ -265,6 +265,10 @@ pub struct MigrationReport {
     pub postcopy: Option<PostcopyReport>,
     /// Present in auto mode: what was expected, to set beside what happened.
     pub prediction: Option<Prediction>,
+    /// Present for a VM with a network device: the frames the source held
+    /// from the pause and forwarded after the commit.
+    #[serde(default)]
+    pub network: Option<crate::handover::ForwardReport>,
 }
 
 impl MigrationReport {

@@ -75,10 +75,12 @@ pub enum FrameKind {
     Decide = 27,
     BlackoutBegins = 28,
     Started = 29,
+    Forwarded = 30,
+    ForwardEnd = 31,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 29] = [
+    pub const ALL: [FrameKind; 31] = [
         Self::Hello,
         Self::HelloAck,
         Self::Offer,
@@ -108,6 +110,8 @@ impl FrameKind {
         Self::Decide,
         Self::BlackoutBegins,
         Self::Started,
+        Self::Forwarded,
+        Self::ForwardEnd,
     ];
 
     pub fn from_u16(value: u16) -> Option<Self> {
@@ -160,6 +164,8 @@ impl FrameKind {
             Self::Decide => "Decide",
             Self::BlackoutBegins => "BlackoutBegins",
             Self::Started => "Started",
+            Self::Forwarded => "Forwarded",
+            Self::ForwardEnd => "ForwardEnd",
         }
     }
 }

@@ -344,6 +344,26 @@ pub struct Started {
     pub last_pages_to_state_acked_us: u64,
 }
 
+/// Source to destination (v7), after the commit: frames addressed to the
+/// VM that reached the source's network after the pause (held) or after the
+/// commit (strays), oldest first, for the destination to deliver into the
+/// guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarded {
+    pub frames: Vec<Vec<u8>>,
+    /// The frames held since the pause have all been sent: the destination
+    /// may take the VM's frames from its own network from now on.
+    pub held_done: bool,
+}
+
+/// Source to destination (v7): no more forwarded frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardEnd {
+    pub forwarded: u64,
+    /// Frames the source did not forward (beyond its limit).
+    pub dropped: u64,
+}
+
 /// Any control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -374,6 +394,8 @@ pub enum Message {
     Decide(Decide),
     BlackoutBegins(BlackoutBegins),
     Started(Started),
+    Forwarded(Forwarded),
+    ForwardEnd(ForwardEnd),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -420,6 +442,8 @@ impl Message {
             Self::Decide(_) => FrameKind::Decide,
             Self::BlackoutBegins(_) => FrameKind::BlackoutBegins,
             Self::Started(_) => FrameKind::Started,
+            Self::Forwarded(_) => FrameKind::Forwarded,
+            Self::ForwardEnd(_) => FrameKind::ForwardEnd,
         }
     }
 
@@ -453,6 +477,8 @@ impl Message {
             Self::Decide(m) => encode(m),
             Self::BlackoutBegins(m) => encode(m),
             Self::Started(m) => encode(m),
+            Self::Forwarded(m) => encode(m),
+            Self::ForwardEnd(m) => encode(m),
         }
     }
 
@@ -486,6 +512,8 @@ impl Message {
             FrameKind::Decide => Self::Decide(decode(kind, payload)?),
             FrameKind::BlackoutBegins => Self::BlackoutBegins(decode(kind, payload)?),
             FrameKind::Started => Self::Started(decode(kind, payload)?),
+            FrameKind::Forwarded => Self::Forwarded(decode(kind, payload)?),
+            FrameKind::ForwardEnd => Self::ForwardEnd(decode(kind, payload)?),
             FrameKind::Pages | FrameKind::State => {
                 return Err(ProtocolError::Unexpected {
                     expected: "a control message",

@@ -102,6 +102,14 @@ fn every_message() -> Vec<Message> {
             commit_to_reply_us: 120,
             last_pages_to_state_acked_us: 450,
         }),
+        Message::Forwarded(Forwarded {
+            frames: vec![vec![0xff; 60], vec![1, 2, 3]],
+            held_done: true,
+        }),
+        Message::ForwardEnd(ForwardEnd {
+            forwarded: 2,
+            dropped: 0,
+        }),
     ]
 }
 

@@ -40,6 +40,11 @@
 //!                                            ◀──   Committed                    (and resumes it)
 //!                                            ◀──   Started{commit_to_run_us,    (v5, once a vCPU
 //!                                                    commit_to_reply_us}         entered the guest)
+//!  a VM with a network device (v7):
+//!  Forwarded{frames, held_done} ...          ──▶   delivered into the guest before
+//!    (frames that reached the source since         anything from the destination's
+//!     the pause, then strays)                      own network; the destination
+//!  ForwardEnd{forwarded, dropped}            ──▶   announces the VM there at once
 //!  source VM torn down                       ◀──   Resumed{guest stall}         (optional, once
 //!                                                  the guest has run: for the report)
 //!
@@ -92,10 +97,10 @@ pub use frame::{
 };
 pub use messages::{
     read_message, recv_message, write_message, Abort, Accept, BlackoutBegins, Commit, Committed,
-    Decide, Hello, HelloAck, InvalidOffer, Join, Message, Offer, PageRequest, PostcopyBegin,
-    PostcopyComplete, PostcopyPrepare, PostcopyReady, Prepare, RamRange, Refuse, Resume,
-    ResumeState, Resumed, Role, RoundEnd, Started, StateLoaded, StreamJoin, StreamsOpen,
-    StreamsOpened, StripedRound, HELLO_MAGIC,
+    Decide, ForwardEnd, Forwarded, Hello, HelloAck, InvalidOffer, Join, Message, Offer,
+    PageRequest, PostcopyBegin, PostcopyComplete, PostcopyPrepare, PostcopyReady, Prepare,
+    RamRange, Refuse, Resume, ResumeState, Resumed, Role, RoundEnd, Started, StateLoaded,
+    StreamJoin, StreamsOpen, StreamsOpened, StripedRound, HELLO_MAGIC,
 };
 pub use pages::{
     read_pages_into, write_pages, PageRun, PageSink, PagesSummary, MAX_BATCH_DATA_BYTES,
@@ -103,5 +108,6 @@ pub use pages::{
 };
 pub use version::{
     negotiate, NegotiationError, VersionRange, BLACKOUT_TIMING_VERSION, COMMIT_RECOVERY_VERSION,
-    POSTCOPY_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, STREAMS_VERSION,
+    NET_HANDOVER_VERSION, POSTCOPY_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    STREAMS_VERSION,
 };

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The first version with post-copy (frames 14 to 21).
 pub const POSTCOPY_VERSION: u16 = 2;
 /// The first version with page data on several streams (frames 22 to 25).
@@ -18,6 +18,9 @@ pub const COMMIT_RECOVERY_VERSION: u16 = 4;
 /// The first version that marks the blackout's start (frame 28) and
 /// reports the destination's share of it (frame 29).
 pub const BLACKOUT_TIMING_VERSION: u16 = 5;
+/// The first version whose source forwards, after the commit, the frames
+/// that reached the VM's old place (frames 32 and 33).
+pub const NET_HANDOVER_VERSION: u16 = 7;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 

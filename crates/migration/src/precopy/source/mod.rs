@@ -22,7 +22,7 @@ use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
     HelloAck, Message, PageRun, PostcopyBegin, Prepare, RamRange, Role, RoundEnd, StripedRound,
-    COMMIT_RECOVERY_VERSION, PAGE_SIZE, POSTCOPY_VERSION, STREAMS_VERSION,
+    COMMIT_RECOVERY_VERSION, NET_HANDOVER_VERSION, PAGE_SIZE, POSTCOPY_VERSION, STREAMS_VERSION,
 };
 use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
 
@@ -251,6 +251,16 @@ pub fn migrate<G: SourceGuest + ?Sized>(
     match drive(guest, &mut stream, options, &mut run) {
         Ok(()) => {
             run.report.outcome = "committed".into();
+            if run.version >= NET_HANDOVER_VERSION && !run.postcopy_started {
+                if let Some(mut net) = guest.network_after_commit() {
+                    let limits = crate::handover::ForwardLimits::default();
+                    run.report.network = Some(crate::handover::forward_after_commit(
+                        &mut stream,
+                        net.as_mut(),
+                        &limits,
+                    ));
+                }
+            }
             let (guest_seen, started) = wait_guest_report(&mut stream, options.guest_report_wait);
             run.report.guest = guest_seen;
             if let Some(clock) = &run.clock {
