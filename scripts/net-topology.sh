@@ -112,7 +112,7 @@ print_names() {
   local state=$1 missing=$2
   if [ "$json" -eq 1 ]; then
     cat <<JSON
-{"state":"$state","missing":[$missing],"prefix":"$prefix","subnet_index":$index,"subnet":"$subnet","prefix_len":24,"guest_ip":"$guest_ip","client_ip":"$client_ip",
+{"state":"$state","missing":[$missing],"prefix":"$prefix","tag":"$tag","subnet_index":$index,"subnet":"$subnet","prefix_len":24,"guest_ip":"$guest_ip","client_ip":"$client_ip",
  "switch":{"ns":"$ns_s","bridge":"$switch_br","port_a":"$port_a","port_b":"$port_b","port_client":"$port_c"},
  "host_a":{"ns":"$ns_a","bridge":"$br_a","uplink":"$up_a","tap":"$tap_a"},
  "host_b":{"ns":"$ns_b","bridge":"$br_b","uplink":"$up_b","tap":"$tap_b"},
