@@ -240,6 +240,11 @@ impl StandIn {
         }
         let vm = &self.names.standin.ns;
         if self.made_ns && std::path::Path::new("/run/netns").join(vm).exists() {
+            // Deleting the veth removes both its ends at once; a deleted
+            // namespace's devices go only when the kernel gets to it, and
+            // the host's end would still hold its name for a next
+            // stand-in.
+            let _ = run("ip", &["-n", vm, "link", "delete", IFNAME]);
             if let Err(e) = run("ip", &["netns", "delete", vm]) {
                 eprintln!("netlab: could not remove the stand-in's namespace: {e}");
             }

@@ -146,3 +146,39 @@ fn a_second_stand_in_is_refused_and_the_first_keeps_serving() {
     assert_eq!(report.tcp.unwrap().replies_missing, 0);
     assert!(first.counters().tcp_replies > 0);
 }
+
+#[test]
+fn a_closed_connection_is_reported_and_reconnected_when_asked() {
+    if !can_run("a_closed_connection_is_reported_and_reconnected_when_asked") {
+        return;
+    }
+    let topo = Topology::up(&unique_prefix()).unwrap();
+    for reconnect in [false, true] {
+        let standin = StandIn::start(&topo, 7000).unwrap();
+        let config = ProbeConfig {
+            reconnect,
+            ..ProbeConfig::default()
+        };
+        let probe = Probe::start_on(&topo, 7000, config).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        // The server goes away (closing its connection) and comes back.
+        drop(standin);
+        let standin = StandIn::start(&topo, 7000).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let report = probe.stop();
+        eprint!("reconnect {reconnect}: {report}");
+        let tcp = report.tcp.as_ref().unwrap();
+        assert!(!tcp.connection_kept, "{report}");
+        assert_eq!(tcp.closed_by_peer + tcp.resets, 1, "{report}");
+        assert!(tcp.last_error.is_some());
+        if reconnect {
+            assert_eq!(tcp.reconnects, 1, "{report}");
+            assert_eq!(standin.counters().tcp_conns, 1);
+            assert!(standin.counters().tcp_replies > 100, "{report}");
+        } else {
+            assert!(tcp.requests_unsent > 100, "{report}");
+            assert_eq!(tcp.reconnects, 0);
+            assert_eq!(standin.counters().tcp_conns, 0);
+        }
+    }
+}

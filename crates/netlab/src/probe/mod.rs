@@ -277,6 +277,7 @@ impl Probe {
             let retransmissions = st.retrans_before;
             TcpReport {
                 requests_sent: sent,
+                requests_unsent: st.unsent,
                 replies_received: st.tally.received,
                 replies_missing: sent.saturating_sub(st.tally.received),
                 replies_duplicated: st.tally.duplicated,
@@ -384,7 +385,7 @@ fn send_loop(
             }
             match conn.as_mut() {
                 Some(c) if !side.is_broken(c) => side.send(c),
-                Some(_) => {}
+                Some(_) => side.state.lock().unwrap().unsent += 1,
                 // Each attempt is bounded by the connect timeout, and the
                 // number of attempts by max_reconnects.
                 None if reconnect_attempts < config.max_reconnects => {
@@ -395,12 +396,13 @@ fn send_loop(
                             conn = Some(c);
                         }
                         Err(e) => {
-                            side.state.lock().unwrap().last_error =
-                                Some(format!("reconnecting: {e}"));
+                            let mut st = side.state.lock().unwrap();
+                            st.last_error = Some(format!("reconnecting: {e}"));
+                            st.unsent += 1;
                         }
                     }
                 }
-                None => {}
+                None => side.state.lock().unwrap().unsent += 1,
             }
         }
         if let Some(u) = &udp {

@@ -16,6 +16,9 @@ pub struct GapReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct TcpReport {
     pub requests_sent: u64,
+    /// Send slots after the connection broke (and was not replaced) in
+    /// which no request could be sent.
+    pub requests_unsent: u64,
     /// Distinct requests answered.
     pub replies_received: u64,
     pub replies_missing: u64,
@@ -96,8 +99,9 @@ impl fmt::Display for ProbeReport {
         if let Some(t) = &self.tcp {
             writeln!(
                 f,
-                "  TCP: {} requests, {} replies, {} missing, {} duplicated, {} out of order; connection {}; {} resets, {} reconnects; {}{}; {} retransmissions",
+                "  TCP: {} requests ({} unsent), {} replies, {} missing, {} duplicated, {} out of order; connection {}; {} resets, {} reconnects; {}{}; {} retransmissions",
                 t.requests_sent,
+                t.requests_unsent,
                 t.replies_received,
                 t.replies_missing,
                 t.replies_duplicated,

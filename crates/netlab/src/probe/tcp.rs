@@ -31,6 +31,8 @@ pub(crate) struct TcpState {
     pub(crate) closed_by_peer: u64,
     pub(crate) other_errors: u64,
     pub(crate) reconnects: u64,
+    /// Send slots with no connection to send on.
+    pub(crate) unsent: u64,
     /// Retransmissions of connections already replaced.
     pub(crate) retrans_before: u32,
     pub(crate) last_error: Option<String>,
@@ -50,6 +52,7 @@ impl TcpState {
             closed_by_peer: 0,
             other_errors: 0,
             reconnects: 0,
+            unsent: 0,
             retrans_before: 0,
             last_error: None,
             generation: 0,
@@ -185,7 +188,15 @@ impl TcpSide {
     /// Reads the connection's retransmissions and closes it.
     pub(crate) fn retire(&self, mut conn: TcpConn) {
         let retrans = total_retransmissions(&conn.stream).unwrap_or(0);
-        self.state.lock().unwrap().retrans_before += retrans;
+        {
+            let mut st = self.state.lock().unwrap();
+            st.retrans_before += retrans;
+            // Our own close is not the peer's: the reader's EOF after the
+            // shutdown belongs to no current connection.
+            if st.generation == conn.generation {
+                st.generation += 1;
+            }
+        }
         let _ = conn.stream.shutdown(Shutdown::Both);
         if let Some(reader) = conn.reader.take() {
             let _ = reader.join();
