@@ -332,8 +332,9 @@ impl Drop for Probe {
     }
 }
 
+/// Milliseconds, rounded to the microsecond (the report's precision).
 fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 fn gap_report(t: &Tally, first: Instant) -> Option<GapReport> {
