@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::announce::{garp_frame, rarp_frame, send_frames};
 use crate::command::run;
+
 use crate::netns::in_netns;
 use crate::{Host, MacAddr, NetlabError, Topology, TopologyNames};
 
@@ -26,6 +27,12 @@ const POLL: Duration = Duration::from_millis(20);
 /// A stand-in serves at most this long (every loop is bounded).
 const MAX_LIFETIME: Duration = Duration::from_secs(900);
 const MAX_CONNECTIONS: usize = 64;
+
+/// Runs `ip` with the words of `args` (the topology's names hold no
+/// spaces).
+fn ip(args: &str) -> Result<String, NetlabError> {
+    run("ip", &args.split_whitespace().collect::<Vec<_>>())
+}
 
 #[derive(Default, Debug)]
 struct Counters {
@@ -104,60 +111,31 @@ impl StandIn {
         let peer = &self.names.standin.port;
         let addr = format!("{}/{}", self.names.guest_ip, self.names.prefix_len);
         let mac = self.mac.to_string();
-        run("ip", &["netns", "add", vm])?;
+        ip(&format!("netns add {vm}"))?;
         self.made_ns = true;
         // As quiet as the topology's namespaces: no IPv6 chatter and no
         // gratuitous ARP when the link comes up, so an announce is only
         // ever the one a test sends.
+        let sysctl = format!("netns exec {vm} sysctl -qw");
         if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    vm,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1",
-                ],
-            )?;
+            ip(&format!(
+                "{sysctl} net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"
+            ))?;
         }
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                vm,
-                "sysctl",
-                "-qw",
-                "net.ipv4.conf.all.arp_notify=0",
-                "net.ipv4.conf.default.arp_notify=0",
-            ],
-        )?;
-        run("ip", &["-n", vm, "link", "set", "lo", "up"])?;
-        run(
-            "ip",
-            &[
-                "-n", vm, "link", "add", IFNAME, "address", &mac, "type", "veth", "peer", "name",
-                peer, "netns", &host.ns,
-            ],
-        )?;
-        run("ip", &["-n", vm, "addr", "add", &addr, "dev", IFNAME])?;
-        run("ip", &["-n", vm, "link", "set", IFNAME, "up"])?;
-        run(
-            "ip",
-            &[
-                "-n",
-                &host.ns,
-                "link",
-                "set",
-                peer,
-                "master",
-                &host.bridge,
-                "up",
-            ],
-        )?;
+        ip(&format!(
+            "{sysctl} net.ipv4.conf.all.arp_notify=0 net.ipv4.conf.default.arp_notify=0"
+        ))?;
+        ip(&format!("-n {vm} link set lo up"))?;
+        ip(&format!(
+            "-n {vm} link add {IFNAME} address {mac} type veth peer name {peer} netns {}",
+            host.ns
+        ))?;
+        ip(&format!("-n {vm} addr add {addr} dev {IFNAME}"))?;
+        ip(&format!("-n {vm} link set {IFNAME} up"))?;
+        ip(&format!(
+            "-n {} link set {peer} master {} up",
+            host.ns, host.bridge
+        ))?;
         Ok(())
     }
 
@@ -191,12 +169,13 @@ impl StandIn {
             "stand-in tcp",
             Box::new(move || accept_loop(listener, stop, counters, until)),
         )?;
+        self.threads.push(acceptor);
         let (stop, counters) = (Arc::clone(&self.stop), Arc::clone(&self.counters));
         let echo = spawn(
             "stand-in udp",
             Box::new(move || udp_loop(udp, stop, counters, until)),
         )?;
-        self.threads.extend([acceptor, echo]);
+        self.threads.push(echo);
         Ok(())
     }
 
@@ -209,17 +188,12 @@ impl StandIn {
         let from = self.names.host(self.host).clone();
         let to = self.names.host(host).clone();
         let peer = &self.names.standin.port;
-        run(
-            "ip",
-            &["-n", &from.ns, "link", "set", peer, "netns", &to.ns],
-        )?;
+        ip(&format!("-n {} link set {peer} netns {}", from.ns, to.ns))?;
         self.host = host;
-        run(
-            "ip",
-            &[
-                "-n", &to.ns, "link", "set", peer, "master", &to.bridge, "up",
-            ],
-        )?;
+        ip(&format!(
+            "-n {} link set {peer} master {} up",
+            to.ns, to.bridge
+        ))?;
         Ok(())
     }
 
@@ -244,8 +218,8 @@ impl StandIn {
             // namespace's devices go only when the kernel gets to it, and
             // the host's end would still hold its name for a next
             // stand-in.
-            let _ = run("ip", &["-n", vm, "link", "delete", IFNAME]);
-            if let Err(e) = run("ip", &["netns", "delete", vm]) {
+            let _ = ip(&format!("-n {vm} link delete {IFNAME}"));
+            if let Err(e) = ip(&format!("netns delete {vm}")) {
                 eprintln!("netlab: could not remove the stand-in's namespace: {e}");
             }
         }

@@ -138,48 +138,51 @@ impl Probe {
             (None, None)
         };
 
+        // From here on a failure stops what was started before it.
+        let fail = |e: NetlabError, conn: Option<TcpConn>| {
+            stop_readers.store(true, Ordering::Relaxed);
+            if let (Some(tcp), Some(conn)) = (&tcp, conn) {
+                tcp.retire(conn);
+            }
+            e
+        };
         let (udp, udp_state, udp_reader) = if config.udp {
-            let side = match UdpSide::open(ns, target) {
-                Ok(side) => side,
-                Err(e) => {
-                    stop_readers.store(true, Ordering::Relaxed);
-                    if let (Some(tcp), Some(conn)) = (&tcp, conn) {
-                        tcp.retire(conn);
-                    }
-                    return Err(e);
+            match start_udp(ns, target, &stop_readers, start, deadline) {
+                Ok((side, reader)) => {
+                    let state = Arc::clone(&side.state);
+                    (Some(side), Some(state), Some(reader))
                 }
-            };
-            let reading = side.socket.try_clone().map_err(|source| NetlabError::Io {
-                ns: ns.to_string(),
-                what: "cloning the UDP probe's socket".into(),
-                source,
-            })?;
-            let state = Arc::clone(&side.state);
-            let stop = Arc::clone(&stop_readers);
-            let reader = std::thread::Builder::new()
-                .name("probe udp reader".into())
-                .spawn(move || read_echoes(reading, state, stop, start, deadline))
-                .map_err(|source| NetlabError::Thread {
-                    ns: ns.to_string(),
-                    source,
-                })?;
-            let state = Arc::clone(&side.state);
-            (Some(side), Some(state), Some(reader))
+                Err(e) => return Err(fail(e, conn)),
+            }
         } else {
             (None, None, None)
         };
 
-        let sender = {
-            let tcp = tcp.clone();
-            let stop = Arc::clone(&stop_sending);
-            let config = config.clone();
-            std::thread::Builder::new()
-                .name("probe sender".into())
-                .spawn(move || send_loop(start, config, stop, tcp, conn, udp))
-                .map_err(|source| NetlabError::Thread {
+        let (tcp_for_sender, stop, cfg) = (tcp.clone(), Arc::clone(&stop_sending), config.clone());
+        // The sender gets the connection through a slot, so that a failed
+        // spawn hands it back for cleaning up.
+        let handoff = Arc::new(Mutex::new(conn));
+        let conn_slot = Arc::clone(&handoff);
+        let spawned = std::thread::Builder::new()
+            .name("probe sender".into())
+            .spawn(move || {
+                let conn = conn_slot.lock().unwrap().take();
+                send_loop(start, cfg, stop, tcp_for_sender, conn, udp)
+            });
+        let sender = match spawned {
+            Ok(h) => h,
+            Err(source) => {
+                let conn = handoff.lock().unwrap().take();
+                if let Some(r) = udp_reader {
+                    stop_readers.store(true, Ordering::Relaxed);
+                    let _ = r.join();
+                }
+                let e = NetlabError::Thread {
                     ns: ns.to_string(),
                     source,
-                })?
+                };
+                return Err(fail(e, conn));
+            }
         };
 
         Ok(Probe {
@@ -332,6 +335,32 @@ impl Drop for Probe {
     }
 }
 
+/// Opens the UDP side and starts its reader.
+fn start_udp(
+    ns: &str,
+    target: SocketAddr,
+    stop_readers: &Arc<AtomicBool>,
+    start: Instant,
+    deadline: Instant,
+) -> Result<(UdpSide, JoinHandle<()>), NetlabError> {
+    let side = UdpSide::open(ns, target)?;
+    let reading = side.socket.try_clone().map_err(|source| NetlabError::Io {
+        ns: ns.to_string(),
+        what: "cloning the UDP probe's socket".into(),
+        source,
+    })?;
+    let state = Arc::clone(&side.state);
+    let stop = Arc::clone(stop_readers);
+    let reader = std::thread::Builder::new()
+        .name("probe udp reader".into())
+        .spawn(move || read_echoes(reading, state, stop, start, deadline))
+        .map_err(|source| NetlabError::Thread {
+            ns: ns.to_string(),
+            source,
+        })?;
+    Ok((side, reader))
+}
+
 /// Milliseconds, rounded to the microsecond (the report's precision).
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
@@ -389,7 +418,7 @@ fn send_loop(
                 Some(_) => side.state.lock().unwrap().unsent += 1,
                 // Each attempt is bounded by the connect timeout, and the
                 // number of attempts by max_reconnects.
-                None if reconnect_attempts < config.max_reconnects => {
+                None if config.reconnect && reconnect_attempts < config.max_reconnects => {
                     reconnect_attempts += 1;
                     match side.connect() {
                         Ok(c) => {
