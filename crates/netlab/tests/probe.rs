@@ -169,13 +169,17 @@ fn a_closed_connection_is_reported_and_reconnected_when_asked() {
         eprint!("reconnect {reconnect}: {report}");
         let tcp = report.tcp.as_ref().unwrap();
         assert!(!tcp.connection_kept, "{report}");
-        assert_eq!(tcp.closed_by_peer + tcp.resets, 1, "{report}");
         assert!(tcp.last_error.is_some());
+        let breaks = tcp.closed_by_peer + tcp.resets;
         if reconnect {
-            assert_eq!(tcp.reconnects, 1, "{report}");
-            assert_eq!(standin.counters().tcp_conns, 1);
+            // A reconnect can reach the old server in its last moments and
+            // break again: every break is followed by a reconnect.
+            assert!(tcp.reconnects >= 1, "{report}");
+            assert_eq!(breaks, tcp.reconnects, "{report}");
+            assert!(standin.counters().tcp_conns >= 1);
             assert!(standin.counters().tcp_replies > 100, "{report}");
         } else {
+            assert_eq!(breaks, 1, "{report}");
             assert!(tcp.requests_unsent > 100, "{report}");
             assert_eq!(tcp.reconnects, 0);
             assert_eq!(standin.counters().tcp_conns, 0);

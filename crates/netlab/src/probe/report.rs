@@ -99,7 +99,7 @@ impl fmt::Display for ProbeReport {
         if let Some(t) = &self.tcp {
             writeln!(
                 f,
-                "  TCP: {} requests ({} unsent), {} replies, {} missing, {} duplicated, {} out of order; connection {}; {} resets, {} reconnects; {}{}; {} retransmissions",
+                "  TCP: {} requests ({} unsent), {} replies, {} missing, {} duplicated, {} out of order; connection {}; {} resets, {} closed by the server, {} reconnects; {}{}; {} retransmissions",
                 t.requests_sent,
                 t.requests_unsent,
                 t.replies_received,
@@ -108,6 +108,7 @@ impl fmt::Display for ProbeReport {
                 t.replies_out_of_order,
                 if t.connection_kept { "kept" } else { "NOT kept" },
                 t.resets,
+                t.closed_by_peer,
                 t.reconnects,
                 gap(&t.longest_gap),
                 rtt(t.longest_rtt_us),
