@@ -22,4 +22,5 @@ pub use probe::{GapReport, Probe, ProbeConfig, ProbeReport, TcpReport, UdpReport
 pub use standin::{StandIn, StandInCounters};
 pub use topology::{
     ClientNames, FdbPlace, Host, HostNames, StandInNames, SwitchNames, Topology, TopologyNames,
+    TopologyState,
 };

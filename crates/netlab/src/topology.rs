@@ -142,8 +142,21 @@ pub struct Topology {
 #[derive(Deserialize)]
 struct ScriptOutput {
     state: String,
+    #[serde(default)]
+    missing: Vec<String>,
     #[serde(flatten)]
     names: TopologyNames,
+}
+
+/// What exists of a prefix's topology.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum TopologyState {
+    Up,
+    Down,
+    /// Some pieces exist; `missing` names the others (`ns` or `ns/ifname`).
+    Partial {
+        missing: Vec<String>,
+    },
 }
 
 impl Topology {
@@ -274,6 +287,26 @@ impl Topology {
     pub fn down(mut self) -> Result<(), NetlabError> {
         self.torn_down = true;
         run_script(&["down", &self.names.prefix]).map(|_| ())
+    }
+
+    /// What exists of `prefix`'s topology, by the script's `status`.
+    pub fn status(prefix: &str) -> Result<TopologyState, NetlabError> {
+        check_prefix(prefix)?;
+        let args = ["status", prefix];
+        let out = run_script(&args)?;
+        let parsed = parse_output(&out, &args)?;
+        match parsed.state.as_str() {
+            "up" => Ok(TopologyState::Up),
+            "down" => Ok(TopologyState::Down),
+            "partial" => Ok(TopologyState::Partial {
+                missing: parsed.missing,
+            }),
+            other => Err(NetlabError::BadOutput {
+                command: script_shown(&args),
+                reason: format!("unknown state {other:?}"),
+                output: out,
+            }),
+        }
     }
 
     /// Runs the script's `down` for `prefix`, whether or not this process

@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::{can_run, leftovers, namespaces, root_interfaces, sh, unique_prefix};
-use ferry_netlab::{in_netns, Host, NetlabError, Probe, ProbeConfig, StandIn, Topology};
+use ferry_netlab::{
+    in_netns, Host, NetlabError, Probe, ProbeConfig, StandIn, Topology, TopologyState,
+};
 
 #[test]
 fn up_makes_the_whole_topology_and_down_leaves_nothing_behind() {
@@ -121,7 +123,12 @@ fn up_rebuilds_a_half_made_topology_and_down_runs_twice() {
     let first = Topology::up_on_subnet(&prefix, 201).unwrap();
     let hostb = first.host(Host::B).ns.clone();
     let tag = first.names().tag.clone();
+    assert_eq!(Topology::status(&prefix).unwrap(), TopologyState::Up);
     sh("ip", &["netns", "delete", &hostb]);
+    match Topology::status(&prefix).unwrap() {
+        TopologyState::Partial { missing } => assert!(missing.contains(&hostb), "{missing:?}"),
+        other => panic!("status {other:?} with host B's namespace gone"),
+    }
     let second = Topology::up_on_subnet(&prefix, 201).unwrap();
     assert!(namespaces().contains(&hostb));
     let tap = &second.host(Host::B).tap;
@@ -131,6 +138,7 @@ fn up_rebuilds_a_half_made_topology_and_down_runs_twice() {
     first.down().unwrap();
     second.down().unwrap();
     Topology::down_prefix(&prefix).unwrap();
+    assert_eq!(Topology::status(&prefix).unwrap(), TopologyState::Down);
     assert_eq!(leftovers(&prefix, &tag), Vec::<String>::new());
 }
 
