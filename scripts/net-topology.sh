@@ -219,6 +219,42 @@ topology_up() {
   ip -n "$ns_s" link set "$port_c" master "$switch_br" up
   ip -n "$ns_c" addr add "$client_ip/24" dev "$client_if"
   ip -n "$ns_c" link set "$client_if" up
+  wait_operational
+}
+
+# A link set up carries traffic only once the kernel's link watcher has
+# seen its carrier (up to a second later): until then its queue drops
+# everything, and a first ARP or SYN would be lost. Wait (bounded) for
+# every veth end to be UP and every bridge port on a veth to forward.
+wait_operational() {
+  local ns dev i
+  while read -r ns dev; do
+    for ((i = 0; i < 150; i++)); do
+      ip -n "$ns" -o link show dev "$dev" | grep -q 'state UP' && break
+      sleep 0.02
+    done
+    ((i < 150)) || fail "$ns/$dev did not come up within 3 s"
+  done <<LINKS
+$ns_s $port_a
+$ns_s $port_b
+$ns_s $port_c
+$ns_a $up_a
+$ns_b $up_b
+$ns_c $client_if
+LINKS
+  while read -r ns dev; do
+    for ((i = 0; i < 150; i++)); do
+      bridge -n "$ns" link show dev "$dev" | grep -q 'state forwarding' && break
+      sleep 0.02
+    done
+    ((i < 150)) || fail "bridge port $ns/$dev does not forward after 3 s"
+  done <<PORTS
+$ns_s $port_a
+$ns_s $port_b
+$ns_s $port_c
+$ns_a $up_a
+$ns_b $up_b
+PORTS
 }
 
 case "$cmd" in

@@ -136,6 +136,7 @@ impl StandIn {
             "-n {} link set {peer} master {} up",
             host.ns, host.bridge
         ))?;
+        wait_operational(vm, IFNAME, &host.ns, peer)?;
         Ok(())
     }
 
@@ -181,6 +182,7 @@ impl StandIn {
 
     /// Moves the stand-in's link to `host`'s bridge, as a migration moves
     /// a VM: its sockets and connections stay; nothing is announced.
+    /// Returns once the link carries traffic again (the "blackout").
     pub fn move_to(&mut self, host: Host) -> Result<(), NetlabError> {
         if host == self.host {
             return Err(NetlabError::AlreadyThere(host));
@@ -194,6 +196,7 @@ impl StandIn {
             "-n {} link set {peer} master {} up",
             to.ns, to.bridge
         ))?;
+        wait_operational(&self.names.standin.ns, IFNAME, &to.ns, peer)?;
         Ok(())
     }
 
@@ -230,6 +233,35 @@ impl Drop for StandIn {
     fn drop(&mut self) {
         self.shut();
     }
+}
+
+/// How long a link may take to carry traffic after it is set up.
+const LINK_UP_LIMIT: Duration = Duration::from_secs(3);
+
+/// Waits until the veth `ifname` (in `ns`) and its peer `port` (in
+/// `host_ns`, on a bridge) carry traffic: a link set up works only once the
+/// kernel's link watcher has seen its carrier, up to a second later, and
+/// until then drops what is sent on it.
+fn wait_operational(ns: &str, ifname: &str, host_ns: &str, port: &str) -> Result<(), NetlabError> {
+    let start = Instant::now();
+    let up = |ns: &str, dev: &str| {
+        ip(&format!("-n {ns} -o link show dev {dev}")).is_ok_and(|out| out.contains("state UP"))
+    };
+    let forwarding = || {
+        run("bridge", &["-n", host_ns, "link", "show", "dev", port])
+            .is_ok_and(|out| out.contains("state forwarding"))
+    };
+    while start.elapsed() < LINK_UP_LIMIT {
+        if up(ns, ifname) && up(host_ns, port) && forwarding() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(NetlabError::Command {
+        command: format!("waiting for {ns}/{ifname} and {host_ns}/{port} to carry traffic"),
+        status: format!("not up after {} s", LINK_UP_LIMIT.as_secs()),
+        stderr: String::new(),
+    })
 }
 
 fn accept_loop(

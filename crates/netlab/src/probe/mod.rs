@@ -42,7 +42,9 @@ pub struct ProbeConfig {
     /// Whether a broken connection is replaced by a new one (counted in
     /// `reconnects`; the connection is then not "kept").
     pub reconnect: bool,
+    /// Connection attempts at most, one per `reconnect_interval`.
     pub max_reconnects: u32,
+    pub reconnect_interval: Duration,
 }
 
 impl Default for ProbeConfig {
@@ -55,7 +57,8 @@ impl Default for ProbeConfig {
             drain: Duration::from_secs(1),
             max_duration: Duration::from_secs(600),
             reconnect: false,
-            max_reconnects: 10,
+            max_reconnects: 20,
+            reconnect_interval: Duration::from_millis(100),
         }
     }
 }
@@ -116,9 +119,12 @@ impl Probe {
             ));
         }
         let target = SocketAddr::V4(target);
-        let start = Instant::now();
         // Readers end on their own a little after the sender would.
-        let deadline = start + config.max_duration + config.drain + Duration::from_secs(5);
+        let deadline = Instant::now()
+            + config.connect_timeout
+            + config.max_duration
+            + config.drain
+            + Duration::from_secs(5);
         let stop_sending = Arc::new(AtomicBool::new(false));
         let stop_readers = Arc::new(AtomicBool::new(false));
 
@@ -129,7 +135,6 @@ impl Probe {
                 connect_timeout: config.connect_timeout,
                 state: Arc::new(Mutex::new(TcpState::new())),
                 stop_readers: Arc::clone(&stop_readers),
-                baseline: start,
                 deadline,
             });
             let conn = side.connect()?;
@@ -147,7 +152,7 @@ impl Probe {
             e
         };
         let (udp, udp_state, udp_reader) = if config.udp {
-            match start_udp(ns, target, &stop_readers, start, deadline) {
+            match start_udp(ns, target, &stop_readers, deadline) {
                 Ok((side, reader)) => {
                     let state = Arc::clone(&side.state);
                     (Some(side), Some(state), Some(reader))
@@ -158,6 +163,9 @@ impl Probe {
             (None, None, None)
         };
 
+        // The schedule starts once the connection is made, so the time to
+        // connect is neither a gap nor skipped slots.
+        let start = Instant::now();
         let (tcp_for_sender, stop, cfg) = (tcp.clone(), Arc::clone(&stop_sending), config.clone());
         // The sender gets the connection through a slot, so that a failed
         // spawn hands it back for cleaning up.
@@ -275,7 +283,8 @@ impl Probe {
         let tcp = self.tcp.as_ref().map(|t| {
             let mut st = t.state.lock().unwrap();
             let sent = st.send_times.len() as u64;
-            st.tally.close(sent, first, end.last_send);
+            let first_send = st.send_times.first().copied().unwrap_or(first);
+            st.tally.close(sent, first_send, end.last_send);
             // retire() added up every connection's count.
             let retransmissions = st.retrans_before;
             TcpReport {
@@ -301,7 +310,8 @@ impl Probe {
         let udp = self.udp_state.as_ref().map(|u| {
             let mut st = u.lock().unwrap();
             let sent = st.send_times.len() as u64;
-            st.tally.close(sent, first, end.last_send);
+            let first_send = st.send_times.first().copied().unwrap_or(first);
+            st.tally.close(sent, first_send, end.last_send);
             UdpReport {
                 probes_sent: sent,
                 echoed: st.tally.received,
@@ -340,7 +350,6 @@ fn start_udp(
     ns: &str,
     target: SocketAddr,
     stop_readers: &Arc<AtomicBool>,
-    start: Instant,
     deadline: Instant,
 ) -> Result<(UdpSide, JoinHandle<()>), NetlabError> {
     let side = UdpSide::open(ns, target)?;
@@ -353,7 +362,7 @@ fn start_udp(
     let stop = Arc::clone(stop_readers);
     let reader = std::thread::Builder::new()
         .name("probe udp reader".into())
-        .spawn(move || read_echoes(reading, state, stop, start, deadline))
+        .spawn(move || read_echoes(reading, state, stop, deadline))
         .map_err(|source| NetlabError::Thread {
             ns: ns.to_string(),
             source,
@@ -404,6 +413,7 @@ fn send_loop(
     let stop_at = start + config.max_duration;
     let mut last_send = None;
     let mut reconnect_attempts = 0;
+    let mut last_attempt: Option<Instant> = None;
     loop {
         let slot = schedule.next_slot(Instant::now());
         if slot >= stop_at || !sleep_until(slot, &stop) {
@@ -418,8 +428,12 @@ fn send_loop(
                 Some(_) => side.state.lock().unwrap().unsent += 1,
                 // Each attempt is bounded by the connect timeout, and the
                 // number of attempts by max_reconnects.
-                None if config.reconnect && reconnect_attempts < config.max_reconnects => {
+                None if config.reconnect
+                    && reconnect_attempts < config.max_reconnects
+                    && last_attempt.is_none_or(|t| t.elapsed() >= config.reconnect_interval) =>
+                {
                     reconnect_attempts += 1;
+                    last_attempt = Some(Instant::now());
                     match side.connect() {
                         Ok(c) => {
                             side.state.lock().unwrap().reconnects += 1;

@@ -103,7 +103,6 @@ pub(crate) struct TcpSide {
     pub(crate) state: Arc<Mutex<TcpState>>,
     /// Tells the readers to stop.
     pub(crate) stop_readers: Arc<AtomicBool>,
-    pub(crate) baseline: Instant,
     pub(crate) deadline: Instant,
 }
 
@@ -145,10 +144,10 @@ impl TcpSide {
         };
         let state = Arc::clone(&self.state);
         let stop = Arc::clone(&self.stop_readers);
-        let (baseline, deadline) = (self.baseline, self.deadline);
+        let deadline = self.deadline;
         let reader = std::thread::Builder::new()
             .name("probe tcp reader".into())
-            .spawn(move || read_replies(reading, generation, state, stop, baseline, deadline))
+            .spawn(move || read_replies(reading, generation, state, stop, deadline))
             .map_err(|source| NetlabError::Thread {
                 ns: self.ns.clone(),
                 source,
@@ -209,7 +208,6 @@ fn read_replies(
     generation: u64,
     state: Arc<Mutex<TcpState>>,
     stop: Arc<AtomicBool>,
-    baseline: Instant,
     deadline: Instant,
 ) {
     let mut buf = [0u8; 4096];
@@ -236,7 +234,7 @@ fn read_replies(
                         }
                         continue;
                     }
-                    record_reply(&mut st, &line, now, baseline, &mut expected_counter);
+                    record_reply(&mut st, &line, now, &mut expected_counter);
                     line.clear();
                 }
             }
@@ -258,13 +256,7 @@ fn read_replies(
 }
 
 /// Parses `R <seq>` and counts it.
-fn record_reply(
-    st: &mut TcpState,
-    line: &[u8],
-    now: Instant,
-    baseline: Instant,
-    expected_counter: &mut u64,
-) {
+fn record_reply(st: &mut TcpState, line: &[u8], now: Instant, expected_counter: &mut u64) {
     let parsed = std::str::from_utf8(line).ok().and_then(|s| {
         let (r, seq) = s.trim_end_matches('\r').split_once(' ')?;
         Some((r.parse::<u64>().ok()?, seq.parse::<u64>().ok()?))
@@ -280,6 +272,8 @@ fn record_reply(
     let sent_at = seq
         .checked_sub(1)
         .and_then(|i| st.send_times.get(i as usize).copied());
+    // The first reply's gap counts from the first request.
+    let baseline = st.send_times.first().copied().unwrap_or(now);
     if st.tally.record(seq, now, sent_at, baseline) == Arrival::Unknown {
         st.malformed += 1;
     }

@@ -66,7 +66,6 @@ pub(crate) fn read_echoes(
     socket: UdpSocket,
     state: Arc<Mutex<UdpState>>,
     stop: Arc<AtomicBool>,
-    baseline: Instant,
     deadline: Instant,
 ) {
     let mut buf = [0u8; 256];
@@ -86,6 +85,7 @@ pub(crate) fn read_echoes(
                 let sent_at = seq
                     .checked_sub(1)
                     .and_then(|i| st.send_times.get(i as usize).copied());
+                let baseline = st.send_times.first().copied().unwrap_or(now);
                 if st.tally.record(seq, now, sent_at, baseline) == Arrival::Unknown {
                     st.malformed += 1;
                 }
