@@ -12,6 +12,7 @@ mod mac;
 mod netns;
 mod probe;
 mod standin;
+mod tap;
 mod topology;
 
 pub use announce::{garp_frame, rarp_frame, send_frames, ANNOUNCE_FRAME_LEN};
@@ -20,6 +21,7 @@ pub use mac::MacAddr;
 pub use netns::in_netns;
 pub use probe::{GapReport, Probe, ProbeConfig, ProbeReport, TcpReport, UdpReport};
 pub use standin::{StandIn, StandInCounters};
+pub use tap::open_tap;
 pub use topology::{
     ClientNames, FdbPlace, Host, HostNames, StandInNames, SwitchNames, Topology, TopologyNames,
     TopologyState,

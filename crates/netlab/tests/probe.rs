@@ -23,8 +23,9 @@ fn the_probe_against_the_stand_in_loses_nothing() {
     eprintln!("{}", serde_json::to_string(&report).unwrap());
     let tcp = report.tcp.as_ref().unwrap();
     let udp = report.udp.as_ref().unwrap();
-    // 2000 slots; a busy 2-core machine may make the sender skip some.
-    assert!(tcp.requests_sent > 1000, "{report}");
+    // 2000 slots; a busy 2-core machine makes a sender at idle priority
+    // skip many (reported as slots_skipped), but the rate holds up.
+    assert!(tcp.requests_sent > 500, "{report}");
     assert_eq!(
         tcp.requests_sent, udp.probes_sent,
         "both go out in every slot"

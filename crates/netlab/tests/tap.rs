@@ -5,50 +5,17 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::{can_run, leftovers, sh, unique_prefix};
-use ferry_netlab::{garp_frame, in_netns, rarp_frame, FdbPlace, Host, MacAddr, Topology};
+use ferry_netlab::{
+    garp_frame, open_tap, rarp_frame, FdbPlace, Host, MacAddr, NetlabError, Topology,
+};
 
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
 /// The legacy virtio_net_hdr: the default size of a vnet_hdr tap's header.
 const VNET_HDR_LEN: usize = 10;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-/// Opens the existing tap `name` in namespace `ns`, as the VMM does.
-fn open_tap(ns: &str, name: &str) -> std::io::Result<File> {
-    in_netns(ns, || {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes an ifreq, which IfReq lays
-        // out (16-byte name, flags, padding to 40 bytes); the fd is open.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(file)
-    })
-    .expect("enter the host namespace")
-}
 
 fn write_frame(tap: &mut File, frame: &[u8]) {
     let mut buf = vec![0u8; VNET_HDR_LEN];
@@ -83,10 +50,22 @@ fn frames_written_to_a_hosts_tap_teach_the_switch_and_down_removes_held_taps() {
     assert!(!shown.contains("NO-CARRIER"), "{shown}");
     // A tap already in use cannot be opened a second time.
     let again = open_tap(&a.ns, &a.tap);
-    assert!(again.is_err(), "a held tap opened twice");
+    assert!(
+        matches!(again, Err(NetlabError::Io { .. })),
+        "a held tap opened twice"
+    );
     eprintln!(
         "as expected, a second open of a held tap: {}",
         again.unwrap_err()
+    );
+    // So is a tap that does not exist (TUNSETIFF alone would create it).
+    let missing = format!("{tag}-nx");
+    let err = open_tap(&a.ns, &missing).unwrap_err();
+    eprintln!("as expected, a missing tap: {err}");
+    let links = sh("ip", &["-n", &a.ns, "-o", "link", "show"]);
+    assert!(
+        !links.contains(&missing),
+        "opening a missing tap made one: {links}"
     );
 
     let mac = MacAddr([0x02, 0x6e, 0x6c, 0xaa, 0x00, 0x01]);
