@@ -22,14 +22,38 @@ pub fn can_run(test: &str) -> bool {
 }
 
 /// A prefix no other test or helper uses: the branch name, this process
-/// and a counter.
+/// and a counter. The first call also removes the topologies of earlier
+/// test processes that were killed before their guards ran.
 pub fn unique_prefix() -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
+    static CLEAN: std::sync::Once = std::sync::Once::new();
+    CLEAN.call_once(remove_stale_topologies);
     format!(
         "netlab{}-{}",
-        std::process::id() % 100_000,
+        std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Topologies named `netlab<pid>-<n>` whose process is gone.
+fn remove_stale_topologies() {
+    let stale: BTreeSet<String> = namespaces()
+        .into_iter()
+        .filter_map(|ns| {
+            let rest = ns.strip_prefix("netlab")?;
+            let (pid, tail) = rest.split_once('-')?;
+            let (n, _) = tail.split_once('-')?;
+            let alive = std::path::Path::new("/proc").join(pid).exists();
+            (pid.parse::<u32>().is_ok() && n.parse::<u32>().is_ok() && !alive)
+                .then(|| format!("netlab{pid}-{n}"))
+        })
+        .collect();
+    for prefix in stale {
+        eprintln!("removing the topology of a dead test process: {prefix}");
+        if let Err(e) = Topology::down_prefix(&prefix) {
+            eprintln!("could not remove {prefix}: {e}");
+        }
+    }
 }
 
 fn lines(program: &str, args: &[&str]) -> BTreeSet<String> {
