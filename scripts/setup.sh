@@ -5,7 +5,8 @@
 #   baseline `ferry bench` compares against (the guest boots under it too);
 # - iperf3, the loopback TCP limit `ferry bench` measures beside every
 #   throughput row;
-# - libclang (the userfaultfd crate generates its kernel bindings with bindgen).
+# - libclang (the userfaultfd crate generates its kernel bindings with bindgen);
+# - iproute2 (`ip`, `bridge`): the network tests' namespaces, bridges and taps.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -29,6 +30,7 @@ need=()
 [ "$(qemu_major)" -ge 10 ] 2>/dev/null || need+=(qemu-system-x86)
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
+{ command -v ip && command -v bridge; } >/dev/null 2>&1 || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (Debian packages)"
   $SUDO apt-get update -qq
