@@ -168,8 +168,9 @@ fn parse_net(value: &[u8]) -> Result<NetConfig, &'static str> {
     let mut parts = ip.split(|&b| b == b'.');
     for octet in &mut octets {
         let part = parts.next().ok_or("net= IP is not a dotted quad a.b.c.d")?;
-        // At most three digits: no "0001" passing for 1.
-        if part.len() > 3 {
+        // At most three digits and no leading zero: no "010" passing
+        // for 10 (or for octal 8).
+        if part.len() > 3 || (part.len() > 1 && part[0] == b'0') {
             return Err("net= IP is not a dotted quad a.b.c.d");
         }
         *octet = number(part)

@@ -7,12 +7,15 @@
 //! the only host-side code that knows that contract:
 //!
 //! * [`workload`]: the workload syntax (`idle`, `dirty:WS_MB:RATE[:FILL_MB]`),
+//! * [`net`]: the network service (`net=IP/PREFIX:PORT`) and the
+//!   `+`-joined workload form (`dirty:256:100+net:10.77.0.2/24:7000`),
 //! * [`console`]: the parser of the guest's console lines,
 //! * [`guest_cmdline`]: the command line a VMM passes to the guest,
 //! * [`guest_ws_base`] and [`guest_mem_needed`]: how much RAM a workload
 //!   needs, to refuse one before booting.
 
 pub mod console;
+pub mod net;
 pub mod workload;
 
 use std::path::Path;
