@@ -25,7 +25,7 @@ mod echo;
 mod hal;
 mod notify;
 
-use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketSet};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
 use virtio_drivers::device::net::VirtIONetRaw;
@@ -203,6 +203,19 @@ impl Net {
         self.last_tsc = now;
         let timestamp = Instant::from_micros(self.tsc.to_us(self.net_ticks) as i64);
         for _ in 0..ROUNDS {
+            // One frame at a time, with a look at the clock after each:
+            // a full ring is a long piece of work, and each frame of it is
+            // short.
+            for _ in 0..device::QUEUE_SIZE {
+                let done =
+                    self.iface
+                        .poll_ingress_single(timestamp, &mut self.dev, &mut self.sockets);
+                clock.look();
+                if done == PollIngressSingleResult::None {
+                    break;
+                }
+            }
+            // Timers, neighbour cache, and what the frames made due.
             self.iface.poll(timestamp, &mut self.dev, &mut self.sockets);
             clock.look();
             let sent = self.echo.serve(&mut self.sockets);
@@ -219,8 +232,9 @@ impl Net {
                 break;
             }
         }
-        let wait_us = match self.iface.poll_at(timestamp, &self.sockets) {
-            Some(at) => (at - timestamp).total_micros(),
+        // poll_delay is 0 for a deadline already past.
+        let wait_us = match self.iface.poll_delay(timestamp, &self.sockets) {
+            Some(delay) => delay.total_micros(),
             None => MAX_WAIT_MS * 1000,
         };
         let wait_us = wait_us.clamp(MIN_WAIT_US, MAX_WAIT_MS * 1000);
