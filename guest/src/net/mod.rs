@@ -46,6 +46,8 @@ const MAX_WAIT_MS: u64 = 50;
 /// (e.g. while every transmit buffer is in flight) does not turn every
 /// look at the clock into a full poll.
 const MIN_WAIT_US: u64 = 20;
+/// Longest step of the network clock between two polls.
+const MAX_STEP_MS: u64 = 1000;
 /// Rounds of receive / serve / transmit in one poll.
 const ROUNDS: u32 = 4;
 
@@ -102,8 +104,8 @@ pub struct Net {
     echo: Echo,
     tsc: Tsc,
     /// TSC of the last full poll, and the network clock (TSC ticks summed
-    /// over polls: it never goes backwards, whatever the TSC does after a
-    /// migration).
+    /// over polls: it never goes backwards and never leaps, whatever the
+    /// TSC does after a migration).
     last_tsc: u64,
     net_ticks: u64,
     /// Ticks after `last_tsc` before the next full poll is due.
@@ -199,7 +201,11 @@ impl Net {
     }
 
     fn poll_now(&mut self, now: u64, clock: &mut StallClock) {
-        self.net_ticks += now.saturating_sub(self.last_tsc);
+        // A step above MAX_STEP_MS is a blackout or another host's TSC
+        // (the guest TSC is the host's): let smoltcp see at most that, so
+        // a TSC hours ahead cannot time out every connection at once.
+        let step = now.saturating_sub(self.last_tsc);
+        self.net_ticks += step.min(self.tsc.ticks_from_ms(MAX_STEP_MS));
         self.last_tsc = now;
         let timestamp = Instant::from_micros(self.tsc.to_us(self.net_ticks) as i64);
         for _ in 0..ROUNDS {
