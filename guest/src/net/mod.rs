@@ -220,6 +220,10 @@ impl Net {
                 if done == PollIngressSingleResult::None {
                     break;
                 }
+                // A burst must not empty the ring before it is refilled
+                // (the device sees the buffers at once if it polls, or at
+                // the notification below).
+                self.dev.repost(false);
             }
             // Timers, neighbour cache, and what the frames made due.
             self.iface.poll(timestamp, &mut self.dev, &mut self.sockets);
