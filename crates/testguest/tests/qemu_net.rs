@@ -161,6 +161,28 @@ fn tcp_exchange(tag: &str, n: u64) -> Result<Vec<Duration>, String> {
     }
 }
 
+/// A line above the guest's 64-byte limit: the guest resets the
+/// connection instead of answering.
+fn overlong_line_resets() -> Result<(), String> {
+    let mut stream = TcpStream::connect_timeout(&guest_addr(), Duration::from_secs(5))
+        .map_err(|e| format!("overlong: connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    stream
+        .write_all(&[b'x'; 100])
+        .and_then(|()| stream.write_all(b"\n"))
+        .map_err(|e| format!("overlong: send: {e}"))?;
+    let mut reply = String::new();
+    match BufReader::new(stream).read_line(&mut reply) {
+        Ok(0) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+        other => Err(format!(
+            "overlong: expected a reset, got {other:?} {reply:?}"
+        )),
+    }
+}
+
 /// `n` UDP probes, each waited for; returns round trips and probes lost.
 fn udp_exchange(n: u64) -> Result<(Vec<Duration>, u64), String> {
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
@@ -199,8 +221,8 @@ struct ClientReport {
     udp_lost: u64,
 }
 
-/// The whole exchange: one long connection, concurrent ones, reconnects,
-/// then UDP.
+/// The whole exchange: one long connection, concurrent ones, one that
+/// breaks the protocol, reconnects, then UDP.
 fn client() -> Result<ClientReport, String> {
     let mut rtts = tcp_exchange("long", REQUESTS)?;
     let concurrent: Vec<_> = (0..CONCURRENT)
@@ -209,6 +231,7 @@ fn client() -> Result<ClientReport, String> {
     for handle in concurrent {
         rtts.extend(handle.join().expect("client thread")?);
     }
+    overlong_line_resets()?;
     for k in 0..RECONNECTS {
         rtts.extend(tcp_exchange(&format!("again{k}"), RECONNECT_REQUESTS)?);
     }
@@ -312,7 +335,9 @@ fn echo_while_dirty(test: &str, tag: &str, modern: bool, mac: &str) {
 
     // The guest's counters catch up with the client within a heartbeat.
     let replies = REQUESTS + CONCURRENT * CONCURRENT_REQUESTS + RECONNECTS * RECONNECT_REQUESTS;
-    let conns = 1 + CONCURRENT + RECONNECTS;
+    // The overlong line's connection counts, and its reset is the one
+    // error.
+    let conns = 1 + CONCURRENT + 1 + RECONNECTS;
     let deadline = Instant::now() + Duration::from_secs(3);
     let counters = loop {
         let raw = qemu.next_raw().expect("QEMU runs");
@@ -337,7 +362,7 @@ fn echo_while_dirty(test: &str, tag: &str, modern: bool, mac: &str) {
             counters.udp_echoes,
             counters.net_err
         ),
-        (conns, replies, UDP_PROBES, 0),
+        (conns, replies, UDP_PROBES, 1),
         "guest counters (conns, replies, udp, err); console:\n{}",
         qemu.console()
     );
