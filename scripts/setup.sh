@@ -6,7 +6,8 @@
 # - iperf3, the loopback TCP limit `ferry bench` measures beside every
 #   throughput row;
 # - libclang (the userfaultfd crate generates its kernel bindings with bindgen);
-# - iproute2 (`ip`, `bridge`): the network tests' namespaces, bridges and taps.
+# - iproute2 (`ip`, `bridge`): the network tests' namespaces, bridges and taps;
+# - the test guest's crates (cargo fetch), which its offline build needs.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -40,6 +41,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust stable (rustup)" >&2; exit 1; }
+# The test guest (guest/, its own package) is built offline by
+# crates/testguest/build.rs: fetch its crates (virtio-drivers, smoltcp) first.
+cargo fetch --locked --manifest-path "$(dirname "$0")/../guest/Cargo.toml" >/dev/null
 if [ ! -e /dev/kvm ]; then
   echo "setup: WARNING: /dev/kvm is missing: every KVM test will report SKIPPED" >&2
 fi

@@ -22,11 +22,21 @@ pub enum Workload {
     },
 }
 
+/// `net=IP/PREFIX:PORT`: the guest's address on its virtio-net device and
+/// the port its TCP and UDP echo serve.
+#[derive(Clone, Copy)]
+pub struct NetConfig {
+    pub ip: [u8; 4],
+    pub prefix: u8,
+    pub port: u16,
+}
+
 /// What the command line asks for.
 pub struct Options {
     pub workload: Workload,
     pub cpus: u32,
     pub tsc_khz: Option<u64>,
+    pub net: Option<NetConfig>,
 }
 
 /// What is wrong, and the token it is wrong in.
@@ -39,6 +49,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Options, Error<'_>> {
     let mut workload = None;
     let mut cpus = None;
     let mut tsc_khz = None;
+    let mut net = None;
     for token in cmdline
         .split(|b| b.is_ascii_whitespace())
         .filter(|t| !t.is_empty())
@@ -76,6 +87,12 @@ pub fn parse(cmdline: &[u8]) -> Result<Options, Error<'_>> {
                     return Err(err("tsc_khz= given twice"));
                 }
             }
+            b"net" => {
+                let parsed = parse_net(value).map_err(err)?;
+                if net.replace(parsed).is_some() {
+                    return Err(err("net= given twice"));
+                }
+            }
             _ => {}
         }
     }
@@ -83,6 +100,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Options, Error<'_>> {
         workload: workload.unwrap_or(Workload::Idle),
         cpus: cpus.unwrap_or(1),
         tsc_khz,
+        net,
     })
 }
 
@@ -129,6 +147,52 @@ fn parse_workload(value: &[u8]) -> Result<Workload, &'static str> {
         ws_mib,
         rate,
         fill_mib,
+    })
+}
+
+/// `IP/PREFIX:PORT`: a dotted-quad unicast IPv4 address, a prefix length
+/// of 1 to 32 and a port of 1 to 65535.
+fn parse_net(value: &[u8]) -> Result<NetConfig, &'static str> {
+    const SYNTAX: &str = "net= is not IP/PREFIX:PORT (e.g. net=10.77.0.2/24:7000)";
+    let slash = value.iter().position(|&b| b == b'/').ok_or(SYNTAX)?;
+    let colon = value.iter().position(|&b| b == b':').ok_or(SYNTAX)?;
+    if colon < slash {
+        return Err(SYNTAX);
+    }
+    let (ip, prefix, port) = (
+        &value[..slash],
+        &value[slash + 1..colon],
+        &value[colon + 1..],
+    );
+    let mut octets = [0u8; 4];
+    let mut parts = ip.split(|&b| b == b'.');
+    for octet in &mut octets {
+        let part = parts.next().ok_or("net= IP is not a dotted quad a.b.c.d")?;
+        // At most three digits and no leading zero: no "010" passing
+        // for 10 (or for octal 8).
+        if part.len() > 3 || (part.len() > 1 && part[0] == b'0') {
+            return Err("net= IP is not a dotted quad a.b.c.d");
+        }
+        *octet = number(part)
+            .and_then(|n| u8::try_from(n).ok())
+            .ok_or("net= IP is not a dotted quad a.b.c.d")?;
+    }
+    if parts.next().is_some() {
+        return Err("net= IP is not a dotted quad a.b.c.d");
+    }
+    if octets[0] == 0 || octets[0] == 127 || octets[0] >= 224 {
+        return Err("net= IP must be a unicast address (not 0.x, 127.x, multicast or above)");
+    }
+    let prefix = number(prefix)
+        .filter(|p| (1..=32).contains(p))
+        .ok_or("net= PREFIX must be 1 to 32")?;
+    let port = number(port)
+        .filter(|p| (1..=65535).contains(p))
+        .ok_or("net= PORT must be 1 to 65535")?;
+    Ok(NetConfig {
+        ip: octets,
+        prefix: prefix as u8,
+        port: port as u16,
     })
 }
 

@@ -34,6 +34,20 @@ pub mod code {
     pub const TOO_MANY_CPUS: u8 = 4;
     pub const BAD_START_INFO: u8 = 5;
     pub const NO_TSC_FREQ: u8 = 6;
+    pub const NO_NET: u8 = 7;
+}
+
+/// What a line sent while the workload runs does after each byte: look at
+/// the stall clock, and on vCPU 0 also serve the network, whose requests
+/// must not wait for a whole line's worth of exits.
+pub trait Watch {
+    fn watch(&mut self);
+}
+
+impl Watch for StallClock {
+    fn watch(&mut self) {
+        self.look();
+    }
 }
 
 static LOCK: SpinLock = SpinLock::new();
@@ -97,6 +111,29 @@ impl Line {
         self
     }
 
+    /// Appends a MAC address, `xx:xx:xx:xx:xx:xx` in lowercase.
+    pub fn mac(&mut self, mac: [u8; 6]) -> &mut Self {
+        for (i, b) in mac.iter().enumerate() {
+            if i > 0 {
+                self.push(b':');
+            }
+            self.push(b"0123456789abcdef"[usize::from(b >> 4)]);
+            self.push(b"0123456789abcdef"[usize::from(b & 0xf)]);
+        }
+        self
+    }
+
+    /// Appends a dotted-quad IPv4 address.
+    pub fn ipv4(&mut self, ip: [u8; 4]) -> &mut Self {
+        for (i, b) in ip.iter().enumerate() {
+            if i > 0 {
+                self.push(b'.');
+            }
+            self.dec(u64::from(*b));
+        }
+        self
+    }
+
     /// Appends ` key=<decimal>`.
     pub fn field(&mut self, key: &str, v: u64) -> &mut Self {
         self.text(" ").text(key).text("=").dec(v)
@@ -113,14 +150,15 @@ impl Line {
         outsb(COM1, self.finish());
     }
 
-    /// Ends the line and sends it a byte at a time, looking at `clock`
-    /// after each byte (see the module documentation for why).
-    pub fn send_watched(&mut self, clock: &mut StallClock) {
+    /// Ends the line and sends it a byte at a time, watching (the stall
+    /// clock, and the network on vCPU 0) after each byte (see the module
+    /// documentation for why).
+    pub fn send_watched(&mut self, watch: &mut impl Watch) {
         let _guard = LOCK.lock();
-        clock.look();
+        watch.watch();
         for &b in self.finish() {
             outb(COM1, b);
-            clock.look();
+            watch.watch();
         }
     }
 

@@ -15,6 +15,7 @@
 //! * `workload`: page contents, fill, verify-and-rewrite
 //! * `throttle`: the per-vCPU token bucket
 //! * `stats`: per-vCPU counters, READY, heartbeat and ERR lines
+//! * `net`: the virtio-net card, the TCP/IP stack and the echo services
 //! * `console`: whole-line output on COM1, EXIT
 //! * `sync`, `pio`, `mem`: spin lock and one-shot publication, port I/O,
 //!   the C memory functions
@@ -27,6 +28,7 @@ mod console;
 mod entry;
 mod layout;
 mod mem;
+mod net;
 mod pio;
 mod start_info;
 mod stats;
@@ -128,8 +130,14 @@ fn boot_cpu(start_info: u64) -> ! {
                 .hex(ram_end.max(start));
         }),
     };
+    // Before the other vCPUs start: a VM without the card it was promised
+    // stops here, with nothing written.
+    let net = opts.net.map(|cfg| match net::Net::init(&cfg, plan.tsc) {
+        Ok(net) => net,
+        Err(e) => console::exit(code::NO_NET, |l| e.describe(l)),
+    });
     let plan = PLAN.publish(plan);
-    workload::run(0, plan, Some(Heartbeat::new(plan, rdtsc())))
+    workload::run(0, plan, Some(Heartbeat::new(plan, rdtsc())), net)
 }
 
 /// Every other vCPU: waits for vCPU 0's plan, then runs its share.
@@ -143,7 +151,7 @@ fn secondary_cpu(cpu: u32) -> ! {
                 .dec(u64::from(plan.cpus));
         });
     }
-    workload::run(cpu, plan, None)
+    workload::run(cpu, plan, None, None)
 }
 
 /// The FERRY-GUEST line: first on the console, whatever happens next.

@@ -8,6 +8,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crate::cmdline::{Rate, Workload};
 use crate::console::Line;
 use crate::layout::Plan;
+use crate::net::{Net, Serving};
 use crate::time::StallClock;
 use crate::MAX_CPUS;
 
@@ -67,6 +68,15 @@ pub fn report_bad_page(cpu: u32, addr: u64, gen: u64, clock: &mut StallClock) {
     }
 }
 
+/// Sends a line a byte at a time, serving the network between the bytes
+/// when there is one.
+fn send(mut line: Line, clock: &mut StallClock, net: Option<&mut Net>) {
+    match net {
+        Some(net) => line.send_watched(&mut Serving { clock, net }),
+        None => line.send_watched(clock),
+    }
+}
+
 /// vCPU 0's reporter: READY once, then a heartbeat every 100 ms.
 pub struct Heartbeat {
     plan: &'static Plan,
@@ -98,18 +108,20 @@ impl Heartbeat {
     }
 
     /// Called by vCPU 0 after every look at `clock` (which returned `now`);
-    /// prints what is due.
-    pub fn poll(&mut self, now: u64, clock: &mut StallClock) {
+    /// prints what is due, serving `net` between the bytes.
+    pub fn poll(&mut self, now: u64, clock: &mut StallClock, mut net: Option<&mut Net>) {
         if !self.ready_sent && FILLED.load(Ordering::Acquire) >= self.plan.cpus {
             self.ready_sent = true;
-            self.send_ready(now, clock);
+            let line = self.ready_line(now);
+            send(line, clock, net.as_deref_mut());
         }
         // A TSC that jumped backwards (another host's) must not stop the
         // heartbeat: beat now and schedule from here.
         if now < self.next_due && now >= self.last_t {
             return;
         }
-        self.send_heartbeat(now, clock);
+        let line = self.heartbeat_line(now, net.as_deref());
+        send(line, clock, net);
         self.next_due += self.period;
         if self.next_due <= now || now < self.last_t {
             self.next_due = now + self.period;
@@ -117,7 +129,7 @@ impl Heartbeat {
         self.last_t = now;
     }
 
-    fn send_ready(&self, now: u64, clock: &mut StallClock) {
+    fn ready_line(&self, now: u64) -> Line {
         let plan = self.plan;
         let (ws_mb, rate, fill_mb) = match plan.workload {
             Workload::Idle => (0, Some(0), 0),
@@ -145,11 +157,11 @@ impl Heartbeat {
             .field("cpus", u64::from(plan.cpus))
             .hex_field("ws_base", plan.ws_base)
             .hex_field("fill_base", plan.fill_base)
-            .field("init_ms", plan.tsc.to_ms(now.saturating_sub(self.start)))
-            .send_watched(clock);
+            .field("init_ms", plan.tsc.to_ms(now.saturating_sub(self.start)));
+        line
     }
 
-    fn send_heartbeat(&mut self, now: u64, clock: &mut StallClock) {
+    fn heartbeat_line(&mut self, now: u64, net: Option<&Net>) -> Line {
         let plan = self.plan;
         let (mut wr, mut ver, mut err, mut gap) = (0u64, 0u64, 0u64, 0u64);
         let (mut sweeps, mut fsweeps) = (u64::MAX, u64::MAX);
@@ -179,8 +191,8 @@ impl Heartbeat {
             u128::from(wr.saturating_sub(self.last_wr)) * u128::from(plan.tsc.hz())
                 / (256 * u128::from(dt))
         };
-        Line::new("HB")
-            .field("seq", self.seq)
+        let mut line = Line::new("HB");
+        line.field("seq", self.seq)
             .field("t_ms", plan.tsc.to_ms(now.saturating_sub(plan.boot_tsc)))
             .field("wr", wr)
             .field("ver", ver)
@@ -188,9 +200,18 @@ impl Heartbeat {
             .field("sweeps", sweeps)
             .field("fsweeps", fsweeps)
             .field("stall_us", plan.tsc.to_us(gap))
-            .field("rate_mibs", rate as u64)
-            .send_watched(clock);
+            .field("rate_mibs", rate as u64);
+        if let Some(net) = net {
+            let c = net.counters();
+            line.field("net_rx", c.rx)
+                .field("net_tx", c.tx)
+                .field("tcp_conns", c.tcp_conns)
+                .field("tcp_replies", c.tcp_replies)
+                .field("udp_echoes", c.udp_echoes)
+                .field("net_err", c.err);
+        }
         self.seq += 1;
         self.last_wr = wr;
+        line
     }
 }

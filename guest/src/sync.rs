@@ -137,3 +137,41 @@ impl<T> Published<T> {
         }
     }
 }
+
+/// A static that one caller takes for good: the network's buffers and
+/// state, which only vCPU 0 ever touches. Taking it twice gives `None`.
+pub struct Exclusive<T> {
+    taken: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is reachable only through the one `&'static mut` that
+// `take` hands out (to the caller that wins the exchange); `T: Send`
+// because that caller may be any vCPU.
+unsafe impl<T: Send> Sync for Exclusive<T> {}
+
+impl<T> Exclusive<T> {
+    pub const fn new(value: T) -> Self {
+        Self {
+            taken: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    /// The value, to the first caller only.
+    // A `&mut` from `&self` is the point: the exchange makes it unique.
+    #[allow(clippy::mut_from_ref)]
+    pub fn take(&'static self) -> Option<&'static mut T> {
+        if self
+            .taken
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            // SAFETY: winning the exchange makes this the only reference
+            // ever handed out, and it is never taken back.
+            Some(unsafe { &mut *self.value.get() })
+        } else {
+            None
+        }
+    }
+}

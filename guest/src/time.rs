@@ -44,6 +44,10 @@ impl Tsc {
         ms.saturating_mul(self.khz)
     }
 
+    pub fn ticks_from_us(self, us: u64) -> u64 {
+        us.saturating_mul(self.khz) / 1000
+    }
+
     pub fn to_ms(self, ticks: u64) -> u64 {
         ticks / self.khz
     }

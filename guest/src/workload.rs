@@ -14,6 +14,7 @@
 
 use crate::cmdline::{Rate, Workload};
 use crate::layout::{Plan, Share, PAGE_SIZE};
+use crate::net::Net;
 use crate::stats::{report_bad_page, CpuStats, Heartbeat, FILLED, HEARTBEAT_MS, STATS};
 use crate::throttle::Bucket;
 use crate::time::{pause, StallClock};
@@ -40,8 +41,14 @@ pub fn page_value(index: u64, gen: u64) -> u64 {
     (z ^ (z >> 31)) | 1
 }
 
-/// Runs vCPU `cpu`'s workload forever; vCPU 0 also brings `heartbeat`.
-pub fn run(cpu: u32, plan: &'static Plan, heartbeat: Option<Heartbeat>) -> ! {
+/// Runs vCPU `cpu`'s workload forever; vCPU 0 also brings `heartbeat` and,
+/// with `net=`, the network it serves.
+pub fn run(
+    cpu: u32,
+    plan: &'static Plan,
+    heartbeat: Option<Heartbeat>,
+    net: Option<&'static mut Net>,
+) -> ! {
     let stats = &STATS[cpu as usize];
     let mut worker = Worker {
         cpu,
@@ -49,6 +56,7 @@ pub fn run(cpu: u32, plan: &'static Plan, heartbeat: Option<Heartbeat>) -> ! {
         stats,
         clock: StallClock::new(&stats.max_gap),
         heartbeat,
+        net,
         ws: plan.ws_share(cpu),
         fill: plan.fill_share(cpu),
         wr: 0,
@@ -74,6 +82,8 @@ struct Worker {
     stats: &'static CpuStats,
     clock: StallClock,
     heartbeat: Option<Heartbeat>,
+    /// vCPU 0 only: served at every look at the clock.
+    net: Option<&'static mut Net>,
     ws: Share,
     fill: Share,
     wr: u64,
@@ -91,11 +101,15 @@ struct Worker {
 }
 
 impl Worker {
-    /// Looks at the clock (recording the gap) and lets vCPU 0 report.
+    /// Looks at the clock (recording the gap) and lets vCPU 0 serve the
+    /// network and report.
     fn look(&mut self) -> u64 {
         let now = self.clock.look();
+        if let Some(net) = self.net.as_deref_mut() {
+            net.poll(now, &mut self.clock);
+        }
         if let Some(heartbeat) = self.heartbeat.as_mut() {
-            heartbeat.poll(now, &mut self.clock);
+            heartbeat.poll(now, &mut self.clock, self.net.as_deref_mut());
         }
         now
     }

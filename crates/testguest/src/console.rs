@@ -24,6 +24,9 @@ pub mod exit_code {
     pub const BAD_START_INFO: u64 = 5;
     /// No `tsc_khz=` and no PIT to measure the TSC against.
     pub const NO_TSC_FREQ: u64 = 6;
+    /// `net=` was given but no virtio-net device was found or it failed
+    /// to initialise (the reason says which).
+    pub const NO_NET: u64 = 7;
 }
 
 /// One console line, parsed.
@@ -94,6 +97,88 @@ pub struct Heartbeat {
     pub stall_us: u64,
     /// MiB/s written since the previous heartbeat.
     pub rate_mibs: u64,
+}
+
+/// The network fields of an `HB` line, present when the guest runs with
+/// `net=`: `... net_rx=120 net_tx=118 tcp_conns=1 tcp_replies=100 udp_echoes=10 net_err=0`.
+///
+/// They are parsed apart from [`Heartbeat`] (whose fields every existing
+/// user fills in by name) with [`NetCounters::from_heartbeat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NetCounters {
+    /// Frames received from the virtio-net device.
+    pub net_rx: u64,
+    /// Frames handed to the device to send.
+    pub net_tx: u64,
+    /// TCP connections accepted on the echo port since boot.
+    pub tcp_conns: u64,
+    /// TCP echo replies sent (all connections).
+    pub tcp_replies: u64,
+    /// UDP datagrams echoed.
+    pub udp_echoes: u64,
+    /// Device errors, protocol violations (a line above 64 bytes resets
+    /// its connection) and replies that could not be queued.
+    pub net_err: u64,
+}
+
+impl NetCounters {
+    /// The network counters of a heartbeat line: `None` if `line` is not
+    /// a well-formed `HB` line with all six network fields (a guest
+    /// without `net=` prints none of them).
+    pub fn from_heartbeat(line: &str) -> Option<NetCounters> {
+        let line = line.trim_end_matches(['\n', '\r']);
+        let rest = line.strip_prefix("HB ")?;
+        if !matches!(parse_known(line)?, Line::Heartbeat(_)) {
+            return None;
+        }
+        let f = Fields(rest);
+        Some(NetCounters {
+            net_rx: f.num("net_rx")?,
+            net_tx: f.num("net_tx")?,
+            tcp_conns: f.num("tcp_conns")?,
+            tcp_replies: f.num("tcp_replies")?,
+            udp_echoes: f.num("udp_echoes")?,
+            net_err: f.num("net_err")?,
+        })
+    }
+}
+
+/// `NET slot=23 addr=0xfeb02e00 version=1 mac=52:54:00:12:34:56 ip=10.77.0.2/24 port=7000 scan_reads=48 scan_us=4306`:
+/// printed once at boot when the network is up (before READY). It parses
+/// as [`Line::Other`]; [`NetUp::parse`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetUp {
+    /// virtio-mmio slot (0 to 23) and its guest-physical address.
+    pub slot: u64,
+    pub addr: u64,
+    /// virtio-mmio version: 1 legacy, 2 modern.
+    pub version: u64,
+    /// The card's MAC, as printed (`xx:xx:xx:xx:xx:xx`).
+    pub mac: String,
+    /// `IP/PREFIX`, as printed.
+    pub ip: String,
+    pub port: u64,
+    /// Register reads the slot scan made, and the time they took (each
+    /// is a VM exit).
+    pub scan_reads: u64,
+    pub scan_us: u64,
+}
+
+impl NetUp {
+    pub fn parse(line: &str) -> Option<NetUp> {
+        let line = line.trim_end_matches(['\n', '\r']);
+        let f = Fields(line.strip_prefix("NET ")?);
+        Some(NetUp {
+            slot: f.num("slot")?,
+            addr: f.num("addr")?,
+            version: f.num("version")?,
+            mac: f.get("mac")?.to_owned(),
+            ip: f.get("ip")?.to_owned(),
+            port: f.num("port")?,
+            scan_reads: f.num("scan_reads")?,
+            scan_us: f.num("scan_us")?,
+        })
+    }
 }
 
 /// `ERR cpu=1 addr=0x8123000 gen=5`
@@ -359,6 +444,67 @@ mod tests {
         ] {
             assert_eq!(parse_line(line), Line::Other(line.into()), "{line:?}");
         }
+    }
+
+    #[test]
+    fn heartbeat_network_fields_are_optional() {
+        let plain = "HB seq=1 t_ms=2 wr=3 ver=4 err=0 sweeps=0 fsweeps=0 stall_us=9 rate_mibs=1";
+        assert_eq!(NetCounters::from_heartbeat(plain), None);
+        let net = format!(
+            "{plain} net_rx=120 net_tx=118 tcp_conns=1 tcp_replies=100 udp_echoes=10 net_err=0\n"
+        );
+        // The heartbeat itself parses as before, whatever follows it.
+        let Line::Heartbeat(hb) = parse_line(&net) else {
+            panic!("not HB")
+        };
+        assert_eq!((hb.seq, hb.rate_mibs), (1, 1));
+        assert_eq!(
+            NetCounters::from_heartbeat(&net),
+            Some(NetCounters {
+                net_rx: 120,
+                net_tx: 118,
+                tcp_conns: 1,
+                tcp_replies: 100,
+                udp_echoes: 10,
+                net_err: 0
+            })
+        );
+        // One field missing or malformed: no counters (the HB still parses).
+        for bad in [
+            format!("{plain} net_rx=1 net_tx=1 tcp_conns=1 tcp_replies=1 udp_echoes=1"),
+            format!("{plain} net_rx=1 net_tx=x tcp_conns=1 tcp_replies=1 udp_echoes=1 net_err=0"),
+        ] {
+            assert_eq!(NetCounters::from_heartbeat(&bad), None, "{bad}");
+            assert!(matches!(parse_line(&bad), Line::Heartbeat(_)));
+        }
+        // A malformed HB has no counters either.
+        assert_eq!(
+            NetCounters::from_heartbeat(
+                "HB seq=1 net_rx=1 net_tx=1 tcp_conns=1 tcp_replies=1 udp_echoes=1 net_err=0"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn parses_the_net_line() {
+        let line = "NET slot=23 addr=0xfeb02e00 version=1 mac=52:54:00:12:34:56 ip=10.77.0.2/24 port=7000 scan_reads=48 scan_us=4306\n";
+        assert!(matches!(parse_line(line), Line::Other(_)));
+        assert_eq!(
+            NetUp::parse(line),
+            Some(NetUp {
+                slot: 23,
+                addr: 0xfeb0_2e00,
+                version: 1,
+                mac: "52:54:00:12:34:56".into(),
+                ip: "10.77.0.2/24".into(),
+                port: 7000,
+                scan_reads: 48,
+                scan_us: 4306
+            })
+        );
+        assert_eq!(NetUp::parse("NET slot=1"), None);
+        assert_eq!(NetUp::parse("HB seq=1"), None);
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //! the only host-side code that knows that contract:
 //!
 //! * [`workload`]: the workload syntax (`idle`, `dirty:WS_MB:RATE[:FILL_MB]`),
+//! * [`net`]: the network service (`net=IP/PREFIX:PORT`) and the
+//!   `+`-joined workload form (`dirty:256:100+net:10.77.0.2/24:7000`),
 //! * [`console`]: the parser of the guest's console lines,
-//! * [`guest_cmdline`]: the command line a VMM passes to the guest,
+//! * [`guest_cmdline`] and [`guest_cmdline_with_net`]: the command line a
+//!   VMM passes to the guest,
 //! * [`guest_ws_base`] and [`guest_mem_needed`]: how much RAM a workload
 //!   needs, to refuse one before booting.
 
 pub mod console;
+pub mod net;
 pub mod workload;
 
 use std::path::Path;
@@ -42,6 +46,20 @@ pub fn guest_cmdline(workload: &Workload, cpus: u32, tsc_khz: Option<u32>) -> St
     let mut line = format!("workload={workload} cpus={cpus}");
     if let Some(khz) = tsc_khz {
         line.push_str(&format!(" tsc_khz={khz}"));
+    }
+    line
+}
+
+/// [`guest_cmdline`] for a workload with its optional network service
+/// (`dirty:256:100+net:10.77.0.2/24:7000`): `net=` follows the other keys.
+pub fn guest_cmdline_with_net(
+    workload: &net::GuestWorkload,
+    cpus: u32,
+    tsc_khz: Option<u32>,
+) -> String {
+    let mut line = guest_cmdline(&workload.workload, cpus, tsc_khz);
+    if let Some(net) = workload.net {
+        line.push_str(&format!(" net={net}"));
     }
     line
 }
@@ -136,5 +154,12 @@ mod tests {
             guest_cmdline(&Workload::Idle, 1, None),
             "workload=idle cpus=1"
         );
+        let w: net::GuestWorkload = "dirty:64:100+net:10.77.0.2/24:7000".parse().unwrap();
+        assert_eq!(
+            guest_cmdline_with_net(&w, 2, Some(2_596_000)),
+            "workload=dirty:64:100 cpus=2 tsc_khz=2596000 net=10.77.0.2/24:7000"
+        );
+        let w: net::GuestWorkload = "idle".parse().unwrap();
+        assert_eq!(guest_cmdline_with_net(&w, 1, None), "workload=idle cpus=1");
     }
 }

@@ -3,156 +3,15 @@
 //!
 //! Without /dev/kvm the tests say `SKIPPED` loudly and return; without
 //! QEMU they fail and say how to install it. A hung guest fails the test
-//! after [`TIMEOUT`] instead of hanging it.
+//! after `common::TIMEOUT` instead of hanging it.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::thread;
-use std::time::{Duration, Instant};
+mod common;
 
-use ferry_testguest::console::{exit_code, parse_line, Heartbeat, Line};
-use ferry_testguest::{guest_elf_path, guest_ws_base};
+use std::time::Duration;
 
-const TIMEOUT: Duration = Duration::from_secs(30);
-const QEMU: &str = "qemu-system-x86_64";
-
-/// A running QEMU with the guest; killed when dropped.
-struct Qemu {
-    child: Child,
-    lines: Receiver<String>,
-    /// Lines received but not yet handed out by next().
-    backlog: VecDeque<String>,
-    started: Instant,
-    /// Every console line so far, for failure messages.
-    seen: Vec<String>,
-}
-
-impl Qemu {
-    /// Boots the guest with `append` as its command line; `None` (after a
-    /// loud SKIPPED) when this machine has no KVM.
-    fn boot(append: &str) -> Option<Qemu> {
-        if !Path::new("/dev/kvm").exists() {
-            eprintln!("SKIPPED: /dev/kvm missing: the guest was not booted under QEMU");
-            return None;
-        }
-        let mut qemu = Qemu::spawn("microvm", append);
-        // microvm boots in a fraction of q35's ~3.5 s; fall back if this
-        // QEMU cannot do it.
-        if let Some(status) = qemu.exited_without_output() {
-            eprintln!("QEMU -machine microvm failed ({status}); trying q35");
-            qemu = Qemu::spawn("q35", append);
-        }
-        Some(qemu)
-    }
-
-    fn spawn(machine: &str, append: &str) -> Qemu {
-        let started = Instant::now();
-        let mut child = Command::new(QEMU)
-            .args(["-accel", "kvm", "-machine", machine, "-cpu", "host,-arch-capabilities", "-m", "512M"])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
-            // The guest's EXIT writes its code to port 0x501: make QEMU stop
-            // there too (QEMU then exits with status code * 2 + 1).
-            .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1"])
-            .arg("-kernel")
-            .arg(guest_elf_path())
-            .args(["-append", append])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {QEMU} ({e}): install QEMU with scripts/setup.sh (Debian package qemu-system-x86)")
-            });
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-                if tx.send(String::from_utf8_lossy(&buf).into_owned()).is_err() {
-                    break;
-                }
-                buf.clear();
-            }
-        });
-        Qemu {
-            child,
-            lines,
-            backlog: VecDeque::new(),
-            started,
-            seen: Vec::new(),
-        }
-    }
-
-    /// If QEMU stops without printing anything (e.g. an unknown machine
-    /// type), its exit status. A first line read here is kept for next().
-    fn exited_without_output(&mut self) -> Option<ExitStatus> {
-        match self.lines.recv_timeout(Duration::from_secs(5)) {
-            Ok(line) => {
-                self.backlog.push_back(line);
-                None
-            }
-            // The reader saw end of file: QEMU is gone.
-            Err(RecvTimeoutError::Disconnected) => Some(self.wait_exit()),
-            // Slow, but running: next() keeps watching the clock.
-            Err(RecvTimeoutError::Timeout) => None,
-        }
-    }
-
-    /// The next console line, parsed; `None` once QEMU has stopped.
-    /// Panics (with everything seen so far) past [`TIMEOUT`].
-    fn next(&mut self) -> Option<Line> {
-        let line = match self.backlog.pop_front() {
-            Some(line) => line,
-            None => match self
-                .lines
-                .recv_timeout(TIMEOUT.saturating_sub(self.started.elapsed()))
-            {
-                Ok(line) => line,
-                Err(RecvTimeoutError::Disconnected) => return None,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "the guest did not finish within {TIMEOUT:?}; console:\n{}",
-                        self.console()
-                    )
-                }
-            },
-        };
-        let parsed = parse_line(&line);
-        self.seen.push(line);
-        Some(parsed)
-    }
-
-    /// Waits for QEMU to exit (it should be stopping) and returns its status.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = self.started + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for QEMU") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "QEMU did not exit within {TIMEOUT:?}; console:\n{}",
-                self.console()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn console(&self) -> String {
-        self.seen.concat()
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{run_to_exit as run_spec_to_exit, Qemu, QemuSpec};
+use ferry_testguest::console::{exit_code, Heartbeat, Line};
+use ferry_testguest::guest_ws_base;
 
 /// What a run printed, in order.
 #[derive(Default)]
@@ -309,23 +168,10 @@ fn idle_workload_beats_without_writing() {
     }
 }
 
-/// Runs the guest until it prints EXIT; returns that line's code and
-/// reason, and QEMU's exit status.
-fn run_to_exit(append: &str) -> Option<(u64, String, ExitStatus)> {
-    let mut qemu = Qemu::boot(append)?;
-    loop {
-        match qemu.next() {
-            Some(Line::Exit(exit)) => {
-                let status = qemu.wait_exit();
-                return Some((exit.code, exit.reason, status));
-            }
-            Some(Line::Heartbeat(hb)) => {
-                panic!("the guest runs ({hb:?}); console:\n{}", qemu.console())
-            }
-            Some(_) => {}
-            None => panic!("QEMU stopped without EXIT; console:\n{}", qemu.console()),
-        }
-    }
+/// Runs the guest until it prints EXIT; `None` (after a loud SKIPPED)
+/// without KVM.
+fn run_to_exit(append: &str) -> Option<(u64, String, std::process::ExitStatus)> {
+    common::kvm_or_skip("qemu_boot").then(|| run_spec_to_exit(&QemuSpec::microvm(append)))
 }
 
 #[test]
