@@ -52,13 +52,6 @@ impl Policies {
                 return Err(invalid(field, v, AT_LEAST_ONE));
             }
         }
-        if c.host_outbound > c.fleet {
-            return Err(invalid(
-                "caps.host_outbound",
-                c.host_outbound,
-                "must not exceed caps.fleet",
-            ));
-        }
         if self.headroom_percent >= 100 {
             return Err(invalid(
                 "headroom_percent",
@@ -136,10 +129,5 @@ mod tests {
         let mut p = Policies::default();
         p.retries.max_attempts = 0;
         assert!(p.validate().is_err());
-
-        let mut p = Policies::default();
-        p.caps.host_outbound = 100;
-        p.caps.fleet = 10;
-        assert!(p.validate().unwrap_err().to_string().contains("caps.fleet"));
     }
 }

@@ -150,6 +150,12 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
         &self.migrator
     }
 
+    /// Ends the scheduler (as a crash would, without stepping down) and
+    /// gives back its migrator: the hosts live on without it.
+    pub fn into_migrator(self) -> M {
+        self.migrator
+    }
+
     pub fn migrator_mut(&mut self) -> &mut M {
         &mut self.migrator
     }
