@@ -42,6 +42,8 @@ enum Command {
     Ca(commands::ca::CaArgs),
     /// A migration job of this host's agent: `migration show|cancel JOB`.
     Migration(commands::migration::MigrationArgs),
+    /// The fleet scheduler: `fleet simulate --hosts 1000 --vms 20000 --drain rack7`.
+    Fleet(commands::fleet::FleetArgs),
 }
 
 fn main() {
@@ -57,6 +59,7 @@ fn main() {
         Command::Vm(args) => commands::vm::vm(args),
         Command::Ca(args) => commands::ca::ca(args),
         Command::Migration(args) => commands::migration::migration(args),
+        Command::Fleet(args) => commands::fleet::fleet(args),
     };
     match result {
         Ok(true) => {}

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod ca;
 pub mod demo;
+pub mod fleet;
 pub mod migrate;
 pub mod migration;
 pub mod receive;
