@@ -6,8 +6,10 @@
 #        | veth
 #   PREFIX-switch  bridge "switch"  <- its fdb says where a MAC was learnt
 #        | veth uplink          | veth uplink
-#   PREFIX-hostA  bridge A     PREFIX-hostB  bridge B
-#        | tap A                    | tap B        <- the VMMs open these
+#   PREFIX-hostA  bridge A     PREFIX-hostB  bridge B   <- 10.77.N.11 and .12,
+#        | tap A                    | tap B           the hosts' own addresses
+#                                                   (agents, migration streams);
+#                                                   the VMMs open the taps
 #
 # Two tiers of bridges so that a missing announce shows: with one bridge,
 # closing the source's tap would flush its forwarding entry by itself.
@@ -92,6 +94,8 @@ standin_port=$tag-vm
 subnet=10.77.$index.0/24
 guest_ip=10.77.$index.2
 client_ip=10.77.$index.100
+host_a_ip=10.77.$index.11
+host_b_ip=10.77.$index.12
 
 ns_exists() { [ -e "/run/netns/$1" ]; }
 
@@ -104,6 +108,8 @@ if [ "${index_given:-1}" = 0 ] && [ "$cmd" != up ] && [ -e "/run/netns/$ns_c" ];
     subnet=10.77.$index.0/24
     guest_ip=10.77.$index.2
     client_ip=10.77.$index.100
+    host_a_ip=10.77.$index.11
+    host_b_ip=10.77.$index.12
   fi
 fi
 link_exists() { ip -n "$1" link show dev "$2" >/dev/null 2>&1; }
@@ -114,8 +120,8 @@ print_names() {
     cat <<JSON
 {"state":"$state","missing":[$missing],"prefix":"$prefix","tag":"$tag","subnet_index":$index,"subnet":"$subnet","prefix_len":24,"guest_ip":"$guest_ip","client_ip":"$client_ip",
  "switch":{"ns":"$ns_s","bridge":"$switch_br","port_a":"$port_a","port_b":"$port_b","port_client":"$port_c"},
- "host_a":{"ns":"$ns_a","bridge":"$br_a","uplink":"$up_a","tap":"$tap_a"},
- "host_b":{"ns":"$ns_b","bridge":"$br_b","uplink":"$up_b","tap":"$tap_b"},
+ "host_a":{"ns":"$ns_a","bridge":"$br_a","uplink":"$up_a","tap":"$tap_a","ip":"$host_a_ip"},
+ "host_b":{"ns":"$ns_b","bridge":"$br_b","uplink":"$up_b","tap":"$tap_b","ip":"$host_b_ip"},
  "client":{"ns":"$ns_c","ifname":"$client_if","ip":"$client_ip"},
  "standin":{"ns":"$ns_vm","port":"$standin_port"}}
 JSON
@@ -123,8 +129,8 @@ JSON
     echo "state        $state${missing:+ (missing: ${missing//\"/})}"
     echo "subnet       $subnet (guest $guest_ip, client $client_ip)"
     echo "switch       ns $ns_s, bridge $switch_br, ports $port_a (host A) $port_b (host B) $port_c (client)"
-    echo "host A       ns $ns_a, bridge $br_a, uplink $up_a, tap $tap_a"
-    echo "host B       ns $ns_b, bridge $br_b, uplink $up_b, tap $tap_b"
+    echo "host A       ns $ns_a, bridge $br_a ($host_a_ip/24), uplink $up_a, tap $tap_a"
+    echo "host B       ns $ns_b, bridge $br_b ($host_b_ip/24), uplink $up_b, tap $tap_b"
     echo "client       ns $ns_c, $client_if $client_ip/24"
   fi
 }
@@ -204,9 +210,12 @@ topology_up() {
   done
   add_bridge "$ns_s" "$switch_br"
   for side in a b; do
-    if [ $side = a ]; then ns=$ns_a br=$br_a up=$up_a port=$port_a tap=$tap_a
-    else ns=$ns_b br=$br_b up=$up_b port=$port_b tap=$tap_b; fi
+    if [ $side = a ]; then ns=$ns_a br=$br_a up=$up_a port=$port_a tap=$tap_a host_ip=$host_a_ip
+    else ns=$ns_b br=$br_b up=$up_b port=$port_b tap=$tap_b host_ip=$host_b_ip; fi
     add_bridge "$ns" "$br"
+    # The host's own address (its agent's and its VMMs'), on its bridge as
+    # a hypervisor's management address would be.
+    ip -n "$ns" addr add "$host_ip/24" dev "$br"
     ip -n "$ns" link add "$up" type veth peer name "$port" netns "$ns_s"
     ip -n "$ns" link set "$up" master "$br" up
     ip -n "$ns_s" link set "$port" master "$switch_br" up

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod migration;
 pub mod model;
 pub mod peer;
+pub mod procs;
 pub mod server;
 pub mod store;
 pub mod supervisor;

@@ -74,6 +74,9 @@ pub struct HostNames {
     pub uplink: String,
     /// The persistent tap a VMM opens with `--net tap=TAP,netns=NS`.
     pub tap: String,
+    /// The host's own address on its bridge (`10.77.N.11` for A, `.12`
+    /// for B): where its agent and VMMs listen.
+    pub ip: Ipv4Addr,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -448,8 +451,8 @@ mod tests {
     fn the_script_document_parses_into_names() {
         let doc = r#"{"state":"up","missing":[],"prefix":"nltest","tag":"nltest","subnet_index":7,"subnet":"10.77.7.0/24","prefix_len":24,"guest_ip":"10.77.7.2","client_ip":"10.77.7.100",
  "switch":{"ns":"nltest-switch","bridge":"nltest-sw","port_a":"nltest-pa","port_b":"nltest-pb","port_client":"nltest-pc"},
- "host_a":{"ns":"nltest-hostA","bridge":"nltest-bra","uplink":"nltest-ua","tap":"nltest-ta"},
- "host_b":{"ns":"nltest-hostB","bridge":"nltest-brb","uplink":"nltest-ub","tap":"nltest-tb"},
+ "host_a":{"ns":"nltest-hostA","bridge":"nltest-bra","uplink":"nltest-ua","tap":"nltest-ta","ip":"10.77.7.11"},
+ "host_b":{"ns":"nltest-hostB","bridge":"nltest-brb","uplink":"nltest-ub","tap":"nltest-tb","ip":"10.77.7.12"},
  "client":{"ns":"nltest-client","ifname":"nltest-c","ip":"10.77.7.100"},
  "standin":{"ns":"nltest-vm","port":"nltest-vm"}}"#;
         let out = parse_output(doc, &["up"]).unwrap();
@@ -457,5 +460,6 @@ mod tests {
         assert_eq!(out.names.guest_ip, Ipv4Addr::new(10, 77, 7, 2));
         assert_eq!(out.names.switch_port(Host::B), "nltest-pb");
         assert_eq!(out.names.host(Host::A).tap, "nltest-ta");
+        assert_eq!(out.names.host(Host::B).ip, Ipv4Addr::new(10, 77, 7, 12));
     }
 }

@@ -67,42 +67,7 @@ impl Drop for TempDir {
     }
 }
 
-/// Every process whose command line mentions `needle` (the test's own
-/// directory): the VMMs a test's agent started.
-pub fn processes_mentioning(needle: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let me = std::process::id();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmd).contains(needle) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
-}
-
-/// True while `pid` exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat[stat.rfind(')').unwrap() + 1..]
-        .trim_start()
-        .chars()
-        .next();
-    !matches!(state, Some('Z') | Some('X') | None)
-}
+pub use ferry_agent::procs::{is_alive as alive, processes_mentioning};
 
 pub fn kill9(pid: u32) {
     // SAFETY: kill(2) with a valid signal on a pid this test started (its

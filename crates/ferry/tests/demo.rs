@@ -1,0 +1,136 @@
+//! `ferry demo` as a new user runs it: between two ferryd agents (the
+//! default) and engine to engine (`--direct`). Each must move the VM and
+//! show that the guest verified its memory on B, and leave nothing behind:
+//! no agent, no VMM, no namespace, no directory.
+
+mod common;
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A demo that has not ended by then has hung.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Runs `ferry demo --json EXTRA`; its exit status and report.
+fn run_demo(extra: &[&str]) -> (std::process::ExitStatus, Value, u32) {
+    let mut child = common::ferry()
+        .arg("demo")
+        .arg("--json")
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn ferry demo");
+    let pid = child.id();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + DEMO_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ferry demo {extra:?} did not end within {DEMO_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = reader.join().unwrap();
+    let report: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("ferry demo --json printed no JSON report ({e}): {text}"));
+    (status, report, pid)
+}
+
+fn assert_verified_on_b(report: &Value) {
+    assert_eq!(report["ok"], true, "verdict: {}", report["verdict"]);
+    assert_eq!(report["migration"]["outcome"], "committed");
+    let last = report["source_last_seq"].as_u64().expect("A's last seq");
+    let dest = &report["destination"];
+    assert_eq!(
+        dest["first_seq"].as_u64(),
+        Some(last + 1),
+        "B must continue A's heartbeats: {dest}"
+    );
+    assert_eq!(dest["errors"], 0, "{dest}");
+    assert!(dest["pages_verified"].as_u64().unwrap() > 0, "{dest}");
+    assert!(dest["sweeps_on_b"].as_u64().unwrap() >= 1, "{dest}");
+    assert_eq!(report["source_errors"], 0);
+}
+
+/// Nothing the demo process `pid` made is left.
+fn assert_nothing_left(pid: u32) {
+    let dir = std::env::temp_dir().join(format!("ferry-demo-{pid}"));
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+    let needle = dir.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = ferry_agent::procs::processes_mentioning(&needle);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes of the demo are left: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let namespaces = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("fdemo{pid}-")))
+        .collect::<Vec<_>>();
+    assert!(namespaces.is_empty(), "namespaces left: {namespaces:?}");
+}
+
+#[test]
+fn the_demo_moves_the_vm_between_two_agents_and_verifies_it_on_b() {
+    let test = "the_demo_moves_the_vm_between_two_agents_and_verifies_it_on_b";
+    if !common::kvm_or_skip(test) {
+        return;
+    }
+    let (status, report, pid) = run_demo(&[]);
+    assert_verified_on_b(&report);
+    assert!(status.success(), "ferry demo exited {status}");
+    let hosts = report["hosts"].as_str().unwrap();
+    assert!(hosts.starts_with("two ferryd agents"), "{hosts}");
+    assert!(
+        hosts.contains("hostA") && hosts.contains("hostB"),
+        "{hosts}"
+    );
+    if nix_is_root() {
+        assert!(
+            hosts.contains("in namespace"),
+            "as root each host has its own namespace: {hosts}"
+        );
+    }
+    assert_nothing_left(pid);
+}
+
+#[test]
+fn the_direct_demo_moves_the_vm_engine_to_engine_and_verifies_it_on_b() {
+    let test = "the_direct_demo_moves_the_vm_engine_to_engine_and_verifies_it_on_b";
+    if !common::kvm_or_skip(test) {
+        return;
+    }
+    let (status, report, pid) = run_demo(&["--direct"]);
+    assert_verified_on_b(&report);
+    assert!(status.success(), "ferry demo --direct exited {status}");
+    assert!(report["hosts"].as_str().unwrap().starts_with("direct"));
+    assert_nothing_left(pid);
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
