@@ -460,6 +460,14 @@ impl CertificateAuthority {
         let mut dns = Vec::new();
         match request.role {
             Role::Host => {
+                // QEMU's tls-creds-x509 (GnuTLS) refuses a certificate
+                // whose critical key usage lacks keyEncipherment, even for
+                // an ECDSA key where it means nothing; with it, a host's
+                // certificate serves a QEMU migration too (the bench).
+                params.key_usages = vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::KeyEncipherment,
+                ];
                 params.extended_key_usages = vec![
                     ExtendedKeyUsagePurpose::ServerAuth,
                     ExtendedKeyUsagePurpose::ClientAuth,

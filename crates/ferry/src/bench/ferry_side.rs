@@ -71,6 +71,12 @@ fn bench_identities(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(ca)
 }
 
+/// QEMU's credentials for the TLS rows, from the same identities.
+pub fn qemu_tls_for_run(dir: &Path) -> anyhow::Result<super::qemu_tls::QemuTls> {
+    let ca = bench_identities(dir)?;
+    super::qemu_tls::QemuTls::from_identities(&ca, TLS_SOURCE, TLS_DESTINATION)
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct FerryOutcome {
     pub total_ms: f64,

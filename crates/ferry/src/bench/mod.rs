@@ -6,6 +6,7 @@ pub mod console_watch;
 pub mod ferry_side;
 pub mod iperf;
 pub mod qemu;
+pub mod qemu_tls;
 pub mod qmp;
 pub mod table;
 
@@ -48,9 +49,9 @@ pub struct Row {
     pub vcpus: u32,
     /// Whether QEMU runs this row too.
     pub qemu: bool,
-    /// Ferry over mutual TLS 1.3 (a CA made for the run) instead of
-    /// plaintext. QEMU's side of such a row (`tls-creds-x509`) is still
-    /// to come: these rows run Ferry only.
+    /// Both engines over mutual TLS with a CA made for the run, instead of
+    /// plaintext: Ferry's TLS 1.3 (rustls), QEMU's `tls-creds-x509`
+    /// (GnuTLS) with the same certificates.
     pub tls: bool,
 }
 
@@ -121,14 +122,12 @@ pub fn rows() -> Vec<Row> {
         // The same fills over mutual TLS 1.3, beside the plaintext rows.
         Row {
             streams: Some(1),
-            qemu: false,
             tls: true,
             ..row("fill-768-prealloc-tls", "dirty:0:1:768", true, None)
         },
         Row {
             streams: Some(FILL_STREAMS),
             priority: CpuPriority::Migration,
-            qemu: false,
             tls: true,
             ..row(
                 "fill-768-prealloc-tls-4streams",
@@ -351,7 +350,11 @@ pub fn run_rows(
                     (None, true) => Some(POSTCOPY_QEMU_DOWNTIME_MS),
                     (d, _) => d,
                 };
-                q.multifd_channels = row.streams;
+                // One stream is QEMU's main channel; multifd is for several.
+                q.multifd_channels = row.streams.filter(|&n| n > 1);
+                if row.tls {
+                    q.tls = Some(ferry_side::qemu_tls_for_run(dir.path())?);
+                }
                 if row.bandwidth.is_some() {
                     q.max_bandwidth = row.bandwidth;
                 }
