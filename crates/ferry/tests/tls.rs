@@ -90,8 +90,13 @@ fn refused(mig: &mut FerryProc) -> String {
     line
 }
 
-/// Waits for the destination to log a line containing `words`.
+/// The line containing `words` the destination logged: one read already
+/// (a heartbeat read since may have come after it on the other stream),
+/// or the next such line.
 fn destination_says(dst: &mut FerryProc, words: &str) -> String {
+    if let Some(seen) = dst.err.iter().chain(&dst.out).find(|l| l.contains(words)) {
+        return seen.clone();
+    }
     dst.wait_line(Duration::from_secs(30), words, |_, text| {
         text.contains(words).then(|| text.to_owned())
     })
@@ -116,9 +121,12 @@ fn tls_migration(test: &str, workload: &str, extra: &[&str]) -> Value {
         transport.starts_with("tls1.3 TLS13_") && transport.ends_with("peer host hostB"),
         "the report must name the TLS transport and the peer: {transport:?}"
     );
-    destination_says(&mut dst, "tls1.3 TLS13_");
+    // Heartbeats first: the destination's console (stdout) and its log
+    // (stderr) are read apart, and a line awaited on one must not skip
+    // heartbeats on the other.
     let last = source_handed_over(&mut src, port);
     verify_arrival(&mut dst, &last, Duration::from_secs(60));
+    destination_says(&mut dst, "tls1.3 TLS13_");
     stop_destination(&mut dst);
     report
 }
