@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+    kvm_cpuid_entry2, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 use vm_superio::serial::NoEvents;
@@ -436,6 +436,8 @@ impl Drop for Vm {
 pub struct IncomingVm {
     parts: Parts,
     loaded: Option<(MachineConfig, Vec<kvm_cpuid_entry2>, DeviceStates)>,
+    /// The CPUID each vCPU was given by `preset_cpuid`, ahead of its state.
+    preset_cpuid: Vec<Vec<kvm_cpuid_entry2>>,
 }
 
 impl IncomingVm {
@@ -463,7 +465,28 @@ impl IncomingVm {
         Ok(Self {
             parts,
             loaded: None,
+            preset_cpuid: Vec::new(),
         })
+    }
+
+    /// Gives every vCPU the CPUID of a VM shown `base` (as a migration's
+    /// offer carries it) now, before any state arrives: `load_state` then
+    /// skips KVM_SET_CPUID2 for each vCPU whose saved CPUID is the same,
+    /// which takes about 0.1 ms per vCPU out of the blackout here. A saved
+    /// CPUID that differs is set as before.
+    pub fn preset_cpuid(&mut self, base: &[kvm_cpuid_entry2]) -> Result<(), VmError> {
+        let mut preset = Vec::with_capacity(self.parts.vcpu_fds.len());
+        for (i, fd) in self.parts.vcpu_fds.iter().enumerate() {
+            let entries = setup::vcpu_cpuid(base, i as u32);
+            let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Ioctl {
+                what: "KVM_SET_CPUID2 (too many CPUID entries)",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+            preset.push(entries);
+        }
+        self.preset_cpuid = preset;
+        Ok(())
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -525,8 +548,9 @@ impl IncomingVm {
             });
         }
         record.machine.restore(&self.parts.vm_fd)?;
-        for (state, fd) in record.vcpus.iter().zip(&self.parts.vcpu_fds) {
-            state.restore(fd)?;
+        for (i, (state, fd)) in record.vcpus.iter().zip(&self.parts.vcpu_fds).enumerate() {
+            let in_place = self.preset_cpuid.get(i) == Some(&state.cpuid);
+            state.restore_with(fd, in_place)?;
         }
         let cpuid = record
             .vcpus

@@ -49,6 +49,11 @@ pub fn accept(
         None => IncomingVm::new(offer.mem_bytes, offer.vcpus, offer.tsc_khz, prealloc),
     }
     .map_err(|e| format!("cannot build the VM here: {e}"))?;
+    let mut incoming = incoming;
+    // Now, not in the blackout: the state then finds it in place.
+    incoming
+        .preset_cpuid(&cpuid)
+        .map_err(|e| format!("cannot give the vCPUs the offered CPUID: {e}"))?;
     let built: Vec<(u64, u64)> = incoming
         .ram()
         .regions()
