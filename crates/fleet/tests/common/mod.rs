@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use ferry_fleet::model::{
     Availability, Health, Host, Maintenance, MigrationPolicy, OnHostMaintenance, Resources,
     Version, Vm, VmRunState, GIB,
