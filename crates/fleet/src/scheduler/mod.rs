@@ -39,6 +39,9 @@ pub struct DecisionStats {
 pub struct Scheduler<B: Backend, M: Migrator> {
     store: FleetStore<B>,
     lease: Option<LeaseId>,
+    /// A key every write checks (the leader key at the revision of this
+    /// scheduler's claim): a deposed leader's writes are refused.
+    fence: Option<(String, u64)>,
     migrator: M,
     policies: Policies,
     fleet: Fleet,
@@ -59,6 +62,30 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
         backend: B,
         migrator: M,
         policies: Option<Policies>,
+    ) -> Result<Self, SchedulerError> {
+        let lease = backend.grant_lease(LEASE_TTL_MS)?;
+        Self::open_fenced(backend, migrator, policies, lease, None)
+    }
+
+    /// Opens the scheduler of an elected leader: every write is under the
+    /// leader's lease and checks the leader key's revision, so once
+    /// another scheduler took over, this one writes nothing.
+    pub fn open_as_leader(
+        backend: B,
+        migrator: M,
+        policies: Option<Policies>,
+        leadership: &crate::leader::Leadership,
+    ) -> Result<Self, SchedulerError> {
+        let fence = (crate::leader::LEADER_KEY.to_string(), leadership.revision);
+        Self::open_fenced(backend, migrator, policies, leadership.lease, Some(fence))
+    }
+
+    fn open_fenced(
+        backend: B,
+        migrator: M,
+        policies: Option<Policies>,
+        lease: LeaseId,
+        fence: Option<(String, u64)>,
     ) -> Result<Self, SchedulerError> {
         let store = FleetStore::new(backend);
         let policies = match policies {
@@ -93,10 +120,10 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
             })
             .collect();
         let fleet = Fleet::new(hosts, vms, tenants)?;
-        let lease = Some(store.backend().grant_lease(LEASE_TTL_MS)?);
         let mut s = Self {
             store,
-            lease,
+            lease: Some(lease),
+            fence,
             migrator,
             policies,
             fleet,
@@ -162,6 +189,11 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
 
     pub fn stats(&self) -> &DecisionStats {
         &self.stats
+    }
+
+    /// The lease the scheduler writes under.
+    pub fn lease(&self) -> Option<LeaseId> {
+        self.lease
     }
 
     pub fn store(&self) -> &FleetStore<B> {

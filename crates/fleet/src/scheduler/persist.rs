@@ -47,6 +47,9 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
             batch.host(host, self.expect(&host_key(&host.name)))?;
         }
         let keys: Vec<String> = batch.keys().map(str::to_string).collect();
+        if let Some((key, rev)) = &self.fence {
+            batch.require(key.clone(), Expect::At(*rev));
+        }
         let rev = self.store.commit(batch, self.lease)?;
         for k in keys {
             self.revisions.insert(k, rev);

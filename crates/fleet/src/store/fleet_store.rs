@@ -68,6 +68,12 @@ impl Batch {
         self.put(format!("{PLANS}{}", p.id), p, expect)
     }
 
+    /// A check with no write: the transaction is refused unless `key` is
+    /// as expected (the leader key, for a leader's writes).
+    pub fn require(&mut self, key: String, expect: Expect) {
+        self.txn.checks.push((key, expect));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.txn.ops.is_empty()
     }

@@ -148,3 +148,66 @@ pub const CHANGE_HISTORY: u64 = 100_000;
 /// backend's tests, which run against a real etcd).
 #[doc(hidden)]
 pub mod contract;
+
+/// A backend shared by several owners (a leader's scheduler, its
+/// campaign and the host watch use one etcd connection).
+impl<T: Backend + ?Sized> Backend for std::sync::Arc<T> {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        (**self).get(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        (**self).list(prefix)
+    }
+    fn commit(&self, txn: &Txn) -> Result<u64, StoreError> {
+        (**self).commit(txn)
+    }
+    fn revision(&self) -> Result<u64, StoreError> {
+        (**self).revision()
+    }
+    fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, StoreError> {
+        (**self).grant_lease(ttl_ms)
+    }
+    fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        (**self).keep_alive(lease)
+    }
+    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        (**self).revoke_lease(lease)
+    }
+    fn live_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+        (**self).live_leases()
+    }
+    fn changes_since(&self, revision: u64) -> Result<Vec<Change>, StoreError> {
+        (**self).changes_since(revision)
+    }
+}
+
+/// A borrowed backend (a registration's writes on the caller's store).
+impl<T: Backend + ?Sized> Backend for &T {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        (**self).get(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        (**self).list(prefix)
+    }
+    fn commit(&self, txn: &Txn) -> Result<u64, StoreError> {
+        (**self).commit(txn)
+    }
+    fn revision(&self) -> Result<u64, StoreError> {
+        (**self).revision()
+    }
+    fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, StoreError> {
+        (**self).grant_lease(ttl_ms)
+    }
+    fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        (**self).keep_alive(lease)
+    }
+    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        (**self).revoke_lease(lease)
+    }
+    fn live_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+        (**self).live_leases()
+    }
+    fn changes_since(&self, revision: u64) -> Result<Vec<Change>, StoreError> {
+        (**self).changes_since(revision)
+    }
+}
