@@ -37,6 +37,7 @@ pub mod plan;
 pub mod planner;
 pub mod policy;
 pub mod scheduler;
+pub mod serve;
 pub mod sim;
 pub mod store;
 pub mod time;
