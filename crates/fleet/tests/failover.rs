@@ -206,7 +206,7 @@ fn a_host_whose_lease_lapses_is_unreachable_and_receives_nothing() {
         "the scheduler wrote it back"
     );
     hosts::deregister(&backend, &again).unwrap();
-    assert_eq!(hosts::liveness(&backend).unwrap()["b"], false);
+    assert!(!hosts::liveness(&backend).unwrap()["b"]);
     // A bad host name is refused, and nothing is written.
     let mut bad = host("x y", "r1", 1);
     bad.name = "x y".into();
