@@ -47,6 +47,8 @@ pub struct Scheduler<B: Backend, M: Migrator> {
     fleet: Fleet,
     plans: Vec<Plan>,
     revisions: HashMap<String, u64>,
+    /// Digests of the plan headers and entries as last written or read.
+    written: HashMap<String, u64>,
     recent: Vec<RecentStart>,
     stats: DecisionStats,
     dirty_plans: BTreeSet<usize>,
@@ -111,14 +113,26 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
             })
             .collect();
         let tenants = store.tenants()?.into_iter().map(|v| v.value).collect();
-        let plans: Vec<Plan> = store
-            .plans()?
-            .into_iter()
-            .map(|v| {
-                revisions.insert(persist::plan_key(&v.value.id), v.revision);
-                v.value
-            })
-            .collect();
+        let mut written = HashMap::new();
+        let mut plans: Vec<Plan> = Vec::new();
+        for stored in store.plan_records()? {
+            let p = stored.plan;
+            let key = persist::plan_key(&p.id);
+            revisions.insert(key.clone(), stored.revision);
+            // A plan stored whole is written anew, split, when it next
+            // changes: no digests for it.
+            if stored.entry_revisions.len() == p.entries.len() {
+                let header = crate::store::fleet_store::encode_plan_header(&p)?;
+                written.insert(key, persist::digest(&header));
+                for (i, (e, rev)) in p.entries.iter().zip(&stored.entry_revisions).enumerate() {
+                    let key = crate::store::fleet_store::entry_key(&p.id, i);
+                    revisions.insert(key.clone(), *rev);
+                    let bytes = crate::store::fleet_store::encode(e)?;
+                    written.insert(key, persist::digest(&bytes));
+                }
+            }
+            plans.push(p);
+        }
         let fleet = Fleet::new(hosts, vms, tenants)?;
         let mut s = Self {
             store,
@@ -129,6 +143,7 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
             fleet,
             plans,
             revisions,
+            written,
             recent: Vec::new(),
             stats: DecisionStats::default(),
             dirty_plans: BTreeSet::new(),

@@ -279,11 +279,24 @@ impl Backend for EtcdBackend {
                 Op::Delete { key } => TxnOp::delete(self.key(key), None),
             })
             .collect();
+        let n_ops = ops.len();
         let mut kv = self.client.kv_client();
-        let resp = self.run(
-            "commit",
-            kv.txn(etcd_client::Txn::new().when(when).and_then(ops)),
-        )?;
+        let resp = self
+            .run(
+                "commit",
+                kv.txn(etcd_client::Txn::new().when(when).and_then(ops)),
+            )
+            .map_err(|e| {
+                if e.to_string().contains("too many operations") {
+                    StoreError::Backend(format!(
+                        "etcd at {} refused a transaction of {n_ops} writes (its --max-txn-ops, 128 by default, is lower): \
+                         start etcd with --max-txn-ops above the largest plan's VM count",
+                        self.endpoint
+                    ))
+                } else {
+                    e
+                }
+            })?;
         if !resp.succeeded() {
             return Err(self.refusal(txn));
         }
