@@ -119,3 +119,46 @@ fn an_unreachable_etcd_is_a_clear_error() {
         .expect("a bad prefix");
     assert!(e.to_string().contains("must end in '/'"), "{e}");
 }
+
+#[test]
+fn a_plan_over_etcds_txn_limit_is_refused_with_the_flag_to_raise_and_a_raised_limit_takes_it() {
+    let test = "a_plan_over_etcds_txn_limit";
+    let hosts = vec![common::host("a", "r1", 512), common::host("b", "r2", 512)];
+    let vms: Vec<_> = (0..200)
+        .map(|i| common::vm(&format!("v{i:03}"), "t", "a", 1))
+        .collect();
+    let policies = ferry_fleet::policy::Policies::default();
+    // etcd's default: at most 128 operations in a transaction.
+    let Some(etcd) = EtcdServer::start(test) else {
+        return;
+    };
+    let b = EtcdBackend::connect(&etcd.endpoint, DEFAULT_PREFIX).unwrap();
+    let store = ferry_fleet::store::FleetStore::new(b);
+    let e = store.seed(&hosts, &vms, &[], &policies).unwrap_err();
+    assert!(e.to_string().contains("--max-txn-ops"), "{e}");
+    assert!(store.vms().unwrap().is_empty(), "nothing stored");
+    drop(store);
+    drop(etcd);
+    let Some(etcd) = EtcdServer::start_with(test, &["--max-txn-ops=1024"]) else {
+        return;
+    };
+    let b = EtcdBackend::connect(&etcd.endpoint, DEFAULT_PREFIX).unwrap();
+    let mut s = common::open_on(b, &hosts, &vms, &policies);
+    let id = s
+        .prepare_drain("a", ferry_fleet::time::Timestamp(0))
+        .unwrap()
+        .id
+        .clone();
+    let stored = s.store().plans().unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].value, *s.plan(&id).unwrap());
+    assert_eq!(stored[0].value.entries.len(), 200);
+    // A new scheduler reads the same plan back from its 201 keys.
+    let again = ferry_fleet::scheduler::Scheduler::open(
+        EtcdBackend::connect(&etcd.endpoint, DEFAULT_PREFIX).unwrap(),
+        ferry_fleet::sim::SimMigrator::new(&hosts, &vms),
+        None,
+    )
+    .unwrap();
+    assert_eq!(again.plan(&id), s.plan(&id));
+}

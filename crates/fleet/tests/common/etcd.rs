@@ -61,6 +61,11 @@ impl EtcdServer {
     /// Starts etcd for `test`, or says SKIPPED and gives None when etcd is
     /// not installed. Panics (with etcd's log) when it does not come up.
     pub fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, &[])
+    }
+
+    /// As [`EtcdServer::start`], with more flags for etcd.
+    pub fn start_with(test: &str, extra: &[&str]) -> Option<Self> {
         let bin = etcd_bin(test)?;
         let dir = std::env::temp_dir().join(format!(
             "ferry-etcd-{test}-{}-{}",
@@ -85,6 +90,7 @@ impl EtcdServer {
             // Leases as short as the tests' (etcd's floor follows these).
             .arg("--heartbeat-interval=50")
             .arg("--election-timeout=500")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log handle"))
             .stderr(log)
