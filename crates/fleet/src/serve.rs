@@ -52,12 +52,14 @@ fn lost_leadership(e: &SchedulerError) -> bool {
 }
 
 /// Runs until `stop` or `cfg.max_run`. `migrator` makes the migrator a
-/// new leader drives, from the fleet's store.
+/// new leader drives, from the fleet's store; `before_tick` runs before
+/// each tick (the simulated migrator advances its clock there).
 pub fn serve<B, M>(
     backend: B,
     cfg: &ServeConfig,
     stop: &AtomicBool,
     mut migrator: impl FnMut(&FleetStore<B>) -> Result<M, StoreError>,
+    mut before_tick: impl FnMut(&mut M, Timestamp),
     mut event: impl FnMut(ServeEvent),
 ) -> Result<(), ServeError>
 where
@@ -94,8 +96,19 @@ where
         event(ServeEvent::Leading {
             revision: lead.revision,
         });
-        let m = migrator(&FleetStore::new(backend.clone()))?;
-        let mut s = Scheduler::open_as_leader(backend.clone(), m, None, &lead)?;
+        let opened = migrator(&FleetStore::new(backend.clone()))
+            .map_err(SchedulerError::from)
+            .and_then(|m| Scheduler::open_as_leader(backend.clone(), m, None, &lead));
+        let mut s = match opened {
+            Ok(s) => s,
+            // etcd unreachable while loading: campaign again.
+            Err(SchedulerError::Store(e)) => {
+                event(ServeEvent::StoreError(e.to_string()));
+                std::thread::sleep(keep_every);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut kept = Instant::now();
         while !over() {
             if kept.elapsed() >= keep_every {
@@ -108,6 +121,7 @@ where
                 }
             }
             let now = Timestamp::now_wall();
+            before_tick(s.migrator_mut(), now);
             let step = apply_liveness(&mut s, now).and_then(|changed| {
                 if !changed.is_empty() {
                     event(ServeEvent::HostsChanged(changed));

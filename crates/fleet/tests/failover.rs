@@ -214,3 +214,89 @@ fn a_host_whose_lease_lapses_is_unreachable_and_receives_nothing() {
     assert!(hosts::register(&backend, &bad, TTL_MS).is_err());
     assert_eq!(backend.revision().unwrap(), at);
 }
+
+#[test]
+fn serve_runs_a_stored_drain_to_its_end_on_the_wall_clock_and_resigns_on_stop() {
+    use ferry_fleet::serve::{serve, ServeConfig, ServeEvent};
+    use std::sync::atomic::AtomicBool;
+
+    let Some(etcd) = EtcdServer::start("serve_drain") else {
+        return;
+    };
+    let backend = Arc::new(EtcdBackend::connect(&etcd.endpoint, DEFAULT_PREFIX).unwrap());
+    let hosts = vec![
+        host("a", "r1", 64),
+        host("b", "r2", 256),
+        host("c", "r3", 256),
+    ];
+    let vms: Vec<_> = (0..4).map(|i| vm(&format!("v{i}"), "t", "a", 1)).collect();
+    let policies = Policies::default().with_overrides("out=2").unwrap();
+    // An operator's scheduler prepares and starts the drain, then exits.
+    let id = {
+        let mut s = open_on(backend.clone(), &hosts, &vms, &policies);
+        let now = Timestamp::now_wall();
+        let id = s.prepare_drain("a", now).unwrap().id.clone();
+        s.execute(&id, now).unwrap();
+        s.step_down().unwrap();
+        id
+    };
+    let cfg = ServeConfig {
+        name: "serve1".into(),
+        lease_ttl_ms: TTL_MS,
+        tick_ms: 50,
+        max_run: Some(Duration::from_secs(30)),
+    };
+    let stop = AtomicBool::new(false);
+    let mut events = Vec::new();
+    let watcher = backend.clone();
+    std::thread::scope(|scope| {
+        let h = scope.spawn(|| {
+            serve(
+                backend.clone(),
+                &cfg,
+                &stop,
+                |store| {
+                    let hosts: Vec<_> = store.hosts()?.into_iter().map(|v| v.value).collect();
+                    let vms: Vec<_> = store.vms()?.into_iter().map(|v| v.value).collect();
+                    Ok(SimMigrator::new(&hosts, &vms))
+                },
+                |m, now| m.advance(now),
+                |e| events.push(e),
+            )
+        });
+        let start = Instant::now();
+        loop {
+            let plans = FleetStore::new(watcher.clone()).plans().unwrap();
+            if plans[0].value.state == PlanState::Done {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(25),
+                "the drain did not end"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        h.join().unwrap().unwrap();
+    });
+    assert!(
+        matches!(events.first(), Some(ServeEvent::Leading { .. })),
+        "{events:?}"
+    );
+    let plan = FleetStore::new(backend.clone())
+        .plans()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.value.id == id)
+        .unwrap()
+        .value;
+    assert!(plan
+        .entries
+        .iter()
+        .all(|e| matches!(e.state, EntryState::Migrated { .. })));
+    let stored = FleetStore::new(backend.clone()).vms().unwrap();
+    assert!(stored.iter().all(|v| v.value.host != "a"));
+    // It resigned: the next candidate leads at once, without the TTL.
+    let mut next = Candidate::new("next", TTL_MS).unwrap();
+    assert!(matches!(next.try_lead(&backend).unwrap(), Campaign::Won(_)));
+}

@@ -119,6 +119,7 @@ pub fn serve_cmd(a: ServeArgs) -> anyhow::Result<bool> {
             let vms: Vec<_> = store.vms()?.into_iter().map(|v| v.value).collect();
             Ok(SimMigrator::new(&hosts, &vms))
         },
+        |m, now| m.advance(now),
         |ev| match ev {
             ServeEvent::Following { leader } => eprintln!("{name}: following {leader}"),
             ServeEvent::Leading { revision } => {
