@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::hosts::apply_liveness;
-use crate::leader::{Campaign, Candidate, LeaderError};
+use crate::leader::{Campaign, Candidate, LeaderError, LEADER_KEY};
 use crate::migrator::Migrator;
 use crate::scheduler::{Scheduler, SchedulerError};
 use crate::store::{Backend, FleetStore, StoreError};
@@ -37,18 +37,35 @@ pub enum ServeError {
 /// What happened, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServeEvent {
-    Following { leader: String },
-    Leading { revision: u64 },
-    Lost { why: String },
+    Following {
+        leader: String,
+    },
+    Leading {
+        revision: u64,
+    },
+    Lost {
+        why: String,
+    },
+    /// Another writer (a host registering) changed a record the leader
+    /// holds: it reloads the fleet from the store and goes on leading.
+    Reload {
+        why: String,
+    },
     HostsChanged(Vec<String>),
     StoreError(String),
 }
 
+/// A write refused by its fence: the lease, or the leader key.
 fn lost_leadership(e: &SchedulerError) -> bool {
-    matches!(
-        e,
-        SchedulerError::Store(StoreError::Fenced(_) | StoreError::Conflict { .. })
-    )
+    match e {
+        SchedulerError::Store(StoreError::Fenced(_)) => true,
+        SchedulerError::Store(StoreError::Conflict { key, .. }) => key == LEADER_KEY,
+        _ => false,
+    }
+}
+
+fn stale_record(e: &SchedulerError) -> bool {
+    matches!(e, SchedulerError::Store(StoreError::Conflict { .. }))
 }
 
 /// Runs until `stop` or `cfg.max_run`. `migrator` makes the migrator a
@@ -132,6 +149,11 @@ where
                 Ok(_) => {}
                 Err(e) if lost_leadership(&e) => {
                     event(ServeEvent::Lost { why: e.to_string() });
+                    break;
+                }
+                // Campaigning again keeps the claim and reloads the fleet.
+                Err(e) if stale_record(&e) => {
+                    event(ServeEvent::Reload { why: e.to_string() });
                     break;
                 }
                 // etcd unreachable: no new moves until it answers.

@@ -126,6 +126,7 @@ pub fn serve_cmd(a: ServeArgs) -> anyhow::Result<bool> {
                 eprintln!("{name}: leading (claim at revision {revision})")
             }
             ServeEvent::Lost { why } => eprintln!("{name}: stopped leading: {why}"),
+            ServeEvent::Reload { why } => eprintln!("{name}: reloading the fleet: {why}"),
             ServeEvent::HostsChanged(h) => eprintln!("{name}: host health changed: {h:?}"),
             ServeEvent::StoreError(e) => eprintln!("{name}: {e}"),
         },
