@@ -7,6 +7,11 @@
 #   throughput row;
 # - libclang (the userfaultfd crate generates its kernel bindings with bindgen);
 # - iproute2 (`ip`, `bridge`): the network tests' namespaces, bridges and taps;
+# - etcd-server and etcd-client (etcd 3.4, `etcd` and `etcdctl`): the fleet's
+#   etcd store tests start a real etcd on loopback;
+# - protobuf-compiler (`protoc`) and libprotobuf-dev (protobuf's own
+#   .proto files, which etcd's import): the etcd-client crate's build script
+#   generates its gRPC code from etcd's .proto files;
 # - the test guest's crates (cargo fetch), which its offline build needs.
 # Idempotent: installs only what is missing.
 set -euo pipefail
@@ -32,6 +37,10 @@ need=()
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 { command -v ip && command -v bridge; } >/dev/null 2>&1 || need+=(iproute2)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (Debian packages)"
   $SUDO apt-get update -qq

@@ -22,15 +22,22 @@
 //!   ferryd's API next.
 //! - [`scheduler`]: carries out the planner's decisions, follows each
 //!   migration to its end, retries elsewhere, persists every step first.
+//! - [`leader`]: one scheduler of several leads (a claim under a lease);
+//!   its writes are fenced by that claim.
+//! - [`hosts`]: hosts register their capacity under a lease; a lapsed
+//!   lease marks the host unreachable.
 //! - [`sim`]: the generated fleet, the simulated migrator and clock, the
 //!   audit of caps from the migrator's record, the report.
 
+pub mod hosts;
+pub mod leader;
 pub mod migrator;
 pub mod model;
 pub mod plan;
 pub mod planner;
 pub mod policy;
 pub mod scheduler;
+pub mod serve;
 pub mod sim;
 pub mod store;
 pub mod time;

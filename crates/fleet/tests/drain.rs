@@ -213,15 +213,14 @@ fn a_drain_of_an_unknown_host_is_refused_and_stores_nothing() {
 #[test]
 fn invalid_policies_are_refused_before_anything_runs() {
     let hosts = vec![host("a", "r1", 64)];
-    let store =
-        ferry_fleet::store::FleetStore::new(ferry_fleet::store::memory::MemoryBackend::new());
-    store.seed(&hosts, &[], &[], &Policies::default()).unwrap();
     let mut bad = Policies::default();
     bad.caps.per_tenant = 0;
-    let e = ferry_fleet::scheduler::Scheduler::open(
-        store.into_backend(),
-        ferry_fleet::sim::SimMigrator::new(&hosts, &[]),
-        Some(bad),
+    let e = ferry_fleet::sim::open_simulated(
+        ferry_fleet::store::memory::MemoryBackend::new(),
+        &hosts,
+        &[],
+        &[],
+        &bad,
     )
     .err()
     .expect("refused");

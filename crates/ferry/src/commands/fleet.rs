@@ -24,6 +24,13 @@ pub enum FleetCommand {
     /// a simulated migrator; report drain time, peaks against the caps and
     /// the planner's time per decision.
     Simulate(SimulateArgs),
+    /// Run the fleet scheduler on an etcd store: one `serve` of several
+    /// leads (the others wait and take over when it dies); its writes are
+    /// fenced by its leadership. Migrations run on the simulated migrator
+    /// until ferryd's migrator lands.
+    Serve(super::fleet_etcd::ServeArgs),
+    /// Hosts in an etcd store: register one under a lease, or list them.
+    Host(super::fleet_etcd::HostArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,6 +74,8 @@ pub struct SimulateArgs {
 pub fn fleet(args: FleetArgs) -> anyhow::Result<bool> {
     match args.command {
         FleetCommand::Simulate(a) => simulate_cmd(a),
+        FleetCommand::Serve(a) => super::fleet_etcd::serve_cmd(a),
+        FleetCommand::Host(a) => super::fleet_etcd::host_cmd(a),
     }
 }
 

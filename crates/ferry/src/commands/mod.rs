@@ -4,6 +4,7 @@ pub mod bench;
 pub mod ca;
 pub mod demo;
 pub mod fleet;
+pub mod fleet_etcd;
 pub mod migrate;
 pub mod migration;
 pub mod receive;

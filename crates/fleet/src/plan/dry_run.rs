@@ -7,10 +7,9 @@
 
 use crate::model::Fleet;
 use crate::policy::Policies;
-use crate::scheduler::{Scheduler, SchedulerError};
-use crate::sim::{run, RunLimits, SimMigrator};
+use crate::scheduler::SchedulerError;
+use crate::sim::{open_simulated, run, RunLimits};
 use crate::store::memory::MemoryBackend;
-use crate::store::FleetStore;
 use crate::time::Timestamp;
 
 use super::{EntryState, Plan, PlanState};
@@ -29,10 +28,7 @@ pub fn dry_run(fleet: &Fleet, policies: &Policies, plan: &Plan) -> Result<DryRun
     let hosts = fleet.hosts().to_vec();
     let vms = fleet.vms().to_vec();
     let tenants: Vec<_> = fleet.tenants().cloned().collect();
-    let store = FleetStore::new(MemoryBackend::new());
-    store.seed(&hosts, &vms, &tenants, policies)?;
-    let migrator = SimMigrator::new(&hosts, &vms);
-    let mut sched = Scheduler::open(store.into_backend(), migrator, Some(policies.clone()))?;
+    let mut sched = open_simulated(MemoryBackend::new(), &hosts, &vms, &tenants, policies)?;
     let mut copy = plan.clone();
     copy.state = PlanState::Draft;
     let id = copy.id.clone();

@@ -1,39 +1,17 @@
 //! The planner's rules, one small fleet each.
 
 use super::*;
-use crate::model::{
-    Availability, Fleet, Health, Host, Maintenance, MigrationPolicy, Resources, Version, Vm,
-    VmRunState, GIB,
-};
+use crate::model::{Fleet, Maintenance, Version, Vm, GIB};
 use crate::policy::{Policies, Priority};
+use crate::sim::fixtures::host;
 use crate::time::Timestamp;
 
-fn host(name: &str, rack: &str, mem_gib: u64) -> Host {
-    Host {
-        name: name.into(),
-        capacity: Resources::new(mem_gib * GIB, 64),
-        labels: [("rack".to_string(), rack.to_string())].into(),
-        health: Health::Healthy,
-        version: Version::new(1, 4),
-        cpu_features: ["avx2".to_string()].into(),
-        maintenance: Maintenance::None,
-        link_bytes_per_sec: 1_250_000_000,
-    }
-}
-
+/// The shared fixtures, with half of each VM's memory populated (the
+/// planner's rules here do not depend on it; the dry run's figures do).
 fn vm(id: &str, tenant: &str, host: &str, mem_gib: u64) -> Vm {
     Vm {
-        id: id.into(),
-        tenant: tenant.into(),
-        host: host.into(),
-        resources: Resources::new(mem_gib * GIB, 1),
         populated_bytes: mem_gib * GIB / 2,
-        dirty_rate: 0,
-        availability: Availability::default(),
-        migration: MigrationPolicy::default(),
-        anti_affinity: Default::default(),
-        cpu_features: ["avx2".to_string()].into(),
-        state: VmRunState::Running,
+        ..crate::sim::fixtures::vm(id, tenant, host, mem_gib)
     }
 }
 

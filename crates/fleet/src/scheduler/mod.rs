@@ -39,11 +39,16 @@ pub struct DecisionStats {
 pub struct Scheduler<B: Backend, M: Migrator> {
     store: FleetStore<B>,
     lease: Option<LeaseId>,
+    /// A key every write checks (the leader key at the revision of this
+    /// scheduler's claim): a deposed leader's writes are refused.
+    fence: Option<(String, u64)>,
     migrator: M,
     policies: Policies,
     fleet: Fleet,
     plans: Vec<Plan>,
     revisions: HashMap<String, u64>,
+    /// Digests of the plan headers and entries as last written or read.
+    written: HashMap<String, u64>,
     recent: Vec<RecentStart>,
     stats: DecisionStats,
     dirty_plans: BTreeSet<usize>,
@@ -59,6 +64,30 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
         backend: B,
         migrator: M,
         policies: Option<Policies>,
+    ) -> Result<Self, SchedulerError> {
+        let lease = backend.grant_lease(LEASE_TTL_MS)?;
+        Self::open_fenced(backend, migrator, policies, lease, None)
+    }
+
+    /// Opens the scheduler of an elected leader: every write is under the
+    /// leader's lease and checks the leader key's revision, so once
+    /// another scheduler took over, this one writes nothing.
+    pub fn open_as_leader(
+        backend: B,
+        migrator: M,
+        policies: Option<Policies>,
+        leadership: &crate::leader::Leadership,
+    ) -> Result<Self, SchedulerError> {
+        let fence = (crate::leader::LEADER_KEY.to_string(), leadership.revision);
+        Self::open_fenced(backend, migrator, policies, leadership.lease, Some(fence))
+    }
+
+    fn open_fenced(
+        backend: B,
+        migrator: M,
+        policies: Option<Policies>,
+        lease: LeaseId,
+        fence: Option<(String, u64)>,
     ) -> Result<Self, SchedulerError> {
         let store = FleetStore::new(backend);
         let policies = match policies {
@@ -84,24 +113,37 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
             })
             .collect();
         let tenants = store.tenants()?.into_iter().map(|v| v.value).collect();
-        let plans: Vec<Plan> = store
-            .plans()?
-            .into_iter()
-            .map(|v| {
-                revisions.insert(persist::plan_key(&v.value.id), v.revision);
-                v.value
-            })
-            .collect();
+        let mut written = HashMap::new();
+        let mut plans: Vec<Plan> = Vec::new();
+        for stored in store.plan_records()? {
+            let p = stored.plan;
+            let key = persist::plan_key(&p.id);
+            revisions.insert(key.clone(), stored.revision);
+            // A plan stored whole is written anew, split, when it next
+            // changes: no digests for it.
+            if stored.entry_revisions.len() == p.entries.len() {
+                let header = crate::store::fleet_store::encode_plan_header(&p)?;
+                written.insert(key, persist::digest(&header));
+                for (i, (e, rev)) in p.entries.iter().zip(&stored.entry_revisions).enumerate() {
+                    let key = crate::store::fleet_store::entry_key(&p.id, i);
+                    revisions.insert(key.clone(), *rev);
+                    let bytes = crate::store::fleet_store::encode(e)?;
+                    written.insert(key, persist::digest(&bytes));
+                }
+            }
+            plans.push(p);
+        }
         let fleet = Fleet::new(hosts, vms, tenants)?;
-        let lease = Some(store.backend().grant_lease(LEASE_TTL_MS)?);
         let mut s = Self {
             store,
-            lease,
+            lease: Some(lease),
+            fence,
             migrator,
             policies,
             fleet,
             plans,
             revisions,
+            written,
             recent: Vec::new(),
             stats: DecisionStats::default(),
             dirty_plans: BTreeSet::new(),
@@ -162,6 +204,11 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
 
     pub fn stats(&self) -> &DecisionStats {
         &self.stats
+    }
+
+    /// The lease the scheduler writes under.
+    pub fn lease(&self) -> Option<LeaseId> {
+        self.lease
     }
 
     pub fn store(&self) -> &FleetStore<B> {

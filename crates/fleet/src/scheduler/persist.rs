@@ -6,11 +6,17 @@
 
 use super::{Scheduler, SchedulerError};
 use crate::migrator::Migrator;
-use crate::store::fleet_store::{Batch, HOSTS, PLANS, VMS};
+use crate::store::fleet_store::{encode, encode_plan_header, entry_key, Batch, HOSTS, VMS};
 use crate::store::{Backend, Expect};
 
-pub fn plan_key(id: &str) -> String {
-    format!("{PLANS}{id}")
+pub use crate::store::fleet_store::plan_key;
+
+/// What a stored value was, to skip writing what did not change.
+pub(super) fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 pub fn vm_key(id: &str) -> String {
@@ -34,9 +40,27 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
             return Ok(());
         }
         let mut batch = Batch::default();
+        // A plan's header and entries are written only where they changed
+        // since they were last written or read.
+        let mut digests = Vec::new();
         for &i in &self.dirty_plans {
             let p = &self.plans[i];
-            batch.plan(p, self.expect(&plan_key(&p.id)))?;
+            let key = plan_key(&p.id);
+            let header = encode_plan_header(p)?;
+            let d = digest(&header);
+            if self.written.get(&key) != Some(&d) {
+                batch.put_raw(key.clone(), header, self.expect(&key));
+                digests.push((key, d));
+            }
+            for (ei, e) in p.entries.iter().enumerate() {
+                let key = entry_key(&p.id, ei);
+                let bytes = encode(e)?;
+                let d = digest(&bytes);
+                if self.written.get(&key) != Some(&d) {
+                    batch.put_raw(key.clone(), bytes, self.expect(&key));
+                    digests.push((key, d));
+                }
+            }
         }
         for &v in &self.dirty_vms {
             let vm = self.fleet.vm(v);
@@ -47,10 +71,14 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
             batch.host(host, self.expect(&host_key(&host.name)))?;
         }
         let keys: Vec<String> = batch.keys().map(str::to_string).collect();
+        if let Some((key, rev)) = &self.fence {
+            batch.require(key.clone(), Expect::At(*rev));
+        }
         let rev = self.store.commit(batch, self.lease)?;
         for k in keys {
             self.revisions.insert(k, rev);
         }
+        self.written.extend(digests);
         self.dirty_plans.clear();
         self.dirty_vms.clear();
         self.dirty_hosts.clear();

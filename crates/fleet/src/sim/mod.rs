@@ -3,6 +3,7 @@
 //! ran against the caps, from the migrator's own record.
 
 pub mod audit;
+pub mod fixtures;
 pub mod generate;
 pub mod migrator;
 pub mod report;
@@ -10,6 +11,7 @@ pub mod runner;
 pub mod simulate;
 
 pub use audit::{audit, Audit};
+pub use fixtures::open_simulated;
 pub use generate::{generate, FleetSpec};
 pub use migrator::{MigrationRecord, SimMigrator};
 pub use report::SimReport;

@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::report::{Decisions, Migrations, SimReport};
-use super::{audit, generate, run, FleetSpec, RunLimits, SimMigrator};
+use super::{audit, generate, open_simulated, run, FleetSpec, RunLimits};
 use crate::plan::{EntryState, PlanState};
 use crate::policy::Policies;
-use crate::scheduler::{Scheduler, SchedulerError};
+use crate::scheduler::SchedulerError;
 use crate::sim::migrator::Outcome;
 use crate::store::embedded::RedbBackend;
 use crate::store::memory::MemoryBackend;
-use crate::store::{Backend, FleetStore, StoreError};
+use crate::store::{Backend, StoreError};
 use crate::time::Timestamp;
 
 #[derive(Debug, Clone)]
@@ -77,10 +77,7 @@ fn simulate_on<B: Backend>(
             return Err(SimError::UnknownFailure(h.clone()));
         }
     }
-    let store = FleetStore::new(backend);
-    store.seed(&hosts, &vms, &tenants, &cfg.policies)?;
-    let migrator = SimMigrator::new(&hosts, &vms);
-    let mut sched = Scheduler::open(store.into_backend(), migrator, None)?;
+    let mut sched = open_simulated(backend, &hosts, &vms, &tenants, &cfg.policies)?;
     let start = Timestamp(0);
     let clock = Instant::now();
     let plan = sched.prepare_drain(&cfg.drain, start)?.clone();

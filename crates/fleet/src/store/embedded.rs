@@ -205,6 +205,17 @@ impl Backend for RedbBackend {
         w.commit().map_err(db_err)
     }
 
+    fn live_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(LEASES).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (k, _) = row.map_err(db_err)?;
+            out.push(LeaseId(k.value()));
+        }
+        Ok(out)
+    }
+
     fn changes_since(&self, revision: u64) -> Result<Vec<Change>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let t = txn.open_table(CHANGES).map_err(db_err)?;

@@ -1,19 +1,27 @@
 //! The fleet's records on a backend: `hosts/NAME`, `vms/ID`,
 //! `tenants/NAME`, `plans/ID` and `policies`, each a JSON value, each read
 //! with its revision so that the next write can be checked against it.
+//!
+//! A plan is stored split: its header at `plans/ID` (the plan with no
+//! entries) and each entry at `plan-entries/ID/NNNNNN`, so that a step of
+//! a drain of thousands of VMs writes the few entries it changed, not one
+//! value of megabytes (etcd refuses values over 1.5 MiB by default), and
+//! each entry is compare-and-swapped on its own revision. A plan stored
+//! whole (by an earlier version) still loads; it is split when next written.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{Backend, Expect, LeaseId, Op, StoreError, Txn};
 use crate::model::{Host, Tenant, Vm};
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanEntry};
 use crate::policy::Policies;
 
 pub const HOSTS: &str = "hosts/";
 pub const VMS: &str = "vms/";
 pub const TENANTS: &str = "tenants/";
 pub const PLANS: &str = "plans/";
+pub const PLAN_ENTRIES: &str = "plan-entries/";
 pub const POLICIES: &str = "policies";
 
 /// A record and the revision it was read at.
@@ -21,6 +29,50 @@ pub const POLICIES: &str = "policies";
 pub struct Versioned<T> {
     pub value: T,
     pub revision: u64,
+}
+
+/// A plan as loaded, with the revisions of its header and of each entry
+/// (empty for a plan stored whole).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPlan {
+    pub plan: Plan,
+    pub revision: u64,
+    pub entry_revisions: Vec<u64>,
+}
+
+pub fn plan_key(id: &str) -> String {
+    format!("{PLANS}{id}")
+}
+
+pub fn entry_key(plan: &str, index: usize) -> String {
+    format!("{PLAN_ENTRIES}{plan}/{index:06}")
+}
+
+/// A plan's header: the plan without its entries.
+pub fn encode_plan_header(p: &Plan) -> Result<Vec<u8>, StoreError> {
+    #[derive(Serialize)]
+    struct Header<'a> {
+        id: &'a str,
+        kind: &'a crate::plan::PlanKind,
+        priority: &'a crate::policy::Priority,
+        state: &'a crate::plan::PlanState,
+        created_at: &'a crate::time::Timestamp,
+        started_at: &'a Option<crate::time::Timestamp>,
+        finished_at: &'a Option<crate::time::Timestamp>,
+        predicted_duration_ms: &'a Option<u64>,
+        entries: [(); 0],
+    }
+    encode(&Header {
+        id: &p.id,
+        kind: &p.kind,
+        priority: &p.priority,
+        state: &p.state,
+        created_at: &p.created_at,
+        started_at: &p.started_at,
+        finished_at: &p.finished_at,
+        predicted_duration_ms: &p.predicted_duration_ms,
+        entries: [],
+    })
 }
 
 pub struct FleetStore<B: Backend> {
@@ -33,7 +85,7 @@ pub struct Batch {
     txn: Txn,
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Backend(format!("cannot encode a record: {e}")))
 }
 
@@ -64,8 +116,25 @@ impl Batch {
         self.put(format!("{TENANTS}{}", t.name), t, expect)
     }
 
-    pub fn plan(&mut self, p: &Plan, expect: Expect) -> Result<(), StoreError> {
-        self.put(format!("{PLANS}{}", p.id), p, expect)
+    /// An encoded value.
+    pub fn put_raw(&mut self, key: String, value: Vec<u8>, expect: Expect) {
+        self.txn.checks.push((key.clone(), expect));
+        self.txn.ops.push(Op::Put { key, value });
+    }
+
+    /// A new plan, header and every entry (none of them may exist).
+    pub fn new_plan(&mut self, p: &Plan) -> Result<(), StoreError> {
+        self.put_raw(plan_key(&p.id), encode_plan_header(p)?, Expect::Absent);
+        for (i, e) in p.entries.iter().enumerate() {
+            self.put(entry_key(&p.id, i), e, Expect::Absent)?;
+        }
+        Ok(())
+    }
+
+    /// A check with no write: the transaction is refused unless `key` is
+    /// as expected (the leader key, for a leader's writes).
+    pub fn require(&mut self, key: String, expect: Expect) {
+        self.txn.checks.push((key, expect));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -124,7 +193,76 @@ impl<B: Backend> FleetStore<B> {
     }
 
     pub fn plans(&self) -> Result<Vec<Versioned<Plan>>, StoreError> {
-        self.list(PLANS)
+        Ok(self
+            .plan_records()?
+            .into_iter()
+            .map(|p| Versioned {
+                value: p.plan,
+                revision: p.revision,
+            })
+            .collect())
+    }
+
+    /// Every plan, its entries gathered from their own keys.
+    pub fn plan_records(&self) -> Result<Vec<StoredPlan>, StoreError> {
+        let headers: Vec<Versioned<Plan>> = self.list(PLANS)?;
+        let mut entries: std::collections::HashMap<String, Vec<(usize, Versioned<PlanEntry>)>> =
+            std::collections::HashMap::new();
+        for e in self.backend.list(PLAN_ENTRIES)? {
+            let value: PlanEntry =
+                serde_json::from_slice(&e.value).map_err(|err| StoreError::Decode {
+                    what: e.key.clone(),
+                    why: err.to_string(),
+                })?;
+            let entry = Versioned {
+                value,
+                revision: e.mod_revision,
+            };
+            let key = e.key;
+            let rest = &key[PLAN_ENTRIES.len()..];
+            let parsed = rest
+                .rsplit_once('/')
+                .and_then(|(id, n)| Some((id.to_string(), n.parse::<usize>().ok()?)));
+            let Some((id, n)) = parsed else {
+                return Err(StoreError::Decode {
+                    what: key,
+                    why: "not a plan entry key (plan-entries/PLAN/NNNNNN)".into(),
+                });
+            };
+            entries.entry(id).or_default().push((n, entry));
+        }
+        headers
+            .into_iter()
+            .map(|h| {
+                let mut plan = h.value;
+                let mut entry_revisions = Vec::new();
+                if let Some(mut es) = entries.remove(&plan.id) {
+                    es.sort_by_key(|(n, _)| *n);
+                    if es.iter().enumerate().any(|(i, (n, _))| i != *n) {
+                        return Err(StoreError::Decode {
+                            what: plan_key(&plan.id),
+                            why: format!(
+                                "its {} entries are not numbered 0 to {}",
+                                es.len(),
+                                es.len() - 1
+                            ),
+                        });
+                    }
+                    plan.entries = es
+                        .into_iter()
+                        .map(|(_, v)| {
+                            entry_revisions.push(v.revision);
+                            v.value
+                        })
+                        .collect();
+                }
+                Ok(StoredPlan {
+                    plan,
+                    revision: h.revision,
+                    entry_revisions,
+                })
+            })
+            .collect()
     }
 
     pub fn policies(&self) -> Result<Option<Versioned<Policies>>, StoreError> {

@@ -114,6 +114,12 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    fn live_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+        let mut v: Vec<LeaseId> = self.lock().leases.iter().map(|&l| LeaseId(l)).collect();
+        v.sort_unstable_by_key(|l| l.0);
+        Ok(v)
+    }
+
     fn changes_since(&self, revision: u64) -> Result<Vec<Change>, StoreError> {
         let g = self.lock();
         if let Some(first) = g.log.front() {

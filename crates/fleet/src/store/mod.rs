@@ -11,11 +11,13 @@
 //! - `changes_since` reads what changed after a revision (a watch, polled),
 //!   and says so when that history is compacted away.
 //!
-//! Two backends here: [`memory::MemoryBackend`] (tests, the simulator, the
-//! dry run) and [`embedded::RedbBackend`], one file, the default for a
-//! fleet run from one machine. etcd comes next.
+//! Three backends here: [`memory::MemoryBackend`] (tests, the simulator,
+//! the dry run), [`embedded::RedbBackend`], one file, the default for a
+//! fleet run from one machine, and [`etcd::EtcdBackend`], for a fleet
+//! across machines.
 
 pub mod embedded;
+pub mod etcd;
 pub mod fleet_store;
 pub mod memory;
 
@@ -133,6 +135,8 @@ pub trait Backend {
     fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, StoreError>;
     fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
     fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
+    /// Every lease alive now: a host's registration, a leader's claim.
+    fn live_leases(&self) -> Result<Vec<LeaseId>, StoreError>;
     /// What changed after `revision`, oldest first.
     fn changes_since(&self, revision: u64) -> Result<Vec<Change>, StoreError>;
 }
@@ -140,5 +144,70 @@ pub trait Backend {
 /// How many changes a backend keeps for `changes_since`.
 pub const CHANGE_HISTORY: u64 = 100_000;
 
-#[cfg(test)]
-pub(crate) mod contract;
+/// The contract every backend keeps, as one check (public for the etcd
+/// backend's tests, which run against a real etcd).
+#[doc(hidden)]
+pub mod contract;
+
+/// A backend shared by several owners (a leader's scheduler, its
+/// campaign and the host watch use one etcd connection).
+impl<T: Backend + ?Sized> Backend for std::sync::Arc<T> {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        (**self).get(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        (**self).list(prefix)
+    }
+    fn commit(&self, txn: &Txn) -> Result<u64, StoreError> {
+        (**self).commit(txn)
+    }
+    fn revision(&self) -> Result<u64, StoreError> {
+        (**self).revision()
+    }
+    fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, StoreError> {
+        (**self).grant_lease(ttl_ms)
+    }
+    fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        (**self).keep_alive(lease)
+    }
+    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        (**self).revoke_lease(lease)
+    }
+    fn live_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+        (**self).live_leases()
+    }
+    fn changes_since(&self, revision: u64) -> Result<Vec<Change>, StoreError> {
+        (**self).changes_since(revision)
+    }
+}
+
+/// A borrowed backend (a registration's writes on the caller's store).
+impl<T: Backend + ?Sized> Backend for &T {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        (**self).get(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        (**self).list(prefix)
+    }
+    fn commit(&self, txn: &Txn) -> Result<u64, StoreError> {
+        (**self).commit(txn)
+    }
+    fn revision(&self) -> Result<u64, StoreError> {
+        (**self).revision()
+    }
+    fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, StoreError> {
+        (**self).grant_lease(ttl_ms)
+    }
+    fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        (**self).keep_alive(lease)
+    }
+    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        (**self).revoke_lease(lease)
+    }
+    fn live_leases(&self) -> Result<Vec<LeaseId>, StoreError> {
+        (**self).live_leases()
+    }
+    fn changes_since(&self, revision: u64) -> Result<Vec<Change>, StoreError> {
+        (**self).changes_since(revision)
+    }
+}

@@ -3,50 +3,19 @@
 
 #![allow(dead_code)]
 
-use ferry_fleet::model::{
-    Availability, Health, Host, Maintenance, MigrationPolicy, OnHostMaintenance, Resources,
-    Version, Vm, VmRunState, GIB,
-};
+pub mod etcd;
+
+use ferry_fleet::model::{Availability, Host, OnHostMaintenance, Vm};
 use ferry_fleet::policy::Policies;
 use ferry_fleet::scheduler::Scheduler;
 use ferry_fleet::sim::{run, RunLimits, RunOutcome, SimMigrator};
 use ferry_fleet::store::memory::MemoryBackend;
-use ferry_fleet::store::{Backend, FleetStore};
+use ferry_fleet::store::Backend;
 use ferry_fleet::time::Timestamp;
 
-pub fn host(name: &str, rack: &str, mem_gib: u64) -> Host {
-    Host {
-        name: name.into(),
-        capacity: Resources::new(mem_gib * GIB, 64),
-        labels: [
-            ("rack".to_string(), rack.to_string()),
-            ("zone".to_string(), "z1".to_string()),
-        ]
-        .into(),
-        health: Health::Healthy,
-        version: Version::new(1, 4),
-        cpu_features: ["avx2".to_string()].into(),
-        maintenance: Maintenance::None,
-        link_bytes_per_sec: 1_250_000_000,
-    }
-}
-
-pub fn vm(id: &str, tenant: &str, host: &str, mem_gib: u64) -> Vm {
-    Vm {
-        id: id.into(),
-        tenant: tenant.into(),
-        host: host.into(),
-        resources: Resources::new(mem_gib * GIB, 1),
-        // 1 GiB populated of an idle VM: ~0.9 s alone on 10 Gbit/s.
-        populated_bytes: GIB,
-        dirty_rate: 0,
-        availability: Availability::default(),
-        migration: MigrationPolicy::default(),
-        anti_affinity: Default::default(),
-        cpu_features: ["avx2".to_string()].into(),
-        state: VmRunState::Running,
-    }
-}
+// Not every test file uses both.
+#[allow(unused_imports)]
+pub use ferry_fleet::sim::fixtures::{host, vm};
 
 pub fn terminate(mut v: Vm, restart: bool) -> Vm {
     v.availability = Availability {
@@ -64,9 +33,7 @@ pub fn open_on<B: Backend>(
     vms: &[Vm],
     policies: &Policies,
 ) -> Scheduler<B, SimMigrator> {
-    let store = FleetStore::new(backend);
-    store.seed(hosts, vms, &[], policies).unwrap();
-    Scheduler::open(store.into_backend(), SimMigrator::new(hosts, vms), None).unwrap()
+    ferry_fleet::sim::open_simulated(backend, hosts, vms, &[], policies).unwrap()
 }
 
 pub fn open(

@@ -1,0 +1,215 @@
+//! `ferry fleet serve` and `ferry fleet host register|list`: the fleet on
+//! an etcd store (crates/fleet's etcd backend, leader election and host
+//! leases).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ferry_fleet::hosts;
+use ferry_fleet::model::{Health, Host, Maintenance, Resources, Version, GIB};
+use ferry_fleet::serve::{serve, ServeConfig, ServeEvent};
+use ferry_fleet::sim::SimMigrator;
+use ferry_fleet::store::etcd::{EtcdBackend, DEFAULT_PREFIX};
+
+#[derive(Debug, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd's client URL.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    pub etcd: String,
+    /// The key prefix the fleet lives under.
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: EtcdArgs,
+    /// This scheduler's name (the leader key shows it).
+    #[arg(long)]
+    pub name: String,
+    /// A dead leader's leadership lapses after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    pub lease_ttl_s: u64,
+    #[arg(long, default_value_t = 500)]
+    pub tick_ms: u64,
+    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+    #[arg(long)]
+    pub for_s: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    #[command(subcommand)]
+    pub command: HostCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum HostCommand {
+    /// Register a host and keep its lease alive until SIGINT/SIGTERM (or
+    /// --for-s); it is unreachable once the lease lapses.
+    Register(RegisterArgs),
+    /// Every host with its health and whether its lease is alive.
+    List(EtcdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub store: EtcdArgs,
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub mem_gib: u64,
+    #[arg(long)]
+    pub vcpus: u32,
+    #[arg(long, default_value = "")]
+    pub rack: String,
+    #[arg(long, default_value = "")]
+    pub zone: String,
+    /// The migration link, Gbit/s.
+    #[arg(long, default_value_t = 10.0)]
+    pub link_gbit: f64,
+    #[arg(long, default_value_t = 10)]
+    pub lease_ttl_s: u64,
+    #[arg(long)]
+    pub for_s: Option<u64>,
+}
+
+fn connect(a: &EtcdArgs) -> anyhow::Result<Arc<EtcdBackend>> {
+    Ok(Arc::new(
+        EtcdBackend::connect(&a.etcd, &a.prefix).with_context(|| format!("etcd at {}", a.etcd))?,
+    ))
+}
+
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone()).context("install a signal handler")?;
+    }
+    Ok(flag)
+}
+
+fn ttl_ms(s: u64) -> anyhow::Result<u64> {
+    anyhow::ensure!(
+        (1..=3600).contains(&s),
+        "--lease-ttl-s must be 1 to 3600 seconds, got {s}"
+    );
+    Ok(s * 1000)
+}
+
+pub fn serve_cmd(a: ServeArgs) -> anyhow::Result<bool> {
+    let cfg = ServeConfig {
+        name: a.name.clone(),
+        lease_ttl_ms: ttl_ms(a.lease_ttl_s)?,
+        tick_ms: a.tick_ms,
+        max_run: a.for_s.map(Duration::from_secs),
+    };
+    let backend = connect(&a.store)?;
+    let stop = stop_flag()?;
+    let name = a.name;
+    serve(
+        backend,
+        &cfg,
+        &stop,
+        |store| {
+            let hosts: Vec<_> = store.hosts()?.into_iter().map(|v| v.value).collect();
+            let vms: Vec<_> = store.vms()?.into_iter().map(|v| v.value).collect();
+            Ok(SimMigrator::new(&hosts, &vms))
+        },
+        |m, now| m.advance(now),
+        |ev| match ev {
+            ServeEvent::Following { leader } => eprintln!("{name}: following {leader}"),
+            ServeEvent::Leading { revision } => {
+                eprintln!("{name}: leading (claim at revision {revision})")
+            }
+            ServeEvent::Lost { why } => eprintln!("{name}: stopped leading: {why}"),
+            ServeEvent::Reload { why } => eprintln!("{name}: reloading the fleet: {why}"),
+            ServeEvent::HostsChanged(h) => eprintln!("{name}: host health changed: {h:?}"),
+            ServeEvent::StoreError(e) => eprintln!("{name}: {e}"),
+        },
+    )?;
+    Ok(true)
+}
+
+pub fn host_cmd(a: HostArgs) -> anyhow::Result<bool> {
+    match a.command {
+        HostCommand::Register(r) => register_cmd(r),
+        HostCommand::List(s) => list_cmd(&s),
+    }
+}
+
+fn register_cmd(r: RegisterArgs) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        r.mem_gib > 0 && r.vcpus > 0,
+        "--mem-gib and --vcpus must be above 0"
+    );
+    anyhow::ensure!(
+        r.link_gbit.is_finite() && r.link_gbit > 0.0,
+        "--link-gbit must be above 0"
+    );
+    let ttl = ttl_ms(r.lease_ttl_s)?;
+    let mut labels = std::collections::BTreeMap::new();
+    for (k, v) in [("rack", &r.rack), ("zone", &r.zone)] {
+        if !v.is_empty() {
+            labels.insert(k.to_string(), v.clone());
+        }
+    }
+    let host = Host {
+        name: r.name.clone(),
+        capacity: Resources::new(r.mem_gib * GIB, r.vcpus),
+        labels,
+        health: Health::Healthy,
+        version: Version::new(1, 4),
+        cpu_features: Default::default(),
+        maintenance: Maintenance::None,
+        link_bytes_per_sec: (r.link_gbit * 1e9 / 8.0) as u64,
+    };
+    let backend = connect(&r.store)?;
+    let reg = hosts::register(&backend, &host, ttl).context("register the host")?;
+    eprintln!("{}: registered under lease {}", r.name, reg.lease.0);
+    let stop = stop_flag()?;
+    let started = Instant::now();
+    let every = Duration::from_millis(ttl / 3);
+    let mut kept = Instant::now();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+        && r.for_s
+            .is_none_or(|s| started.elapsed() < Duration::from_secs(s))
+    {
+        if kept.elapsed() >= every {
+            hosts::keep_alive(&backend, &reg).context("keep the host's lease alive")?;
+            kept = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    hosts::deregister(&backend, &reg).context("end the registration")?;
+    eprintln!("{}: deregistered", r.name);
+    Ok(true)
+}
+
+fn list_cmd(s: &EtcdArgs) -> anyhow::Result<bool> {
+    let backend = connect(s)?;
+    println!(
+        "{:<16} {:>8} {:>6} {:<10} {:<12} {:<8}",
+        "HOST", "MEM GiB", "VCPUS", "RACK", "HEALTH", "LEASE"
+    );
+    for h in hosts::list(&backend)? {
+        let lease = match h.alive {
+            Some(true) => "alive",
+            Some(false) => "lapsed",
+            None => "-",
+        };
+        println!(
+            "{:<16} {:>8} {:>6} {:<10} {:<12} {:<8}",
+            h.host.name,
+            h.host.capacity.mem_bytes / GIB,
+            h.host.capacity.vcpus,
+            h.host.labels.get("rack").map_or("-", String::as_str),
+            h.host.health.word(),
+            lease
+        );
+    }
+    Ok(true)
+}
