@@ -215,7 +215,10 @@ impl Vm {
         started_at: Instant,
     ) -> Result<Self, VmError> {
         let (events_tx, events_rx) = channel();
-        let bus = Arc::new(IoBus::new(make_serial(&parts.vm_fd, &events_tx, devices)?));
+        let bus = Arc::new(IoBus::new(
+            make_serial(&parts.vm_fd, &events_tx, devices)?,
+            crate::devices::mmio_bus::MmioBus::new(),
+        ));
         kick::install_handler().map_err(VmError::KickHandler)?;
         let gate = Arc::new(RunGate::new(parts.vcpu_fds.len(), Want::Run));
         let vcpus: Vec<SharedVcpu> = parts
