@@ -4,6 +4,7 @@
 //! and an eventfd per queue that KVM signals on QueueNotify (an ioeventfd,
 //! so a notification never waits for a userspace round-trip).
 
+pub mod attach;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
