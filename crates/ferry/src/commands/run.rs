@@ -71,6 +71,7 @@ impl VmArgs {
             image,
             cmdline: ferry_testguest::guest_cmdline(&workload, self.vcpus(), None),
             prealloc: self.prealloc,
+            net: None,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! that route a vCPU's I/O and MMIO exits to them.
 
 pub mod mmio_bus;
+pub mod net;
 pub mod serial;
 
 pub mod virtio;
