@@ -124,7 +124,8 @@ impl Shared {
     }
 }
 
-/// The controls of a network card, cloneable, usable from any thread.
+/// The controls of a network card, cloneable, usable from any thread. A
+/// handle keeps the tap open: drop every handle to free it for another VM.
 #[derive(Clone)]
 pub struct NetHandle {
     shared: Arc<Shared>,
