@@ -107,7 +107,12 @@ impl HostB {
 }
 
 pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
-    args.vm.workload.get_or_insert_with(default_workload);
+    args.vm
+        .workload
+        .get_or_insert_with(|| ferry_testguest::net::GuestWorkload {
+            workload: default_workload(),
+            net: None,
+        });
     args.vm.vcpus.get_or_insert(2);
     let start = Instant::now();
     let (mut host_b, addr) = HostB::start(args.vm.prealloc, args.vm.mem)?;

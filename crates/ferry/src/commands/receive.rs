@@ -58,6 +58,11 @@ pub struct ReceiveArgs {
     /// same.
     #[arg(long, conflicts_with = "tls")]
     pub insecure_plaintext: bool,
+    /// The tap the VM's virtio-net card plugs into here:
+    /// tap=NAME[,netns=NS] (the MAC is the VM's own). A VM with a card is
+    /// refused without it, before any page moves.
+    #[arg(long, value_name = "tap=NAME[,netns=NS]")]
+    pub net: Option<crate::net_flag::NetFlag>,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
 }
@@ -132,6 +137,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         max_vcpus: args.max_vcpus,
     };
     let prealloc = args.prealloc;
+    let net = args.net.clone().map(|n| n.0);
     let deadline = args.supervise.duration.map(|d| waiting_since + d);
     // A connection that fails before it offers a VM (garbage, a stranger,
     // a broken Hello) changes nothing here: wait for the real source.
@@ -148,7 +154,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         // The listener stays open for the fault channel of a post-copy.
         let received = receive_vm(stream, Some(&listener), &options, |offer| {
             offered.set(true);
-            accept(offer, &limits, prealloc, reserved.take())
+            accept(offer, &limits, prealloc, reserved.take(), net.as_ref())
         });
         drop(yielding);
         match received {

@@ -54,6 +54,13 @@ pub struct NetConfig {
     pub mac: MacAddr,
 }
 
+/// Checks that the tap `config` names exists and is free, by opening it
+/// and letting it go: what a destination does before it accepts a VM
+/// with a card, so that a missing tap refuses before any page moves.
+pub fn check_tap(config: &NetConfig) -> Result<(), NetError> {
+    Tap::open(&config.tap, config.netns.as_deref()).map(drop)
+}
+
 /// The MAC Ferry gives a card when none is asked for (locally
 /// administered, unicast).
 pub const DEFAULT_MAC: MacAddr = MacAddr([0x02, 0x46, 0x52, 0x00, 0x00, 0x01]);
