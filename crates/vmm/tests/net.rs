@@ -5,7 +5,6 @@
 //! queues continue where they were, no driver reset) keeps it answering.
 //! Without root or /dev/kvm each test says SKIPPED and returns.
 
-use std::net::Ipv4Addr;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,10 @@ use vm_memory::{Bytes, GuestAddress};
 const MEM: u64 = 256 << 20;
 const PORT: u16 = 7000;
 const MAC: MacAddr = MacAddr([0x02, 0x46, 0x52, 0x00, 0x07, 0x02]);
+
+/// One test at a time: the guest's UDP echo keeps 16 datagrams, so a VM
+/// starved of CPU by a parallel test for more than 16 ms drops probes.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn can_run(test: &str) -> bool {
     if let Some(why) = Topology::skip_reason() {
@@ -140,6 +143,7 @@ fn probe_answers(topo: &Topology, what: &str) {
 
 #[test]
 fn guest_echoes_over_the_tap_and_keeps_answering_after_a_restore() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let test = "guest_echoes_over_the_tap_and_keeps_answering_after_a_restore";
     if !can_run(test) {
         return;
@@ -233,6 +237,7 @@ fn config_without_guest() -> VmConfig {
 
 #[test]
 fn a_missing_tap_and_a_multicast_mac_are_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let test = "a_missing_tap_and_a_multicast_mac_are_refused";
     if !can_run(test) {
         return;
@@ -267,6 +272,5 @@ fn a_missing_tap_and_a_multicast_mac_are_refused() {
     .err()
     .expect("a multicast MAC is refused");
     assert!(err.to_string().contains("unicast"), "{err}");
-    let _ = Ipv4Addr::UNSPECIFIED;
     topo.down().unwrap();
 }

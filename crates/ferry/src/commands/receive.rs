@@ -17,6 +17,8 @@ use ferry_vmm::GuestRam;
 
 use super::run::{supervise, Ending, Extra, SuperviseArgs};
 use crate::migration::incoming::accept;
+use crate::migration::network::NetAnnouncer;
+use ferry_migration::handover::{announce_on_schedule, ANNOUNCE_SCHEDULE};
 
 #[derive(Debug, clap::Args)]
 pub struct ReceiveArgs {
@@ -193,6 +195,38 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         report.load_ms,
         report.start_ms
     );
+    // Committed and running here: now, and only now, the network may
+    // learn the VM's new place (QEMU's schedule of five announces).
+    let announcing = vm.net().map(|net| {
+        let t0 = Instant::now();
+        eprintln!(
+            "ferry: virtio-net card {} on tap {}; announcing it here",
+            net.mac(),
+            net.tap_name()
+        );
+        announce_on_schedule(
+            std::sync::Arc::new(NetAnnouncer(net)),
+            ANNOUNCE_SCHEDULE,
+            t0,
+        )
+    });
+    if let Some(Err(e)) = &announcing {
+        eprintln!("ferry: cannot start announcing the VM's MAC: {e}");
+    }
+    if let Some(Ok(thread)) = announcing {
+        std::thread::spawn(move || {
+            if let Ok((sent, failure)) = thread.join() {
+                let at: Vec<String> = sent.iter().map(|ms| format!("{ms:.1}")).collect();
+                eprintln!(
+                    "ferry: announced the VM's MAC at [{}] ms after the start{}",
+                    at.join(", "),
+                    failure
+                        .map(|f| format!(" (failed: {f})"))
+                        .unwrap_or_default()
+                );
+            }
+        });
+    }
     let mut postcopy = received.postcopy;
     if postcopy.is_none() {
         // The source adds this side's share to its downtime figure.
