@@ -365,3 +365,88 @@ fn bad_net_flags_are_refused_with_a_reason() {
     src.kill();
     topo.down().unwrap();
 }
+
+#[test]
+fn a_tcp_connection_survives_a_precopy_migration_without_loss() {
+    let _serial = serial();
+    let test = "a_tcp_connection_survives_a_precopy_migration_without_loss";
+    if !can_run(test) {
+        return;
+    }
+    let topo = Topology::up_on_subnet("fnkeep", 85).expect("topology");
+    let dir = TempDir::new(test);
+    let (mut src, socket) = net_source(&dir, &topo);
+    let probe = Probe::start_on(
+        &topo,
+        PORT,
+        ProbeConfig {
+            max_duration: Duration::from_secs(60),
+            ..ProbeConfig::default()
+        },
+    )
+    .expect("the client connects on host A");
+    std::thread::sleep(Duration::from_millis(500));
+    let net_b = {
+        let h = topo.host(Host::B);
+        format!("tap={},netns={}", h.tap, h.ns)
+    };
+    let dst_socket = dir.path("B.sock");
+    let (mut dst, port) = migration_destination(
+        "B",
+        &[
+            "--net",
+            &net_b,
+            "--api",
+            &dst_socket,
+            "--duration",
+            "300s",
+            "--json",
+        ],
+    );
+    let mut mig = start_migrate(
+        "migrate",
+        &socket,
+        port,
+        &["--mode", "precopy", "--downtime", "10ms", "--json"],
+    );
+    let (status, report) = finish_migrate(&mut mig, Duration::from_secs(60));
+    assert_committed(status, &report, &mig);
+    let last = source_handed_over(&mut src, port);
+    let (first, _) = verify_arrival(&mut dst, &last, Duration::from_secs(30));
+    // Traffic goes on for a while on host B over the same connection.
+    std::thread::sleep(Duration::from_millis(1000));
+    let probe_report = probe.stop();
+    let handover = dst
+        .err
+        .iter()
+        .find(|l| l.starts_with("ferry: network handover: "))
+        .cloned()
+        .unwrap_or_default();
+    let tcp = probe_report.tcp.as_ref().unwrap();
+    let udp = probe_report.udp.as_ref().unwrap();
+    eprintln!(
+        "{test}: guest stall on arrival {} us; source forwarded {}; {handover}",
+        first.stall_us, report["network"]
+    );
+    eprintln!(
+        "{test}: TCP {} sent, {} replies, {} missing, {} resets, kept {}, longest gap {:?}, retransmissions {}; UDP {} sent, {} lost, longest gap {:?}",
+        tcp.requests_sent,
+        tcp.replies_received,
+        tcp.replies_missing,
+        tcp.resets,
+        tcp.connection_kept,
+        tcp.longest_gap,
+        tcp.retransmissions,
+        udp.probes_sent,
+        udp.lost,
+        udp.longest_gap
+    );
+    assert!(!handover.is_empty(), "{}", dst.transcript());
+    assert!(tcp.connection_kept, "{probe_report:?}");
+    assert_eq!(tcp.resets, 0, "{probe_report:?}");
+    assert_eq!(tcp.replies_missing, 0, "{probe_report:?}");
+    assert_eq!(udp.lost, 0, "{probe_report:?}");
+    assert!(tcp.requests_sent >= 1000, "{probe_report:?}");
+    stop_destination(&mut dst);
+    topo.down().unwrap();
+}

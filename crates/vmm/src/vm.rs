@@ -199,7 +199,15 @@ impl Vm {
         }
         let machine = machine_config(config.mem_bytes, config.vcpus, cmdline, parts.tsc_khz);
         let cpuid = cpuid.as_slice().to_vec();
-        Self::launch(parts, machine, cpuid, None, config.net.as_ref(), started_at)
+        Self::launch(
+            parts,
+            machine,
+            cpuid,
+            None,
+            config.net.as_ref(),
+            false,
+            started_at,
+        )
     }
 
     /// Rebuilds a VM from `record`: `load_memory` fills its (zeroed) RAM,
@@ -243,6 +251,7 @@ impl Vm {
         cpuid: Vec<kvm_cpuid_entry2>,
         devices: Option<(&DeviceStates, Option<&NetSection>)>,
         net_config: Option<&NetConfig>,
+        net_held: bool,
         started_at: Instant,
     ) -> Result<Self, VmError> {
         let (events_tx, events_rx) = channel();
@@ -266,6 +275,9 @@ impl Vm {
             )?)),
         };
         if let Some(t) = &net {
+            if net_held {
+                t.device().handle().hold();
+            }
             attach(&parts.vm_fd, &mut mmio, NET_SLOT, t.clone())?;
         }
         let bus = Arc::new(IoBus::new(
@@ -516,6 +528,7 @@ pub struct IncomingVm {
         Option<NetSection>,
     )>,
     net: Option<NetConfig>,
+    net_held: bool,
 }
 
 impl IncomingVm {
@@ -544,12 +557,20 @@ impl IncomingVm {
             parts,
             loaded: None,
             net: None,
+            net_held: false,
         })
     }
 
     /// The tap the network card plugs into when the VM starts.
     pub fn set_net(&mut self, net: Option<NetConfig>) {
         self.net = net;
+    }
+
+    /// Starts the card held (see `NetHandle::hold`): frames from this
+    /// host's tap wait until the frames forwarded from the VM's old place
+    /// are in, so the guest gets them in order; `release` ends it.
+    pub fn hold_net_at_start(&mut self) {
+        self.net_held = true;
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -658,6 +679,7 @@ impl IncomingVm {
             cpuid,
             Some((&devices, net.as_ref())),
             self.net.as_ref(),
+            self.net_held,
             Instant::now(),
         )
     }

@@ -17,8 +17,11 @@ use ferry_vmm::GuestRam;
 
 use super::run::{supervise, Ending, Extra, SuperviseArgs};
 use crate::migration::incoming::accept;
-use crate::migration::network::NetAnnouncer;
-use ferry_migration::handover::{announce_on_schedule, ANNOUNCE_SCHEDULE};
+use crate::migration::network::{NetAnnouncer, NetDestination};
+use ferry_migration::handover::{
+    announce_on_schedule, deliver_forwarded, ForwardLimits, ANNOUNCE_SCHEDULE,
+};
+use ferry_migration::protocol::NET_HANDOVER_VERSION;
 
 #[derive(Debug, clap::Args)]
 pub struct ReceiveArgs {
@@ -232,6 +235,32 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         // The source adds this side's share to its downtime figure.
         if let Some(first_run) = vm.first_run_since_resume(FIRST_RUN_WAIT) {
             send_started(&mut stream, &report, first_run);
+        }
+    }
+    // The card started held: the frames that reached the old place since
+    // the pause come first (a v7 source forwards them after the commit,
+    // pre-copy only), then this host's tap opens.
+    if let Some(net) = vm.net() {
+        if report.version >= NET_HANDOVER_VERSION && postcopy.is_none() {
+            let handed = deliver_forwarded(
+                &mut stream,
+                &mut NetDestination(net.clone()),
+                &ForwardLimits::default(),
+            );
+            eprintln!(
+                "ferry: network handover: {} frames forwarded from the old place delivered ({} by the source's count, {} dropped there), this tap opened {:.1} ms after the start{}; card stats {:?}",
+                handed.delivered,
+                handed.source_forwarded.unwrap_or(0),
+                handed.source_dropped.unwrap_or(0),
+                handed.opened_ms,
+                handed
+                    .error
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default(),
+                net.stats()
+            );
+        } else {
+            net.release();
         }
     }
     if let Some(h) = &postcopy {

@@ -66,6 +66,9 @@ pub fn accept(
     let mut incoming = incoming;
     if wants_net {
         incoming.set_net(net.cloned());
+        // Released once the source's forwarded frames are in (or at once
+        // when the source forwards none).
+        incoming.hold_net_at_start();
     }
     let built: Vec<(u64, u64)> = incoming
         .ram()

@@ -4,6 +4,9 @@ use ferry_migration::bitmap::{PageBitmap, RangeBits};
 use std::sync::Arc;
 
 use ferry_migration::guest::{GuestError, PageReader, PauseTiming, SourceGuest};
+use ferry_migration::handover::SourceNetwork;
+
+use super::network::NetSource;
 use ferry_migration::protocol::{Offer, RamRange};
 use ferry_vmm::compat::encode_cpuid;
 use ferry_vmm::{GuestRam, Vm};
@@ -78,6 +81,12 @@ impl SourceGuest for VmSource<'_> {
 
     fn pause(&mut self) -> Result<PauseTiming, GuestError> {
         let paused = self.0.pause()?;
+        // From the blackout on, frames for the VM are kept, not given to
+        // the guest: after a commit they go to the destination, after an
+        // abort to the guest here.
+        if let Some(net) = self.0.net() {
+            net.hold();
+        }
         Ok(PauseTiming {
             requested: paused.requested,
             all_stopped: paused.all_stopped,
@@ -85,8 +94,16 @@ impl SourceGuest for VmSource<'_> {
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {
+        if let Some(net) = self.0.net() {
+            net.release();
+        }
         self.0.resume();
         Ok(())
+    }
+
+    fn network_after_commit(&mut self) -> Option<Box<dyn SourceNetwork>> {
+        let net = self.0.net()?;
+        Some(Box::new(NetSource::new(net)))
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {

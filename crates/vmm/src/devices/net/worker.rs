@@ -58,7 +58,10 @@ impl Worker {
             memory: a.memory,
             queues: a.queues,
             pending: None,
-            notifications_on: true,
+            // Unknown: a restored guest's rings say what the old host's
+            // worker last wrote. "Off" makes the worker poll, and write the
+            // flags itself once it goes idle.
+            notifications_on: false,
         }));
         let paused = Arc::new(AtomicBool::new(paused));
         let stop = Arc::new(AtomicBool::new(false));
