@@ -199,15 +199,8 @@ impl Vm {
         }
         let machine = machine_config(config.mem_bytes, config.vcpus, cmdline, parts.tsc_khz);
         let cpuid = cpuid.as_slice().to_vec();
-        Self::launch(
-            parts,
-            machine,
-            cpuid,
-            None,
-            config.net.as_ref(),
-            false,
-            started_at,
-        )
+        let net = config.net.as_ref().map(Net::new).transpose()?;
+        Self::launch(parts, machine, cpuid, None, net, false, started_at)
     }
 
     /// Rebuilds a VM from `record`: `load_memory` fills its (zeroed) RAM,
@@ -238,7 +231,7 @@ impl Vm {
         let config = &record.config;
         let mut incoming =
             IncomingVm::new(config.mem_bytes, config.vcpus, config.tsc_khz, prealloc)?;
-        incoming.set_net(net);
+        incoming.set_net(net)?;
         load_memory(incoming.parts.ram.memory()).map_err(|e| VmError::LoadMemory(Box::new(e)))?;
         incoming.load_state(record)?;
         incoming.start()
@@ -250,29 +243,32 @@ impl Vm {
         machine: MachineConfig,
         cpuid: Vec<kvm_cpuid_entry2>,
         devices: Option<(&DeviceStates, Option<&NetSection>)>,
-        net_config: Option<&NetConfig>,
+        net_device: Option<Net>,
         net_held: bool,
         started_at: Instant,
     ) -> Result<Self, VmError> {
         let (events_tx, events_rx) = channel();
         let mut mmio = MmioBus::new();
         let saved_net = devices.and_then(|d| d.1);
-        let net = match (net_config, saved_net) {
+        let net = match (net_device, saved_net) {
             (None, None) => None,
             (None, Some(saved)) => {
                 return Err(VmError::NetMissing {
                     mac: ferry_netlab::MacAddr(saved.device.mac).to_string(),
                 })
             }
-            (Some(cfg), None) => Some(Arc::new(MmioTransport::new(
-                Net::new(cfg)?,
+            (Some(dev), None) => Some(Arc::new(MmioTransport::new(
+                dev,
                 parts.ram.memory().clone(),
             )?)),
-            (Some(cfg), Some(saved)) => Some(Arc::new(MmioTransport::restore(
-                Net::restored(cfg, &saved.device)?,
-                parts.ram.memory().clone(),
-                &saved.transport,
-            )?)),
+            (Some(mut dev), Some(saved)) => {
+                dev.apply_state(&saved.device);
+                Some(Arc::new(MmioTransport::restore(
+                    dev,
+                    parts.ram.memory().clone(),
+                    &saved.transport,
+                )?))
+            }
         };
         if let Some(t) = &net {
             if net_held {
@@ -527,7 +523,8 @@ pub struct IncomingVm {
         DeviceStates,
         Option<NetSection>,
     )>,
-    net: Option<NetConfig>,
+    /// The card, its tap open since `set_net`.
+    net: Option<Net>,
     net_held: bool,
 }
 
@@ -561,9 +558,12 @@ impl IncomingVm {
         })
     }
 
-    /// The tap the network card plugs into when the VM starts.
-    pub fn set_net(&mut self, net: Option<NetConfig>) {
-        self.net = net;
+    /// Opens the tap the network card plugs into when the VM starts: now,
+    /// so that a missing or busy tap refuses the VM before any page moves
+    /// and nobody can take the tap meanwhile.
+    pub fn set_net(&mut self, net: Option<NetConfig>) -> Result<(), VmError> {
+        self.net = net.as_ref().map(Net::new).transpose()?;
+        Ok(())
     }
 
     /// Starts the card held (see `NetHandle::hold`): frames from this
@@ -678,7 +678,7 @@ impl IncomingVm {
             machine,
             cpuid,
             Some((&devices, net.as_ref())),
-            self.net.as_ref(),
+            self.net,
             self.net_held,
             Instant::now(),
         )

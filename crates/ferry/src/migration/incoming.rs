@@ -13,7 +13,7 @@ use ferry_vmm::state::StateRecord;
 use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{GuestRam, KvmHost, Vm};
 
-use ferry_vmm::devices::net::{check_tap, NetConfig};
+use ferry_vmm::devices::net::NetConfig;
 
 use super::source::{NET_FEATURE, VM_FEATURES};
 
@@ -39,15 +39,11 @@ pub fn accept(
         ));
     }
     let wants_net = offer.features.iter().any(|f| f == NET_FEATURE);
-    match (wants_net, net) {
-        (true, None) => {
-            return Err(
-                "the VM has a virtio-net card and this destination has no network for it (start ferry receive with --net tap=NAME)"
-                    .into(),
-            )
-        }
-        (true, Some(cfg)) => check_tap(cfg).map_err(|e| format!("the VM's network: {e}"))?,
-        (false, _) => {}
+    if wants_net && net.is_none() {
+        return Err(
+            "the VM has a virtio-net card and this destination has no network for it (start ferry receive with --net tap=NAME)"
+                .into(),
+        );
     }
     let cpuid = decode_cpuid(&offer.cpuid)?;
     let host = KvmHost::open().map_err(|e| e.to_string())?;
@@ -65,7 +61,10 @@ pub fn accept(
     .map_err(|e| format!("cannot build the VM here: {e}"))?;
     let mut incoming = incoming;
     if wants_net {
-        incoming.set_net(net.cloned());
+        // Opens the tap now: a missing or busy one refuses the offer.
+        incoming
+            .set_net(net.cloned())
+            .map_err(|e| format!("the VM's network here: {e}"))?;
         // Released once the source's forwarded frames are in (or at once
         // when the source forwards none).
         incoming.hold_net_at_start();

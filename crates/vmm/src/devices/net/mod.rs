@@ -54,13 +54,6 @@ pub struct NetConfig {
     pub mac: MacAddr,
 }
 
-/// Checks that the tap `config` names exists and is free, by opening it
-/// and letting it go: what a destination does before it accepts a VM
-/// with a card, so that a missing tap refuses before any page moves.
-pub fn check_tap(config: &NetConfig) -> Result<(), NetError> {
-    Tap::open(&config.tap, config.netns.as_deref()).map(drop)
-}
-
 /// The MAC Ferry gives a card when none is asked for (locally
 /// administered, unicast).
 pub const DEFAULT_MAC: MacAddr = MacAddr([0x02, 0x46, 0x52, 0x00, 0x00, 0x01]);
@@ -277,16 +270,22 @@ impl Net {
         })
     }
 
-    /// Like [`new`](Self::new), continuing a card saved elsewhere: the
-    /// saved MAC wins over the configured one (the guest knows it).
-    pub fn restored(config: &NetConfig, state: &NetState) -> Result<Net, NetError> {
-        let config = NetConfig {
-            mac: MacAddr(state.mac),
-            ..config.clone()
-        };
-        let net = Net::new(&config)?;
-        *net.shared.guest_ip.lock().unwrap() = state.guest_ip.map(Ipv4Addr::from);
-        Ok(net)
+    /// Continues a card saved elsewhere: the saved MAC wins over the
+    /// configured one (the guest knows it), and the learnt IP comes back.
+    /// Called before the VM starts, while no handle exists.
+    pub fn apply_state(&mut self, state: &NetState) {
+        let ip = state.guest_ip.map(Ipv4Addr::from);
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => {
+                shared.mac = MacAddr(state.mac);
+                *shared.guest_ip.get_mut().unwrap() = ip;
+            }
+            None => {
+                // A handle was taken early: the MAC stays, the IP follows.
+                tracing::warn!("network card state applied after a handle was taken");
+                *self.shared.guest_ip.lock().unwrap() = ip;
+            }
+        }
     }
 
     pub fn handle(&self) -> NetHandle {
