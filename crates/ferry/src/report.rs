@@ -131,6 +131,22 @@ pub fn print_migration_report(r: &MigrationReport) {
             ),
         ]);
     }
+    if let Some(n) = &r.network {
+        rows.push((
+            "network handover",
+            format!(
+                "{} frames held since the pause, {} strays after the commit, {} dropped; forwarded over {:.1} ms{}",
+                n.held,
+                n.strays,
+                n.dropped,
+                n.window_ms,
+                n.error
+                    .as_ref()
+                    .map(|e| format!(" (stopped: {e})"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
     if !r.rounds.is_empty() {
         rows.push((
             "CPU",

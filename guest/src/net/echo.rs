@@ -18,8 +18,11 @@ pub const LINE_MAX: usize = 64;
 /// Longest reply: a 20-digit counter, a space, the line, `\n`.
 const REPLY_MAX: usize = 20 + 1 + LINE_MAX + 1;
 const TCP_BUF: usize = 2048;
-const UDP_BUF: usize = 4096;
-const UDP_PACKETS: usize = 16;
+/// Room for the datagrams of a whole migration blackout: a client probing
+/// every millisecond sends ~100 during a 100 ms stall, and they all arrive
+/// at once when the guest runs again (16 lost most of them).
+const UDP_BUF: usize = 32 * 1024;
+const UDP_PACKETS: usize = 256;
 const UDP_MAX: usize = 1472;
 /// A connection whose peer stops answering is dropped after this, so a
 /// vanished client does not hold a socket for good.

@@ -17,6 +17,11 @@ use ferry_vmm::GuestRam;
 
 use super::run::{supervise, Ending, Extra, SuperviseArgs};
 use crate::migration::incoming::accept;
+use crate::migration::network::{NetAnnouncer, NetDestination};
+use ferry_migration::handover::{
+    announce_on_schedule, deliver_forwarded, ForwardLimits, ANNOUNCE_SCHEDULE,
+};
+use ferry_migration::protocol::NET_HANDOVER_VERSION;
 
 #[derive(Debug, clap::Args)]
 pub struct ReceiveArgs {
@@ -58,6 +63,11 @@ pub struct ReceiveArgs {
     /// same.
     #[arg(long, conflicts_with = "tls")]
     pub insecure_plaintext: bool,
+    /// The tap the VM's virtio-net card plugs into here:
+    /// tap=NAME[,netns=NS] (the MAC is the VM's own). A VM with a card is
+    /// refused without it, before any page moves.
+    #[arg(long, value_name = "tap=NAME[,netns=NS]")]
+    pub net: Option<crate::net_flag::NetFlag>,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
 }
@@ -132,6 +142,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         max_vcpus: args.max_vcpus,
     };
     let prealloc = args.prealloc;
+    let net = args.net.clone().map(|n| n.0);
     let deadline = args.supervise.duration.map(|d| waiting_since + d);
     // A connection that fails before it offers a VM (garbage, a stranger,
     // a broken Hello) changes nothing here: wait for the real source.
@@ -148,7 +159,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         // The listener stays open for the fault channel of a post-copy.
         let received = receive_vm(stream, Some(&listener), &options, |offer| {
             offered.set(true);
-            accept(offer, &limits, prealloc, reserved.take())
+            accept(offer, &limits, prealloc, reserved.take(), net.as_ref())
         });
         drop(yielding);
         match received {
@@ -187,11 +198,69 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         report.load_ms,
         report.start_ms
     );
+    // Committed and running here: now, and only now, the network may
+    // learn the VM's new place (QEMU's schedule of five announces).
+    let announcing = vm.net().map(|net| {
+        let t0 = Instant::now();
+        eprintln!(
+            "ferry: virtio-net card {} on tap {}; announcing it here",
+            net.mac(),
+            net.tap_name()
+        );
+        announce_on_schedule(
+            std::sync::Arc::new(NetAnnouncer(net)),
+            ANNOUNCE_SCHEDULE,
+            t0,
+        )
+    });
+    if let Some(Err(e)) = &announcing {
+        eprintln!("ferry: cannot start announcing the VM's MAC: {e}");
+    }
+    if let Some(Ok(thread)) = announcing {
+        std::thread::spawn(move || {
+            if let Ok((sent, failure)) = thread.join() {
+                let at: Vec<String> = sent.iter().map(|ms| format!("{ms:.1}")).collect();
+                eprintln!(
+                    "ferry: announced the VM's MAC at [{}] ms after the start{}",
+                    at.join(", "),
+                    failure
+                        .map(|f| format!(" (failed: {f})"))
+                        .unwrap_or_default()
+                );
+            }
+        });
+    }
     let mut postcopy = received.postcopy;
     if postcopy.is_none() {
         // The source adds this side's share to its downtime figure.
         if let Some(first_run) = vm.first_run_since_resume(FIRST_RUN_WAIT) {
             send_started(&mut stream, &report, first_run);
+        }
+    }
+    // The card started held: the frames that reached the old place since
+    // the pause come first (a v7 source forwards them after the commit,
+    // pre-copy only), then this host's tap opens.
+    if let Some(net) = vm.net() {
+        if report.version >= NET_HANDOVER_VERSION && postcopy.is_none() {
+            let handed = deliver_forwarded(
+                &mut stream,
+                &mut NetDestination(net.clone()),
+                &ForwardLimits::default(),
+            );
+            eprintln!(
+                "ferry: network handover: {} frames forwarded from the old place delivered ({} by the source's count, {} dropped there), this tap opened {:.1} ms after the start{}; card stats {:?}",
+                handed.delivered,
+                handed.source_forwarded.unwrap_or(0),
+                handed.source_dropped.unwrap_or(0),
+                handed.opened_ms,
+                handed
+                    .error
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default(),
+                net.stats()
+            );
+        } else {
+            net.release();
         }
     }
     if let Some(h) = &postcopy {

@@ -13,7 +13,9 @@ use ferry_vmm::state::StateRecord;
 use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{GuestRam, KvmHost, Vm};
 
-use super::source::VM_FEATURES;
+use ferry_vmm::devices::net::NetConfig;
+
+use super::source::{NET_FEATURE, VM_FEATURES};
 
 pub struct Incoming(pub IncomingVm);
 
@@ -25,15 +27,23 @@ pub fn accept(
     limits: &IncomingLimits,
     prealloc: bool,
     reserved: Option<GuestRam>,
+    net: Option<&NetConfig>,
 ) -> Result<Incoming, String> {
     if let Some(unknown) = offer
         .features
         .iter()
-        .find(|f| !VM_FEATURES.contains(&f.as_str()))
+        .find(|f| !VM_FEATURES.contains(&f.as_str()) && f.as_str() != NET_FEATURE)
     {
         return Err(format!(
             "the VM needs feature {unknown:?}, which this host does not offer"
         ));
+    }
+    let wants_net = offer.features.iter().any(|f| f == NET_FEATURE);
+    if wants_net && net.is_none() {
+        return Err(
+            "the VM has a virtio-net card and this destination has no network for it (start ferry receive with --net tap=NAME)"
+                .into(),
+        );
     }
     let cpuid = decode_cpuid(&offer.cpuid)?;
     let host = KvmHost::open().map_err(|e| e.to_string())?;
@@ -54,6 +64,15 @@ pub fn accept(
     incoming
         .preset_cpuid(&cpuid)
         .map_err(|e| format!("cannot give the vCPUs the offered CPUID: {e}"))?;
+    if wants_net {
+        // Opens the tap now: a missing or busy one refuses the offer.
+        incoming
+            .set_net(net.cloned())
+            .map_err(|e| format!("the VM's network here: {e}"))?;
+        // Released once the source's forwarded frames are in (or at once
+        // when the source forwards none).
+        incoming.hold_net_at_start();
+    }
     let built: Vec<(u64, u64)> = incoming
         .ram()
         .regions()

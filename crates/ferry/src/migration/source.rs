@@ -4,6 +4,9 @@ use ferry_migration::bitmap::{PageBitmap, RangeBits};
 use std::sync::Arc;
 
 use ferry_migration::guest::{GuestError, PageReader, PauseTiming, SourceGuest};
+use ferry_migration::handover::SourceNetwork;
+
+use super::network::NetSource;
 use ferry_migration::protocol::{Offer, RamRange};
 use ferry_vmm::compat::encode_cpuid;
 use ferry_vmm::{GuestRam, Vm};
@@ -11,6 +14,9 @@ use ferry_vmm::{GuestRam, Vm};
 /// Features every Ferry VM relies on; a destination refuses names it does
 /// not know.
 pub const VM_FEATURES: &[&str] = &["irqchip", "pit2", "com1"];
+/// Offered when the VM has a virtio-net card: a destination without a
+/// tap for it refuses the offer.
+pub const NET_FEATURE: &str = "virtio-net";
 
 pub struct VmSource<'a>(pub &'a mut Vm);
 
@@ -27,7 +33,12 @@ impl SourceGuest for VmSource<'_> {
                 .collect(),
             tsc_khz: m.tsc_khz,
             cpuid: encode_cpuid(self.0.cpuid()),
-            features: VM_FEATURES.iter().map(|s| s.to_string()).collect(),
+            features: VM_FEATURES
+                .iter()
+                .copied()
+                .chain(self.0.net().map(|_| NET_FEATURE))
+                .map(str::to_string)
+                .collect(),
         })
     }
 
@@ -70,6 +81,12 @@ impl SourceGuest for VmSource<'_> {
 
     fn pause(&mut self) -> Result<PauseTiming, GuestError> {
         let paused = self.0.pause()?;
+        // From the blackout on, frames for the VM are kept, not given to
+        // the guest: after a commit they go to the destination, after an
+        // abort to the guest here.
+        if let Some(net) = self.0.net() {
+            net.hold();
+        }
         Ok(PauseTiming {
             requested: paused.requested,
             all_stopped: paused.all_stopped,
@@ -77,8 +94,16 @@ impl SourceGuest for VmSource<'_> {
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {
+        if let Some(net) = self.0.net() {
+            net.release();
+        }
         self.0.resume();
         Ok(())
+    }
+
+    fn network_after_commit(&mut self) -> Option<Box<dyn SourceNetwork>> {
+        let net = self.0.net()?;
+        Some(Box::new(NetSource::new(net)))
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
