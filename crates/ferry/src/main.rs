@@ -7,6 +7,7 @@ mod child;
 mod commands;
 mod duration;
 mod migration;
+mod net_flag;
 mod report;
 mod size;
 mod watch;

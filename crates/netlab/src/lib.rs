@@ -42,7 +42,7 @@ pub use mac::MacAddr;
 pub use netns::in_netns;
 pub use probe::{GapReport, Probe, ProbeConfig, ProbeReport, TcpReport, UdpReport};
 pub use standin::{StandIn, StandInCounters};
-pub use tap::open_tap;
+pub use tap::{open_tap, open_tap_here};
 pub use topology::{
     ClientNames, FdbPlace, Host, HostNames, StandInNames, SwitchNames, Topology, TopologyNames,
     TopologyState,

@@ -123,7 +123,9 @@ pub fn load(
     }
     write_gdt(memory)?;
     write_tss(memory)?;
-    write_page_tables(memory, ram_end(mem_bytes))?;
+    // The low 4 GiB always: the guest reaches its virtio-mmio slots
+    // (0xfeb00000..) from ring 3 through this map.
+    write_page_tables(memory, ram_end(mem_bytes).max(MMIO_HOLE_END))?;
     write_start_info(memory, mem_bytes, cmdline)?;
     Ok(BootEntry {
         rip: loaded.kernel_load.0,

@@ -31,6 +31,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Fault in all guest memory before the guest starts.
     pub prealloc: bool,
+    /// A virtio-net card on a tap, in virtio-mmio slot 0.
+    pub net: Option<crate::devices::net::NetConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,11 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
+use crate::devices::mmio_bus::{MmioBus, NET_SLOT};
+use crate::devices::net::{Net, NetConfig, NetError, NetHandle};
 use crate::devices::serial::{ConsoleSerial, IrqLine, LineSink};
+use crate::devices::virtio::attach::{attach, AttachError};
+use crate::devices::virtio::mmio::{MmioTransport, TransportError};
 use crate::devices::IoBus;
 use crate::dirty::{DirtyError, DirtyPages};
 pub use crate::events::{ConsoleLine, StopReason, VmEvent};
@@ -28,8 +32,8 @@ use crate::layout;
 use crate::lazy::{LazyError, LazyRam};
 use crate::memory::{GuestMemory, GuestRam, MemoryError};
 use crate::state::{
-    DeviceStates, MachineConfig, MachineState, MachineStateError, StateRecord, VcpuState,
-    VcpuStateError,
+    DeviceStates, MachineConfig, MachineState, MachineStateError, NetSection, StateRecord,
+    VcpuState, VcpuStateError,
 };
 use crate::vcpu::gate::{RunGate, Want};
 use crate::vcpu::throttle::Throttle;
@@ -102,6 +106,14 @@ pub enum VmError {
     NothingLoaded,
     #[error(transparent)]
     Lazy(#[from] LazyError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("the network card's transport: {0}")]
+    NetTransport(#[from] TransportError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error("the saved VM has a network card (MAC {mac}); give it a tap with --net tap=NAME")]
+    NetMissing { mac: String },
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -140,6 +152,9 @@ impl Paused {
 // the VM before the memory its slots point into.
 pub struct Vm {
     throttle: Option<Throttle>,
+    /// The network card; stopped after the vCPUs (declared after `threads`
+    /// would not matter: `Drop` stops the vCPUs first).
+    net: Option<Arc<MmioTransport<Net>>>,
     threads: Vec<JoinHandle<()>>,
     vcpus: Vec<SharedVcpu>,
     gate: Arc<RunGate>,
@@ -184,7 +199,7 @@ impl Vm {
         }
         let machine = machine_config(config.mem_bytes, config.vcpus, cmdline, parts.tsc_khz);
         let cpuid = cpuid.as_slice().to_vec();
-        Self::launch(parts, machine, cpuid, None, started_at)
+        Self::launch(parts, machine, cpuid, None, config.net.as_ref(), started_at)
     }
 
     /// Rebuilds a VM from `record`: `load_memory` fills its (zeroed) RAM,
@@ -198,9 +213,24 @@ impl Vm {
     where
         E: std::error::Error + Send + Sync + 'static,
     {
+        Self::restore_with_net(record, prealloc, None, load_memory)
+    }
+
+    /// [`restore`](Self::restore) with the network card plugged into the
+    /// tap `net` names.
+    pub fn restore_with_net<E>(
+        record: &StateRecord,
+        prealloc: bool,
+        net: Option<NetConfig>,
+        load_memory: impl FnOnce(&GuestMemory) -> Result<(), E>,
+    ) -> Result<Self, VmError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let config = &record.config;
         let mut incoming =
             IncomingVm::new(config.mem_bytes, config.vcpus, config.tsc_khz, prealloc)?;
+        incoming.set_net(net);
         load_memory(incoming.parts.ram.memory()).map_err(|e| VmError::LoadMemory(Box::new(e)))?;
         incoming.load_state(record)?;
         incoming.start()
@@ -211,11 +241,37 @@ impl Vm {
         parts: Parts,
         machine: MachineConfig,
         cpuid: Vec<kvm_cpuid_entry2>,
-        devices: Option<&DeviceStates>,
+        devices: Option<(&DeviceStates, Option<&NetSection>)>,
+        net_config: Option<&NetConfig>,
         started_at: Instant,
     ) -> Result<Self, VmError> {
         let (events_tx, events_rx) = channel();
-        let bus = Arc::new(IoBus::new(make_serial(&parts.vm_fd, &events_tx, devices)?));
+        let mut mmio = MmioBus::new();
+        let saved_net = devices.and_then(|d| d.1);
+        let net = match (net_config, saved_net) {
+            (None, None) => None,
+            (None, Some(saved)) => {
+                return Err(VmError::NetMissing {
+                    mac: ferry_netlab::MacAddr(saved.device.mac).to_string(),
+                })
+            }
+            (Some(cfg), None) => Some(Arc::new(MmioTransport::new(
+                Net::new(cfg)?,
+                parts.ram.memory().clone(),
+            )?)),
+            (Some(cfg), Some(saved)) => Some(Arc::new(MmioTransport::restore(
+                Net::restored(cfg, &saved.device)?,
+                parts.ram.memory().clone(),
+                &saved.transport,
+            )?)),
+        };
+        if let Some(t) = &net {
+            attach(&parts.vm_fd, &mut mmio, NET_SLOT, t.clone())?;
+        }
+        let bus = Arc::new(IoBus::new(
+            make_serial(&parts.vm_fd, &events_tx, devices.map(|d| d.0))?,
+            mmio,
+        ));
         kick::install_handler().map_err(VmError::KickHandler)?;
         let gate = Arc::new(RunGate::new(parts.vcpu_fds.len(), Want::Run));
         let vcpus: Vec<SharedVcpu> = parts
@@ -225,6 +281,7 @@ impl Vm {
             .collect();
         let mut vm = Self {
             throttle: None,
+            net,
             threads: Vec::new(),
             vcpus,
             gate,
@@ -327,6 +384,11 @@ impl Vm {
         let stopped = self.gate.wait_all_stopped(PAUSE_TIMEOUT);
         self.throttle = None;
         let all_stopped = stopped.ok_or(VmError::PauseTimeout(PAUSE_TIMEOUT))?;
+        // With the vCPUs stopped, the card stops writing guest memory too,
+        // so what is saved (or copied) now stays true.
+        if let Some(net) = &self.net {
+            net.pause();
+        }
         Ok(Paused {
             requested,
             all_stopped,
@@ -334,7 +396,15 @@ impl Vm {
     }
 
     pub fn resume(&self) {
+        if let Some(net) = &self.net {
+            net.resume();
+        }
         self.gate.set(Want::Run);
+    }
+
+    /// The network card's controls, if the VM has one.
+    pub fn net(&self) -> Option<NetHandle> {
+        self.net.as_ref().map(|t| t.device().handle())
     }
 
     /// When a vCPU first entered the guest since the VM last started or
@@ -368,6 +438,10 @@ impl Vm {
                 serial: serial.into(),
                 console_pending,
             },
+            net: self.net.as_ref().map(|t| {
+                let (transport, device) = t.save();
+                NetSection { transport, device }
+            }),
         })
     }
 
@@ -435,7 +509,13 @@ impl Drop for Vm {
 /// any point discards everything, which is what an aborted migration needs.
 pub struct IncomingVm {
     parts: Parts,
-    loaded: Option<(MachineConfig, Vec<kvm_cpuid_entry2>, DeviceStates)>,
+    loaded: Option<(
+        MachineConfig,
+        Vec<kvm_cpuid_entry2>,
+        DeviceStates,
+        Option<NetSection>,
+    )>,
+    net: Option<NetConfig>,
 }
 
 impl IncomingVm {
@@ -463,7 +543,13 @@ impl IncomingVm {
         Ok(Self {
             parts,
             loaded: None,
+            net: None,
         })
+    }
+
+    /// The tap the network card plugs into when the VM starts.
+    pub fn set_net(&mut self, net: Option<NetConfig>) {
+        self.net = net;
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -533,7 +619,17 @@ impl IncomingVm {
             .first()
             .map(|v| v.cpuid.clone())
             .unwrap_or_default();
-        self.loaded = Some((config.clone(), cpuid, record.devices.clone()));
+        if let (Some(saved), None) = (&record.net, &self.net) {
+            return Err(VmError::NetMissing {
+                mac: ferry_netlab::MacAddr(saved.device.mac).to_string(),
+            });
+        }
+        self.loaded = Some((
+            config.clone(),
+            cpuid,
+            record.devices.clone(),
+            record.net.clone(),
+        ));
         Ok(())
     }
 
@@ -553,10 +649,17 @@ impl IncomingVm {
 
     /// Starts the vCPUs where the loaded state left them.
     pub fn start(self) -> Result<Vm, VmError> {
-        let Some((machine, cpuid, devices)) = self.loaded else {
+        let Some((machine, cpuid, devices, net)) = self.loaded else {
             return Err(VmError::NothingLoaded);
         };
-        Vm::launch(self.parts, machine, cpuid, Some(&devices), Instant::now())
+        Vm::launch(
+            self.parts,
+            machine,
+            cpuid,
+            Some((&devices, net.as_ref())),
+            self.net.as_ref(),
+            Instant::now(),
+        )
     }
 }
 

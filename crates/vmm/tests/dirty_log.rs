@@ -46,6 +46,7 @@ fn dirty_log_reports_the_working_set_and_own_writes() {
         image: GuestImage::Bytes(ferry_testguest::GUEST_ELF.into()),
         cmdline: ferry_testguest::guest_cmdline(&workload, 1, None),
         prealloc: false,
+        net: None,
     })
     .unwrap();
     let events = vm.take_events().unwrap();

@@ -17,6 +17,8 @@ use ferry_vmm::GuestRam;
 
 use super::run::{supervise, Ending, Extra, SuperviseArgs};
 use crate::migration::incoming::accept;
+use crate::migration::network::NetAnnouncer;
+use ferry_migration::handover::{announce_on_schedule, ANNOUNCE_SCHEDULE};
 
 #[derive(Debug, clap::Args)]
 pub struct ReceiveArgs {
@@ -58,6 +60,11 @@ pub struct ReceiveArgs {
     /// same.
     #[arg(long, conflicts_with = "tls")]
     pub insecure_plaintext: bool,
+    /// The tap the VM's virtio-net card plugs into here:
+    /// tap=NAME[,netns=NS] (the MAC is the VM's own). A VM with a card is
+    /// refused without it, before any page moves.
+    #[arg(long, value_name = "tap=NAME[,netns=NS]")]
+    pub net: Option<crate::net_flag::NetFlag>,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
 }
@@ -132,6 +139,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         max_vcpus: args.max_vcpus,
     };
     let prealloc = args.prealloc;
+    let net = args.net.clone().map(|n| n.0);
     let deadline = args.supervise.duration.map(|d| waiting_since + d);
     // A connection that fails before it offers a VM (garbage, a stranger,
     // a broken Hello) changes nothing here: wait for the real source.
@@ -148,7 +156,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         // The listener stays open for the fault channel of a post-copy.
         let received = receive_vm(stream, Some(&listener), &options, |offer| {
             offered.set(true);
-            accept(offer, &limits, prealloc, reserved.take())
+            accept(offer, &limits, prealloc, reserved.take(), net.as_ref())
         });
         drop(yielding);
         match received {
@@ -187,6 +195,38 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         report.load_ms,
         report.start_ms
     );
+    // Committed and running here: now, and only now, the network may
+    // learn the VM's new place (QEMU's schedule of five announces).
+    let announcing = vm.net().map(|net| {
+        let t0 = Instant::now();
+        eprintln!(
+            "ferry: virtio-net card {} on tap {}; announcing it here",
+            net.mac(),
+            net.tap_name()
+        );
+        announce_on_schedule(
+            std::sync::Arc::new(NetAnnouncer(net)),
+            ANNOUNCE_SCHEDULE,
+            t0,
+        )
+    });
+    if let Some(Err(e)) = &announcing {
+        eprintln!("ferry: cannot start announcing the VM's MAC: {e}");
+    }
+    if let Some(Ok(thread)) = announcing {
+        std::thread::spawn(move || {
+            if let Ok((sent, failure)) = thread.join() {
+                let at: Vec<String> = sent.iter().map(|ms| format!("{ms:.1}")).collect();
+                eprintln!(
+                    "ferry: announced the VM's MAC at [{}] ms after the start{}",
+                    at.join(", "),
+                    failure
+                        .map(|f| format!(" (failed: {f})"))
+                        .unwrap_or_default()
+                );
+            }
+        });
+    }
     let mut postcopy = received.postcopy;
     if postcopy.is_none() {
         // The source adds this side's share to its downtime figure.

@@ -24,6 +24,10 @@ pub struct RestoreArgs {
     /// Fault in all guest memory before loading it.
     #[arg(long)]
     pub prealloc: bool,
+    /// The tap the VM's virtio-net card plugs into:
+    /// tap=NAME[,netns=NS] (the MAC is the snapshot's).
+    #[arg(long, value_name = "tap=NAME[,netns=NS]")]
+    pub net: Option<crate::net_flag::NetFlag>,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
 }
@@ -48,10 +52,18 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<bool> {
             vcpus
         );
     }
+    if let (Some(saved), None) = (&record.net, &args.net) {
+        bail!(
+            "{} is a VM with a virtio-net card (MAC {}); give it a tap with --net tap=NAME[,netns=NS]",
+            args.file.display(),
+            ferry_netlab::MacAddr(saved.device.mac)
+        );
+    }
     let api = args.supervise.bind_api()?;
     let record_read = start.elapsed();
     let mut loaded = None;
-    let mut vm = Vm::restore(&record, args.prealloc, |ram| {
+    let net = args.net.clone().map(|n| n.0);
+    let mut vm = Vm::restore_with_net(&record, args.prealloc, net, |ram| {
         loaded = Some(memory.load_memory(ram)?);
         Ok::<_, ferry_vmm::snapshot::SnapshotError>(())
     })

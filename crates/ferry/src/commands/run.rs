@@ -10,10 +10,12 @@ use anyhow::{bail, Context};
 use ferry_migration::postcopy::source::Unfinished;
 use ferry_migration::precopy::Failure;
 use ferry_testguest::console::Line;
+use ferry_testguest::net::GuestWorkload;
 use ferry_testguest::workload::Workload;
 use ferry_vmm::{GuestImage, Vm, VmConfig, VmEvent};
 
 use crate::api::{ApiServer, Pending};
+use crate::net_flag::NetFlag;
 use crate::size::{parse_size, show_size};
 use crate::watch::{GuestWatch, Seen};
 use ferry_control::{Request, Response};
@@ -27,9 +29,15 @@ pub struct VmArgs {
     /// Number of vCPUs; each runs its own share of the workload [default: 1].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=ferry_testguest::MAX_VCPUS as i64))]
     pub vcpus: Option<u32>,
-    /// idle, or dirty:WS_MB:RATE[:FILL_MB] (RATE in MiB/s or `max`) [default: idle].
+    /// idle, or dirty:WS_MB:RATE[:FILL_MB] (RATE in MiB/s or `max`), with
+    /// an optional +net:IP/PREFIX:PORT (the guest's TCP and UDP echoes on
+    /// its card; needs --net) [default: idle].
     #[arg(long)]
-    pub workload: Option<Workload>,
+    pub workload: Option<GuestWorkload>,
+    /// A virtio-net card on an existing tap:
+    /// tap=NAME[,netns=NS][,mac=AA:BB:CC:DD:EE:FF].
+    #[arg(long, value_name = "tap=NAME[,netns=NS][,mac=MAC]")]
+    pub net: Option<NetFlag>,
     /// Guest ELF to boot instead of the built-in test guest.
     #[arg(long)]
     pub guest: Option<PathBuf>,
@@ -44,14 +52,29 @@ impl VmArgs {
     }
 
     pub fn workload(&self) -> Workload {
-        self.workload.unwrap_or(Workload::Idle)
+        self.guest_workload().workload
+    }
+
+    /// The workload with its network term, if any.
+    pub fn guest_workload(&self) -> GuestWorkload {
+        self.workload.unwrap_or(GuestWorkload {
+            workload: Workload::Idle,
+            net: None,
+            disk: None,
+        })
     }
 
     /// Checks what can be checked before touching KVM, then builds the config.
     pub fn to_config(&self) -> anyhow::Result<VmConfig> {
         ferry_vmm::memory::check_size(self.mem, ferry_vmm::memory::host_available_bytes()?)
             .context("--mem")?;
-        let workload = self.workload();
+        let guest_workload = self.guest_workload();
+        if guest_workload.net.is_some() && self.net.is_none() {
+            bail!(
+                "--workload {guest_workload} serves the network, but the VM has no card: give --net tap=NAME"
+            );
+        }
+        let workload = guest_workload.workload;
         let needed = ferry_testguest::guest_mem_needed(&workload);
         if needed >= self.mem {
             bail!(
@@ -69,8 +92,9 @@ impl VmArgs {
             mem_bytes: self.mem,
             vcpus: self.vcpus(),
             image,
-            cmdline: ferry_testguest::guest_cmdline(&workload, self.vcpus(), None),
+            cmdline: ferry_testguest::guest_cmdline_with_net(&guest_workload, self.vcpus(), None),
             prealloc: self.prealloc,
+            net: self.net.clone().map(|n| n.0),
         })
     }
 }
@@ -407,12 +431,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let start = Instant::now();
     let api = args.supervise.bind_api()?;
     let (vm, events) = boot(&args.vm)?;
+    if let Some(net) = vm.net() {
+        eprintln!(
+            "ferry: virtio-net card {} on tap {} (virtio-mmio slot 0)",
+            net.mac(),
+            net.tap_name()
+        );
+    }
     eprintln!(
         "ferry: VM started: {} vCPU(s), {} memory{}, workload {}, TSC {} kHz ({:.1} ms to create)",
         args.vm.vcpus(),
         show_size(args.vm.mem),
         vm.ram().prealloc_note(),
-        args.vm.workload(),
+        args.vm.guest_workload(),
         vm.tsc_khz(),
         start.elapsed().as_secs_f64() * 1e3
     );

@@ -13,7 +13,9 @@ use ferry_vmm::state::StateRecord;
 use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{GuestRam, KvmHost, Vm};
 
-use super::source::VM_FEATURES;
+use ferry_vmm::devices::net::{check_tap, NetConfig};
+
+use super::source::{NET_FEATURE, VM_FEATURES};
 
 pub struct Incoming(pub IncomingVm);
 
@@ -25,15 +27,27 @@ pub fn accept(
     limits: &IncomingLimits,
     prealloc: bool,
     reserved: Option<GuestRam>,
+    net: Option<&NetConfig>,
 ) -> Result<Incoming, String> {
     if let Some(unknown) = offer
         .features
         .iter()
-        .find(|f| !VM_FEATURES.contains(&f.as_str()))
+        .find(|f| !VM_FEATURES.contains(&f.as_str()) && f.as_str() != NET_FEATURE)
     {
         return Err(format!(
             "the VM needs feature {unknown:?}, which this host does not offer"
         ));
+    }
+    let wants_net = offer.features.iter().any(|f| f == NET_FEATURE);
+    match (wants_net, net) {
+        (true, None) => {
+            return Err(
+                "the VM has a virtio-net card and this destination has no network for it (start ferry receive with --net tap=NAME)"
+                    .into(),
+            )
+        }
+        (true, Some(cfg)) => check_tap(cfg).map_err(|e| format!("the VM's network: {e}"))?,
+        (false, _) => {}
     }
     let cpuid = decode_cpuid(&offer.cpuid)?;
     let host = KvmHost::open().map_err(|e| e.to_string())?;
@@ -49,6 +63,10 @@ pub fn accept(
         None => IncomingVm::new(offer.mem_bytes, offer.vcpus, offer.tsc_khz, prealloc),
     }
     .map_err(|e| format!("cannot build the VM here: {e}"))?;
+    let mut incoming = incoming;
+    if wants_net {
+        incoming.set_net(net.cloned());
+    }
     let built: Vec<(u64, u64)> = incoming
         .ram()
         .regions()

@@ -2,6 +2,7 @@
 //! the engine's source, an `IncomingVm` as its destination.
 
 pub mod incoming;
+pub mod network;
 pub mod outgoing;
 pub mod priority;
 pub mod source;

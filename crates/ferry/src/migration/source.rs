@@ -11,6 +11,9 @@ use ferry_vmm::{GuestRam, Vm};
 /// Features every Ferry VM relies on; a destination refuses names it does
 /// not know.
 pub const VM_FEATURES: &[&str] = &["irqchip", "pit2", "com1"];
+/// Offered when the VM has a virtio-net card: a destination without a
+/// tap for it refuses the offer.
+pub const NET_FEATURE: &str = "virtio-net";
 
 pub struct VmSource<'a>(pub &'a mut Vm);
 
@@ -27,7 +30,12 @@ impl SourceGuest for VmSource<'_> {
                 .collect(),
             tsc_khz: m.tsc_khz,
             cpuid: encode_cpuid(self.0.cpuid()),
-            features: VM_FEATURES.iter().map(|s| s.to_string()).collect(),
+            features: VM_FEATURES
+                .iter()
+                .copied()
+                .chain(self.0.net().map(|_| NET_FEATURE))
+                .map(str::to_string)
+                .collect(),
         })
     }
 

@@ -1,11 +1,16 @@
-//! The devices the guest reaches by port I/O, and the bus that routes a
-//! vCPU's I/O exit to them.
+//! The devices the guest reaches by port I/O and by MMIO, and the buses
+//! that route a vCPU's I/O and MMIO exits to them.
 
+pub mod mmio_bus;
+pub mod net;
 pub mod serial;
+
+pub mod virtio;
 
 use std::sync::Mutex;
 
 use crate::boot::{COM1_BASE, GUEST_EXIT_PORT};
+use mmio_bus::MmioBus;
 use serial::ConsoleSerial;
 
 /// What a port write asks of the vCPU loop.
@@ -17,13 +22,25 @@ pub enum PioOutcome {
 
 pub struct IoBus {
     serial: Mutex<ConsoleSerial>,
+    mmio: MmioBus,
 }
 
 impl IoBus {
-    pub fn new(serial: ConsoleSerial) -> Self {
+    pub fn new(serial: ConsoleSerial, mmio: MmioBus) -> Self {
         Self {
             serial: Mutex::new(serial),
+            mmio,
         }
+    }
+
+    /// A KVM_EXIT_MMIO read.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.mmio.read(addr, data)
+    }
+
+    /// A KVM_EXIT_MMIO write.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data)
     }
 
     /// COM1's registers, for the state record.

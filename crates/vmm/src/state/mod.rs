@@ -79,12 +79,23 @@ pub struct DeviceStates {
     pub console_pending: Vec<u8>,
 }
 
+/// The network card's section: its transport (negotiated features, queue
+/// addresses, sizes and positions, status) and its own state (MAC, the
+/// guest address it learnt).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSection {
+    pub transport: crate::devices::virtio::mmio::TransportState,
+    pub device: crate::devices::net::NetState,
+}
+
 #[derive(Debug)]
 pub struct StateRecord {
     pub config: MachineConfig,
     pub vcpus: Vec<VcpuState>,
     pub machine: MachineState,
     pub devices: DeviceStates,
+    /// Present only for a VM with a network card.
+    pub net: Option<NetSection>,
 }
 
 const CONFIG: SectionId = SectionId {
@@ -107,7 +118,12 @@ const DEVICES: SectionId = SectionId {
     name: "devices",
     version: 1,
 };
-const KNOWN: &[SectionId] = &[CONFIG, VCPUS, MACHINE, DEVICES];
+const NET: SectionId = SectionId {
+    id: 5,
+    name: "virtio-net",
+    version: 1,
+};
+const KNOWN: &[SectionId] = &[CONFIG, VCPUS, MACHINE, DEVICES, NET];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -124,6 +140,9 @@ impl StateRecord {
         w.section(VCPUS, &self.vcpus);
         w.section(MACHINE, &self.machine);
         w.section(DEVICES, &self.devices);
+        if let Some(net) = &self.net {
+            w.section(NET, net);
+        }
         w.finish()
     }
 
@@ -137,6 +156,11 @@ impl StateRecord {
             vcpus: codec::take(&sections, VCPUS)?,
             machine: codec::take(&sections, MACHINE)?,
             devices: codec::take(&sections, DEVICES)?,
+            net: if sections.iter().any(|s| s.id == NET.id) {
+                Some(codec::take(&sections, NET)?)
+            } else {
+                None
+            },
         };
         record.check()?;
         Ok(record)

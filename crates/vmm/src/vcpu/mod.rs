@@ -1,5 +1,5 @@
 //! vCPU threads: one per vCPU, each a small loop that runs the guest,
-//! routes its I/O exits to the bus, and obeys the run gate (run, pause,
+//! routes its I/O and MMIO exits to the bus, and obeys the run gate (run, pause,
 //! stop). While a vCPU is parked its `VcpuFd` is free for the controller to
 //! read or write its state.
 
@@ -88,6 +88,14 @@ fn run_once(index: u32, fd: &mut VcpuFd, bus: &IoBus) -> Step {
         },
         Ok(VcpuExit::IoIn(port, data)) => {
             bus.pio_in(port, data);
+            Step::Continue
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            bus.mmio_read(addr, data);
+            Step::Continue
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            bus.mmio_write(addr, data);
             Step::Continue
         }
         Ok(VcpuExit::Shutdown) => Step::Stop(StopReason::TripleFault {
