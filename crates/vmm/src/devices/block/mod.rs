@@ -5,6 +5,7 @@
 //! into guest memory goes through vm-memory's `Bytes`, so the VMM's
 //! own-writes bitmap marks the pages and migration copies them.
 
+pub mod device;
 pub mod image;
 pub mod lock;
 pub mod request;
