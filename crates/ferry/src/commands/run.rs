@@ -72,6 +72,16 @@ impl VmArgs {
         })
     }
 
+    /// For the commands that take these flags but cannot give the VM a
+    /// disk yet (the agents, the demo): a clear error instead of a disk
+    /// silently dropped.
+    pub fn refuse_disk(&self, command: &str) -> anyhow::Result<()> {
+        if self.disk.is_some() || self.guest_workload().disk.is_some() {
+            bail!("{command} cannot give a VM a disk yet (--disk and +disk: work with ferry run only)");
+        }
+        Ok(())
+    }
+
     /// Checks what can be checked before touching KVM, then builds the config.
     pub fn to_config(&self) -> anyhow::Result<VmConfig> {
         ferry_vmm::memory::check_size(self.mem, ferry_vmm::memory::host_available_bytes()?)

@@ -104,6 +104,7 @@ pub fn default_workload() -> Workload {
 }
 
 pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
+    args.vm.refuse_disk("ferry demo")?;
     args.vm
         .workload
         .get_or_insert_with(|| ferry_testguest::net::GuestWorkload {
