@@ -201,3 +201,87 @@ fn bad_disks_are_refused_before_the_vm_starts() {
     // Nothing was written to the image.
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0xa5));
 }
+
+/// Reads the console until `until` holds for the disk counters of a
+/// heartbeat; every line goes through `each` first.
+fn watch_disk(
+    vm: &mut RunningFerry,
+    timeout: Duration,
+    mut each: impl FnMut(&str),
+    until: impl Fn(&DiskCounters) -> bool,
+) -> DiskCounters {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (text, line) = vm.lines.recv_timeout(left).unwrap_or_else(|_| {
+            panic!(
+                "timed out after {timeout:?}; console:\n{}",
+                vm.seen.join("\n")
+            )
+        });
+        vm.seen.push(text.clone());
+        each(&text);
+        if let Line::Heartbeat(_) = line {
+            if let Some(d) = DiskCounters::from_heartbeat(&text) {
+                if until(&d) {
+                    return d;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_block_changed_behind_the_guest_is_caught_on_ferrys_disk() {
+    let test = "a_block_changed_behind_the_guest_is_caught_on_ferrys_disk";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new("disk-corrupt");
+    let img = image(&dir, 1);
+    let disk = format!("path={img}");
+    let mut vm = RunningFerry::spawn(&[
+        "--mem",
+        "256M",
+        "--workload",
+        "disk:1:max",
+        "--disk",
+        &disk,
+        "--duration",
+        "90s",
+    ]);
+    // Once checks have begun, every block was acknowledged at least once.
+    watch_disk(
+        &mut vm,
+        Duration::from_secs(40),
+        |_| {},
+        |d| {
+            assert_eq!(d.disk_err, 0, "{d:?}");
+            d.disk_ver > 0
+        },
+    );
+    // Overwrite the middle of every 16th block through the host file: the
+    // device reads with O_DIRECT, so the guest's next read sees it.
+    let file = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    for b in (0..256u64).step_by(16) {
+        file.write_all_at(&[0xee; 64], b * 4096 + 2048).unwrap();
+    }
+    file.sync_data().unwrap();
+    let mut derr = Vec::new();
+    let last = watch_disk(
+        &mut vm,
+        Duration::from_secs(40),
+        |t| {
+            if t.starts_with("DERR") {
+                derr.push(t.to_owned());
+            }
+        },
+        // The block in flight may be rewritten before it is read.
+        |d| d.disk_err >= 15,
+    );
+    eprintln!("after the corruption: {last:?}; {derr:?}");
+    assert!(
+        derr.iter().any(|l| l.contains("kind=corrupt")),
+        "no DERR kind=corrupt: {derr:?}"
+    );
+}
