@@ -31,12 +31,34 @@ pub struct NetConfig {
     pub port: u16,
 }
 
+/// How fast the disk workload goes through its blocks.
+#[derive(Clone, Copy)]
+pub enum DiskRate {
+    /// 4 KiB blocks written per second (each rewrite also reads the block
+    /// back first).
+    BlocksPerSec(u64),
+    Max,
+}
+
+/// `disk=MB:RATE`: the disk workload over the first MB MiB of the
+/// virtio-blk device.
+#[derive(Clone, Copy)]
+pub struct DiskConfig {
+    pub mib: u64,
+    pub rate: DiskRate,
+}
+
+/// Largest `disk=` MB: the table of acknowledged generations (4 bytes per
+/// 4 KiB block) lives in .bss and is sized for it.
+pub const DISK_MAX_MIB: u64 = 256;
+
 /// What the command line asks for.
 pub struct Options {
     pub workload: Workload,
     pub cpus: u32,
     pub tsc_khz: Option<u64>,
     pub net: Option<NetConfig>,
+    pub disk: Option<DiskConfig>,
 }
 
 /// What is wrong, and the token it is wrong in.
@@ -50,6 +72,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Options, Error<'_>> {
     let mut cpus = None;
     let mut tsc_khz = None;
     let mut net = None;
+    let mut disk = None;
     for token in cmdline
         .split(|b| b.is_ascii_whitespace())
         .filter(|t| !t.is_empty())
@@ -93,6 +116,12 @@ pub fn parse(cmdline: &[u8]) -> Result<Options, Error<'_>> {
                     return Err(err("net= given twice"));
                 }
             }
+            b"disk" => {
+                let parsed = parse_disk(value).map_err(err)?;
+                if disk.replace(parsed).is_some() {
+                    return Err(err("disk= given twice"));
+                }
+            }
             _ => {}
         }
     }
@@ -101,7 +130,29 @@ pub fn parse(cmdline: &[u8]) -> Result<Options, Error<'_>> {
         cpus: cpus.unwrap_or(1),
         tsc_khz,
         net,
+        disk,
     })
+}
+
+/// `MB:RATE`: MB from 1 to [`DISK_MAX_MIB`], RATE blocks per second (above
+/// 0) or `max`.
+fn parse_disk(value: &[u8]) -> Result<DiskConfig, &'static str> {
+    const SYNTAX: &str = "disk= is not MB:RATE (e.g. disk=16:200, RATE in 4 KiB blocks/s or max)";
+    let colon = value.iter().position(|&b| b == b':').ok_or(SYNTAX)?;
+    let (mib, rate) = (&value[..colon], &value[colon + 1..]);
+    let mib = number(mib).ok_or(SYNTAX)?;
+    if mib == 0 || mib > DISK_MAX_MIB {
+        return Err("disk= MB must be 1 to 256");
+    }
+    let rate = if rate == b"max" {
+        DiskRate::Max
+    } else {
+        match number(rate).ok_or(SYNTAX)? {
+            0 => return Err("disk= RATE must be above 0 (or max)"),
+            r => DiskRate::BlocksPerSec(r),
+        }
+    };
+    Ok(DiskConfig { mib, rate })
 }
 
 /// `idle` or `dirty:WS_MB:RATE[:FILL_MB]`.

@@ -35,6 +35,7 @@ pub mod code {
     pub const BAD_START_INFO: u8 = 5;
     pub const NO_TSC_FREQ: u8 = 6;
     pub const NO_NET: u8 = 7;
+    pub const NO_DISK: u8 = 8;
 }
 
 /// What a line sent while the workload runs does after each byte: look at

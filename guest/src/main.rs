@@ -16,6 +16,8 @@
 //! * `throttle`: the per-vCPU token bucket
 //! * `stats`: per-vCPU counters, READY, heartbeat and ERR lines
 //! * `net`: the virtio-net card, the TCP/IP stack and the echo services
+//! * `blk`: the virtio-blk disk and its generation-tagged workload
+//! * `virtio`: finding virtio-mmio devices, DMA memory for their queues
 //! * `console`: whole-line output on COM1, EXIT
 //! * `sync`, `pio`, `mem`: spin lock and one-shot publication, port I/O,
 //!   the C memory functions
@@ -23,6 +25,7 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod cmdline;
 mod console;
 mod entry;
@@ -35,6 +38,7 @@ mod stats;
 mod sync;
 mod throttle;
 mod time;
+mod virtio;
 mod workload;
 
 use core::panic::PanicInfo;
@@ -136,8 +140,14 @@ fn boot_cpu(start_info: u64) -> ! {
         Ok(net) => net,
         Err(e) => console::exit(code::NO_NET, |l| e.describe(l)),
     });
+    let disk = opts
+        .disk
+        .map(|cfg| match blk::Disk::init(&cfg, plan.tsc, rdtsc()) {
+            Ok(disk) => disk,
+            Err(e) => console::exit(code::NO_DISK, |l| e.describe(l)),
+        });
     let plan = PLAN.publish(plan);
-    workload::run(0, plan, Some(Heartbeat::new(plan, rdtsc())), net)
+    workload::run(0, plan, Some(Heartbeat::new(plan, rdtsc())), net, disk)
 }
 
 /// Every other vCPU: waits for vCPU 0's plan, then runs its share.
@@ -151,7 +161,7 @@ fn secondary_cpu(cpu: u32) -> ! {
                 .dec(u64::from(plan.cpus));
         });
     }
-    workload::run(cpu, plan, None, None)
+    workload::run(cpu, plan, None, None, None)
 }
 
 /// The FERRY-GUEST line: first on the console, whatever happens next.

@@ -5,6 +5,7 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crate::blk;
 use crate::cmdline::{Rate, Workload};
 use crate::console::Line;
 use crate::layout::Plan;
@@ -108,8 +109,15 @@ impl Heartbeat {
     }
 
     /// Called by vCPU 0 after every look at `clock` (which returned `now`);
-    /// prints what is due, serving `net` between the bytes.
-    pub fn poll(&mut self, now: u64, clock: &mut StallClock, mut net: Option<&mut Net>) {
+    /// prints what is due, serving `net` between the bytes; `disk` is the
+    /// disk's counters with `disk=`.
+    pub fn poll(
+        &mut self,
+        now: u64,
+        clock: &mut StallClock,
+        mut net: Option<&mut Net>,
+        disk: Option<blk::Counters>,
+    ) {
         if !self.ready_sent && FILLED.load(Ordering::Acquire) >= self.plan.cpus {
             self.ready_sent = true;
             let line = self.ready_line(now);
@@ -120,7 +128,7 @@ impl Heartbeat {
         if now < self.next_due && now >= self.last_t {
             return;
         }
-        let line = self.heartbeat_line(now, net.as_deref());
+        let line = self.heartbeat_line(now, net.as_deref(), disk);
         send(line, clock, net);
         self.next_due += self.period;
         if self.next_due <= now || now < self.last_t {
@@ -161,7 +169,7 @@ impl Heartbeat {
         line
     }
 
-    fn heartbeat_line(&mut self, now: u64, net: Option<&Net>) -> Line {
+    fn heartbeat_line(&mut self, now: u64, net: Option<&Net>, disk: Option<blk::Counters>) -> Line {
         let plan = self.plan;
         let (mut wr, mut ver, mut err, mut gap) = (0u64, 0u64, 0u64, 0u64);
         let (mut sweeps, mut fsweeps) = (u64::MAX, u64::MAX);
@@ -209,6 +217,14 @@ impl Heartbeat {
                 .field("tcp_replies", c.tcp_replies)
                 .field("udp_echoes", c.udp_echoes)
                 .field("net_err", c.err);
+        }
+        if let Some(d) = disk {
+            line.field("disk_wr", d.wr)
+                .field("disk_ver", d.ver)
+                .field("disk_err", d.err)
+                .field("disk_inflight", d.inflight)
+                .field("disk_gen", d.gen)
+                .field("disk_flushes", d.flushes);
         }
         self.seq += 1;
         self.last_wr = wr;

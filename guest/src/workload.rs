@@ -12,6 +12,7 @@
 //! The clock is looked at before every slice of at most [`SLICE`] pages,
 //! so the stall clock resolves gaps down to a few microseconds.
 
+use crate::blk::Disk;
 use crate::cmdline::{Rate, Workload};
 use crate::layout::{Plan, Share, PAGE_SIZE};
 use crate::net::Net;
@@ -42,12 +43,13 @@ pub fn page_value(index: u64, gen: u64) -> u64 {
 }
 
 /// Runs vCPU `cpu`'s workload forever; vCPU 0 also brings `heartbeat` and,
-/// with `net=`, the network it serves.
+/// with `net=`, the network it serves, and with `disk=`, the disk it drives.
 pub fn run(
     cpu: u32,
     plan: &'static Plan,
     heartbeat: Option<Heartbeat>,
     net: Option<&'static mut Net>,
+    disk: Option<&'static mut Disk>,
 ) -> ! {
     let stats = &STATS[cpu as usize];
     let mut worker = Worker {
@@ -57,6 +59,7 @@ pub fn run(
         clock: StallClock::new(&stats.max_gap),
         heartbeat,
         net,
+        disk,
         ws: plan.ws_share(cpu),
         fill: plan.fill_share(cpu),
         wr: 0,
@@ -84,6 +87,8 @@ struct Worker {
     heartbeat: Option<Heartbeat>,
     /// vCPU 0 only: served at every look at the clock.
     net: Option<&'static mut Net>,
+    /// vCPU 0 only: driven at every look at the clock.
+    disk: Option<&'static mut Disk>,
     ws: Share,
     fill: Share,
     wr: u64,
@@ -108,8 +113,12 @@ impl Worker {
         if let Some(net) = self.net.as_deref_mut() {
             net.poll(now, &mut self.clock);
         }
+        if let Some(disk) = self.disk.as_deref_mut() {
+            disk.poll(now, &mut self.clock);
+        }
         if let Some(heartbeat) = self.heartbeat.as_mut() {
-            heartbeat.poll(now, &mut self.clock, self.net.as_deref_mut());
+            let disk = self.disk.as_deref().map(Disk::counters);
+            heartbeat.poll(now, &mut self.clock, self.net.as_deref_mut(), disk);
         }
         now
     }

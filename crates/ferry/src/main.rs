@@ -5,6 +5,7 @@ mod api;
 mod bench;
 mod child;
 mod commands;
+mod disk_flag;
 mod duration;
 mod migration;
 mod net_flag;

@@ -27,6 +27,9 @@ pub mod exit_code {
     /// `net=` was given but no virtio-net device was found or it failed
     /// to initialise (the reason says which).
     pub const NO_NET: u64 = 7;
+    /// `disk=` given but no usable virtio-blk device (missing, failed to
+    /// initialise, too small or read-only).
+    pub const NO_DISK: u64 = 8;
 }
 
 /// One console line, parsed.
@@ -126,12 +129,7 @@ impl NetCounters {
     /// a well-formed `HB` line with all six network fields (a guest
     /// without `net=` prints none of them).
     pub fn from_heartbeat(line: &str) -> Option<NetCounters> {
-        let line = line.trim_end_matches(['\n', '\r']);
-        let rest = line.strip_prefix("HB ")?;
-        if !matches!(parse_known(line)?, Line::Heartbeat(_)) {
-            return None;
-        }
-        let f = Fields(rest);
+        let f = heartbeat_fields(line)?;
         Some(NetCounters {
             net_rx: f.num("net_rx")?,
             net_tx: f.num("net_tx")?,
@@ -141,6 +139,99 @@ impl NetCounters {
             net_err: f.num("net_err")?,
         })
     }
+}
+
+/// The disk fields of an `HB` line, present when the guest runs with
+/// `disk=`: `... disk_wr=326 disk_ver=40 disk_err=0 disk_inflight=1 disk_gen=2 disk_flushes=2`
+/// (guest/README.md, "Disk"). Parsed apart from [`Heartbeat`] like
+/// [`NetCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DiskCounters {
+    /// Block writes the device acknowledged.
+    pub disk_wr: u64,
+    /// Blocks read back and checked against the last acknowledged write.
+    pub disk_ver: u64,
+    /// Blocks that failed the check (lost, stale, misplaced, corrupt) and
+    /// requests that failed.
+    pub disk_err: u64,
+    /// Requests in flight (0 or 1).
+    pub disk_inflight: u64,
+    /// Highest generation written.
+    pub disk_gen: u64,
+    /// FLUSH requests completed.
+    pub disk_flushes: u64,
+}
+
+impl DiskCounters {
+    /// The disk counters of a heartbeat line: `None` if `line` is not a
+    /// well-formed `HB` line with all six disk fields.
+    pub fn from_heartbeat(line: &str) -> Option<DiskCounters> {
+        let f = heartbeat_fields(line)?;
+        Some(DiskCounters {
+            disk_wr: f.num("disk_wr")?,
+            disk_ver: f.num("disk_ver")?,
+            disk_err: f.num("disk_err")?,
+            disk_inflight: f.num("disk_inflight")?,
+            disk_gen: f.num("disk_gen")?,
+            disk_flushes: f.num("disk_flushes")?,
+        })
+    }
+}
+
+/// `DISK slot=23 addr=0xfeb02e00 version=1 capacity_sectors=65536 mb=16 rate=200 flush=1 scan_reads=48 scan_us=7170`:
+/// printed once at boot when the disk is up. It parses as
+/// [`Line::Other`]; [`DiskUp::parse`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskUp {
+    pub slot: u64,
+    pub addr: u64,
+    /// virtio-mmio version: 1 legacy, 2 modern.
+    pub version: u64,
+    /// The device's capacity in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// The MiB the workload goes round.
+    pub mb: u64,
+    /// Blocks per second, `None` for `max`.
+    pub rate: Option<u64>,
+    /// Whether the device offers FLUSH.
+    pub flush: bool,
+}
+
+impl DiskUp {
+    pub fn parse(line: &str) -> Option<DiskUp> {
+        let f = tagged_fields(line, "DISK")?;
+        Some(DiskUp {
+            slot: f.num("slot")?,
+            addr: f.num("addr")?,
+            version: f.num("version")?,
+            capacity_sectors: f.num("capacity_sectors")?,
+            mb: f.num("mb")?,
+            rate: match f.get("rate")? {
+                "max" => None,
+                r => Some(number(r)?),
+            },
+            flush: f.num("flush")? != 0,
+        })
+    }
+}
+
+/// The `key=value` fields of a line tagged `tag` (its ending trimmed).
+fn tagged_fields<'a>(line: &'a str, tag: &str) -> Option<Fields<'a>> {
+    let line = line.trim_end_matches(['\n', '\r']);
+    let rest = line.strip_prefix(tag)?.strip_prefix(' ')?;
+    Some(Fields(rest))
+}
+
+/// The fields of a well-formed `HB` line, for the counters a device's
+/// workload appends to it.
+fn heartbeat_fields(line: &str) -> Option<Fields<'_>> {
+    if !matches!(
+        parse_known(line.trim_end_matches(['\n', '\r']))?,
+        Line::Heartbeat(_)
+    ) {
+        return None;
+    }
+    tagged_fields(line, "HB")
 }
 
 /// `NET slot=23 addr=0xfeb02e00 version=1 mac=52:54:00:12:34:56 ip=10.77.0.2/24 port=7000 scan_reads=48 scan_us=4306`:
@@ -166,8 +257,7 @@ pub struct NetUp {
 
 impl NetUp {
     pub fn parse(line: &str) -> Option<NetUp> {
-        let line = line.trim_end_matches(['\n', '\r']);
-        let f = Fields(line.strip_prefix("NET ")?);
+        let f = tagged_fields(line, "NET")?;
         Some(NetUp {
             slot: f.num("slot")?,
             addr: f.num("addr")?,
@@ -484,6 +574,64 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn heartbeat_disk_fields_are_optional() {
+        let plain = "HB seq=1 t_ms=2 wr=3 ver=4 err=0 sweeps=0 fsweeps=0 stall_us=9 rate_mibs=1";
+        assert_eq!(DiskCounters::from_heartbeat(plain), None);
+        let disk = format!(
+            "{plain} net_rx=1 net_tx=1 tcp_conns=0 tcp_replies=0 udp_echoes=0 net_err=0 disk_wr=326 disk_ver=40 disk_err=0 disk_inflight=1 disk_gen=2 disk_flushes=3\n"
+        );
+        assert_eq!(
+            DiskCounters::from_heartbeat(&disk),
+            Some(DiskCounters {
+                disk_wr: 326,
+                disk_ver: 40,
+                disk_err: 0,
+                disk_inflight: 1,
+                disk_gen: 2,
+                disk_flushes: 3
+            })
+        );
+        assert!(NetCounters::from_heartbeat(&disk).is_some());
+        let bad = format!(
+            "{plain} disk_wr=1 disk_ver=1 disk_err=x disk_inflight=0 disk_gen=1 disk_flushes=0"
+        );
+        assert_eq!(DiskCounters::from_heartbeat(&bad), None);
+        assert!(matches!(parse_line(&bad), Line::Heartbeat(_)));
+        // Not an HB line at all.
+        assert_eq!(
+            DiskCounters::from_heartbeat(
+                "HBX disk_wr=1 disk_ver=1 disk_err=0 disk_inflight=0 disk_gen=1 disk_flushes=0"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn parses_the_disk_line() {
+        let line = "DISK slot=23 addr=0xfeb02e00 version=1 capacity_sectors=65536 mb=16 rate=200 flush=1 scan_reads=48 scan_us=7170\n";
+        assert_eq!(parse_line(line), Line::Other(line.trim_end().into()));
+        assert_eq!(
+            DiskUp::parse(line),
+            Some(DiskUp {
+                slot: 23,
+                addr: 0xfeb0_2e00,
+                version: 1,
+                capacity_sectors: 65536,
+                mb: 16,
+                rate: Some(200),
+                flush: true
+            })
+        );
+        let max = "DISK slot=1 addr=0xfeb00200 version=2 capacity_sectors=8 mb=1 rate=max flush=0";
+        assert_eq!(
+            DiskUp::parse(max).map(|d| (d.rate, d.flush)),
+            Some((None, false))
+        );
+        assert_eq!(DiskUp::parse("DISK slot=1"), None);
+        assert_eq!(DiskUp::parse("NET slot=1"), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //!   needs, to refuse one before booting.
 
 pub mod console;
+pub mod disk;
 pub mod net;
 pub mod workload;
 
@@ -50,8 +51,9 @@ pub fn guest_cmdline(workload: &Workload, cpus: u32, tsc_khz: Option<u32>) -> St
     line
 }
 
-/// [`guest_cmdline`] for a workload with its optional network service
-/// (`dirty:256:100+net:10.77.0.2/24:7000`): `net=` follows the other keys.
+/// [`guest_cmdline`] for a workload with its optional network service and
+/// disk workload (`dirty:256:100+net:10.77.0.2/24:7000+disk:16:200`):
+/// `net=` and `disk=` follow the other keys.
 pub fn guest_cmdline_with_net(
     workload: &net::GuestWorkload,
     cpus: u32,
@@ -60,6 +62,9 @@ pub fn guest_cmdline_with_net(
     let mut line = guest_cmdline(&workload.workload, cpus, tsc_khz);
     if let Some(net) = workload.net {
         line.push_str(&format!(" net={net}"));
+    }
+    if let Some(disk) = workload.disk {
+        line.push_str(&format!(" disk={disk}"));
     }
     line
 }

@@ -11,6 +11,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
+use crate::disk::{DiskLoad, DiskLoadError};
 use crate::workload::{Workload, WorkloadError};
 
 const SYNTAX: &str = "IP/PREFIX:PORT (e.g. 10.77.0.2/24:7000)";
@@ -83,13 +84,15 @@ fn digits(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-/// A workload with its optional network service: the `+`-joined form,
-/// e.g. `dirty:256:100+net:10.77.0.2/24:7000` or `net:10.77.0.2/24:7000`
-/// (idle with a network).
+/// A workload with its optional network service and disk workload: the
+/// `+`-joined form, e.g. `dirty:256:100+net:10.77.0.2/24:7000`,
+/// `net:10.77.0.2/24:7000` (idle with a network) or
+/// `dirty:64:10+disk:16:200`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GuestWorkload {
     pub workload: Workload,
     pub net: Option<NetEcho>,
+    pub disk: Option<DiskLoad>,
 }
 
 /// Why a `+`-joined workload was refused.
@@ -99,28 +102,46 @@ pub enum GuestWorkloadError {
     Workload(#[from] WorkloadError),
     #[error("net term: {0}")]
     Net(#[from] NetError),
-    #[error("{0} given twice in one workload (want at most one of idle/dirty and one net)")]
+    #[error("disk term: {0}")]
+    Disk(#[from] DiskLoadError),
+    #[error(
+        "{0} given twice in one workload (want at most one of idle/dirty, one net and one disk)"
+    )]
     Twice(&'static str),
     #[error("empty term in {0:?} (terms are joined with a single +)")]
     EmptyTerm(String),
 }
 
 impl GuestWorkload {
-    /// The guest command-line keys: `workload=... [net=...]`.
+    /// The guest command-line keys: `workload=... [net=...] [disk=...]`.
     pub fn cmdline_keys(&self) -> String {
-        match self.net {
-            Some(net) => format!("workload={} net={net}", self.workload),
-            None => format!("workload={}", self.workload),
+        let mut keys = format!("workload={}", self.workload);
+        if let Some(net) = self.net {
+            keys.push_str(&format!(" net={net}"));
         }
+        if let Some(disk) = self.disk {
+            keys.push_str(&format!(" disk={disk}"));
+        }
+        keys
     }
 }
 
 impl fmt::Display for GuestWorkload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.workload, self.net) {
-            (Workload::Idle, Some(net)) => write!(f, "net:{net}"),
-            (w, Some(net)) => write!(f, "{w}+net:{net}"),
-            (w, None) => write!(f, "{w}"),
+        match (self.workload, self.net, self.disk) {
+            (Workload::Idle, Some(net), None) => write!(f, "net:{net}"),
+            (Workload::Idle, None, Some(disk)) => write!(f, "disk:{disk}"),
+            (Workload::Idle, Some(net), Some(disk)) => write!(f, "net:{net}+disk:{disk}"),
+            (w, net, disk) => {
+                write!(f, "{w}")?;
+                if let Some(net) = net {
+                    write!(f, "+net:{net}")?;
+                }
+                if let Some(disk) = disk {
+                    write!(f, "+disk:{disk}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -131,6 +152,7 @@ impl FromStr for GuestWorkload {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut workload = None;
         let mut net = None;
+        let mut disk = None;
         for term in s.split('+') {
             if term.is_empty() {
                 return Err(GuestWorkloadError::EmptyTerm(s.to_owned()));
@@ -139,6 +161,10 @@ impl FromStr for GuestWorkload {
                 if net.replace(spec.parse::<NetEcho>()?).is_some() {
                     return Err(GuestWorkloadError::Twice("net"));
                 }
+            } else if let Some(spec) = term.strip_prefix("disk:") {
+                if disk.replace(spec.parse::<DiskLoad>()?).is_some() {
+                    return Err(GuestWorkloadError::Twice("disk"));
+                }
             } else if workload.replace(term.parse::<Workload>()?).is_some() {
                 return Err(GuestWorkloadError::Twice("the workload"));
             }
@@ -146,6 +172,7 @@ impl FromStr for GuestWorkload {
         Ok(GuestWorkload {
             workload: workload.unwrap_or(Workload::Idle),
             net,
+            disk,
         })
     }
 }
@@ -219,6 +246,33 @@ mod tests {
             (w.net, w.cmdline_keys().as_str()),
             (None, "workload=dirty:1:max")
         );
+    }
+
+    #[test]
+    fn the_disk_term_joins_dirty_and_net() {
+        let w: GuestWorkload = "dirty:64:10+disk:16:200".parse().unwrap();
+        assert_eq!(w.cmdline_keys(), "workload=dirty:64:10 disk=16:200");
+        assert_eq!(w.to_string(), "dirty:64:10+disk:16:200");
+        let w: GuestWorkload = "disk:1:max+net:10.77.0.2/24:7000+dirty:8:max"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            w.cmdline_keys(),
+            "workload=dirty:8:max net=10.77.0.2/24:7000 disk=1:max"
+        );
+        assert_eq!(
+            w.to_string(),
+            "dirty:8:max+net:10.77.0.2/24:7000+disk:1:max"
+        );
+        let w: GuestWorkload = "disk:2:5".parse().unwrap();
+        assert_eq!(
+            (w.workload, w.to_string().as_str()),
+            (Workload::Idle, "disk:2:5")
+        );
+        let bad = |s: &str| s.parse::<GuestWorkload>().unwrap_err();
+        assert_eq!(bad("disk:1:1+disk:1:1"), GuestWorkloadError::Twice("disk"));
+        assert!(matches!(bad("idle+disk:0:1"), GuestWorkloadError::Disk(_)));
+        assert!(bad("idle+disk:0:1").to_string().contains("disk term"));
     }
 
     #[test]

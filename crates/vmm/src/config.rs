@@ -33,6 +33,8 @@ pub struct VmConfig {
     pub prealloc: bool,
     /// A virtio-net card on a tap, in virtio-mmio slot 0.
     pub net: Option<crate::devices::net::NetConfig>,
+    /// A virtio-blk disk on a raw image, in virtio-mmio slot 1.
+    pub block: Option<crate::devices::block::device::BlockConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]

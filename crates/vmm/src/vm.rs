@@ -19,7 +19,9 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
-use crate::devices::mmio_bus::{MmioBus, NET_SLOT};
+use crate::devices::block::device::{Block, BlockConfig, BlockStats};
+use crate::devices::block::image::ImageError;
+use crate::devices::mmio_bus::{MmioBus, BLOCK_SLOT, NET_SLOT};
 use crate::devices::net::{Net, NetConfig, NetError, NetHandle};
 use crate::devices::serial::{ConsoleSerial, IrqLine, LineSink};
 use crate::devices::virtio::attach::{attach, AttachError};
@@ -114,6 +116,12 @@ pub enum VmError {
     Attach(#[from] AttachError),
     #[error("the saved VM has a network card (MAC {mac}); give it a tap with --net tap=NAME")]
     NetMissing { mac: String },
+    #[error("--disk: {0}")]
+    Disk(#[from] ImageError),
+    #[error(
+        "a VM with a disk cannot {0} yet: the disk's state section and its hand-over are not built"
+    )]
+    DiskNotMovable(&'static str),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -155,6 +163,8 @@ pub struct Vm {
     /// The network card; stopped after the vCPUs (declared after `threads`
     /// would not matter: `Drop` stops the vCPUs first).
     net: Option<Arc<MmioTransport<Net>>>,
+    /// The disk (virtio-blk, slot 1); stopped like the card.
+    block: Option<Arc<MmioTransport<Block>>>,
     threads: Vec<JoinHandle<()>>,
     vcpus: Vec<SharedVcpu>,
     gate: Arc<RunGate>,
@@ -200,7 +210,15 @@ impl Vm {
         let machine = machine_config(config.mem_bytes, config.vcpus, cmdline, parts.tsc_khz);
         let cpuid = cpuid.as_slice().to_vec();
         let net = config.net.as_ref().map(Net::new).transpose()?;
-        Self::launch(parts, machine, cpuid, None, net, false, started_at)
+        Self::launch(
+            parts,
+            machine,
+            cpuid,
+            None,
+            (net, false),
+            config.block.as_ref(),
+            started_at,
+        )
     }
 
     /// Rebuilds a VM from `record`: `load_memory` fills its (zeroed) RAM,
@@ -243,8 +261,8 @@ impl Vm {
         machine: MachineConfig,
         cpuid: Vec<kvm_cpuid_entry2>,
         devices: Option<(&DeviceStates, Option<&NetSection>)>,
-        net_device: Option<Net>,
-        net_held: bool,
+        (net_device, net_held): (Option<Net>, bool),
+        block_config: Option<&BlockConfig>,
         started_at: Instant,
     ) -> Result<Self, VmError> {
         let (events_tx, events_rx) = channel();
@@ -276,6 +294,16 @@ impl Vm {
             }
             attach(&parts.vm_fd, &mut mmio, NET_SLOT, t.clone())?;
         }
+        let block = match block_config {
+            Some(cfg) => Some(Arc::new(MmioTransport::new(
+                Block::new(cfg)?,
+                parts.ram.memory().clone(),
+            )?)),
+            None => None,
+        };
+        if let Some(t) = &block {
+            attach(&parts.vm_fd, &mut mmio, BLOCK_SLOT, t.clone())?;
+        }
         let bus = Arc::new(IoBus::new(
             make_serial(&parts.vm_fd, &events_tx, devices.map(|d| d.0))?,
             mmio,
@@ -290,6 +318,7 @@ impl Vm {
         let mut vm = Self {
             throttle: None,
             net,
+            block,
             threads: Vec::new(),
             vcpus,
             gate,
@@ -397,6 +426,9 @@ impl Vm {
         if let Some(net) = &self.net {
             net.pause();
         }
+        if let Some(block) = &self.block {
+            block.pause();
+        }
         Ok(Paused {
             requested,
             all_stopped,
@@ -404,6 +436,9 @@ impl Vm {
     }
 
     pub fn resume(&self) {
+        if let Some(block) = &self.block {
+            block.resume();
+        }
         if let Some(net) = &self.net {
             net.resume();
         }
@@ -421,10 +456,18 @@ impl Vm {
         self.gate.wait_running(timeout)
     }
 
+    /// The disk's request counters, if the VM has one.
+    pub fn disk_stats(&self) -> Option<Arc<BlockStats>> {
+        self.block.as_ref().map(|t| t.device().stats.clone())
+    }
+
     /// The complete state but memory. The VM must be paused.
     pub fn save_state(&self) -> Result<StateRecord, VmError> {
         if self.gate.controller_wants() != Want::Pause {
             return Err(VmError::NotPaused("save its state"));
+        }
+        if self.block.is_some() {
+            return Err(VmError::DiskNotMovable("be saved or migrated"));
         }
         let vcpus = self
             .vcpus
@@ -702,8 +745,9 @@ impl IncomingVm {
             machine,
             cpuid,
             Some((&devices, net.as_ref())),
-            self.net,
-            self.net_held,
+            (self.net, self.net_held),
+            // A saved or migrated VM has no disk (save_state refuses).
+            None,
             Instant::now(),
         )
     }

@@ -47,6 +47,7 @@ fn dirty_log_reports_the_working_set_and_own_writes() {
         cmdline: ferry_testguest::guest_cmdline(&workload, 1, None),
         prealloc: false,
         net: None,
+        block: None,
     })
     .unwrap();
     let events = vm.take_events().unwrap();

@@ -63,6 +63,7 @@ fn boot(topo: &Topology, host: Host) -> Vm {
         cmdline,
         prealloc: false,
         net: Some(net_config(topo, host)),
+        block: None,
     })
     .expect("the VM with a network card starts")
 }
@@ -182,6 +183,7 @@ fn guest_echoes_over_the_tap_and_keeps_answering_after_a_restore() {
     // The tap is taken while this VM holds it.
     let err = Vm::start(VmConfig {
         net: Some(net_config(&topo, Host::A)),
+        block: None,
         ..config_without_guest()
     })
     .err()
@@ -232,6 +234,7 @@ fn config_without_guest() -> VmConfig {
         cmdline: String::new(),
         prealloc: false,
         net: None,
+        block: None,
     }
 }
 

@@ -18,9 +18,9 @@ use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use virtio_drivers::device::net::VirtIONetRaw;
 
-use super::hal::IdentityHal;
 use super::notify::DeferredNotify;
 use crate::sync::Exclusive;
+use crate::virtio::hal::IdentityHal;
 
 /// Entries per virtqueue (both queues): the device must offer at least this.
 pub const QUEUE_SIZE: usize = 64;

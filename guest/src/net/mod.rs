@@ -3,8 +3,6 @@
 //! (no interrupts), with smoltcp as the TCP/IP stack and the echo services
 //! on top. Nothing here allocates: every buffer is in .bss.
 //!
-//! * `discover`: which slot holds the card
-//! * `hal`: DMA pages and addresses for virtio-drivers
 //! * `notify`: notifications sent once per poll
 //! * `device`: smoltcp's view of the card
 //! * `echo`: the TCP and UDP echo services
@@ -20,9 +18,7 @@
 //! still shows in full.
 
 mod device;
-mod discover;
 mod echo;
-mod hal;
 mod notify;
 
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketSet};
@@ -35,6 +31,7 @@ use crate::cmdline::NetConfig;
 use crate::console::{Line, Watch};
 use crate::sync::Exclusive;
 use crate::time::{rdtsc, StallClock, Tsc};
+use crate::virtio::discover;
 use device::NetDevice;
 use echo::Echo;
 use notify::Notifier;
@@ -119,7 +116,7 @@ impl Net {
     /// starts the services and prints the NET line.
     pub fn init(cfg: &NetConfig, tsc: Tsc) -> Result<&'static mut Net, InitError> {
         let slot = NET.take().ok_or(InitError::AlreadyUp)?;
-        let found = discover::find_net().map_err(|e| InitError::NotFound {
+        let found = discover::find(discover::DEVICE_ID_NET).map_err(|e| InitError::NotFound {
             transports: e.transports,
         })?;
         let header = core::ptr::NonNull::new(found.addr as *mut VirtIOHeader)

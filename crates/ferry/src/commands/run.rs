@@ -15,6 +15,7 @@ use ferry_testguest::workload::Workload;
 use ferry_vmm::{GuestImage, Vm, VmConfig, VmEvent};
 
 use crate::api::{ApiServer, Pending};
+use crate::disk_flag::DiskFlag;
 use crate::net_flag::NetFlag;
 use crate::size::{parse_size, show_size};
 use crate::watch::{GuestWatch, Seen};
@@ -31,13 +32,20 @@ pub struct VmArgs {
     pub vcpus: Option<u32>,
     /// idle, or dirty:WS_MB:RATE[:FILL_MB] (RATE in MiB/s or `max`), with
     /// an optional +net:IP/PREFIX:PORT (the guest's TCP and UDP echoes on
-    /// its card; needs --net) [default: idle].
+    /// its card; needs --net) and an optional +disk:MB:RATE (the guest's
+    /// disk workload, RATE in 4 KiB blocks/s or `max`; needs --disk)
+    /// [default: idle].
     #[arg(long)]
     pub workload: Option<GuestWorkload>,
     /// A virtio-net card on an existing tap:
     /// tap=NAME[,netns=NS][,mac=AA:BB:CC:DD:EE:FF].
     #[arg(long, value_name = "tap=NAME[,netns=NS][,mac=MAC]")]
     pub net: Option<NetFlag>,
+    /// A virtio-blk disk on a raw image file (opened with O_DIRECT and
+    /// locked exclusively): path=IMG[,readonly]. A VM with a disk cannot be
+    /// snapshotted or migrated yet.
+    #[arg(long, value_name = "path=IMG[,readonly]")]
+    pub disk: Option<DiskFlag>,
     /// Guest ELF to boot instead of the built-in test guest.
     #[arg(long)]
     pub guest: Option<PathBuf>,
@@ -60,7 +68,18 @@ impl VmArgs {
         self.workload.unwrap_or(GuestWorkload {
             workload: Workload::Idle,
             net: None,
+            disk: None,
         })
+    }
+
+    /// For the commands that take these flags but cannot give the VM a
+    /// disk yet (the agents, the demo): a clear error instead of a disk
+    /// silently dropped.
+    pub fn refuse_disk(&self, command: &str) -> anyhow::Result<()> {
+        if self.disk.is_some() || self.guest_workload().disk.is_some() {
+            bail!("{command} cannot give a VM a disk yet (--disk and +disk: work with ferry run only)");
+        }
+        Ok(())
     }
 
     /// Checks what can be checked before touching KVM, then builds the config.
@@ -72,6 +91,25 @@ impl VmArgs {
             bail!(
                 "--workload {guest_workload} serves the network, but the VM has no card: give --net tap=NAME"
             );
+        }
+        if let Some(load) = guest_workload.disk {
+            let Some(disk) = &self.disk else {
+                bail!("--workload {guest_workload} writes a disk, but the VM has none: give --disk path=IMG");
+            };
+            let size = std::fs::metadata(&disk.0.path)
+                .with_context(|| format!("--disk: disk image {}", disk.0.path.display()))?
+                .len();
+            if size < load.bytes() {
+                bail!(
+                    "--workload disk:{load} needs {} of disk but {} holds {}",
+                    show_size(load.bytes()),
+                    disk.0.path.display(),
+                    show_size(size)
+                );
+            }
+            if disk.0.readonly {
+                bail!("--workload disk:{load} writes the disk, but --disk says readonly");
+            }
         }
         let workload = guest_workload.workload;
         let needed = ferry_testguest::guest_mem_needed(&workload);
@@ -94,6 +132,7 @@ impl VmArgs {
             cmdline: ferry_testguest::guest_cmdline_with_net(&guest_workload, self.vcpus(), None),
             prealloc: self.prealloc,
             net: self.net.clone().map(|n| n.0),
+            block: self.disk.clone().map(|d| d.0),
         })
     }
 }

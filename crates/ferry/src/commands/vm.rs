@@ -158,7 +158,10 @@ pub fn vm(args: VmArgs) -> anyhow::Result<bool> {
     let client = AgentClient::new(&args.agent);
     let (reply, what) = match &args.command {
         VmCommand::Create(c) => (
-            client.request("POST", "/v1/vms", Some(&c.body()))?,
+            {
+                c.vm.refuse_disk("ferry vm create")?;
+                client.request("POST", "/v1/vms", Some(&c.body()))?
+            },
             "create",
         ),
         VmCommand::List => (client.get("/v1/vms")?, "list"),

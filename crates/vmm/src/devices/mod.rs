@@ -1,6 +1,7 @@
 //! The devices the guest reaches by port I/O and by MMIO, and the buses
 //! that route a vCPU's I/O and MMIO exits to them.
 
+pub mod block;
 pub mod mmio_bus;
 pub mod net;
 pub mod serial;

@@ -104,11 +104,13 @@ pub fn default_workload() -> Workload {
 }
 
 pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
+    args.vm.refuse_disk("ferry demo")?;
     args.vm
         .workload
         .get_or_insert_with(|| ferry_testguest::net::GuestWorkload {
             workload: default_workload(),
             net: None,
+            disk: None,
         });
     args.vm.vcpus.get_or_insert(2);
     if args.direct {

@@ -1,8 +1,8 @@
-//! Finding the virtio-net device: the virtio-mmio slots sit at QEMU
-//! microvm's addresses (Ferry uses the same layout, slot 0 for net), 0x200
-//! bytes each. Every register read is a VM exit, so a slot costs one read
-//! (MagicValue) when empty, and two (DeviceID) when it holds a transport;
-//! the scan stops at the first network device.
+//! Finding a virtio device: the virtio-mmio slots sit at QEMU microvm's
+//! addresses (Ferry uses the same layout, slot 0 for net, slot 1 for
+//! block), 0x200 bytes each. Every register read is a VM exit, so a slot
+//! costs one read (MagicValue) when empty, and two (DeviceID) when it holds
+//! a transport; the scan stops at the first device of the type asked for.
 
 use crate::time::rdtsc;
 
@@ -18,9 +18,11 @@ const MAGIC: u32 = 0x7472_6976;
 const REG_MAGIC: u64 = 0x000;
 const REG_DEVICE_ID: u64 = 0x008;
 /// DeviceID of a network card.
-const DEVICE_ID_NET: u32 = 1;
+pub const DEVICE_ID_NET: u32 = 1;
+/// DeviceID of a block device.
+pub const DEVICE_ID_BLOCK: u32 = 2;
 
-/// A network device found in a slot, and what finding it cost.
+/// A device found in a slot, and what finding it cost.
 pub struct Found {
     pub slot: u32,
     pub addr: u64,
@@ -29,15 +31,15 @@ pub struct Found {
     pub ticks: u64,
 }
 
-/// What the scan saw when it found no network device.
+/// What the scan saw when it found no device of the type asked for.
 pub struct NotFound {
     /// Slots that answered with the magic value (transports with or
     /// without a device behind them).
     pub transports: u32,
 }
 
-/// Scans the slots for the first virtio-net device.
-pub fn find_net() -> Result<Found, NotFound> {
+/// Scans the slots for the first device whose DeviceID is `device_id`.
+pub fn find(device_id: u32) -> Result<Found, NotFound> {
     let start = rdtsc();
     let mut reads = 0;
     let mut transports = 0;
@@ -49,7 +51,7 @@ pub fn find_net() -> Result<Found, NotFound> {
         }
         transports += 1;
         reads += 1;
-        if read_reg(addr + REG_DEVICE_ID) == DEVICE_ID_NET {
+        if read_reg(addr + REG_DEVICE_ID) == device_id {
             return Ok(Found {
                 slot,
                 addr,

@@ -11,8 +11,9 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
-/// Pages in the pool: two virtqueues of 64 entries need 4 (2 each, legacy
-/// or modern layout); the rest is slack.
+/// Pages in the pool: the network's two virtqueues of 64 entries need 4
+/// (2 each, legacy or modern layout), the disk's one queue of 16 entries
+/// 2; the rest is slack.
 const POOL_PAGES: usize = 8;
 
 #[repr(C, align(4096))]

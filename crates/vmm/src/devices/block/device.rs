@@ -1,0 +1,318 @@
+//! The virtio-blk device on the virtio-mmio transport (slot 1): one
+//! request queue served by a worker thread that polls while the guest is
+//! busy (notifications suppressed) and sleeps on the queue's eventfd when
+//! it is not. Requests are served in order, one at a time, to completion:
+//! a request the guest sees completed is on the image (and, after FLUSH or
+//! without FLUSH negotiated, on the storage).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::image::{Image, ImageError, ImageSpec};
+use super::request::WriteCache;
+use super::{features as blk, Backend};
+use crate::devices::virtio::{features, ActivateError, Activation, DeviceSignals, VirtioDevice};
+use crate::memory::GuestMemory;
+
+pub const DEVICE_TYPE_BLOCK: u32 = 2;
+pub const QUEUE_SIZE: u16 = 256;
+/// How long the worker keeps polling after the last request before it
+/// sleeps on the eventfd, and how often it looks while polling.
+const BUSY_FOR: Duration = Duration::from_millis(50);
+const BUSY_POLL: Duration = Duration::from_micros(200);
+/// Longest sleep: stop and pause requests are seen at least this often.
+const IDLE_POLL_MS: i32 = 100;
+
+/// `--disk path=IMG[,readonly]`: the image behind slot 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// The device's part of the state record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub path: String,
+    pub readonly: bool,
+    pub sectors: u64,
+}
+
+/// Counters for the VMM's report.
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    pub requests: AtomicU64,
+    pub io_errors: AtomicU64,
+}
+
+struct Rings {
+    backend: Backend,
+    active: Option<(GuestMemory, Queue, WriteCache)>,
+}
+
+pub struct Block {
+    rings: Arc<Mutex<Rings>>,
+    sectors: u64,
+    readonly: bool,
+    path: PathBuf,
+    worker: Option<Worker>,
+    paused: Arc<AtomicBool>,
+    pub stats: Arc<BlockStats>,
+}
+
+struct Worker {
+    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+}
+
+impl Block {
+    /// Opens the image (size checked, exclusive lock taken).
+    pub fn new(config: &BlockConfig) -> Result<Block, ImageError> {
+        let image = Image::open(
+            &ImageSpec {
+                path: config.path.clone(),
+                readonly: config.readonly,
+                expected_size: None,
+            },
+            true,
+        )?;
+        Ok(Block {
+            sectors: image.sectors(),
+            readonly: config.readonly,
+            path: config.path.clone(),
+            rings: Arc::new(Mutex::new(Rings {
+                backend: Backend::new(image, "ferry-disk"),
+                active: None,
+            })),
+            worker: None,
+            paused: Arc::new(AtomicBool::new(false)),
+            stats: Arc::new(BlockStats::default()),
+        })
+    }
+}
+
+impl VirtioDevice for Block {
+    type State = BlockState;
+
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let ro = if self.readonly { blk::RO } else { 0 };
+        features::VERSION_1 | blk::FLUSH | ro
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // capacity (le64) is all the config the device fills in.
+        let config = self.sectors.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| config.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.reset();
+        let mut queues = a.queues;
+        let queue = queues
+            .pop()
+            .filter(|_| queues.is_empty())
+            .ok_or_else(|| ActivateError::Queues("virtio-blk has exactly one queue".into()))?;
+        let notifier = a
+            .notifiers
+            .into_iter()
+            .next()
+            .ok_or_else(|| ActivateError::Queues("no notifier for the request queue".into()))?;
+        let cache = if a.acked_features & blk::FLUSH != 0 {
+            WriteCache::WriteBack
+        } else {
+            WriteCache::WriteThrough
+        };
+        {
+            let mut rings = self.rings.lock().unwrap();
+            rings
+                .backend
+                .image
+                .activate()
+                .map_err(|e| ActivateError::Queues(e.to_string()))?;
+            rings.active = Some((a.memory, queue, cache));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?);
+        let thread = {
+            let (rings, paused, stop, wake, stats, signals) = (
+                self.rings.clone(),
+                self.paused.clone(),
+                stop.clone(),
+                wake.clone(),
+                self.stats.clone(),
+                a.signals,
+            );
+            std::thread::Builder::new()
+                .name("virtio-blk".into())
+                .spawn(move || run(&rings, &paused, &stop, &notifier, &wake, &signals, &stats))
+                .map_err(ActivateError::Worker)?
+        };
+        self.worker = Some(Worker {
+            thread: Some(thread),
+            stop,
+            wake,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop.store(true, Ordering::Release);
+            let _ = w.wake.write(1);
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+        self.rings.lock().unwrap().active = None;
+    }
+
+    fn pause(&mut self) {
+        self.paused.store(true, Ordering::Release);
+        // A round runs holding the lock: taking it waits for that round.
+        drop(self.rings.lock().unwrap());
+    }
+
+    fn resume(&mut self) {
+        self.paused.store(false, Ordering::Release);
+        if let Some(w) = &self.worker {
+            let _ = w.wake.write(1);
+        }
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        let rings = self.rings.lock().unwrap();
+        rings.active.as_ref().map(|(_, q, _)| vec![q.state()])
+    }
+
+    fn save(&self) -> BlockState {
+        BlockState {
+            path: self.path.display().to_string(),
+            readonly: self.readonly,
+            sectors: self.sectors,
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+/// The worker: serve while requests come, then sleep on the eventfd.
+fn run(
+    rings: &Mutex<Rings>,
+    paused: &AtomicBool,
+    stop: &AtomicBool,
+    notifier: &EventFd,
+    wake: &EventFd,
+    signals: &DeviceSignals,
+    stats: &BlockStats,
+) {
+    let mut last_work = Instant::now();
+    let mut notifications_on = true;
+    while !stop.load(Ordering::Acquire) {
+        if paused.load(Ordering::Acquire) || signals.is_broken() {
+            wait(notifier, wake, IDLE_POLL_MS);
+            continue;
+        }
+        let busy = last_work.elapsed() < BUSY_FOR;
+        let more = {
+            let mut guard = rings.lock().unwrap();
+            let r = &mut *guard;
+            if paused.load(Ordering::Acquire) {
+                continue;
+            }
+            let Some((memory, queue, cache)) = r.active.as_mut() else {
+                break;
+            };
+            // While polling the guest need not notify; before sleeping it
+            // must, and a request that slipped in meanwhile is served.
+            let toggled = if busy && notifications_on {
+                notifications_on = false;
+                queue.disable_notification(&*memory).map(|()| false)
+            } else if !busy && !notifications_on {
+                notifications_on = true;
+                queue.enable_notification(&*memory)
+            } else {
+                Ok(false)
+            };
+            match toggled.map_err(|e| e.to_string()).and_then(|more| {
+                r.backend
+                    .serve_queue(queue, memory, *cache)
+                    .map(|s| (s, more))
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok((served, more)) => {
+                    stats
+                        .requests
+                        .fetch_add(served.requests as u64, Ordering::Relaxed);
+                    stats
+                        .io_errors
+                        .fetch_add(served.io_errors as u64, Ordering::Relaxed);
+                    if served.notify {
+                        signals.used_buffer();
+                    }
+                    served.requests > 0 || more
+                }
+                Err(why) => {
+                    signals.mark_broken(&why);
+                    false
+                }
+            }
+        };
+        if more {
+            last_work = Instant::now();
+        } else if busy {
+            std::thread::sleep(BUSY_POLL);
+        } else {
+            wait(notifier, wake, IDLE_POLL_MS);
+        }
+    }
+}
+
+/// Sleeps until the guest notifies, the device is woken, or `ms` pass.
+fn wait(notifier: &EventFd, wake: &EventFd, ms: i32) {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: notifier.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: fds is a valid array of two pollfd for the call's duration.
+    unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    // Drain both (non-blocking): a notification only says "look".
+    let _ = notifier.read();
+    let _ = wake.read();
+}
