@@ -225,6 +225,15 @@ pub struct JobSlot {
 }
 
 impl JobSlot {
+    /// A job read back from the state directory after a restart.
+    pub(crate) fn restored(view: MigrationJob) -> Self {
+        Self {
+            view: Mutex::new(view),
+            cancel: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+        }
+    }
+
     fn snapshot(&self) -> MigrationJob {
         lock(&self.view).clone()
     }
@@ -531,6 +540,7 @@ impl Agent {
         }
         *lock(&slot.job) = None;
         self.set_phase(&job, phase, reason.clone());
+        self.save_job(&job);
         let view = job.snapshot();
         if let Some(report) = &view.report {
             self.metrics.migration_moved(
@@ -664,6 +674,9 @@ impl Agent {
             }
         };
         let _token_gone = RemoveOnDrop(token_file.clone());
+        // Written before the data plane starts: a restart of this agent
+        // settles it (crate::jobs).
+        self.save_job(job);
         if job.cancelled() {
             self.abort_remote(client, job).await;
             return Err("cancelled by the operator before the data plane started".into());
@@ -758,6 +771,16 @@ impl Agent {
         }
     }
 
+    /// Writes the job under the state directory (once the destination
+    /// has prepared it; before that there is nothing to settle).
+    fn save_job(&self, job: &JobSlot) {
+        if let Some(file) = crate::jobs::JobFile::of(&job.snapshot()) {
+            if let Err(e) = crate::jobs::save(&self.config.state_dir, &file) {
+                tracing::error!("cannot write job {}: {e}", file.id);
+            }
+        }
+    }
+
     /// How the source VMM secures its connections: mutual TLS to the
     /// target host, or plaintext only where both agents allow it.
     fn data_plane_transport(
@@ -848,7 +871,7 @@ impl Agent {
 
     /// The VM runs on the destination now: its record here goes, its VMM
     /// exits by itself (and that exit is no failure).
-    fn migrated_away(&self, slot: &Slot, record: &VmRecord, target: &MigrationTarget) {
+    pub(crate) fn migrated_away(&self, slot: &Slot, record: &VmRecord, target: &MigrationTarget) {
         if let Err(e) = self.store.remove(&record.id) {
             tracing::error!("cannot remove the record of VM {}: {e}", record.id);
         }
