@@ -197,7 +197,7 @@ fn oversize_payloads_are_not_sent() {
 
 #[test]
 fn unknown_kinds_are_refused() {
-    for raw in [0u16, 32, 0x00ff, 0xffff] {
+    for raw in [0u16, 34, 0x00ff, 0xffff] {
         let err = read_header(&mut Cursor::new(raw_header(raw, 0, 0, 0, 0))).unwrap_err();
         assert!(
             matches!(err, ProtocolError::UnknownKind(k) if k == raw),
