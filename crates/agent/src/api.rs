@@ -393,7 +393,7 @@ async fn snapshot_vm(
     (status = 400, body = ErrorBody),
     (status = 404, body = ErrorBody),
     (status = 409, description = "Another operation or migration holds the VM (named)", body = ErrorBody),
-    (status = 422, description = "Not possible from this host (no TLS identity, plaintext not allowed, mode not allowed by the policy)", body = ErrorBody),
+    (status = 422, description = "Not possible from this host (no TLS identity, mode not allowed by the policy)", body = ErrorBody),
 ))]
 async fn start_migration(
     State(agent): State<Arc<Agent>>,
@@ -455,7 +455,7 @@ async fn cancel_migration(
     (status = 201, description = "Reserved; the receiver listens", body = Prepared),
     (status = 400, body = ErrorBody),
     (status = 409, description = "The VM is here or coming already", body = ErrorBody),
-    (status = 422, description = "Incompatible (plaintext not allowed here)", body = ErrorBody),
+    (status = 422, description = "Incompatible (no TLS identity here for a mutual-TLS data plane, or none prepared by a source host certificate)", body = ErrorBody),
     (status = 503, description = "Not enough capacity; nothing started", body = ErrorBody),
 ))]
 async fn prepare_incoming(

@@ -46,8 +46,9 @@ use crate::events::{AuditEntry, Caller, Event};
 use crate::ledger::{Holder, Reservation};
 use crate::model::{CreateVm, MigrationPolicy, VmDefinition, VmRecord, VmState};
 use crate::server::{lock, Agent, Slot};
-use crate::supervisor::{self, Vmm};
+use crate::supervisor::{self, ReceiverSecurity, Vmm};
 use crate::time::now_rfc3339;
+use ferry_migration::transport::SessionToken;
 
 /// How long a receiver may take to print its listening address.
 const RECEIVER_START: Duration = Duration::from_secs(30);
@@ -65,6 +66,15 @@ const RECEIVED: &str = "ferry: VM received from ";
 
 /// What the report's `transport` says of a plaintext data plane.
 pub const PLAINTEXT: &str = "plaintext data plane (insecure_plaintext_data_plane = true on both agents; the control plane was mutual TLS 1.3)";
+
+/// What a job's `transport` says of a data plane over mutual TLS to `peer`.
+pub fn mutual_tls(peer: &str) -> String {
+    format!("mutual TLS (TLS 1.3, peer {peer}), every connection bound to this migration by a one-time token")
+}
+
+/// The file name of a prepared migration's session token, next to the
+/// receiver's console log.
+const TOKEN_FILE: &str = "session.token";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -215,6 +225,15 @@ pub struct JobSlot {
 }
 
 impl JobSlot {
+    /// A job read back from the state directory after a restart.
+    pub(crate) fn restored(view: MigrationJob) -> Self {
+        Self {
+            view: Mutex::new(view),
+            cancel: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+        }
+    }
+
     fn snapshot(&self) -> MigrationJob {
         lock(&self.view).clone()
     }
@@ -245,9 +264,14 @@ pub struct Prepared {
     pub id: String,
     /// Where the source's VMM connects.
     pub address: String,
-    /// One-time token bound to this migration.
+    /// One-time token bound to this migration (32 random bytes, hex): the
+    /// source's VMM opens every connection with it.
     pub token: String,
     pub transport: String,
+    /// The data plane is in the clear (both agents allow it); otherwise
+    /// mutual TLS 1.3 with the two hosts' certificates.
+    #[serde(default)]
+    pub plaintext: bool,
     /// The reservation is released if the VM has not arrived by then.
     pub expires_in_ms: u64,
 }
@@ -346,15 +370,15 @@ impl Agent {
             })
     }
 
-    fn plaintext_or_refuse(&self, side: &str) -> Result<(), ApiError> {
-        if self.config.insecure_plaintext_data_plane {
-            Ok(())
-        } else {
-            Err(ApiError::Incompatible(format!(
-                "the migration data plane has no TLS in this build, and the {side} ({}) does not allow a plaintext one: set insecure_plaintext_data_plane = true in both agents' configs to migrate in the clear",
-                self.config.host_name
-            )))
-        }
+    /// This host's identity directory, as the VMMs it starts must read it.
+    fn tls_dir(&self) -> Result<PathBuf, ApiError> {
+        let dir = self.config.tls_dir.as_ref().ok_or_else(|| {
+            ApiError::Incompatible(
+                "this host has no tls_dir in its config: its data plane cannot be mutual TLS"
+                    .into(),
+            )
+        })?;
+        Ok(std::path::absolute(dir).unwrap_or_else(|_| dir.clone()))
     }
 
     pub fn job(&self, id: &str) -> Result<MigrationJob, ApiError> {
@@ -417,7 +441,6 @@ impl Agent {
             m => m,
         };
         let client = self.peer_client()?;
-        self.plaintext_or_refuse("source")?;
         let guard = Self::begin(&slot, vm)?;
         let record = self.record(vm)?;
         if record.state != VmState::Running {
@@ -517,6 +540,7 @@ impl Agent {
         }
         *lock(&slot.job) = None;
         self.set_phase(&job, phase, reason.clone());
+        self.save_job(&job);
         let view = job.snapshot();
         if let Some(report) = &view.report {
             self.metrics.migration_moved(
@@ -624,11 +648,35 @@ impl Agent {
                 data_plane.set_ip(a.ip());
             }
         }
+        let transport = match self.data_plane_transport(&prepared, target) {
+            Ok(t) => t,
+            Err(e) => {
+                lock(&job.view).destination_migration = Some(prepared.id.clone());
+                self.abort_remote(client, job).await;
+                return Err(e);
+            }
+        };
         {
             let mut v = lock(&job.view);
             v.destination_migration = Some(prepared.id.clone());
             v.data_plane = Some(data_plane.to_string());
+            v.transport = if prepared.plaintext {
+                PLAINTEXT.into()
+            } else {
+                mutual_tls(&target.host)
+            };
         }
+        let token_file = match self.write_source_token(&job.snapshot().id, &prepared.token) {
+            Ok(f) => f,
+            Err(e) => {
+                self.abort_remote(client, job).await;
+                return Err(e);
+            }
+        };
+        let _token_gone = RemoveOnDrop(token_file.clone());
+        // Written before the data plane starts: a restart of this agent
+        // settles it (crate::jobs).
+        self.save_job(job);
         if job.cancelled() {
             self.abort_remote(client, job).await;
             return Err("cancelled by the operator before the data plane started".into());
@@ -647,8 +695,8 @@ impl Agent {
             streams: req.streams,
             priority: Default::default(),
             cpu_share: None,
-            // Only reached when both agents allow it (see `PLAINTEXT`).
-            transport: Some(ferry_control::TransportRequest::InsecurePlaintext),
+            transport: Some(transport),
+            token_file: Some(token_file),
         });
         // The policy's completion timeout: the engine is cancelled the
         // same way an operator cancels it.
@@ -723,6 +771,52 @@ impl Agent {
         }
     }
 
+    /// Writes the job under the state directory (once the destination
+    /// has prepared it; before that there is nothing to settle).
+    fn save_job(&self, job: &JobSlot) {
+        if let Some(file) = crate::jobs::JobFile::of(&job.snapshot()) {
+            if let Err(e) = crate::jobs::save(&self.config.state_dir, &file) {
+                tracing::error!("cannot write job {}: {e}", file.id);
+            }
+        }
+    }
+
+    /// How the source VMM secures its connections: mutual TLS to the
+    /// target host, or plaintext only where both agents allow it.
+    fn data_plane_transport(
+        &self,
+        prepared: &Prepared,
+        target: &MigrationTarget,
+    ) -> Result<ferry_control::TransportRequest, String> {
+        if prepared.plaintext {
+            if !self.config.insecure_plaintext_data_plane {
+                return Err(format!(
+                    "{} prepared a plaintext data plane, which this host ({}) does not allow",
+                    target.host, self.config.host_name
+                ));
+            }
+            return Ok(ferry_control::TransportRequest::InsecurePlaintext);
+        }
+        Ok(ferry_control::TransportRequest::Tls {
+            dir: self.tls_dir().map_err(|e| e.to_string())?,
+            peer_name: target.host.clone(),
+        })
+    }
+
+    /// Writes the destination's session token for the source VMM (0600,
+    /// under the state directory's jobs/).
+    fn write_source_token(&self, job: &str, hex: &str) -> Result<PathBuf, String> {
+        let token = SessionToken::from_hex(hex)
+            .map_err(|e| format!("the destination's answer to the offer: {e}"))?;
+        let dir = self.config.state_dir.join("jobs");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let path = dir.join(format!("{job}.token"));
+        let _ = std::fs::remove_file(&path);
+        token.write_file(&path).map_err(|e| e.to_string())?;
+        Ok(path)
+    }
+
     /// The source VMM ended (or cannot run the VM) during a migration
     /// that did not commit: the record says so.
     fn source_lost(&self, slot: &Slot, record: &VmRecord, why: &str) {
@@ -777,7 +871,7 @@ impl Agent {
 
     /// The VM runs on the destination now: its record here goes, its VMM
     /// exits by itself (and that exit is no failure).
-    fn migrated_away(&self, slot: &Slot, record: &VmRecord, target: &MigrationTarget) {
+    pub(crate) fn migrated_away(&self, slot: &Slot, record: &VmRecord, target: &MigrationTarget) {
         if let Err(e) = self.store.remove(&record.id) {
             tracing::error!("cannot remove the record of VM {}: {e}", record.id);
         }
@@ -874,12 +968,24 @@ impl Agent {
             definition: offer.definition.clone(),
             policy: offer.policy.clone(),
         })?;
-        if !offer.plaintext_data_plane {
-            return Err(ApiError::Incompatible(
-                "the migration data plane has no TLS in this build, and the source does not allow a plaintext one".into(),
-            ));
-        }
-        self.plaintext_or_refuse("destination")?;
+        // Plaintext only when both agents say so; otherwise mutual TLS with
+        // the certificate that prepared it as the only source allowed.
+        let plaintext = offer.plaintext_data_plane && self.config.insecure_plaintext_data_plane;
+        let source = host_of(caller).map(str::to_owned);
+        let security = if plaintext {
+            ReceiverSecurity::Plaintext
+        } else {
+            let Some(host) = source.clone() else {
+                return Err(ApiError::Incompatible(
+                    "a mutual-TLS data plane takes only the source host that prepares it: prepare from the source agent's peer connection (a host certificate), or allow a plaintext data plane on both agents".into(),
+                ));
+            };
+            ReceiverSecurity::MutualTls {
+                dir: self.tls_dir()?,
+                source: host,
+            }
+        };
+        let token = SessionToken::generate().map_err(|e| ApiError::internal(e.to_string()))?;
         let vm = offer.vm.clone();
         let id = format!("in-{:08x}", rand::random::<u32>());
         {
@@ -912,16 +1018,27 @@ impl Agent {
         }
         let socket = dir.join("api.sock");
         let log = dir.join("console.log");
+        let token_file = dir.join(TOKEN_FILE);
+        let _ = std::fs::remove_file(&token_file);
+        if let Err(e) = token.write_file(&token_file) {
+            return Err(released(self, ApiError::internal(e.to_string())));
+        }
         let ip = self
             .config
             .peer_listen
             .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip());
-        let mut vmm =
-            match Vmm::spawn_receiver(&self.config.ferry_bin, &offer.definition, ip, &socket, &log)
-            {
-                Ok(v) => v,
-                Err(e) => return Err(released(self, ApiError::Vmm(e.to_string()))),
-            };
+        let mut vmm = match Vmm::spawn_receiver(
+            &self.config.ferry_bin,
+            &offer.definition,
+            ip,
+            &socket,
+            &log,
+            &security,
+            &token_file,
+        ) {
+            Ok(v) => v,
+            Err(e) => return Err(released(self, ApiError::Vmm(e.to_string()))),
+        };
         // Its address, from its log.
         let started = Instant::now();
         let mut offset = 0;
@@ -949,13 +1066,8 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let token = format!(
-            "{:016x}{:016x}",
-            rand::random::<u64>(),
-            rand::random::<u64>()
-        );
+        let token = token.to_hex();
         let expires = Duration::from_millis(offer.policy.completion_timeout_ms) + INCOMING_GRACE;
-        let source = host_of(caller).map(str::to_owned);
         let view = IncomingView {
             id: id.clone(),
             vm: vm.clone(),
@@ -991,7 +1103,11 @@ impl Agent {
             id,
             address,
             token,
-            transport: PLAINTEXT.into(),
+            transport: match &security {
+                ReceiverSecurity::Plaintext => PLAINTEXT.into(),
+                ReceiverSecurity::MutualTls { source, .. } => mutual_tls(source),
+            },
+            plaintext,
             expires_in_ms: expires.as_millis() as u64,
         })
     }
@@ -1062,6 +1178,10 @@ impl Agent {
         api_socket: PathBuf,
         log: PathBuf,
     ) {
+        // The token has done its one job.
+        if let Some(dir) = log.parent() {
+            let _ = std::fs::remove_file(dir.join(TOKEN_FILE));
+        }
         let mut record = VmRecord {
             id: offer.vm.clone(),
             definition: offer.definition.clone(),
@@ -1124,5 +1244,14 @@ async fn stop(vmm: Vmm) {
     {
         let _ = handle.signal(Signal::KILL);
         let _ = waiting.await;
+    }
+}
+
+/// Removes a file when dropped (a token file once its migration ended).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

@@ -16,9 +16,10 @@ use tokio::sync::watch;
 use crate::api::ApiError;
 use crate::config::Config;
 use crate::events::{AuditOpenError, Event, Events};
+use crate::jobs::JobFile;
 use crate::ledger::{Holder, Ledger, Reservation};
 use crate::metrics::Metrics;
-use crate::migration::{IncomingSlot, JobSlot};
+use crate::migration::{IncomingSlot, JobSlot, MigrationJob};
 use crate::model::{
     CreateVm, LiveFacts, SnapshotDone, SnapshotRequest, VmDefinition, VmRecord, VmState, VmView,
 };
@@ -144,19 +145,39 @@ impl Agent {
         });
         // Each VMM is asked at once: a mute one delays the start by one
         // status timeout, not one per VM.
+        // Jobs in flight when the last agent stopped: their VMs' exits are
+        // no failure until the jobs are settled.
+        let pending: Vec<crate::jobs::JobFile> = crate::jobs::load(&agent.config.state_dir)
+            .into_iter()
+            .filter(|j| !j.phase.is_done())
+            .collect();
         let mut checks = tokio::task::JoinSet::new();
         for record in agent.store.list()? {
             let agent = agent.clone();
-            checks.spawn(async move { agent.readopt(record).await });
+            let in_flight = pending.iter().find(|j| j.vm == record.id).cloned();
+            checks.spawn(async move { agent.readopt(record, in_flight).await });
         }
         while checks.join_next().await.is_some() {}
+        for file in pending {
+            let agent2 = agent.clone();
+            tokio::spawn(async move { agent2.settle(file).await });
+        }
         Ok(agent)
     }
 
     /// Takes over the VMM of a live record, or marks the record failed.
-    async fn readopt(self: &Arc<Self>, mut record: VmRecord) {
+    async fn readopt(self: &Arc<Self>, mut record: VmRecord, in_flight: Option<JobFile>) {
         let slot = Slot::new();
         lock(&self.slots).insert(record.id.clone(), slot.clone());
+        if let Some(file) = &in_flight {
+            // The job is shown, and the VM locked, until it is settled.
+            slot.departing.store(true, Ordering::SeqCst);
+            *lock(&slot.job) = Some(file.id.clone());
+            lock(&self.jobs).insert(
+                file.id.clone(),
+                Arc::new(JobSlot::restored(self.restored_view(file))),
+            );
+        }
         if !record.state.is_live() {
             return;
         }
@@ -207,10 +228,36 @@ impl Agent {
                     self.set_state(&mut record, state, None);
                 }
             }
+            // Its migration may have committed: settling decides.
+            Err(reason) if in_flight.is_some() => {
+                tracing::warn!("VM {}: {reason}; its migration is being settled", record.id);
+            }
             Err(reason) => {
                 tracing::warn!("VM {}: {reason}", record.id);
                 self.set_state(&mut record, VmState::Failed, Some(reason));
             }
+        }
+    }
+
+    fn restored_view(&self, file: &JobFile) -> MigrationJob {
+        MigrationJob {
+            id: file.id.clone(),
+            vm: file.vm.clone(),
+            source: self.config.host_name.clone(),
+            target: file.target.clone(),
+            phase: file.phase,
+            transport: file.transport.clone(),
+            mode: "unknown (ferryd restarted during the migration)".into(),
+            destination_migration: Some(file.destination_migration.clone()),
+            data_plane: None,
+            progress: None,
+            last_progress: None,
+            progress_lines: 0,
+            report: None,
+            error: None,
+            requested_by: file.requested_by.clone(),
+            started_at: file.started_at.clone(),
+            ended_at: None,
         }
     }
 

@@ -127,12 +127,16 @@ impl Vmm {
     /// like `def`: listening on `ip` (a free port, which it prints in
     /// `log`), its memory reserved before the source connects, refusing a
     /// larger VM than the one prepared for, its API at `socket`.
+    /// Every connection must open with the session token in `token_file`;
+    /// over mutual TLS (`security`) only the prepared source host is taken.
     pub fn spawn_receiver(
         ferry_bin: &Path,
         def: &VmDefinition,
         ip: std::net::IpAddr,
         socket: &Path,
         log: &Path,
+        security: &ReceiverSecurity,
+        token_file: &Path,
     ) -> Result<Self, SuperviseError> {
         let mem = format!("{}M", def.mem_bytes >> 20);
         let mut cmd = Command::new(ferry_bin);
@@ -147,9 +151,18 @@ impl Vmm {
             .arg(def.vcpus.to_string())
             .arg("--api")
             .arg(socket)
+            .arg("--token-file")
+            .arg(token_file);
+        match security {
+            ReceiverSecurity::MutualTls { dir, source } => {
+                cmd.arg("--tls").arg(dir).arg("--allow-source").arg(source);
+            }
             // Prepared only when both agents allow a plaintext data plane
-            // (`insecure_plaintext_data_plane`); TLS here is the next step.
-            .arg("--insecure-plaintext");
+            // (`insecure_plaintext_data_plane`).
+            ReceiverSecurity::Plaintext => {
+                cmd.arg("--insecure-plaintext");
+            }
+        }
         if def.prealloc {
             cmd.arg("--prealloc");
         }
@@ -380,4 +393,14 @@ mod tests {
         assert!(start > 0);
         assert!(proc_stat(u32::MAX >> 1).is_none());
     }
+}
+
+/// How a receiving VMM takes its connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverSecurity {
+    /// Mutual TLS 1.3 with this host's identity in `dir`, taking only the
+    /// host `source` (the one whose certificate prepared the migration).
+    MutualTls { dir: PathBuf, source: String },
+    /// In the clear: both agents allow it.
+    Plaintext,
 }

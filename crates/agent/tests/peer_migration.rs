@@ -316,18 +316,8 @@ fn refusals_change_nothing() {
     assert!(why.contains("503") && why.contains("no capacity"), "{why}");
     assert!(done["report"].is_null(), "nothing moved: {done}");
 
-    // A destination that does not allow a plaintext data plane: 422.
-    let r = start(&a, "vm1", &strict, json!({}));
-    let done = wait_job(
-        &a,
-        r.json()["id"].as_str().unwrap(),
-        Duration::from_secs(30),
-    );
-    let why = done["error"].as_str().unwrap();
-    assert!(
-        why.contains("422") && why.contains("insecure_plaintext_data_plane"),
-        "{why}"
-    );
+    // (A destination that does not allow a plaintext data plane gets
+    // mutual TLS: tests/data_plane.rs.)
 
     // The wrong host at the address: its certificate is not the target's.
     let r = a.post(

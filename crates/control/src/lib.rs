@@ -97,6 +97,12 @@ pub struct MigrateRequest {
     /// migration is refused (plaintext must be asked for).
     #[serde(default)]
     pub transport: Option<TransportRequest>,
+    /// A file (mode 0600) holding the one-time session token the
+    /// destination was prepared with (protocol v8): every connection opens
+    /// with it. None: connections are not bound (a destination that needs
+    /// a token refuses them).
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// The security of a migration's connections.

@@ -310,3 +310,89 @@ fn a_plaintext_destination_survives_random_bytes_and_receives_its_source() {
     verify_arrival(&mut dst, &last, Duration::from_secs(60));
     stop_destination(&mut dst);
 }
+
+/// Writes a session token file (0600) of 64 hex digits made of `byte`.
+fn token_file(dir: &TempDir, name: &str, byte: u8) -> String {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.path(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    writeln!(f, "{}", format!("{byte:02x}").repeat(32)).unwrap();
+    path
+}
+
+#[test]
+fn token_bound_destination_takes_only_its_source() {
+    let test = "token_bound_destination_takes_only_its_source";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new(test);
+    let ca = fleet(&dir, "ca", &["hostA", "hostB"]);
+    let (mut src, socket) = migration_source(&dir, "source", "1G", "2", "dirty:256:100");
+    let right = token_file(&dir, "right.token", 0x3c);
+    let wrong = token_file(&dir, "wrong.token", 0xc3);
+    let api = dir.path("destination.sock");
+    let id_b = identity(&ca, "hostB");
+    let (mut dst, port) = migration_destination(
+        "destination",
+        &[
+            "--tls",
+            &id_b,
+            "--allow-source",
+            "hostA",
+            "--token-file",
+            &right,
+            "--api",
+            &api,
+            "--duration",
+            "300s",
+            "--json",
+        ],
+    );
+    src.next_heartbeat(Duration::from_secs(10));
+    let id_a = identity(&ca, "hostA");
+    let attempt = |name: &str, args: &[&str]| {
+        let mut mig = start_migrate(name, &socket, port, args);
+        refused(&mut mig)
+    };
+    let tls = ["--tls", id_a.as_str(), "--peer-name", "hostB"];
+
+    // Another migration's token.
+    let mut args = tls.to_vec();
+    args.extend(["--token-file", wrong.as_str()]);
+    let why = attempt("wrong-token", &args);
+    eprintln!("{test}: wrong token: {why}");
+    assert!(
+        why.contains("refused this connection's session token"),
+        "{why}"
+    );
+    destination_says(&mut dst, "not this migration's");
+
+    // No token at all (as a v7 source would come).
+    let why = attempt("no-token", &tls);
+    eprintln!("{test}: no token: {why}");
+    assert!(why.contains("session token"), "{why}");
+
+    verify_still_running(&mut src, Duration::from_secs(60));
+
+    // The right token, on the main connection and two extra streams.
+    let mut args = tls.to_vec();
+    args.extend(["--token-file", right.as_str(), "--streams", "2", "--json"]);
+    let mut mig = start_migrate("migrate", &socket, port, &args);
+    let (status, report) = finish_migrate(&mut mig, Duration::from_secs(120));
+    assert_committed(status, &report, &mig);
+    let transport = report["transport"].as_str().unwrap_or_default();
+    assert!(
+        transport.starts_with("tls1.3 TLS13_")
+            && transport.ends_with("peer host hostB, bound by a one-time session token"),
+        "{transport:?}"
+    );
+    let last = source_handed_over(&mut src, port);
+    verify_arrival(&mut dst, &last, Duration::from_secs(60));
+    stop_destination(&mut dst);
+}

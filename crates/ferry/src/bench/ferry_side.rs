@@ -175,6 +175,7 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         streams: m.streams,
         priority: m.priority,
         transport: Some(transport),
+        token_file: None,
     });
     let mut report = match call(&socket, &request)? {
         Response::Migrated(r) => *r,

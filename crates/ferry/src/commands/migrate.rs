@@ -91,6 +91,11 @@ pub struct MigrateArgs {
     /// destination must be told the same.
     #[arg(long, conflicts_with_all = ["tls", "resume"])]
     pub insecure_plaintext: bool,
+    /// A file (mode 0600) with the one-time session token the destination
+    /// was prepared with (`ferry receive --token-file`): every connection
+    /// of the migration opens with it (protocol v8).
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    pub token_file: Option<PathBuf>,
     /// Print the report as one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -137,6 +142,10 @@ impl MigrateArgs {
                 _ if self.insecure_plaintext => Some(TransportRequest::InsecurePlaintext),
                 _ => None,
             },
+            token_file: self
+                .token_file
+                .as_ref()
+                .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone())),
         }
     }
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use ferry_migration::precopy::{
     error_chain, receive as receive_vm, send_resumed, send_started, ReceiveOptions,
 };
-use ferry_migration::transport::{Acceptor, Link, Listener};
+use ferry_migration::transport::{Acceptor, Link, Listener, SessionToken};
 use ferry_vmm::compat::IncomingLimits;
 use ferry_vmm::GuestRam;
 
@@ -68,12 +68,25 @@ pub struct ReceiveArgs {
     /// refused without it, before any page moves.
     #[arg(long, value_name = "tap=NAME[,netns=NS]")]
     pub net: Option<crate::net_flag::NetFlag>,
+    /// A file (mode 0600) with the one-time session token of the migration
+    /// this destination is prepared for: every connection must open with
+    /// it (protocol v8), any other is refused and the wait goes on.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
 }
 
 /// The acceptor the flags ask for; plaintext only when asked by name.
 fn acceptor(args: &ReceiveArgs) -> anyhow::Result<Acceptor> {
+    let acceptor = secured_acceptor(args)?;
+    Ok(match &args.token_file {
+        Some(file) => acceptor.with_token(SessionToken::read_file(file).context("--token-file")?),
+        None => acceptor,
+    })
+}
+
+fn secured_acceptor(args: &ReceiveArgs) -> anyhow::Result<Acceptor> {
     match &args.tls {
         Some(dir) => Acceptor::tls_from_dir(dir, args.allow_source.iter().cloned())
             .with_context(|| format!("--tls {}", dir.display())),

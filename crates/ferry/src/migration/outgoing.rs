@@ -13,7 +13,7 @@ use ferry_vmm::Vm;
 use super::priority::{CpuPriority, Yielding};
 use super::source::VmSource;
 use ferry_control::{MigrateRequest, TransportRequest};
-use ferry_migration::transport::{DialError, Dialer, Link};
+use ferry_migration::transport::{DialError, Dialer, Link, SessionToken};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most streams `--streams auto` opens: past four, loopback and 25 GbE
@@ -146,6 +146,18 @@ pub fn resume_vm(
 /// identity and the destination's host name, or plaintext asked for by
 /// name; nothing else.
 fn dialer(request: &MigrateRequest) -> Result<Dialer, MigrateError> {
+    let dialer = secured_dialer(request)?;
+    match &request.token_file {
+        Some(file) => {
+            let token = SessionToken::read_file(file)
+                .map_err(|e| MigrateError::Transport(format!("--token-file: {e}")))?;
+            Ok(dialer.with_token(token))
+        }
+        None => Ok(dialer),
+    }
+}
+
+fn secured_dialer(request: &MigrateRequest) -> Result<Dialer, MigrateError> {
     match &request.transport {
         Some(TransportRequest::Tls { dir, peer_name }) => Dialer::tls_from_dir(dir, peer_name)
             .map_err(|e| MigrateError::Transport(format!("--tls {}: {e}", dir.display()))),

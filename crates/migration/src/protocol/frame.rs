@@ -77,10 +77,12 @@ pub enum FrameKind {
     Started = 29,
     Forwarded = 30,
     ForwardEnd = 31,
+    Bind = 32,
+    BindAck = 33,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 31] = [
+    pub const ALL: [FrameKind; 33] = [
         Self::Hello,
         Self::HelloAck,
         Self::Offer,
@@ -112,6 +114,8 @@ impl FrameKind {
         Self::Started,
         Self::Forwarded,
         Self::ForwardEnd,
+        Self::Bind,
+        Self::BindAck,
     ];
 
     pub fn from_u16(value: u16) -> Option<Self> {
@@ -166,6 +170,8 @@ impl FrameKind {
             Self::Started => "Started",
             Self::Forwarded => "Forwarded",
             Self::ForwardEnd => "ForwardEnd",
+            Self::Bind => "Bind",
+            Self::BindAck => "BindAck",
         }
     }
 }

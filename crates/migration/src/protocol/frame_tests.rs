@@ -84,7 +84,7 @@ fn header_round_trips_for_every_kind() {
 #[test]
 fn kinds_have_stable_wire_numbers() {
     let numbers: Vec<u16> = FrameKind::ALL.iter().map(|k| *k as u16).collect();
-    assert_eq!(numbers, (1..=31).collect::<Vec<u16>>());
+    assert_eq!(numbers, (1..=33).collect::<Vec<u16>>());
 }
 
 #[test]
@@ -197,7 +197,7 @@ fn oversize_payloads_are_not_sent() {
 
 #[test]
 fn unknown_kinds_are_refused() {
-    for raw in [0u16, 32, 0x00ff, 0xffff] {
+    for raw in [0u16, 34, 0x00ff, 0xffff] {
         let err = read_header(&mut Cursor::new(raw_header(raw, 0, 0, 0, 0))).unwrap_err();
         assert!(
             matches!(err, ProtocolError::UnknownKind(k) if k == raw),

@@ -364,6 +364,28 @@ pub struct ForwardEnd {
     pub dropped: u64,
 }
 
+/// Source to destination (v8), the first frame on every connection of a
+/// migration an agent prepared: the one-time token that binds the
+/// connection to that migration.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    pub token: [u8; 32],
+}
+
+impl std::fmt::Debug for Bind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: never in a log line.
+        f.write_str("Bind { token: <redacted> }")
+    }
+}
+
+/// Destination to source (v8): whether the connection is bound.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BindAck {
+    Accepted,
+    Refused { reason: String },
+}
+
 /// Any control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -396,6 +418,8 @@ pub enum Message {
     Started(Started),
     Forwarded(Forwarded),
     ForwardEnd(ForwardEnd),
+    Bind(Bind),
+    BindAck(BindAck),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -444,6 +468,8 @@ impl Message {
             Self::Started(_) => FrameKind::Started,
             Self::Forwarded(_) => FrameKind::Forwarded,
             Self::ForwardEnd(_) => FrameKind::ForwardEnd,
+            Self::Bind(_) => FrameKind::Bind,
+            Self::BindAck(_) => FrameKind::BindAck,
         }
     }
 
@@ -479,6 +505,8 @@ impl Message {
             Self::Started(m) => encode(m),
             Self::Forwarded(m) => encode(m),
             Self::ForwardEnd(m) => encode(m),
+            Self::Bind(m) => encode(m),
+            Self::BindAck(m) => encode(m),
         }
     }
 
@@ -514,6 +542,8 @@ impl Message {
             FrameKind::Started => Self::Started(decode(kind, payload)?),
             FrameKind::Forwarded => Self::Forwarded(decode(kind, payload)?),
             FrameKind::ForwardEnd => Self::ForwardEnd(decode(kind, payload)?),
+            FrameKind::Bind => Self::Bind(decode(kind, payload)?),
+            FrameKind::BindAck => Self::BindAck(decode(kind, payload)?),
             FrameKind::Pages | FrameKind::State => {
                 return Err(ProtocolError::Unexpected {
                     expected: "a control message",

@@ -110,7 +110,18 @@ fn every_message() -> Vec<Message> {
             forwarded: 2,
             dropped: 0,
         }),
+        Message::Bind(Bind { token: [0xa5; 32] }),
+        Message::BindAck(BindAck::Accepted),
+        Message::BindAck(BindAck::Refused {
+            reason: "wrong session token".into(),
+        }),
     ]
+}
+
+#[test]
+fn a_bind_never_shows_its_token() {
+    let shown = format!("{:?}", Bind { token: [0xa5; 32] });
+    assert!(!shown.contains("165") && !shown.contains("a5"), "{shown}");
 }
 
 #[test]

@@ -7,6 +7,12 @@
 //! ```text
 //!  source (owns the running VM)                    destination (holds nothing yet)
 //!  ────────────────────────────                    ───────────────────────────────
+//!  a migration an agent prepared (v8), first on every connection (main,
+//!  extra streams, fault channel, reconnects), inside TLS:
+//!  Bind{one-time token}                      ──▶   compared in constant time
+//!                                            ◀──   BindAck{Accepted} | BindAck{Refused{reason}}
+//!                                                  (refused: the connection is dropped and
+//!                                                  the destination waits on)
 //!  Hello{magic, versions min..max, Source}   ──▶
 //!                                            ◀──   HelloAck{Accepted{version}}
 //!                                                  | HelloAck{Refused{reason}}    (names both ranges)
@@ -96,9 +102,9 @@ pub use frame::{
     MAX_PAGES_PAYLOAD, MAX_STATE_PAYLOAD,
 };
 pub use messages::{
-    read_message, recv_message, write_message, Abort, Accept, BlackoutBegins, Commit, Committed,
-    Decide, ForwardEnd, Forwarded, Hello, HelloAck, InvalidOffer, Join, Message, Offer,
-    PageRequest, PostcopyBegin, PostcopyComplete, PostcopyPrepare, PostcopyReady, Prepare,
+    read_message, recv_message, write_message, Abort, Accept, Bind, BindAck, BlackoutBegins,
+    Commit, Committed, Decide, ForwardEnd, Forwarded, Hello, HelloAck, InvalidOffer, Join, Message,
+    Offer, PageRequest, PostcopyBegin, PostcopyComplete, PostcopyPrepare, PostcopyReady, Prepare,
     RamRange, Refuse, Resume, ResumeState, Resumed, Role, RoundEnd, Started, StateLoaded,
     StreamJoin, StreamsOpen, StreamsOpened, StripedRound, HELLO_MAGIC,
 };
@@ -109,5 +115,5 @@ pub use pages::{
 pub use version::{
     negotiate, NegotiationError, VersionRange, BLACKOUT_TIMING_VERSION, COMMIT_RECOVERY_VERSION,
     NET_HANDOVER_VERSION, POSTCOPY_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
-    STREAMS_VERSION,
+    SESSION_TOKEN_VERSION, STREAMS_VERSION,
 };

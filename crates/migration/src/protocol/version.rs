@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// The first version with post-copy (frames 14 to 21).
 pub const POSTCOPY_VERSION: u16 = 2;
 /// The first version with page data on several streams (frames 22 to 25).
@@ -19,8 +19,11 @@ pub const COMMIT_RECOVERY_VERSION: u16 = 4;
 /// reports the destination's share of it (frame 29).
 pub const BLACKOUT_TIMING_VERSION: u16 = 5;
 /// The first version whose source forwards, after the commit, the frames
-/// that reached the VM's old place (frames 32 and 33).
+/// that reached the VM's old place (frames 30 and 31).
 pub const NET_HANDOVER_VERSION: u16 = 7;
+/// The first version whose connections open with a one-time session token
+/// bound to the prepared migration (frames 32 and 33, before the Hello).
+pub const SESSION_TOKEN_VERSION: u16 = 8;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 

@@ -15,8 +15,16 @@
 //!   allowed (deny by default). A connection that fails the handshake is
 //!   logged and dropped, and the listener goes on accepting.
 //!
+//! A dialer and an acceptor may carry a one-time [`SessionToken`] (protocol
+//! v8): then every connection opens with Bind / BindAck (see `session`), so
+//! the main connection, the extra streams, the fault channel and every
+//! reconnect are bound to the migration the destination was prepared for,
+//! and a connection with a wrong or replayed token is refused like one that
+//! failed its handshake.
+//!
 //! The wire protocol is the same inside the tunnel as on plain TCP.
 
+mod session;
 mod tls_link;
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
@@ -27,6 +35,7 @@ use std::time::Duration;
 
 use ferry_identity::{Allowed, HandshakeError, Identity, PeerIdentity, ALPN_MIGRATION};
 
+pub use session::{bind_as_destination, bind_as_source, BindError, SessionToken, TokenError};
 pub use tls_link::Ready;
 use tls_link::TlsLink;
 
@@ -57,6 +66,8 @@ pub enum DialError {
     },
     #[error("{0}")]
     Handshake(#[from] HandshakeError),
+    #[error("{0}")]
+    Bind(#[from] BindError),
 }
 
 impl DialError {
@@ -65,8 +76,18 @@ impl DialError {
         match self {
             DialError::Connect { .. } => true,
             DialError::Handshake(h) => h.is_retryable(),
+            DialError::Bind(b) => b.is_retryable(),
         }
     }
+}
+
+/// Why the destination refused a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("{0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("{0}")]
+    Bind(#[from] BindError),
 }
 
 impl From<DialError> for io::Error {
@@ -75,6 +96,8 @@ impl From<DialError> for io::Error {
             DialError::Connect { source, .. } => source.kind(),
             DialError::Handshake(h) if h.is_retryable() => io::ErrorKind::ConnectionAborted,
             DialError::Handshake(_) => io::ErrorKind::PermissionDenied,
+            DialError::Bind(b) if b.is_retryable() => io::ErrorKind::ConnectionAborted,
+            DialError::Bind(_) => io::ErrorKind::PermissionDenied,
         };
         io::Error::new(kind, e.to_string())
     }
@@ -86,6 +109,8 @@ pub struct Link {
     /// How this link was dialed, to dial its siblings the same way; None
     /// for a link a listener accepted.
     dialer: Option<Dialer>,
+    /// The link opened with an accepted session token.
+    bound: bool,
 }
 
 enum Kind {
@@ -108,6 +133,7 @@ impl Link {
         Link {
             kind: Kind::Plain(tcp),
             dialer: None,
+            bound: false,
         }
     }
 
@@ -116,6 +142,7 @@ impl Link {
         Link {
             kind: Kind::Tls(Arc::new(TlsLink::new(conn, tcp, peer))),
             dialer: None,
+            bound: false,
         }
     }
 
@@ -142,12 +169,23 @@ impl Link {
     }
 
     /// What a report says about this link: `tls1.3 TLS13_AES_128_GCM_SHA256,
-    /// peer host hostB`, or `plaintext (insecure, asked on both sides)`.
+    /// peer host hostB`, or `plaintext (insecure, asked on both sides)`;
+    /// `, bound by a session token` follows on a bound link.
     pub fn describe(&self) -> String {
+        let bound = if self.bound {
+            ", bound by a one-time session token"
+        } else {
+            ""
+        };
         match &self.kind {
-            Kind::Plain(_) => "plaintext (insecure, asked on both sides)".into(),
-            Kind::Tls(t) => format!("tls1.3 {}, peer {}", t.suite(), t.peer()),
+            Kind::Plain(_) => format!("plaintext (insecure, asked on both sides){bound}"),
+            Kind::Tls(t) => format!("tls1.3 {}, peer {}{bound}", t.suite(), t.peer()),
         }
+    }
+
+    /// Whether the link opened with an accepted session token.
+    pub fn is_bound(&self) -> bool {
+        self.bound
     }
 
     /// A second handle on the same connection, for another thread.
@@ -159,6 +197,7 @@ impl Link {
         Ok(Link {
             kind,
             dialer: self.dialer.clone(),
+            bound: self.bound,
         })
     }
 
@@ -323,7 +362,7 @@ impl Write for Link {
 
 /// How the source opens connections to the destination.
 #[derive(Clone)]
-pub struct Dialer(Arc<DialSecurity>);
+pub struct Dialer(Arc<DialSecurity>, Option<Arc<SessionToken>>);
 
 enum DialSecurity {
     Plain,
@@ -335,9 +374,10 @@ enum DialSecurity {
 
 impl std::fmt::Debug for Dialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bound = if self.1.is_some() { ", bound" } else { "" };
         match &*self.0 {
-            DialSecurity::Plain => f.write_str("Dialer(plaintext)"),
-            DialSecurity::Tls { peer_name, .. } => write!(f, "Dialer(tls to {peer_name})"),
+            DialSecurity::Plain => write!(f, "Dialer(plaintext{bound})"),
+            DialSecurity::Tls { peer_name, .. } => write!(f, "Dialer(tls to {peer_name}{bound})"),
         }
     }
 }
@@ -345,7 +385,13 @@ impl std::fmt::Debug for Dialer {
 impl Dialer {
     /// Plain TCP: only when the user asked for it on both sides.
     pub fn plaintext() -> Self {
-        Dialer(Arc::new(DialSecurity::Plain))
+        Dialer(Arc::new(DialSecurity::Plain), None)
+    }
+
+    /// Every connection this dialer opens presents `token` first (protocol
+    /// v8) and is refused unless the destination accepts it.
+    pub fn with_token(self, token: SessionToken) -> Self {
+        Dialer(self.0, Some(Arc::new(token)))
     }
 
     /// TLS 1.3 as `identity`, to a destination whose certificate is for
@@ -354,10 +400,13 @@ impl Dialer {
         ferry_identity::validate_name(peer_name)
             .map_err(|_| TransportError::BadPeerName(peer_name.into()))?;
         let client = ferry_identity::client_config(identity, &[ALPN_MIGRATION])?;
-        Ok(Dialer(Arc::new(DialSecurity::Tls {
-            client,
-            peer_name: peer_name.into(),
-        })))
+        Ok(Dialer(
+            Arc::new(DialSecurity::Tls {
+                client,
+                peer_name: peer_name.into(),
+            }),
+            None,
+        ))
     }
 
     /// Loads the identity in `dir` (`ca.crt`, `cert.pem`, `key.pem`) and
@@ -371,7 +420,8 @@ impl Dialer {
     }
 
     /// Connects to `addr` within `timeout` (TCP), then shakes hands
-    /// (within [`HANDSHAKE_TIMEOUT`]) on a TLS dialer. The link comes with
+    /// (within [`HANDSHAKE_TIMEOUT`]) on a TLS dialer, then binds the link
+    /// with the session token if the dialer has one. The link comes with
     /// TCP_NODELAY set.
     pub fn dial(&self, addr: SocketAddr, timeout: Duration) -> Result<Link, DialError> {
         let connect = |source| DialError::Connect { addr, source };
@@ -383,6 +433,15 @@ impl Dialer {
                 ferry_identity::tls::connect_timeout(tcp, client, peer_name, HANDSHAKE_TIMEOUT)?,
             ),
         };
+        if let Some(token) = &self.1 {
+            bind_as_source(
+                &link,
+                token,
+                |t| link.set_read_timeout(t),
+                HANDSHAKE_TIMEOUT,
+            )?;
+            link.bound = true;
+        }
         link.dialer = Some(self.clone());
         Ok(link)
     }
@@ -390,7 +449,7 @@ impl Dialer {
 
 /// How the destination takes connections.
 #[derive(Clone)]
-pub struct Acceptor(Arc<AcceptSecurity>);
+pub struct Acceptor(Arc<AcceptSecurity>, Option<Arc<SessionToken>>);
 
 enum AcceptSecurity {
     Plain,
@@ -402,9 +461,12 @@ enum AcceptSecurity {
 
 impl std::fmt::Debug for Acceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bound = if self.1.is_some() { ", bound" } else { "" };
         match &*self.0 {
-            AcceptSecurity::Plain => f.write_str("Acceptor(plaintext)"),
-            AcceptSecurity::Tls { allowed, .. } => write!(f, "Acceptor(tls, {allowed:?})"),
+            AcceptSecurity::Plain => write!(f, "Acceptor(plaintext{bound})"),
+            AcceptSecurity::Tls { allowed, .. } => {
+                write!(f, "Acceptor(tls, {allowed:?}{bound})")
+            }
         }
     }
 }
@@ -412,7 +474,13 @@ impl std::fmt::Debug for Acceptor {
 impl Acceptor {
     /// Plain TCP: only when the user asked for it on both sides.
     pub fn plaintext() -> Self {
-        Acceptor(Arc::new(AcceptSecurity::Plain))
+        Acceptor(Arc::new(AcceptSecurity::Plain), None)
+    }
+
+    /// Takes only connections that open with `token` (protocol v8); any
+    /// other is told why and refused.
+    pub fn with_token(self, token: SessionToken) -> Self {
+        Acceptor(self.0, Some(Arc::new(token)))
     }
 
     /// TLS 1.3 as `identity`, taking only clients of the fleet CA whose
@@ -431,10 +499,13 @@ impl Acceptor {
                 .map_err(|_| TransportError::BadPeerName(name.clone()))?;
         }
         let server = ferry_identity::server_config(identity, &[ALPN_MIGRATION])?;
-        Ok(Acceptor(Arc::new(AcceptSecurity::Tls {
-            server,
-            allowed: Allowed::hosts(sources),
-        })))
+        Ok(Acceptor(
+            Arc::new(AcceptSecurity::Tls {
+                server,
+                allowed: Allowed::hosts(sources),
+            }),
+            None,
+        ))
     }
 
     /// Loads the identity in `dir` and makes an [`Acceptor::tls`].
@@ -451,9 +522,23 @@ impl Acceptor {
     }
 
     /// Makes a link of a connection a listener took; a TLS client that
-    /// fails the handshake or is not allowed is refused (told why where
-    /// TLS lets us) and the error says why.
-    pub fn accept(&self, tcp: TcpStream) -> Result<Link, HandshakeError> {
+    /// fails the handshake or is not allowed, or a source whose session
+    /// token is wrong, is refused (told why where it can be) and the error
+    /// says why.
+    pub fn accept(&self, tcp: TcpStream) -> Result<Link, AcceptError> {
+        let mut link = self.secure(tcp)?;
+        if let Some(token) = &self.1 {
+            link.set_nonblocking(false).map_err(BindError::Io)?;
+            link.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+                .map_err(BindError::Io)?;
+            bind_as_destination(&link, token)?;
+            link.set_read_timeout(None).map_err(BindError::Io)?;
+            link.bound = true;
+        }
+        Ok(link)
+    }
+
+    fn secure(&self, tcp: TcpStream) -> Result<Link, HandshakeError> {
         match &*self.0 {
             AcceptSecurity::Plain => Ok(Link::plain(tcp)),
             AcceptSecurity::Tls { server, allowed } => {
@@ -481,7 +566,7 @@ impl Acceptor {
 pub struct Refusal {
     pub addr: SocketAddr,
     #[source]
-    pub error: HandshakeError,
+    pub error: AcceptError,
 }
 
 /// The destination's listener: a TCP listener and how it takes

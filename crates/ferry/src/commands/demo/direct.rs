@@ -110,6 +110,7 @@ pub(super) fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
         streams: None,
         priority: Default::default(),
         transport: Some(ferry_control::TransportRequest::InsecurePlaintext),
+        token_file: None,
     };
     let mut view = ProgressView::new();
     let result = migrate_vm(&mut vm, &request, &mut |p| view.show(p));

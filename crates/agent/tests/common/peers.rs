@@ -1,0 +1,113 @@
+//! Two or more agents of one fleet: a CA made by `ferry ca`, each agent's
+//! host identity, and the calls a migration test makes between them.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{ferry_bin, Agent, TempDir};
+
+/// A CA of the test's own and the identities it issued.
+pub struct Fleet {
+    pub dir: TempDir,
+}
+
+impl Fleet {
+    pub fn new(name: &str) -> Self {
+        let dir = TempDir::new(&format!("ca-{name}"));
+        let out = Command::new(ferry_bin())
+            .args(["ca", "init"])
+            .arg(dir.path("ca"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ca init: {out:?}");
+        Self { dir }
+    }
+
+    /// Issues host `name`'s identity; its directory.
+    pub fn issue(&self, name: &str) -> PathBuf {
+        let out = Command::new(ferry_bin())
+            .args(["ca", "issue", "--name", name, "--ip", "127.0.0.1"])
+            .arg(self.dir.path("ca"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ca issue {name}: {out:?}");
+        self.dir.path("ca").join(name)
+    }
+}
+
+/// An agent named `test-NAME` with its identity from `fleet`; `plaintext`:
+/// its config allows a plaintext data plane.
+pub fn agent(name: &str, fleet: &Fleet, memory: &str, plaintext: bool) -> Agent {
+    let id = fleet.issue(&format!("test-{name}"));
+    let extra = format!(
+        "tls_dir = \"{}\"\ninsecure_plaintext_data_plane = {plaintext}\n",
+        id.display()
+    );
+    Agent::with_extra(name, memory, 4, None, &extra, |_| {})
+}
+
+pub fn peer_addr(agent: &Agent) -> String {
+    let path = agent.dir.path("state").join("peer.addr");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(a) = std::fs::read_to_string(&path) {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn host(agent: &Agent) -> String {
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("host_name = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_owned()
+}
+
+/// `POST /v1/vms/VM/migrations` towards `to`.
+pub fn start(from: &Agent, vm: &str, to: &Agent) -> ferry_agent::client::Reply {
+    let body = json!({"target": {"host": host(to), "address": peer_addr(to)}});
+    from.post(&format!("/v1/vms/{vm}/migrations"), Some(body))
+}
+
+/// Polls a job until it has ended; returns it.
+pub fn wait_job(agent: &Agent, job: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = agent.get(&format!("/v1/migrations/{job}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        if ["committed", "failed", "cancelled"].contains(&v["phase"].as_str().unwrap()) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {job} still {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Migrates `vm` and checks it arrived whole (its guest's heartbeats go
+/// on past the last seen on the source, no page error, no break); returns
+/// the ended job.
+pub fn migrate_verified(from: &Agent, to: &Agent, vm: &str) -> Value {
+    let before = from.heartbeat(vm);
+    let r = start(from, vm, to);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let done = wait_job(from, &id, Duration::from_secs(120));
+    assert_eq!(done["phase"], "committed", "{done}");
+    assert_eq!(from.get(&format!("/v1/vms/{vm}")).status, 404);
+    let hb = to.heartbeat_after(vm, before["seq"].as_u64().unwrap(), Duration::from_secs(20));
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+    done
+}

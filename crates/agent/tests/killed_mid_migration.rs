@@ -1,0 +1,186 @@
+//! The source `ferryd` killed with -9 in the middle of a migration over
+//! mutual TLS, then started again (real KVM, two real agents): the job is
+//! settled from what was written under the state directory, and the VM
+//! ends in exactly one place, running and verified there; the other host
+//! holds nothing of it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::peers::{agent, host, peer_addr, Fleet};
+use common::{kill9, kvm_or_skip, processes_mentioning};
+use serde_json::{json, Value};
+
+fn job(agent: &common::Agent, id: &str) -> Value {
+    let r = agent.get(&format!("/v1/migrations/{id}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+#[test]
+fn source_agent_killed_mid_migration_settles_in_exactly_one_place() {
+    if !kvm_or_skip("source_agent_killed_mid_migration_settles_in_exactly_one_place") {
+        return;
+    }
+    let fleet = Fleet::new("kill");
+    let mut a = agent("kill-a", &fleet, "2G", false);
+    let b = agent("kill-b", &fleet, "2G", false);
+    a.create_vm("vm1", "512M", "dirty:64:100:256");
+    let before = a.heartbeat("vm1");
+
+    // Slow enough (about 3 s for the first pass) to be killed in flight.
+    let r = a.post(
+        "/v1/vms/vm1/migrations",
+        Some(
+            json!({"target": {"host": host(&b), "address": peer_addr(&b)},
+            "bandwidth": 128u64 << 20}),
+        ),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = job(&a, &id);
+        if v["phase"] == "transferring" && v["progress_lines"].as_u64().unwrap_or(0) > 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never transferring: {v}");
+        assert!(v["phase"] != "committed", "ended before the kill: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let job_file = a.dir.path("state").join(format!("jobs/{id}.json"));
+    assert!(
+        job_file.exists(),
+        "the job was not written down before the data plane"
+    );
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    a.start();
+
+    // The restarted agent knows the job and settles it.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let settled = loop {
+        let v = job(&a, &id);
+        if v["phase"] == "committed" || v["phase"] == "failed" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "never settled: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let on_a = a.get("/v1/vms/vm1");
+    let on_b = b.get("/v1/vms/vm1");
+    let seq = before["seq"].as_u64().unwrap();
+    if settled["phase"] == "committed" {
+        assert_eq!(on_a.status, 404, "committed, yet A has it: {}", on_a.text());
+        assert_eq!(
+            on_b.status,
+            200,
+            "committed, yet B lacks it: {}",
+            on_b.text()
+        );
+        let hb = b.heartbeat_after("vm1", seq, Duration::from_secs(20));
+        assert_eq!(hb["err"], 0, "{hb}");
+        assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+    } else {
+        assert_eq!(on_b.status, 404, "aborted, yet B has it: {}", on_b.text());
+        assert_eq!(on_a.status, 200, "aborted, yet A lacks it: {}", on_a.text());
+        assert_eq!(on_a.json()["state"], "running", "{}", on_a.text());
+        let hb = a.heartbeat_after("vm1", seq, Duration::from_secs(20));
+        assert_eq!(hb["err"], 0, "{hb}");
+    }
+    let written: Value = serde_json::from_slice(&std::fs::read(&job_file).unwrap()).unwrap();
+    assert_eq!(written["phase"], settled["phase"], "{written}");
+    assert!(
+        !a.dir
+            .path("state")
+            .join(format!("jobs/{id}.token"))
+            .exists(),
+        "the token file outlived its job"
+    );
+    eprintln!("settled after the kill: {}", settled["phase"]);
+}
+
+/// The receiving VMM of `agent` (a `ferry receive` under its directory).
+fn receiver_of(agent: &common::Agent) -> Option<u32> {
+    processes_mentioning(&agent.needle())
+        .into_iter()
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|b| *b == 0).any(|a| a == b"receive"))
+                .unwrap_or(false)
+        })
+}
+
+#[test]
+fn source_agent_killed_and_the_migration_failing_meanwhile_keeps_the_vm_on_the_source() {
+    if !kvm_or_skip(
+        "source_agent_killed_and_the_migration_failing_meanwhile_keeps_the_vm_on_the_source",
+    ) {
+        return;
+    }
+    let fleet = Fleet::new("killab");
+    let mut a = agent("killab-a", &fleet, "2G", false);
+    let b = agent("killab-b", &fleet, "2G", false);
+    a.create_vm("vm1", "512M", "dirty:64:100:256");
+    let before = a.heartbeat("vm1");
+    // About 10 s of first pass: the destination dies well before the end.
+    let r = a.post(
+        "/v1/vms/vm1/migrations",
+        Some(
+            json!({"target": {"host": host(&b), "address": peer_addr(&b)},
+            "bandwidth": 32u64 << 20}),
+        ),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = job(&a, &id);
+        if v["phase"] == "transferring" && v["progress_lines"].as_u64().unwrap_or(0) > 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never transferring: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let receiver = receiver_of(&b).expect("B's receiving VMM");
+    // The source agent dies, then the destination's receiver: the source
+    // VMM's migration fails while no agent watches it.
+    a.kill9();
+    kill9(receiver);
+    std::thread::sleep(Duration::from_millis(500));
+    a.start();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let settled = loop {
+        let v = job(&a, &id);
+        if v["phase"] == "committed" || v["phase"] == "failed" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "never settled: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(settled["phase"], "failed", "{settled}");
+    assert!(
+        settled["error"]
+            .as_str()
+            .unwrap()
+            .contains("runs on the source"),
+        "{settled}"
+    );
+    assert_eq!(b.get("/v1/vms/vm1").status, 404);
+    let on_a = a.show("vm1");
+    assert_eq!(on_a["state"], "running", "{on_a}");
+    let hb = a.heartbeat_after(
+        "vm1",
+        before["seq"].as_u64().unwrap() + 5,
+        Duration::from_secs(30),
+    );
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+    // And it can still be migrated.
+    let r = a.post(
+        "/v1/vms/vm1/migrations",
+        Some(json!({"target": {"host": host(&b), "address": peer_addr(&b)}})),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+}
