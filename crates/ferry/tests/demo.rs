@@ -108,6 +108,13 @@ fn the_demo_moves_the_vm_between_two_agents_and_verifies_it_on_b() {
         hosts.contains("hostA") && hosts.contains("hostB"),
         "{hosts}"
     );
+    let transport = report["migration"]["transport"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        transport.starts_with("tls1.3 ") && transport.contains("peer host hostB"),
+        "the agents' data plane must be mutual TLS: {transport}"
+    );
     if nix_is_root() {
         assert!(
             hosts.contains("in namespace"),

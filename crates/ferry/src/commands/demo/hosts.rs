@@ -180,7 +180,7 @@ fn start_agent(
     std::fs::write(
         &config,
         format!(
-            "host_name = \"{name}\"\npeer_listen = \"{}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\ntls_dir = \"{}\"\nferry_bin = \"{}\"\ninsecure_plaintext_data_plane = true\n[capacity]\nmemory = \"{}M\"\nvcpus = {vcpus}\n",
+            "host_name = \"{name}\"\npeer_listen = \"{}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\ntls_dir = \"{}\"\nferry_bin = \"{}\"\n[capacity]\nmemory = \"{}M\"\nvcpus = {vcpus}\n",
             std::net::SocketAddr::new(ip, 0),
             socket.display(),
             dir.join("state").display(),
