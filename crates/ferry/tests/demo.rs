@@ -88,7 +88,7 @@ fn assert_nothing_left(pid: u32) {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(&format!("fdemo{pid}-")))
+        .filter(|n| n.starts_with(&format!("fdemo{pid}-")) || n.starts_with(&format!("fnet{pid}-")))
         .collect::<Vec<_>>();
     assert!(namespaces.is_empty(), "namespaces left: {namespaces:?}");
 }
@@ -134,6 +134,42 @@ fn the_direct_demo_moves_the_vm_engine_to_engine_and_verifies_it_on_b() {
     assert_verified_on_b(&report);
     assert!(status.success(), "ferry demo --direct exited {status}");
     assert!(report["hosts"].as_str().unwrap().starts_with("direct"));
+    assert_nothing_left(pid);
+}
+
+#[test]
+fn the_network_demo_keeps_the_tcp_connection_across_the_move() {
+    let test = "the_network_demo_keeps_the_tcp_connection_across_the_move";
+    if !common::kvm_or_skip(test) {
+        return;
+    }
+    if !nix_is_root() {
+        println!("SKIPPED {test}: the network demo builds namespaces and taps (needs root)");
+        eprintln!("SKIPPED {test}: the network demo builds namespaces and taps (needs root)");
+        return;
+    }
+    let (status, report, pid) = run_demo(&["network"]);
+    assert_verified_on_b(&report);
+    assert!(status.success(), "ferry demo network exited {status}");
+    let net = &report["network"];
+    eprintln!(
+        "{test}: TCP {} sent, longest reply gap {} ms, {} retransmissions; UDP {} sent; guest stall {} ms",
+        net["tcp_requests_sent"],
+        net["tcp_longest_reply_gap_ms"],
+        net["tcp_retransmissions"],
+        net["udp_probes_sent"],
+        net["guest_stall_ms"]
+    );
+    assert_eq!(net["connection_kept"], true, "{net}");
+    assert_eq!(net["tcp_resets"], 0, "{net}");
+    assert_eq!(net["tcp_requests_lost"], 0, "{net}");
+    assert_eq!(net["udp_probes_lost"], 0, "{net}");
+    assert!(net["tcp_requests_sent"].as_u64().unwrap() >= 1000, "{net}");
+    assert_eq!(
+        report["migration"]["network"]["dropped"], 0,
+        "the source dropped frames: {}",
+        report["migration"]["network"]
+    );
     assert_nothing_left(pid);
 }
 

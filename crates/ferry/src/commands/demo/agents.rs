@@ -127,9 +127,10 @@ pub(super) fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
         || hosts.b.log_tail(3),
         last_src_seq,
         args.verbose,
+        args.json,
     );
     let errors = doc.source_errors;
-    conclude(doc, verdict, last_src_seq, errors, args.json)
+    conclude(doc, verdict, last_src_seq, errors, None, args.json)
 }
 
 /// One API call that must succeed; its JSON answer.
@@ -195,7 +196,7 @@ fn watch_source(log: &mut LogTail, sweeps: u64, start: Instant, verbose: bool) -
             return w;
         };
         if verbose {
-            println!("A: {line}");
+            eprintln!("A: {line}");
         }
         match parse_line(&line) {
             Line::Ready(_) if w.ready_ms.is_none() => {

@@ -1,6 +1,7 @@
 //! `ferry demo --direct`: "host A" is this process, "host B" a `ferry
 //! receive` child; the running VM moves from A to B over TCP, engine to
-//! engine, without agents.
+//! engine, without agents. `ferry demo network` runs the same with the
+//! VM's network card on the test topology and a client probing it.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use crate::size::show_size;
 use crate::watch::GuestWatch;
 use ferry_control::MigrateRequest;
 
+use super::network::NetworkScene;
 use super::{conclude, finish, say, verify_destination, DemoArgs, DemoReport};
 
 /// Host B: a `ferry receive` child and its console lines.
@@ -23,7 +25,7 @@ struct HostB {
 }
 
 impl HostB {
-    fn start(prealloc: bool, mem: u64) -> anyhow::Result<(Self, String)> {
+    fn start(prealloc: bool, mem: u64, extra: &[String]) -> anyhow::Result<(Self, String)> {
         let mut args: Vec<String> = [
             "receive",
             "--listen",
@@ -38,6 +40,7 @@ impl HostB {
         if prealloc {
             args.push("--prealloc".into());
         }
+        args.extend_from_slice(extra);
         let mut child = FerryChild::spawn("host B (ferry receive)", &args)?;
         let console = lines(child.take_stdout());
         let addr = child.listening_addr(Duration::from_secs(60))?;
@@ -46,22 +49,38 @@ impl HostB {
 }
 
 pub(super) fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
+    run(args, None)
+}
+
+/// The direct demo; with `net`, the VM serves TCP and UDP on its card and
+/// the scene's client probes it from before the migration to after it.
+pub(super) fn run(args: &DemoArgs, mut net: Option<NetworkScene>) -> anyhow::Result<bool> {
     let start = Instant::now();
-    let (host_b, addr) = HostB::start(args.vm.prealloc, args.vm.mem)?;
+    let vm_args = match &net {
+        Some(scene) => scene.vm_args(&args.vm)?,
+        None => args.vm.clone(),
+    };
+    let host_b_extra = net
+        .as_ref()
+        .map_or_else(Vec::new, NetworkScene::host_b_args);
+    let (host_b, addr) = HostB::start(vm_args.prealloc, vm_args.mem, &host_b_extra)?;
     say!(
         args.json,
         "Host A: booting a {} vCPU VM with {} of memory, workload {} ...",
-        args.vm.vcpus(),
-        show_size(args.vm.mem),
-        args.vm.workload()
+        vm_args.vcpus(),
+        show_size(vm_args.mem),
+        vm_args.guest_workload()
     );
     say!(args.json, "Host B: `ferry receive` listening on {addr}");
-    let mut doc = DemoReport::new(
-        args,
-        "direct: host A is this process, host B a `ferry receive` child, plaintext on loopback"
-            .into(),
-    );
-    let (mut vm, events) = boot(&args.vm)?;
+    let hosts = match &net {
+        Some(scene) => scene.describe(),
+        None => {
+            "direct: host A is this process, host B a `ferry receive` child, plaintext on loopback"
+                .into()
+        }
+    };
+    let mut doc = DemoReport::new(args, hosts);
+    let (mut vm, events) = boot(&vm_args)?;
     let mut watch = GuestWatch::new(start);
     let want = args.sweeps;
     let ending = watch_until(
@@ -92,6 +111,9 @@ pub(super) fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
         watch.sweeps,
         watch.last_seq.unwrap_or_default()
     );
+    if let Some(scene) = net.as_mut() {
+        scene.start_probe(args.json)?;
+    }
     say!(
         args.json,
         "Live-migrating A -> B (downtime target {:?}) ...",
@@ -152,6 +174,23 @@ pub(super) fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
         || host_b.child.status_so_far().join(" | "),
         last_src_seq,
         args.verbose,
+        args.json,
     );
-    conclude(doc, verdict, last_src_seq, watch.errors, args.json)
+    let network_failure = match net {
+        Some(scene) => {
+            let stall_us = verdict.as_ref().map(|v| v.first.stall_us).ok();
+            let (outcome, failure) = scene.finish(stall_us, args.json);
+            doc.network = Some(outcome);
+            failure
+        }
+        None => None,
+    };
+    conclude(
+        doc,
+        verdict,
+        last_src_seq,
+        watch.errors,
+        network_failure,
+        args.json,
+    )
 }
