@@ -2,10 +2,9 @@
 //! one writing, without either holding a lock across socket I/O.
 //!
 //! rustls keeps one state per connection for both directions. A writer
-//! encrypts under the state's lock and sends the records straight from
-//! rustls's buffers, as far as the socket takes them without blocking; when
-//! the socket is full it lets go of the lock to wait (a second lock keeps
-//! other writers out meanwhile, so whole writes stay in order). A reader reads raw bytes from the
+//! encrypts under the state's lock into a buffer of its own, lets go of the
+//! lock, and only then writes the buffer to the socket (under a second lock
+//! that keeps whole writes in order). A reader reads raw bytes from the
 //! socket without the state's lock, then takes it only to hand the bytes to
 //! rustls and take the plaintext out. So a reader blocked on a quiet socket
 //! never stalls a writer, and a writer blocked on a full socket never
@@ -13,7 +12,6 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -31,9 +29,9 @@ pub(super) struct TlsLink {
     conn: Mutex<rustls::Connection>,
     tcp: TcpStream,
     read: Mutex<ReadSide>,
-    /// Held for a whole encrypt-then-send, so one writer's records reach
-    /// the socket whole and in the order rustls numbered them.
-    write: Mutex<()>,
+    /// Held for a whole encrypt-then-send, so records reach the socket in
+    /// the order rustls numbered them.
+    write: Mutex<Vec<u8>>,
     /// A write failed after part of its records were sent: the stream is
     /// cut mid-record and every later write must fail too.
     broken: AtomicBool,
@@ -85,7 +83,7 @@ impl TlsLink {
             conn: Mutex::new(conn),
             tcp,
             read: Mutex::new(ReadSide::default()),
-            write: Mutex::new(()),
+            write: Mutex::new(Vec::new()),
             broken: AtomicBool::new(false),
             peer,
             suite,
@@ -236,134 +234,68 @@ impl TlsLink {
 
     /// Encrypts and sends `bufs` (as much of them as rustls takes at once).
     pub(super) fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let _order = lock(&self.write);
-        self.check_not_broken()?;
-        let n = lock(&self.conn).writer().write_vectored(bufs)?;
-        self.send_records()?;
-        Ok(n)
-    }
-
-    fn check_not_broken(&self) -> io::Result<()> {
+        let mut out = lock(&self.write);
         if self.broken.load(Ordering::Acquire) {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "an earlier write on this TLS link failed part way",
             ));
         }
-        Ok(())
+        out.clear();
+        let n = {
+            let mut conn = lock(&self.conn);
+            let n = conn.writer().write_vectored(bufs)?;
+            while conn.wants_write() {
+                conn.write_tls(&mut *out)?;
+            }
+            n
+        };
+        self.send(&out)?;
+        Ok(n)
     }
 
-    /// Sends every record rustls holds, straight from its buffers (no copy
-    /// of our own). The socket is written only as far as it takes without
-    /// blocking while the state's lock is held; when it is full the lock is
-    /// let go for the wait, so a reader is never stalled by a slow peer.
-    /// The caller holds `write`, which keeps other writers out meanwhile.
-    fn send_records(&self) -> io::Result<()> {
-        let deadline = self
-            .tcp
-            .write_timeout()?
-            .map(|t| std::time::Instant::now() + t);
-        loop {
-            {
-                let mut conn = lock(&self.conn);
-                while conn.wants_write() {
-                    match conn.write_tls(&mut NonBlockingSend(&self.tcp)) {
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            // Records are numbered: one cut short can never
-                            // be completed by a retry of the caller's bytes.
-                            self.broken.store(true, Ordering::Release);
-                            return Err(e);
-                        }
-                    }
+    fn send(&self, mut out: &[u8]) -> io::Result<()> {
+        let total = out.len();
+        while !out.is_empty() {
+            match (&self.tcp).write(out) {
+                Ok(0) => {
+                    self.broken.store(total != out.len(), Ordering::Release);
+                    return Err(io::ErrorKind::WriteZero.into());
                 }
-                if !conn.wants_write() {
-                    return Ok(());
+                Ok(n) => out = &out[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Records are numbered: a partly sent one can never be
+                    // completed by a retry of the caller's bytes.
+                    self.broken.store(true, Ordering::Release);
+                    return Err(e);
                 }
-            }
-            let left = match deadline {
-                Some(d) => d.saturating_duration_since(std::time::Instant::now()),
-                None => std::time::Duration::from_secs(3600),
-            };
-            if left.is_zero() || !poll_writable(&self.tcp, left)? {
-                self.broken.store(true, Ordering::Release);
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the peer took no data within the write timeout",
-                ));
             }
         }
+        Ok(())
     }
 
     /// Sends close_notify if no write is under way (best effort).
     pub(super) fn close_notify(&self) {
-        let Ok(_order) = self.write.try_lock() else {
+        let Ok(mut out) = self.write.try_lock() else {
             return;
         };
-        if self.check_not_broken().is_err() {
+        if self.broken.load(Ordering::Acquire) {
             return;
         }
-        lock(&self.conn).send_close_notify();
-        if let Err(e) = self.send_records() {
+        out.clear();
+        {
+            let mut conn = lock(&self.conn);
+            conn.send_close_notify();
+            while conn.wants_write() {
+                if conn.write_tls(&mut *out).is_err() {
+                    return;
+                }
+            }
+        }
+        let bytes = std::mem::take(&mut *out);
+        if let Err(e) = self.send(&bytes) {
             tracing::debug!("sending TLS close_notify: {e}");
         }
     }
-}
-
-/// Writes to the socket without ever blocking: WouldBlock when it is full.
-struct NonBlockingSend<'a>(&'a TcpStream);
-
-impl Write for NonBlockingSend<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_vectored(&[IoSlice::new(buf)])
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        // IoSlice is ABI-compatible with iovec (std guarantees it on Unix);
-        // sendmsg only reads through these pointers.
-        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
-        // SAFETY: `msg` points at `bufs`, valid for reads for the call; the
-        // descriptor is the open socket `self.0` borrows.
-        let n = unsafe {
-            libc::sendmsg(
-                self.0.as_raw_fd(),
-                &msg,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// poll(2) for writability on one socket; false if `timeout` passed.
-fn poll_writable(tcp: &TcpStream, timeout: std::time::Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: tcp.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: `pfd` is one valid pollfd that outlives the call, and the
-    // descriptor belongs to `tcp`, borrowed for the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(true);
-        }
-        return Err(e);
-    }
-    Ok(n > 0)
 }
