@@ -13,88 +13,15 @@ mod common;
 use std::time::Duration;
 
 use common::migrations::{assert_committed, finish_migrate, source_handed_over, stop_destination};
+use common::net::{
+    can_run, client_is_answered, net_flag, net_source, receive_net_flag, serial, MAC, PORT,
+};
 use common::{
-    ferry, kvm_or_skip, migration_destination, snapshot, start_migrate, verify_arrival,
-    wait_for_socket, FerryProc, Stream, TempDir,
+    ferry, migration_destination, snapshot, start_migrate, verify_arrival, FerryProc, Stream,
+    TempDir,
 };
 use ferry_netlab::{FdbPlace, Host, MacAddr, Probe, ProbeConfig, Topology};
-use ferry_testguest::console::{parse_line, Line, NetCounters};
-
-const PORT: u16 = 7000;
-const MAC: &str = "02:46:52:00:08:02";
-
-fn can_run(test: &str) -> bool {
-    if let Some(why) = Topology::skip_reason() {
-        eprintln!("SKIPPED {test}: {why}");
-        println!("SKIPPED {test}: {why}");
-        return false;
-    }
-    kvm_or_skip(test)
-}
-
-fn net_flag(topo: &Topology, host: Host) -> String {
-    let h = topo.host(host);
-    format!("tap={},netns={},mac={MAC}", h.tap, h.ns)
-}
-
-fn workload(topo: &Topology) -> String {
-    format!("dirty:64:100+net:{}/24:{PORT}", topo.guest_ip())
-}
-
-/// `ferry run --net` on host A with an API socket, READY.
-fn net_source(dir: &TempDir, topo: &Topology) -> (FerryProc, String) {
-    let socket = dir.path("A.sock");
-    let net = net_flag(topo, Host::A);
-    let wl = workload(topo);
-    let mut vm = FerryProc::spawn(
-        "A",
-        &[
-            "run",
-            "--mem",
-            "512M",
-            "--workload",
-            &wl,
-            "--net",
-            &net,
-            "--api",
-            &socket,
-            "--duration",
-            "300s",
-        ],
-    );
-    vm.wait_line(Duration::from_secs(60), "READY", |s, text| {
-        (s == Stream::Out && matches!(parse_line(text), Line::Ready(_))).then_some(())
-    });
-    wait_for_socket(&socket);
-    (vm, socket)
-}
-
-/// One second of 1 ms TCP requests and UDP probes from the client on a
-/// new connection: every request answered, every probe echoed.
-fn client_is_answered(topo: &Topology, what: &str) {
-    let probe = Probe::start_on(
-        topo,
-        PORT,
-        ProbeConfig {
-            max_duration: Duration::from_secs(5),
-            ..ProbeConfig::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{what}: the client cannot connect: {e}"));
-    std::thread::sleep(Duration::from_secs(1));
-    let report = probe.stop();
-    let tcp = report.tcp.as_ref().unwrap();
-    let udp = report.udp.as_ref().unwrap();
-    eprintln!(
-        "{what}: TCP {} sent, {} replies, {} resets; UDP {} sent, {} echoed",
-        tcp.requests_sent, tcp.replies_received, tcp.resets, udp.probes_sent, udp.echoed
-    );
-    assert!(tcp.requests_sent >= 200, "{what}: {report:?}");
-    assert_eq!(tcp.replies_missing, 0, "{what}: {report:?}");
-    assert_eq!(tcp.resets, 0, "{what}: {report:?}");
-    assert!(udp.probes_sent >= 200, "{what}: {report:?}");
-    assert_eq!(udp.lost, 0, "{what}: {report:?}");
-}
+use ferry_testguest::console::NetCounters;
 
 /// The guest's network counters once they show at least `replies` TCP
 /// replies (heartbeats queued before are read on the way; 50 at most).
@@ -114,14 +41,6 @@ fn counters_reaching(vm: &mut FerryProc, replies: u64) -> NetCounters {
         last = Some(c);
     }
     panic!("the guest's counters never reached {replies} TCP replies: {last:?}");
-}
-
-/// One test at a time: the guest's UDP echo keeps 16 datagrams, so a VM
-/// starved of CPU by a parallel test's VM for more than 16 ms drops probes.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[test]
@@ -189,10 +108,7 @@ fn precopy_to_host_b_arrives_verified_and_answers_there() {
     assert_eq!(topo.fdb_place(mac).unwrap(), Some(FdbPlace::HostA));
 
     let dst_socket = dir.path("B.sock");
-    let net_b = {
-        let h = topo.host(Host::B);
-        format!("tap={},netns={}", h.tap, h.ns)
-    };
+    let net_b = receive_net_flag(&topo, Host::B);
     let (mut dst, port) = migration_destination(
         "B",
         &[
@@ -386,10 +302,7 @@ fn a_tcp_connection_survives_a_precopy_migration_without_loss() {
     )
     .expect("the client connects on host A");
     std::thread::sleep(Duration::from_millis(500));
-    let net_b = {
-        let h = topo.host(Host::B);
-        format!("tap={},netns={}", h.tap, h.ns)
-    };
+    let net_b = receive_net_flag(&topo, Host::B);
     let dst_socket = dir.path("B.sock");
     let (mut dst, port) = migration_destination(
         "B",

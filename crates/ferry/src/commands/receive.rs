@@ -68,6 +68,12 @@ pub struct ReceiveArgs {
     /// refused without it, before any page moves.
     #[arg(long, value_name = "tap=NAME[,netns=NS]")]
     pub net: Option<crate::net_flag::NetFlag>,
+    /// Test/diagnostic control only: never announce the VM's MAC here
+    /// after the commit, so the fabric learns the new place only from the
+    /// guest's own traffic. It shows what the announce is worth; never
+    /// use it in production.
+    #[arg(long)]
+    pub no_announce: bool,
     /// A file (mode 0600) with the one-time session token of the migration
     /// this destination is prepared for: every connection must open with
     /// it (protocol v8), any other is refused and the wait goes on.
@@ -213,7 +219,10 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     );
     // Committed and running here: now, and only now, the network may
     // learn the VM's new place (QEMU's schedule of five announces).
-    let announcing = vm.net().map(|net| {
+    if args.no_announce && vm.net().is_some() {
+        eprintln!("ferry: --no-announce: the VM's MAC is not announced here");
+    }
+    let announcing = vm.net().filter(|_| !args.no_announce).map(|net| {
         let t0 = Instant::now();
         eprintln!(
             "ferry: virtio-net card {} on tap {}; announcing it here",

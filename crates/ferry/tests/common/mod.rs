@@ -742,3 +742,4 @@ pub fn verify_still_running(
     seen
 }
 pub mod migrations;
+pub mod net;
