@@ -1,0 +1,135 @@
+//! `PATCH /v1/migrations/{id}` between two real `ferryd` processes on real
+//! KVM: a migration held to 50 MiB/s is uncapped with `ferry migration
+//! tune` and ends well before the cap would have let it, verified on the
+//! destination; post-copy on a VM whose policy forbids it is refused with
+//! 422 and the migration goes on; bad bodies are 400, an unknown job 404,
+//! an ended one 409.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::peers::{agent, host, peer_addr, wait_job, Fleet};
+use common::{ferry_bin, kvm_or_skip, Agent};
+use serde_json::{json, Value};
+
+fn patch(agent: &Agent, job: &str, body: &str) -> ferry_agent::client::Reply {
+    agent
+        .client
+        .request_raw(
+            "PATCH",
+            &format!("/v1/migrations/{job}"),
+            Some("application/json"),
+            body.as_bytes().to_vec(),
+        )
+        .expect("PATCH")
+}
+
+#[test]
+fn an_uncapped_migration_finishes_faster_than_its_cap_allowed_and_bad_patches_change_nothing() {
+    if !kvm_or_skip("an_uncapped_migration_finishes_faster_than_its_cap_allowed") {
+        return;
+    }
+    let fleet = Fleet::new("tune");
+    let a = agent("tn-a", &fleet, "2G", true);
+    let b = agent("tn-b", &fleet, "2G", true);
+    // 256 MiB filled: at 50 MiB/s the first pass alone takes over 5 s.
+    a.create_vm("vm1", "512M", "dirty:16:20:256");
+    let before = a.heartbeat("vm1");
+    let cap: u64 = 50 << 20;
+    let at_cap_ms = 256.0 / 50.0 * 1e3;
+    let body = json!({"target": {"host": host(&b), "address": peer_addr(&b)}, "bandwidth": cap});
+    let r = a.post("/v1/vms/vm1/migrations", Some(body));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+
+    assert_eq!(patch(&a, "no-such-job", r#"{"bandwidth": 0}"#).status, 404);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = a.get(&format!("/v1/migrations/{id}")).json();
+        if v["progress"]["round"] == 1 && v["progress"]["sent_mib"].as_f64().unwrap_or(0.0) > 1.0 {
+            break;
+        }
+        assert!(v["phase"] != "committed" && v["phase"] != "failed", "{v}");
+        assert!(Instant::now() < deadline, "no first pass: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    for bad in [
+        "{}",
+        "",
+        r#"{"downtime_ms": -1}"#,
+        r#"{"downtime_ms": NaN}"#,
+        r#"{"bandwidth": -5}"#,
+        r#"{"mode": "precopy"}"#,
+        r#"{"bandwidth": 0, "speed": 1}"#,
+    ] {
+        let r = patch(&a, &id, bad);
+        assert_eq!(r.status, 400, "{bad:?}: {}", r.text());
+        assert!(r.json()["reason"].is_string(), "{}", r.text());
+    }
+    let refused = patch(&a, &id, r#"{"mode": "postcopy"}"#);
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert!(
+        refused.text().contains("allow_postcopy"),
+        "{}",
+        refused.text()
+    );
+    // Nothing changed: still the capped first pass.
+    let v = a.get(&format!("/v1/migrations/{id}")).json();
+    assert_eq!(v["phase"], "transferring", "{v}");
+    assert_eq!(v["progress"]["round"], 1, "{v}");
+
+    let out = Command::new(ferry_bin())
+        .args([
+            "migration",
+            "tune",
+            &id,
+            "--bandwidth",
+            "unlimited",
+            "--downtime",
+            "50ms",
+            "--json",
+            "--agent",
+        ])
+        .arg(&a.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ferry migration tune: {out:?}");
+
+    let done = wait_job(&a, &id, Duration::from_secs(120));
+    assert_eq!(done["phase"], "committed", "{done}");
+    let total_ms = done["report"]["total_ms"].as_f64().unwrap();
+    eprintln!("tuned migration: {total_ms:.0} ms in all; the 50 MiB/s cap alone needs {at_cap_ms:.0} ms for the first pass");
+    assert!(
+        total_ms < at_cap_ms * 0.8,
+        "{total_ms} ms: not faster than the cap: {done}"
+    );
+    let hb = b.heartbeat_after(
+        "vm1",
+        before["seq"].as_u64().unwrap(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+
+    let ended = patch(&a, &id, r#"{"bandwidth": 1048576}"#);
+    assert_eq!(ended.status, 409, "{}", ended.text());
+    assert!(ended.text().contains("committed"), "{}", ended.text());
+
+    let audit = a.audit_lines();
+    let patches: Vec<&Value> = audit
+        .iter()
+        .filter(|l| l["action"] == "PATCH /v1/migrations/{id}")
+        .collect();
+    assert!(
+        patches
+            .iter()
+            .any(|l| l["outcome"] == "ok" && l["vm"] == "vm1"),
+        "{audit:?}"
+    );
+    assert!(patches.iter().any(|l| l["status"] == 422), "{audit:?}");
+    assert_eq!(b.delete("/v1/vms/vm1").status, 200);
+}
