@@ -221,7 +221,7 @@ fn serve(stream: UnixStream, owner: Sender<Pending>, cancel: Arc<MigrationCancel
 /// Why `tune` cannot be applied, if it cannot.
 fn tune_error(tune: &TuneRequest) -> Option<String> {
     match tune.downtime_ms {
-        Some(ms) if !ms.is_finite() || ms < 0.0 || ms > 3.6e6 => Some(format!(
+        Some(ms) if !ms.is_finite() || !(0.0..=3.6e6).contains(&ms) => Some(format!(
             "downtime_ms {ms} is not a duration (0 to 3600000 ms)"
         )),
         _ => None,
