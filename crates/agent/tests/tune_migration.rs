@@ -3,7 +3,8 @@
 //! tune` and ends well before the cap would have let it, verified on the
 //! destination; post-copy on a VM whose policy forbids it is refused with
 //! 422 and the migration goes on; bad bodies are 400, an unknown job 404,
-//! an ended one 409.
+//! an ended one 409; and a capped pre-copy switched to post-copy by the
+//! operator, on a VM whose policy allows it, commits verified.
 
 mod common;
 
@@ -137,5 +138,49 @@ fn an_uncapped_migration_finishes_faster_than_its_cap_allowed_and_bad_patches_ch
         "{audit:?}"
     );
     assert!(patches.iter().any(|l| l["status"] == 422), "{audit:?}");
+    assert_eq!(b.delete("/v1/vms/vm1").status, 200);
+}
+
+#[test]
+fn a_capped_precopy_switched_to_postcopy_by_the_operator_commits_verified() {
+    if !kvm_or_skip("a_capped_precopy_switched_to_postcopy_by_the_operator_commits_verified") {
+        return;
+    }
+    let fleet = Fleet::new("tunepc");
+    let a = agent("tp-a", &fleet, "2G", true);
+    let b = agent("tp-b", &fleet, "2G", true);
+    let r = a.post(
+        "/v1/vms",
+        Some(json!({"id": "vm1", "definition": {"mem_bytes": 512u64 << 20, "workload": "dirty:16:20:256"}, "policy": {"allow_postcopy": true}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let before = a.heartbeat("vm1");
+    let body =
+        json!({"target": {"host": host(&b), "address": peer_addr(&b)}, "bandwidth": 20u64 << 20});
+    let r = a.post("/v1/vms/vm1/migrations", Some(body));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = a.get(&format!("/v1/migrations/{id}")).json();
+        if v["progress"]["round"] == 1 && v["progress"]["sent_mib"].as_f64().unwrap_or(0.0) > 1.0 {
+            break;
+        }
+        assert!(v["phase"] != "committed" && v["phase"] != "failed", "{v}");
+        assert!(Instant::now() < deadline, "no first pass: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = patch(&a, &id, r#"{"mode": "postcopy", "bandwidth": 0}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let done = wait_job(&a, &id, Duration::from_secs(120));
+    assert_eq!(done["phase"], "committed", "{done}");
+    assert!(!done["report"]["postcopy"].is_null(), "{done}");
+    let hb = b.heartbeat_after(
+        "vm1",
+        before["seq"].as_u64().unwrap(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
     assert_eq!(b.delete("/v1/vms/vm1").status, 200);
 }
