@@ -27,6 +27,7 @@ use crate::migration::{
 use crate::model::{CreateVm, ErrorBody, SnapshotDone, SnapshotRequest, VmRecord, VmView};
 use crate::server::Agent;
 use crate::time::now_rfc3339;
+use crate::tune::TuneMigration;
 
 /// Largest request body accepted (a VM definition is a few hundred bytes).
 pub const BODY_LIMIT: usize = 64 << 10;
@@ -192,7 +193,7 @@ fn documented() -> OpenApiRouter<Arc<Agent>> {
         .routes(routes!(resume_vm))
         .routes(routes!(snapshot_vm))
         .routes(routes!(start_migration))
-        .routes(routes!(show_migration, cancel_migration))
+        .routes(routes!(show_migration, cancel_migration, tune_migration))
         .routes(routes!(prepare_incoming))
         .routes(routes!(show_incoming, abort_incoming))
         .routes(routes!(events))
@@ -446,6 +447,36 @@ async fn cancel_migration(
         "DELETE /v1/migrations/{id}",
         vm.as_deref(),
         StatusCode::ACCEPTED,
+        r,
+    )
+}
+
+/// Retunes a running migration: a new downtime target or bandwidth cap,
+/// or a switch to post-copy where the VM's policy allows it.
+#[utoipa::path(patch, path = "/v1/migrations/{id}", params(("id" = String, Path)), request_body = TuneMigration, responses(
+    (status = 200, description = "Passed to the engine: a bandwidth cap from its next batch, the rest between rounds", body = MigrationJob),
+    (status = 400, description = "Bad values or an empty body; nothing changed", body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "The job has ended (naming its phase), or is not in its pre-copy rounds", body = ErrorBody),
+    (status = 422, description = "Post-copy asked for; the VM's policy forbids it", body = ErrorBody),
+))]
+async fn tune_migration(
+    State(agent): State<Arc<Agent>>,
+    who: Who,
+    Path(id): Path<String>,
+    body: Result<Json<TuneMigration>, JsonRejection>,
+) -> Response {
+    let r = match body {
+        Err(e) => Err(e.into()),
+        Ok(Json(req)) => agent.tune_migration(&id, req).await,
+    };
+    let vm = r.as_ref().ok().map(|j| j.vm.clone());
+    audited(
+        &agent,
+        &who,
+        "PATCH /v1/migrations/{id}",
+        vm.as_deref(),
+        StatusCode::OK,
         r,
     )
 }

@@ -34,3 +34,4 @@ pub mod server;
 pub mod store;
 pub mod supervisor;
 pub mod time;
+pub mod tune;

@@ -34,6 +34,26 @@ pub enum Request {
     /// here. Answered at once by the API thread (the VM's owner is busy
     /// migrating); the engine stops at its next round.
     CancelMigration,
+    /// Retune the migration under way: answered at once by the API thread,
+    /// like a cancel. The pacers follow a new bandwidth from their next
+    /// batch; a downtime target or a switch to post-copy is taken between
+    /// rounds. Post-copy is the caller's to allow (the VM's policy).
+    TuneMigration(TuneRequest),
+}
+
+/// New settings for the migration under way; None leaves one as it is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuneRequest {
+    /// A new downtime target, milliseconds.
+    #[serde(default)]
+    pub downtime_ms: Option<f64>,
+    /// A new send-rate cap, bytes per second; 0: uncapped.
+    #[serde(default)]
+    pub bandwidth: Option<u64>,
+    /// Switch to post-copy after the round under way.
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// What the guest's latest heartbeat said, as the VM's owner saw it on the
@@ -157,6 +177,11 @@ pub enum Response {
     /// ended.
     CancelRequested {
         /// False when no migration was under way.
+        migrating: bool,
+    },
+    /// A retune was passed on to the migration under way.
+    TuneRequested {
+        /// False when no migration was under way (nothing changed).
         migrating: bool,
     },
     Error {

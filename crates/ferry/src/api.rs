@@ -9,11 +9,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_control::client::ANSWER_TIMEOUT;
-use ferry_control::{Request, Response};
+use ferry_control::{Request, Response, TuneRequest};
+use ferry_migration::tuning::Tuning;
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 << 10;
@@ -25,6 +27,8 @@ const MAX_REQUEST: u64 = 64 << 10;
 pub struct MigrationCancel {
     requested: Arc<AtomicBool>,
     active: AtomicBool,
+    /// The live settings of the migration under way, retuned the same way.
+    tuning: Mutex<Option<Arc<Tuning>>>,
 }
 
 impl MigrationCancel {
@@ -35,9 +39,35 @@ impl MigrationCancel {
         self.requested.clone()
     }
 
+    /// The live settings of the migration that starts, from its request.
+    pub fn begin_tuning(&self, bandwidth: Option<u64>) -> Arc<Tuning> {
+        let tuning = Arc::new(Tuning::new(bandwidth));
+        *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = Some(tuning.clone());
+        tuning
+    }
+
     /// The migration has ended, one way or the other.
     pub fn end(&self) {
         self.active.store(false, Ordering::SeqCst);
+        *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Passes `tune` to the migration under way; says whether one ran.
+    fn tune(&self, tune: &TuneRequest) -> bool {
+        let slot = self.tuning.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tuning) = slot.as_ref().filter(|_| self.active.load(Ordering::SeqCst)) else {
+            return false;
+        };
+        if let Some(b) = tune.bandwidth {
+            tuning.set_bandwidth(b);
+        }
+        if let Some(ms) = tune.downtime_ms {
+            tuning.set_downtime(Duration::from_secs_f64(ms / 1e3));
+        }
+        if tune.postcopy {
+            tuning.request_postcopy();
+        }
+        true
     }
 
     /// Sets the flag if a migration runs; says whether one did.
@@ -148,6 +178,12 @@ fn serve(stream: UnixStream, owner: Sender<Pending>, cancel: Arc<MigrationCancel
             Ok(Request::CancelMigration) => Response::CancelRequested {
                 migrating: cancel.request(),
             },
+            Ok(Request::TuneMigration(tune)) => match tune_error(&tune) {
+                Some(message) => Response::Error { message },
+                None => Response::TuneRequested {
+                    migrating: cancel.tune(&tune),
+                },
+            },
             Ok(request) => {
                 let (reply, answer) = channel();
                 if owner
@@ -180,6 +216,16 @@ fn serve(stream: UnixStream, owner: Sender<Pending>, cancel: Arc<MigrationCancel
         },
     };
     let _ = write_line(&mut writer, &response);
+}
+
+/// Why `tune` cannot be applied, if it cannot.
+fn tune_error(tune: &TuneRequest) -> Option<String> {
+    match tune.downtime_ms {
+        Some(ms) if !ms.is_finite() || !(0.0..=3.6e6).contains(&ms) => Some(format!(
+            "downtime_ms {ms} is not a duration (0 to 3600000 ms)"
+        )),
+        _ => None,
+    }
 }
 
 fn write_line(w: &mut impl Write, response: &Response) -> std::io::Result<()> {

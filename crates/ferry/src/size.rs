@@ -31,6 +31,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is too large"))
 }
 
+/// A new cap for a running migration: a rate, or `0` / `unlimited` for
+/// none.
+pub fn parse_cap(text: &str) -> Result<u64, String> {
+    match text.trim() {
+        "0" | "unlimited" | "uncapped" => Ok(0),
+        _ => parse_rate(text),
+    }
+}
+
 /// A rate: a size per second, `200MiB/s`, `2GiB/s` (the `/s` may be left out).
 pub fn parse_rate(text: &str) -> Result<u64, String> {
     let t = text.trim();

@@ -2,7 +2,10 @@
 //! window of 100 ms or more, give or take one batch, which the engine keeps
 //! small (a few ms of the rate) when a cap is set.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::tuning::Tuning;
 
 /// Pacing state for one stream.
 #[derive(Debug)]
@@ -10,6 +13,9 @@ pub struct Pacer {
     bytes_per_sec: Option<u64>,
     /// When the bytes sent so far may all have left at the capped rate.
     next_free: Option<Instant>,
+    /// A cap an operator may change while the migration runs, and how
+    /// many streams share it.
+    live: Option<(Arc<Tuning>, u64)>,
 }
 
 impl Pacer {
@@ -17,6 +23,27 @@ impl Pacer {
         Self {
             bytes_per_sec: bytes_per_sec.filter(|&r| r > 0),
             next_free: None,
+            live: None,
+        }
+    }
+
+    /// A pacer that follows the live cap of `tuning`, this stream's share
+    /// of it being one of `streams`.
+    pub fn following(tuning: Arc<Tuning>, streams: u64) -> Self {
+        let streams = streams.max(1);
+        let mut pacer = Self::new(tuning.bandwidth().map(|b| (b / streams).max(1)));
+        pacer.live = Some((tuning, streams));
+        pacer
+    }
+
+    /// Takes up a changed live cap; the old cap's backlog is forgotten.
+    fn refresh(&mut self) {
+        if let Some((tuning, streams)) = &self.live {
+            let now = tuning.bandwidth().map(|b| (b / *streams).max(1));
+            if now != self.bytes_per_sec {
+                self.bytes_per_sec = now;
+                self.next_free = None;
+            }
         }
     }
 
@@ -37,6 +64,7 @@ impl Pacer {
     /// Time not used earlier is not banked: an idle stream does not earn a
     /// burst.
     pub fn delay_for(&mut self, bytes: u64, now: Instant) -> Duration {
+        self.refresh();
         let Some(rate) = self.bytes_per_sec else {
             return Duration::ZERO;
         };

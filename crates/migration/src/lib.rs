@@ -24,5 +24,6 @@ pub mod stats;
 pub mod synthetic;
 pub mod thread_priority;
 pub mod transport;
+pub mod tuning;
 
 pub use error::ProtocolError;

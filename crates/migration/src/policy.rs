@@ -122,6 +122,11 @@ impl Policy {
         &self.config
     }
 
+    /// A new target from the operator, for the rounds still to come.
+    pub fn set_downtime_target(&mut self, target: Duration) {
+        self.config.downtime_target = target;
+    }
+
     /// What a blackout costs besides the last pages, as measured on this
     /// migration so far (see [`fixed_costs`]).
     pub fn set_fixed_blackout(&mut self, fixed: Duration) {

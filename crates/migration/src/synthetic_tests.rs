@@ -35,6 +35,7 @@ fn options(target_ms: u64, bandwidth: Option<u64>) -> MigrateOptions {
         streams: 1,
         cpu_share: 0,
         cancel: None,
+        tuning: None,
     }
 }
 

@@ -1,6 +1,6 @@
-//! `ferry migration show|cancel JOB`: a migration job of this host's
-//! agent, and following one to its end with the live bar `ferry migrate`
-//! draws.
+//! `ferry migration show|cancel|tune JOB`: a migration job of this host's
+//! agent, retuning one while it runs, and following one to its end with
+//! the live bar `ferry migrate` draws.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +30,21 @@ pub enum MigrationCommand {
     /// Cancel a job before its commit (the VM runs on here); waits for it
     /// to end.
     Cancel { job: String },
+    /// Retune a running job: the engine takes a new bandwidth cap at its
+    /// next batch, a new downtime target or post-copy between rounds.
+    Tune {
+        job: String,
+        /// A new downtime target (e.g. 5ms).
+        #[arg(long, value_parser = crate::duration::parse_duration)]
+        downtime: Option<Duration>,
+        /// A new send-rate cap (e.g. 100MiB/s); 0 or `unlimited`: none.
+        #[arg(long, value_parser = crate::size::parse_cap)]
+        bandwidth: Option<u64>,
+        /// Switch to post-copy after the round under way (the VM's policy
+        /// must allow post-copy).
+        #[arg(long)]
+        postcopy: bool,
+    },
 }
 
 fn decode(reply: &Reply, what: &str) -> anyhow::Result<MigrationJob> {
@@ -57,6 +72,31 @@ pub fn migration(args: MigrationArgs) -> anyhow::Result<bool> {
                 "cancel",
             )?;
             follow(&client, job, false)?
+        }
+        MigrationCommand::Tune {
+            job,
+            downtime,
+            bandwidth,
+            postcopy,
+        } => {
+            if downtime.is_none() && bandwidth.is_none() && !postcopy {
+                bail!("nothing to tune: give --downtime, --bandwidth or --postcopy");
+            }
+            let mut body = serde_json::Map::new();
+            if let Some(d) = downtime {
+                body.insert("downtime_ms".into(), (d.as_secs_f64() * 1e3).into());
+            }
+            if let Some(b) = bandwidth {
+                body.insert("bandwidth".into(), (*b).into());
+            }
+            if *postcopy {
+                body.insert("mode".into(), "postcopy".into());
+            }
+            let body = serde_json::Value::Object(body);
+            decode(
+                &client.request("PATCH", &format!("/v1/migrations/{job}"), Some(&body))?,
+                "tune",
+            )?
         }
     };
     if args.json {

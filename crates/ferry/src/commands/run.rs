@@ -323,6 +323,10 @@ fn serve_request(
             pending.answer(Response::CancelRequested { migrating: false });
             None
         }
+        Request::TuneMigration(_) => {
+            pending.answer(Response::TuneRequested { migrating: false });
+            None
+        }
         Request::Resume if !*paused => {
             pending.answer(Response::Error {
                 message: "the VM is not paused".into(),
@@ -341,11 +345,13 @@ fn serve_request(
         }
         Request::Snapshot { .. } if *paused => refuse_paused(pending, "a snapshot"),
         Request::Migrate(request) => {
+            let tuning = pending.cancel().begin_tuning(request.bandwidth);
             let cancel = pending.cancel().begin();
-            let result = crate::migration::outgoing::migrate_vm_cancellable(
+            let result = crate::migration::outgoing::migrate_vm_controlled(
                 vm,
                 &request,
                 Some(cancel),
+                Some(tuning),
                 &mut |p| pending.progress(Response::Progress(p.clone())),
             );
             pending.cancel().end();

@@ -67,8 +67,21 @@ pub fn migrate_vm_cancellable(
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, Failure> {
+    migrate_vm_controlled(vm, request, cancel, None, progress)
+}
+
+/// Like [`migrate_vm_cancellable`]; `tuning` retunes the migration while
+/// it runs (a new bandwidth cap, downtime target, or post-copy).
+pub fn migrate_vm_controlled(
+    vm: &mut Vm,
+    request: &MigrateRequest,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    tuning: Option<std::sync::Arc<ferry_migration::tuning::Tuning>>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, Failure> {
     let options = MigrateOptions {
         cancel,
+        tuning,
         mode: request.mode,
         policy: PolicyConfig {
             downtime_target: Duration::from_secs_f64(request.downtime_ms / 1e3),

@@ -82,7 +82,7 @@ pub(crate) fn open_streams(
 }
 
 /// Sends `runs` (one round) over every stream: each carries its stripes
-/// and ends with its own RoundEnd. `bandwidth` is the cap for all streams
+/// and ends with its own RoundEnd. `tuning` holds the cap for all streams
 /// together. `progress` hears the running totals every `tick` while the
 /// threads send. The first failure closes every stream, so the other
 /// threads stop at once.
@@ -90,14 +90,13 @@ pub(crate) fn send_striped(
     streams: &Streams,
     round: u32,
     runs: &[PageRun],
-    bandwidth: Option<u64>,
+    tuning: &std::sync::Arc<crate::tuning::Tuning>,
     tick: Duration,
     progress: &mut dyn FnMut(SentCounts),
 ) -> Result<(SentCounts, Duration), MigrateError> {
     let stage = "sending pages on the page-data streams";
     let cpu_ns = AtomicU64::new(0);
     let count = streams.count();
-    let per_stream = bandwidth.map(|b| (b / count as u64).max(1));
     let pages = AtomicU64::new(0);
     let zero_pages = AtomicU64::new(0);
     let bytes = AtomicU64::new(0);
@@ -125,7 +124,8 @@ pub(crate) fn send_striped(
                 let (reader, cpu_ns) = (&streams.reader, &cpu_ns);
                 scope.spawn(move || {
                     let cpu_start = crate::cpu_clock::thread_cpu_time();
-                    let mut sender = PageSender::new(Pacer::new(per_stream));
+                    let mut sender =
+                        PageSender::new(Pacer::following(tuning.clone(), count as u64));
                     let mut seen = SentCounts::default();
                     let mut on_batch = |t: &SentCounts| {
                         pages.fetch_add(t.pages - seen.pages, Ordering::Relaxed);

@@ -77,6 +77,11 @@ pub struct MigrateOptions {
     /// migration the way any failure before the commit does (the VM runs
     /// on here).
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Set by an operator while the migration runs: the pre-copy pacers
+    /// follow its bandwidth cap from their next batch, and the round loop
+    /// takes its downtime target or switch to post-copy between rounds.
+    /// None: the options above hold to the end.
+    pub tuning: Option<std::sync::Arc<crate::tuning::Tuning>>,
 }
 
 impl Default for MigrateOptions {
@@ -91,6 +96,7 @@ impl Default for MigrateOptions {
             streams: 1,
             cpu_share: 0,
             cancel: None,
+            tuning: None,
         }
     }
 }
@@ -345,7 +351,11 @@ fn drive<G: SourceGuest + ?Sized>(
         )));
     }
     let streams = open_streams_if_asked(guest, stream, options, version, run)?;
-    let mut sender = PageSender::new(Pacer::new(options.bandwidth));
+    let tuning = options
+        .tuning
+        .clone()
+        .unwrap_or_else(|| std::sync::Arc::new(crate::tuning::Tuning::new(options.bandwidth)));
+    let mut sender = PageSender::new(Pacer::following(tuning.clone(), 1));
     let (mode, start) = match options.mode {
         Mode::Auto => {
             let start = choose_mode(guest, stream, &mut sender, options, run)?;
@@ -410,9 +420,7 @@ fn drive<G: SourceGuest + ?Sized>(
                 runs.iter().map(PageRun::bytes).sum::<u64>() >= STRIPED_ROUND_MIN_BYTES
             });
             let sent = match striped {
-                Some(streams) => {
-                    send_round_striped(streams, stream, run, round, &runs, options.bandwidth)?
-                }
+                Some(streams) => send_round_striped(streams, stream, run, round, &runs, &tuning)?,
                 None => send_round(guest, stream, &mut sender, run, round, &runs, false)?,
             };
             (sent, None)
@@ -423,6 +431,10 @@ fn drive<G: SourceGuest + ?Sized>(
                 return Err(MigrateError::Cancelled);
             }
         }
+        if let Some(target) = tuning.take_downtime() {
+            policy.set_downtime_target(target);
+        }
+        let operator_postcopy = tuning.take_postcopy() && version >= POSTCOPY_VERSION;
         let round_report = run
             .report
             .rounds
@@ -459,6 +471,17 @@ fn drive<G: SourceGuest + ?Sized>(
             send_rate: run.rate.unwrap_or(ASSUMED_RATE),
             since_start: first_round.elapsed(),
         };
+        if operator_postcopy {
+            return switch_to_postcopy(
+                guest,
+                stream,
+                options,
+                run,
+                Some(dirty),
+                Duration::ZERO,
+                "the operator asked for post-copy",
+            );
+        }
         match policy.decide(facts) {
             Decision::Switchover { predicted, forced } => break (dirty, predicted, forced),
             Decision::GiveUp { predicted } => {

@@ -109,7 +109,7 @@ pub(super) fn send_round_striped(
     run: &mut Run<'_>,
     round: u32,
     runs: &[PageRun],
-    bandwidth: Option<u64>,
+    tuning: &std::sync::Arc<crate::tuning::Tuning>,
 ) -> Result<SentCounts, MigrateError> {
     let stage = "sending pages";
     let round_bytes: u64 = runs.iter().map(PageRun::bytes).sum();
@@ -119,7 +119,7 @@ pub(super) fn send_round_striped(
         .map_err(MigrateError::protocol(stage))?;
     let mut last_sample = -TIMELINE_EVERY_MS;
     let tick = Duration::from_secs_f64(TIMELINE_EVERY_MS / 1e3);
-    let (sent, streams_cpu) = send_striped(streams, round, runs, bandwidth, tick, &mut |total| {
+    let (sent, streams_cpu) = send_striped(streams, round, runs, tuning, tick, &mut |total| {
         let now_ms = run.ms();
         if now_ms - last_sample >= TIMELINE_EVERY_MS {
             last_sample = now_ms;

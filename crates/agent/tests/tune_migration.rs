@@ -1,0 +1,186 @@
+//! `PATCH /v1/migrations/{id}` between two real `ferryd` processes on real
+//! KVM: a migration held to 50 MiB/s is uncapped with `ferry migration
+//! tune` and ends well before the cap would have let it, verified on the
+//! destination; post-copy on a VM whose policy forbids it is refused with
+//! 422 and the migration goes on; bad bodies are 400, an unknown job 404,
+//! an ended one 409; and a capped pre-copy switched to post-copy by the
+//! operator, on a VM whose policy allows it, commits verified.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::peers::{agent, host, peer_addr, wait_job, Fleet};
+use common::{ferry_bin, kvm_or_skip, Agent};
+use serde_json::{json, Value};
+
+fn patch(agent: &Agent, job: &str, body: &str) -> ferry_agent::client::Reply {
+    agent
+        .client
+        .request_raw(
+            "PATCH",
+            &format!("/v1/migrations/{job}"),
+            Some("application/json"),
+            body.as_bytes().to_vec(),
+        )
+        .expect("PATCH")
+}
+
+#[test]
+fn an_uncapped_migration_finishes_faster_than_its_cap_allowed_and_bad_patches_change_nothing() {
+    if !kvm_or_skip("an_uncapped_migration_finishes_faster_than_its_cap_allowed") {
+        return;
+    }
+    let fleet = Fleet::new("tune");
+    let a = agent("tn-a", &fleet, "2G", true);
+    let b = agent("tn-b", &fleet, "2G", true);
+    // A guest rewriting its memory: at 50 MiB/s its migration takes
+    // several times as long as uncapped on loopback.
+    a.create_vm("vm1", "512M", "dirty:16:20:256");
+    let before = a.heartbeat("vm1");
+    let cap: u64 = 50 << 20;
+    let body = json!({"target": {"host": host(&b), "address": peer_addr(&b)}, "bandwidth": cap});
+    let r = a.post("/v1/vms/vm1/migrations", Some(body));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+
+    assert_eq!(patch(&a, "no-such-job", r#"{"bandwidth": 0}"#).status, 404);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = a.get(&format!("/v1/migrations/{id}")).json();
+        if v["progress"]["round"] == 1 && v["progress"]["sent_mib"].as_f64().unwrap_or(0.0) > 1.0 {
+            break;
+        }
+        assert!(v["phase"] != "committed" && v["phase"] != "failed", "{v}");
+        assert!(Instant::now() < deadline, "no first pass: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    for bad in [
+        "{}",
+        "",
+        r#"{"downtime_ms": -1}"#,
+        r#"{"downtime_ms": NaN}"#,
+        r#"{"bandwidth": -5}"#,
+        r#"{"mode": "precopy"}"#,
+        r#"{"bandwidth": 0, "speed": 1}"#,
+    ] {
+        let r = patch(&a, &id, bad);
+        assert_eq!(r.status, 400, "{bad:?}: {}", r.text());
+        assert!(r.json()["reason"].is_string(), "{}", r.text());
+    }
+    let refused = patch(&a, &id, r#"{"mode": "postcopy"}"#);
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert!(
+        refused.text().contains("allow_postcopy"),
+        "{}",
+        refused.text()
+    );
+    // Nothing changed: still the capped first pass.
+    let v = a.get(&format!("/v1/migrations/{id}")).json();
+    assert_eq!(v["phase"], "transferring", "{v}");
+    assert_eq!(v["progress"]["round"], 1, "{v}");
+
+    let out = Command::new(ferry_bin())
+        .args([
+            "migration",
+            "tune",
+            &id,
+            "--bandwidth",
+            "unlimited",
+            "--downtime",
+            "50ms",
+            "--json",
+            "--agent",
+        ])
+        .arg(&a.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ferry migration tune: {out:?}");
+
+    let done = wait_job(&a, &id, Duration::from_secs(120));
+    assert_eq!(done["phase"], "committed", "{done}");
+    let total_ms = done["report"]["total_ms"].as_f64().unwrap();
+    let sent = done["report"]["bytes_sent"].as_u64().unwrap();
+    // What it sent would have taken this long under the cap it started with.
+    let at_cap_ms = sent as f64 / cap as f64 * 1e3;
+    eprintln!(
+        "tuned migration: {:.1} MiB sent in {total_ms:.0} ms; at the 50 MiB/s cap: {at_cap_ms:.0} ms",
+        sent as f64 / f64::from(1u32 << 20)
+    );
+    assert!(
+        total_ms < at_cap_ms * 0.5,
+        "{total_ms} ms: not faster than the cap: {done}"
+    );
+    let hb = b.heartbeat_after(
+        "vm1",
+        before["seq"].as_u64().unwrap(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+
+    let ended = patch(&a, &id, r#"{"bandwidth": 1048576}"#);
+    assert_eq!(ended.status, 409, "{}", ended.text());
+    assert!(ended.text().contains("committed"), "{}", ended.text());
+
+    let audit = a.audit_lines();
+    let patches: Vec<&Value> = audit
+        .iter()
+        .filter(|l| l["action"] == "PATCH /v1/migrations/{id}")
+        .collect();
+    assert!(
+        patches
+            .iter()
+            .any(|l| l["outcome"] == "ok" && l["vm"] == "vm1"),
+        "{audit:?}"
+    );
+    assert!(patches.iter().any(|l| l["status"] == 422), "{audit:?}");
+    assert_eq!(b.delete("/v1/vms/vm1").status, 200);
+}
+
+#[test]
+fn a_capped_precopy_switched_to_postcopy_by_the_operator_commits_verified() {
+    if !kvm_or_skip("a_capped_precopy_switched_to_postcopy_by_the_operator_commits_verified") {
+        return;
+    }
+    let fleet = Fleet::new("tunepc");
+    let a = agent("tp-a", &fleet, "2G", true);
+    let b = agent("tp-b", &fleet, "2G", true);
+    let r = a.post(
+        "/v1/vms",
+        Some(json!({"id": "vm1", "definition": {"mem_bytes": 512u64 << 20, "workload": "dirty:16:20:256"}, "policy": {"allow_postcopy": true}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let before = a.heartbeat("vm1");
+    let body =
+        json!({"target": {"host": host(&b), "address": peer_addr(&b)}, "bandwidth": 20u64 << 20});
+    let r = a.post("/v1/vms/vm1/migrations", Some(body));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = a.get(&format!("/v1/migrations/{id}")).json();
+        if v["progress"]["round"] == 1 && v["progress"]["sent_mib"].as_f64().unwrap_or(0.0) > 1.0 {
+            break;
+        }
+        assert!(v["phase"] != "committed" && v["phase"] != "failed", "{v}");
+        assert!(Instant::now() < deadline, "no first pass: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = patch(&a, &id, r#"{"mode": "postcopy", "bandwidth": 0}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let done = wait_job(&a, &id, Duration::from_secs(120));
+    assert_eq!(done["phase"], "committed", "{done}");
+    assert!(!done["report"]["postcopy"].is_null(), "{done}");
+    let hb = b.heartbeat_after(
+        "vm1",
+        before["seq"].as_u64().unwrap(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+    assert_eq!(b.delete("/v1/vms/vm1").status, 200);
+}
