@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::peers::{host, peer_addr, wait_job};
 use common::{ferry_bin, kvm_or_skip, Agent, TempDir};
 use serde_json::{json, Value};
 
@@ -57,52 +58,12 @@ fn agent(name: &str, fleet: &Fleet, memory: &str, plaintext: bool) -> Agent {
     Agent::with_extra(name, memory, 4, None, &extra, |_| {})
 }
 
-fn peer_addr(agent: &Agent) -> String {
-    let path = agent.dir.path("state").join("peer.addr");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(a) = std::fs::read_to_string(&path) {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn host(agent: &Agent) -> String {
-    let text = std::fs::read_to_string(&agent.config).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("host_name = \""))
-        .unwrap()
-        .trim_end_matches('"')
-        .to_owned()
-}
-
 fn start(from: &Agent, vm: &str, to: &Agent, extra: Value) -> ferry_agent::client::Reply {
     let mut body = json!({"target": {"host": host(to), "address": peer_addr(to)}});
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }
     from.post(&format!("/v1/vms/{vm}/migrations"), Some(body))
-}
-
-/// Polls a job until it has ended; returns it.
-fn wait_job(agent: &Agent, job: &str, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let r = agent.get(&format!("/v1/migrations/{job}"));
-        assert_eq!(r.status, 200, "{}", r.text());
-        let v = r.json();
-        if ["committed", "failed", "cancelled"].contains(&v["phase"].as_str().unwrap()) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "job {job} still {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Reserved memory in an agent's ledger, from its metrics.
