@@ -10,23 +10,13 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
+use common::disk::{assert_image_blocks, image};
 use common::{ferry, kvm_or_skip, RunningFerry, TempDir};
 use ferry_testguest::console::{DiskCounters, DiskUp, Line};
 
 /// 1024 blocks: a checked round takes some 30 s here (each O_DIRECT write
 /// to this host's virtual disk costs milliseconds).
 const DISK_MB: u64 = 4;
-
-/// An image of `mb` MiB (plus one spare MiB) full of junk from "an
-/// earlier user".
-fn image(dir: &TempDir, mb: u64) -> String {
-    let path = dir.path("disk.img");
-    let file = std::fs::File::create(&path).unwrap();
-    file.write_all_at(&vec![0xa5; ((mb + 1) << 20) as usize], 0)
-        .unwrap();
-    file.sync_all().unwrap();
-    path
-}
 
 #[test]
 fn the_disk_workload_runs_on_ferrys_virtio_blk() {
@@ -35,7 +25,7 @@ fn the_disk_workload_runs_on_ferrys_virtio_blk() {
         return;
     }
     let dir = TempDir::new("disk-run");
-    let img = image(&dir, DISK_MB);
+    let img = image(&dir, "disk.img", DISK_MB);
     let disk = format!("path={img}");
     let workload = format!("dirty:64:10+disk:{DISK_MB}:max");
     let mut vm = RunningFerry::spawn(&[
@@ -108,21 +98,7 @@ fn the_disk_workload_runs_on_ferrys_virtio_blk() {
     assert!(status.success(), "ferry run: {status}");
     // What the guest wrote is in the image: every block holds its own
     // number and a generation of this run; the spare MiB is untouched.
-    let file = std::fs::File::open(&img).unwrap();
-    for b in 0..blocks {
-        let mut head = [0u8; 16];
-        file.read_exact_at(&mut head, b * 4096).unwrap();
-        let number = u64::from_le_bytes(head[..8].try_into().unwrap());
-        let gen = u64::from_le_bytes(head[8..].try_into().unwrap());
-        assert_eq!(number, b, "block {b}");
-        assert!(
-            gen >= 1 && gen <= last.disk_gen + 1,
-            "block {b}: generation {gen}"
-        );
-    }
-    let mut spare = [0u8; 64];
-    file.read_exact_at(&mut spare, DISK_MB << 20).unwrap();
-    assert_eq!(spare, [0xa5; 64]);
+    assert_image_blocks(&img, DISK_MB, last.disk_gen + 1);
 }
 
 /// `ferry run ARGS`, which must fail at once; returns its stderr.
@@ -152,7 +128,7 @@ fn bad_disks_are_refused_before_the_vm_starts() {
         return;
     }
     let dir = TempDir::new("disk-bad");
-    let img = image(&dir, 1);
+    let img = image(&dir, "disk.img", 1);
     let missing = dir.path("missing.img");
     let cases: Vec<(Vec<String>, &[&str])> = vec![
         (
@@ -238,7 +214,7 @@ fn a_block_changed_behind_the_guest_is_caught_on_ferrys_disk() {
         return;
     }
     let dir = TempDir::new("disk-corrupt");
-    let img = image(&dir, 1);
+    let img = image(&dir, "disk.img", 1);
     let disk = format!("path={img}");
     let mut vm = RunningFerry::spawn(&[
         "--mem",

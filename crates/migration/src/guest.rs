@@ -72,6 +72,14 @@ pub trait SourceGuest {
     fn resume(&mut self) -> Result<(), GuestError>;
     /// The complete state but memory, as one opaque record (paused only).
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError>;
+    /// Paused, right before the state is saved for a move: makes the VM's
+    /// storage final here (every request it took done and flushed) and
+    /// lets the destination take it (the image's lock given up), so two
+    /// hosts never write it at once. `resume` takes it back (an abort).
+    /// Whether the VM has storage that was handed over.
+    fn release_storage(&mut self) -> Result<bool, GuestError> {
+        Ok(false)
+    }
     /// A reader of guest memory other threads can share: post-copy's
     /// threads read the paused VM's memory through it, and the page-data
     /// streams read the running VM's (with `read`'s rule: a page may come

@@ -161,6 +161,9 @@ pub const PART_LAST_PAGES: &str = "last pages";
 /// was saved (v5 destinations measure it).
 pub const PART_LAST_PAGES_ARRIVING: &str = "last pages arriving";
 pub const PART_STATE_SAVE: &str = "state save";
+/// A VM with a disk: its last requests done, flushed if the image goes
+/// through the page cache, and its lock given up for the destination.
+pub const PART_STORAGE: &str = "disk flush + unlock";
 /// Sending the state, loading it there and the answer's way back (with a
 /// destination that cannot tell, also the last pages' arrival).
 pub const PART_STATE_TO_DESTINATION: &str = "state to destination";

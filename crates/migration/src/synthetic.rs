@@ -153,6 +153,7 @@ impl SourceGuest for SyntheticSource {
             tsc_khz: 1_000_000,
             cpuid: vec![1, 2, 3],
             features: vec!["synthetic".into()],
+            disks: Vec::new(),
         })
     }
 

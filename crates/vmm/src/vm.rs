@@ -34,8 +34,8 @@ use crate::layout;
 use crate::lazy::{LazyError, LazyRam};
 use crate::memory::{GuestMemory, GuestRam, MemoryError};
 use crate::state::{
-    DeviceStates, MachineConfig, MachineState, MachineStateError, NetSection, StateRecord,
-    VcpuState, VcpuStateError,
+    BlockSection, DeviceStates, MachineConfig, MachineState, MachineStateError, NetSection,
+    StateRecord, VcpuState, VcpuStateError,
 };
 use crate::vcpu::gate::{RunGate, Want};
 use crate::vcpu::throttle::Throttle;
@@ -118,10 +118,14 @@ pub enum VmError {
     NetMissing { mac: String },
     #[error("--disk: {0}")]
     Disk(#[from] ImageError),
-    #[error(
-        "a VM with a disk cannot {0} yet: the disk's state section and its hand-over are not built"
-    )]
-    DiskNotMovable(&'static str),
+    #[error("the saved VM has a disk ({bytes} bytes); give it its image with --disk path=IMG")]
+    DiskMissing { bytes: u64 },
+    #[error("the saved VM has no disk, but this VM was given one")]
+    DiskUnexpected,
+    #[error("the disk here does not match the saved VM's: {0}")]
+    DiskMismatch(String),
+    #[error("the disk's transport: {0}")]
+    DiskTransport(TransportError),
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -210,15 +214,8 @@ impl Vm {
         let machine = machine_config(config.mem_bytes, config.vcpus, cmdline, parts.tsc_khz);
         let cpuid = cpuid.as_slice().to_vec();
         let net = config.net.as_ref().map(Net::new).transpose()?;
-        Self::launch(
-            parts,
-            machine,
-            cpuid,
-            None,
-            (net, false),
-            config.block.as_ref(),
-            started_at,
-        )
+        let block = config.block.as_ref().map(Block::new).transpose()?;
+        Self::launch(parts, machine, cpuid, None, (net, false), block, started_at)
     }
 
     /// Rebuilds a VM from `record`: `load_memory` fills its (zeroed) RAM,
@@ -232,15 +229,18 @@ impl Vm {
     where
         E: std::error::Error + Send + Sync + 'static,
     {
-        Self::restore_with_net(record, prealloc, None, load_memory)
+        Self::restore_with_devices(record, prealloc, None, None, load_memory)
     }
 
     /// [`restore`](Self::restore) with the network card plugged into the
-    /// tap `net` names.
-    pub fn restore_with_net<E>(
+    /// tap `net` names and the disk on the image `block` names (which must
+    /// be what the VM's disk held when it was saved: the record carries
+    /// the device, not the image).
+    pub fn restore_with_devices<E>(
         record: &StateRecord,
         prealloc: bool,
         net: Option<NetConfig>,
+        block: Option<&BlockConfig>,
         load_memory: impl FnOnce(&GuestMemory) -> Result<(), E>,
     ) -> Result<Self, VmError>
     where
@@ -250,6 +250,10 @@ impl Vm {
         let mut incoming =
             IncomingVm::new(config.mem_bytes, config.vcpus, config.tsc_khz, prealloc)?;
         incoming.set_net(net)?;
+        if let Some(block) = block {
+            let bytes = record.block.as_ref().map(|b| b.device.sectors * 512);
+            incoming.set_block(block, bytes.ok_or(VmError::DiskUnexpected)?)?;
+        }
         load_memory(incoming.parts.ram.memory()).map_err(|e| VmError::LoadMemory(Box::new(e)))?;
         incoming.load_state(record)?;
         incoming.start()
@@ -260,14 +264,14 @@ impl Vm {
         parts: Parts,
         machine: MachineConfig,
         cpuid: Vec<kvm_cpuid_entry2>,
-        devices: Option<(&DeviceStates, Option<&NetSection>)>,
+        devices: Option<SavedDevices<'_>>,
         (net_device, net_held): (Option<Net>, bool),
-        block_config: Option<&BlockConfig>,
+        block_device: Option<Block>,
         started_at: Instant,
     ) -> Result<Self, VmError> {
         let (events_tx, events_rx) = channel();
         let mut mmio = MmioBus::new();
-        let saved_net = devices.and_then(|d| d.1);
+        let saved_net = devices.and_then(|d| d.net);
         let net = match (net_device, saved_net) {
             (None, None) => None,
             (None, Some(saved)) => {
@@ -294,18 +298,31 @@ impl Vm {
             }
             attach(&parts.vm_fd, &mut mmio, NET_SLOT, t.clone())?;
         }
-        let block = match block_config {
-            Some(cfg) => Some(Arc::new(MmioTransport::new(
-                Block::new(cfg)?,
-                parts.ram.memory().clone(),
-            )?)),
-            None => None,
+        let block = match (block_device, devices.and_then(|d| d.block)) {
+            (None, None) => None,
+            (None, Some(saved)) => {
+                return Err(VmError::DiskMissing {
+                    bytes: saved.device.sectors * 512,
+                })
+            }
+            (Some(dev), None) => Some(Arc::new(
+                MmioTransport::new(dev, parts.ram.memory().clone())
+                    .map_err(VmError::DiskTransport)?,
+            )),
+            (Some(dev), Some(saved)) => {
+                dev.check_saved(&saved.device)
+                    .map_err(VmError::DiskMismatch)?;
+                Some(Arc::new(
+                    MmioTransport::restore(dev, parts.ram.memory().clone(), &saved.transport)
+                        .map_err(VmError::DiskTransport)?,
+                ))
+            }
         };
         if let Some(t) = &block {
             attach(&parts.vm_fd, &mut mmio, BLOCK_SLOT, t.clone())?;
         }
         let bus = Arc::new(IoBus::new(
-            make_serial(&parts.vm_fd, &events_tx, devices.map(|d| d.0))?,
+            make_serial(&parts.vm_fd, &events_tx, devices.map(|d| d.serial))?,
             mmio,
         ));
         kick::install_handler().map_err(VmError::KickHandler)?;
@@ -461,13 +478,68 @@ impl Vm {
         self.block.as_ref().map(|t| t.device().stats.clone())
     }
 
+    /// The disk, if the VM has one: its image's path, size in bytes and
+    /// whether it is read-only.
+    pub fn disk(&self) -> Option<(std::path::PathBuf, u64, bool)> {
+        self.block.as_ref().map(|t| {
+            let d = t.device();
+            (d.path().to_owned(), d.size_bytes(), d.readonly())
+        })
+    }
+
+    /// Paused: every write the disk took is on the storage (fdatasync).
+    pub fn flush_disk(&self) -> Result<(), VmError> {
+        if self.gate.controller_wants() != Want::Pause {
+            return Err(VmError::NotPaused("flush its disk"));
+        }
+        match &self.block {
+            Some(t) => Ok(t.device().flush()?),
+            None => Ok(()),
+        }
+    }
+
+    /// Paused, for a move: the disk's last requests are done; makes them
+    /// visible to the destination and gives up the image's lock (see
+    /// `Block::release_for_handover`). Whether the VM has a disk.
+    pub fn release_disk(&self) -> Result<bool, VmError> {
+        if self.gate.controller_wants() != Want::Pause {
+            return Err(VmError::NotPaused("hand its disk over"));
+        }
+        match &self.block {
+            Some(t) => {
+                let flushed = t.device().release_for_handover()?;
+                tracing::debug!(flushed, "disk handed over");
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// After a move was abandoned: takes the image's lock back before the
+    /// VM may write again, waiting up to `patience` for a destination that
+    /// is still letting go of it. Err: someone else holds it, and the VM
+    /// must stay paused (two writers would corrupt the disk).
+    pub fn retake_disk(&self, patience: Duration) -> Result<(), VmError> {
+        let Some(t) = &self.block else { return Ok(()) };
+        let deadline = Instant::now() + patience;
+        loop {
+            match t.device().take_lock() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e.into()),
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// Whether this VM holds its disk's lock (true without a disk).
+    pub fn holds_disk(&self) -> bool {
+        self.block.as_ref().is_none_or(|t| t.device().holds_lock())
+    }
+
     /// The complete state but memory. The VM must be paused.
     pub fn save_state(&self) -> Result<StateRecord, VmError> {
         if self.gate.controller_wants() != Want::Pause {
             return Err(VmError::NotPaused("save its state"));
-        }
-        if self.block.is_some() {
-            return Err(VmError::DiskNotMovable("be saved or migrated"));
         }
         let vcpus = self
             .vcpus
@@ -492,6 +564,10 @@ impl Vm {
             net: self.net.as_ref().map(|t| {
                 let (transport, device) = t.save();
                 NetSection { transport, device }
+            }),
+            block: self.block.as_ref().map(|t| {
+                let (transport, device) = t.save();
+                BlockSection { transport, device }
             }),
         })
     }
@@ -560,14 +636,11 @@ impl Drop for Vm {
 /// any point discards everything, which is what an aborted migration needs.
 pub struct IncomingVm {
     parts: Parts,
-    loaded: Option<(
-        MachineConfig,
-        Vec<kvm_cpuid_entry2>,
-        DeviceStates,
-        Option<NetSection>,
-    )>,
+    loaded: Option<Loaded>,
     /// The card, its tap open since `set_net`.
     net: Option<Net>,
+    /// The disk, its image open since `set_block` (locked by `load_state`).
+    block: Option<Block>,
     net_held: bool,
     /// The CPUID each vCPU was given by `preset_cpuid`, ahead of its state.
     preset_cpuid: Vec<Vec<kvm_cpuid_entry2>>,
@@ -599,6 +672,7 @@ impl IncomingVm {
             parts,
             loaded: None,
             net: None,
+            block: None,
             net_held: false,
             preset_cpuid: Vec::new(),
         })
@@ -629,6 +703,15 @@ impl IncomingVm {
     /// and nobody can take the tap meanwhile.
     pub fn set_net(&mut self, net: Option<NetConfig>) -> Result<(), VmError> {
         self.net = net.as_ref().map(Net::new).transpose()?;
+        Ok(())
+    }
+
+    /// Opens the image the VM's disk continues on (shared storage: the one
+    /// the source runs on), which must be `bytes` long: now, so that a
+    /// missing or wrong image refuses the VM before any page moves. Its
+    /// lock is taken by `load_state`, once the source has given it up.
+    pub fn set_block(&mut self, config: &BlockConfig, bytes: u64) -> Result<(), VmError> {
+        self.block = Some(Block::new_unlocked(config, bytes)?);
         Ok(())
     }
 
@@ -712,12 +795,31 @@ impl IncomingVm {
                 mac: ferry_netlab::MacAddr(saved.device.mac).to_string(),
             });
         }
-        self.loaded = Some((
-            config.clone(),
+        match (&record.block, &self.block) {
+            (None, None) => {}
+            (Some(saved), None) => {
+                return Err(VmError::DiskMissing {
+                    bytes: saved.device.sectors * 512,
+                })
+            }
+            (None, Some(_)) => return Err(VmError::DiskUnexpected),
+            (Some(saved), Some(block)) => {
+                block
+                    .check_saved(&saved.device)
+                    .map_err(VmError::DiskMismatch)?;
+                // Before the source is told the state is loaded, so that a
+                // lock this side cannot take aborts the move while the
+                // source can still take the disk back and resume.
+                block.take_lock()?;
+            }
+        }
+        self.loaded = Some(Loaded {
+            machine: config.clone(),
             cpuid,
-            record.devices.clone(),
-            record.net.clone(),
-        ));
+            serial: record.devices.clone(),
+            net: record.net.clone(),
+            block: record.block.clone(),
+        });
         Ok(())
     }
 
@@ -737,20 +839,40 @@ impl IncomingVm {
 
     /// Starts the vCPUs where the loaded state left them.
     pub fn start(self) -> Result<Vm, VmError> {
-        let Some((machine, cpuid, devices, net)) = self.loaded else {
+        let Some(loaded) = self.loaded else {
             return Err(VmError::NothingLoaded);
         };
         Vm::launch(
             self.parts,
-            machine,
-            cpuid,
-            Some((&devices, net.as_ref())),
+            loaded.machine,
+            loaded.cpuid,
+            Some(SavedDevices {
+                serial: &loaded.serial,
+                net: loaded.net.as_ref(),
+                block: loaded.block.as_ref(),
+            }),
             (self.net, self.net_held),
-            // A saved or migrated VM has no disk (save_state refuses).
-            None,
+            self.block,
             Instant::now(),
         )
     }
+}
+
+/// What `load_state` took from the record for `start`.
+struct Loaded {
+    machine: MachineConfig,
+    cpuid: Vec<kvm_cpuid_entry2>,
+    serial: DeviceStates,
+    net: Option<NetSection>,
+    block: Option<BlockSection>,
+}
+
+/// The devices' saved state a restored VM is launched with.
+#[derive(Clone, Copy)]
+struct SavedDevices<'a> {
+    serial: &'a DeviceStates,
+    net: Option<&'a NetSection>,
+    block: Option<&'a BlockSection>,
 }
 
 fn machine_config(mem_bytes: u64, vcpus: u32, cmdline: String, tsc_khz: u32) -> MachineConfig {

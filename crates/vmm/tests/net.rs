@@ -210,9 +210,13 @@ fn guest_echoes_over_the_tap_and_keeps_answering_after_a_restore() {
         .expect("a VM with a card needs a tap");
     assert!(matches!(err, VmError::NetMissing { .. }), "{err}");
 
-    let mut vm = Vm::restore_with_net(&record, false, Some(net_config(&topo, Host::A)), |m| {
-        m.write_slice(&ram, GuestAddress(0))
-    })
+    let mut vm = Vm::restore_with_devices(
+        &record,
+        false,
+        Some(net_config(&topo, Host::A)),
+        None,
+        |m| m.write_slice(&ram, GuestAddress(0)),
+    )
     .expect("restore with the card");
     let events = vm.take_events().unwrap();
     let before = next_counters(&events);

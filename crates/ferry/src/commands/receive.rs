@@ -68,6 +68,12 @@ pub struct ReceiveArgs {
     /// refused without it, before any page moves.
     #[arg(long, value_name = "tap=NAME[,netns=NS]")]
     pub net: Option<crate::net_flag::NetFlag>,
+    /// The image the VM's disk continues on here: path=IMG[,readonly], on
+    /// storage this host shares with the source (the same image). It is
+    /// opened before any page moves and locked before the VM runs here; a
+    /// VM with a disk is refused without it.
+    #[arg(long, value_name = "path=IMG[,readonly]")]
+    pub disk: Option<crate::disk_flag::DiskFlag>,
     /// Test/diagnostic control only: never announce the VM's MAC here
     /// after the commit, so the fabric learns the new place only from the
     /// guest's own traffic. It shows what the announce is worth; never
@@ -162,6 +168,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     };
     let prealloc = args.prealloc;
     let net = args.net.clone().map(|n| n.0);
+    let disk = args.disk.clone().map(|d| d.0);
     let deadline = args.supervise.duration.map(|d| waiting_since + d);
     // A connection that fails before it offers a VM (garbage, a stranger,
     // a broken Hello) changes nothing here: wait for the real source.
@@ -178,7 +185,14 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         // The listener stays open for the fault channel of a post-copy.
         let received = receive_vm(stream, Some(&listener), &options, |offer| {
             offered.set(true);
-            accept(offer, &limits, prealloc, reserved.take(), net.as_ref())
+            accept(
+                offer,
+                &limits,
+                prealloc,
+                reserved.take(),
+                net.as_ref(),
+                disk.as_ref(),
+            )
         });
         drop(yielding);
         match received {
@@ -217,6 +231,13 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         report.load_ms,
         report.start_ms
     );
+    if let Some((path, bytes, _)) = vm.disk() {
+        eprintln!(
+            "ferry: disk {} ({} MiB) taken over: its lock is held here since the state was loaded",
+            path.display(),
+            bytes >> 20
+        );
+    }
     // Committed and running here: now, and only now, the network may
     // learn the VM's new place (QEMU's schedule of five announces).
     if args.no_announce && vm.net().is_some() {

@@ -28,6 +28,12 @@ pub struct RestoreArgs {
     /// tap=NAME[,netns=NS] (the MAC is the snapshot's).
     #[arg(long, value_name = "tap=NAME[,netns=NS]")]
     pub net: Option<crate::net_flag::NetFlag>,
+    /// The image the VM's disk continues on: path=IMG[,readonly]. It must
+    /// hold what the disk held when the snapshot was taken (the snapshot
+    /// carries the device, not the image: take it with `--stop`, and do
+    /// not run anything else on the image in between).
+    #[arg(long, value_name = "path=IMG[,readonly]")]
+    pub disk: Option<crate::disk_flag::DiskFlag>,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
 }
@@ -59,11 +65,25 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<bool> {
             ferry_netlab::MacAddr(saved.device.mac)
         );
     }
+    match (&record.block, &args.disk) {
+        (Some(saved), None) => bail!(
+            "{} is a VM with a disk ({} on {}); give it its image with --disk path=IMG",
+            args.file.display(),
+            show_size(saved.device.sectors * 512),
+            saved.device.path
+        ),
+        (None, Some(_)) => bail!(
+            "{} is a VM without a disk; restore it without --disk",
+            args.file.display()
+        ),
+        _ => {}
+    }
     let api = args.supervise.bind_api()?;
     let record_read = start.elapsed();
     let mut loaded = None;
     let net = args.net.clone().map(|n| n.0);
-    let mut vm = Vm::restore_with_net(&record, args.prealloc, net, |ram| {
+    let disk = args.disk.as_ref().map(|d| &d.0);
+    let mut vm = Vm::restore_with_devices(&record, args.prealloc, net, disk, |ram| {
         loaded = Some(memory.load_memory(ram)?);
         Ok::<_, ferry_vmm::snapshot::SnapshotError>(())
     })

@@ -42,8 +42,10 @@ pub struct VmArgs {
     #[arg(long, value_name = "tap=NAME[,netns=NS][,mac=MAC]")]
     pub net: Option<NetFlag>,
     /// A virtio-blk disk on a raw image file (opened with O_DIRECT and
-    /// locked exclusively): path=IMG[,readonly]. A VM with a disk cannot be
-    /// snapshotted or migrated yet.
+    /// locked exclusively): path=IMG[,readonly]. It migrates on shared
+    /// storage (the destination's `ferry receive --disk` opens the same
+    /// image and takes its lock at the hand-over) and is snapshotted only
+    /// with `--stop`.
     #[arg(long, value_name = "path=IMG[,readonly]")]
     pub disk: Option<DiskFlag>,
     /// Guest ELF to boot instead of the built-in test guest.

@@ -13,9 +13,10 @@ use ferry_vmm::state::StateRecord;
 use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{GuestRam, KvmHost, Vm};
 
+use ferry_vmm::devices::block::device::BlockConfig;
 use ferry_vmm::devices::net::NetConfig;
 
-use super::source::{NET_FEATURE, VM_FEATURES};
+use super::source::{DISK_FEATURE, NET_FEATURE, VM_FEATURES};
 
 pub struct Incoming(pub IncomingVm);
 
@@ -28,12 +29,11 @@ pub fn accept(
     prealloc: bool,
     reserved: Option<GuestRam>,
     net: Option<&NetConfig>,
+    disk: Option<&BlockConfig>,
 ) -> Result<Incoming, String> {
-    if let Some(unknown) = offer
-        .features
-        .iter()
-        .find(|f| !VM_FEATURES.contains(&f.as_str()) && f.as_str() != NET_FEATURE)
-    {
+    if let Some(unknown) = offer.features.iter().find(|f| {
+        !VM_FEATURES.contains(&f.as_str()) && ![NET_FEATURE, DISK_FEATURE].contains(&f.as_str())
+    }) {
         return Err(format!(
             "the VM needs feature {unknown:?}, which this host does not offer"
         ));
@@ -45,6 +45,7 @@ pub fn accept(
                 .into(),
         );
     }
+    let disk = super::storage::judge(offer, disk)?;
     let cpuid = decode_cpuid(&offer.cpuid)?;
     let host = KvmHost::open().map_err(|e| e.to_string())?;
     let vm = OfferedVm {
@@ -72,6 +73,13 @@ pub fn accept(
         // Released once the source's forwarded frames are in (or at once
         // when the source forwards none).
         incoming.hold_net_at_start();
+    }
+    if let Some((config, bytes)) = &disk {
+        // Opens the image now, without its lock (the source holds it until
+        // the pause): a missing or wrong image refuses the offer.
+        incoming
+            .set_block(config, *bytes)
+            .map_err(|e| format!("the VM's disk here: {e}"))?;
     }
     let built: Vec<(u64, u64)> = incoming
         .ram()

@@ -6,3 +6,4 @@ pub mod network;
 pub mod outgoing;
 pub mod priority;
 pub mod source;
+pub mod storage;

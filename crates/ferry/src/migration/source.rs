@@ -2,12 +2,13 @@
 
 use ferry_migration::bitmap::{PageBitmap, RangeBits};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_migration::guest::{GuestError, PageReader, PauseTiming, SourceGuest};
 use ferry_migration::handover::SourceNetwork;
 
 use super::network::NetSource;
-use ferry_migration::protocol::{Offer, RamRange};
+use ferry_migration::protocol::{DiskOffer, Offer, RamRange};
 use ferry_vmm::compat::encode_cpuid;
 use ferry_vmm::{GuestRam, Vm};
 
@@ -17,6 +18,13 @@ pub const VM_FEATURES: &[&str] = &["irqchip", "pit2", "com1"];
 /// Offered when the VM has a virtio-net card: a destination without a
 /// tap for it refuses the offer.
 pub const NET_FEATURE: &str = "virtio-net";
+/// Offered when the VM has a virtio-blk disk (described in the offer's
+/// disks): a destination without its image refuses the offer.
+pub const DISK_FEATURE: &str = "virtio-blk";
+/// How long an abandoned move waits for the destination to let go of the
+/// disk's lock before the VM resumes here (it normally takes microseconds:
+/// the destination's process closes the image as it gives up).
+const DISK_RETAKE_PATIENCE: Duration = Duration::from_secs(10);
 
 pub struct VmSource<'a>(pub &'a mut Vm);
 
@@ -37,7 +45,18 @@ impl SourceGuest for VmSource<'_> {
                 .iter()
                 .copied()
                 .chain(self.0.net().map(|_| NET_FEATURE))
+                .chain(self.0.disk().map(|_| DISK_FEATURE))
                 .map(str::to_string)
+                .collect(),
+            disks: self
+                .0
+                .disk()
+                .into_iter()
+                .map(|(path, bytes, readonly)| DiskOffer {
+                    path: path.display().to_string(),
+                    bytes,
+                    readonly,
+                })
                 .collect(),
         })
     }
@@ -94,6 +113,11 @@ impl SourceGuest for VmSource<'_> {
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {
+        // The disk's lock first: the VM must not write an image the
+        // destination may still hold.
+        self.0.retake_disk(DISK_RETAKE_PATIENCE).map_err(|e| {
+            format!("its disk cannot be taken back ({e}); the VM stays paused so that two hosts never write it")
+        })?;
         if let Some(net) = self.0.net() {
             net.release();
         }
@@ -104,6 +128,10 @@ impl SourceGuest for VmSource<'_> {
     fn network_after_commit(&mut self) -> Option<Box<dyn SourceNetwork>> {
         let net = self.0.net()?;
         Some(Box::new(NetSource::new(net)))
+    }
+
+    fn release_storage(&mut self) -> Result<bool, GuestError> {
+        Ok(self.0.release_disk()?)
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {

@@ -7,8 +7,8 @@ use ferry_testguest::console::Heartbeat;
 use serde_json::Value;
 
 use super::{
-    migration_destination_with_api, migration_source, start_migrate, verify_arrival, FerryProc,
-    TempDir,
+    migration_destination_with_api, migration_source, start_migrate, verify_arrival,
+    verify_still_running, FerryProc, Stream, TempDir,
 };
 
 /// Waits for `ferry migrate` to end; returns its exit status and its JSON
@@ -127,4 +127,94 @@ pub fn migrate_and_verify(test: &str, workload: &str, vcpus: &str, migrate_args:
     );
     stop_destination(&mut dst);
     report
+}
+
+/// `ferry migrate` must fail (exit 1) and say why on stderr; returns the
+/// reason it gave.
+pub fn migrate_failed(mig: &mut FerryProc, timeout: Duration) -> String {
+    let status = mig.wait_exit(timeout);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "ferry migrate must fail with exit 1\n{}",
+        mig.transcript()
+    );
+    let line = mig
+        .err
+        .iter()
+        .find_map(|l| l.strip_prefix("ferry: migration failed: "))
+        .unwrap_or_else(|| {
+            panic!(
+                "no `ferry: migration failed: REASON` line\n{}",
+                mig.transcript()
+            )
+        })
+        .to_owned();
+    assert!(
+        line.ends_with("; the VM is running on the source"),
+        "the VM must be running on the source: {line}"
+    );
+    if mig.out.iter().any(|l| l == "{") {
+        let report = mig.json_report();
+        assert_eq!(report["outcome"], "aborted: VM running on the source");
+    }
+    line
+}
+
+/// The source printed that the migration failed and that the VM runs
+/// there; waits for that line, then checks that the guest runs on and
+/// verifies a whole sweep after it.
+pub fn source_runs_on_after_failure(src: &mut FerryProc, port: u16) -> Vec<Heartbeat> {
+    let to = format!("ferry: migration to 127.0.0.1:{port} failed: ");
+    src.wait_line(
+        Duration::from_secs(10),
+        "the source's failure line",
+        |s, text| {
+            (s == Stream::Err && text.starts_with(&to))
+                .then(|| assert!(text.ends_with("; the VM runs here"), "{text}"))
+        },
+    );
+    let after = verify_still_running(src, Duration::from_secs(30));
+    assert!(
+        src.child.try_wait().expect("try_wait").is_none(),
+        "the source process must still run"
+    );
+    after
+}
+
+/// The destination holds no VM: it exited non-zero (or was killed) and
+/// never printed a heartbeat.
+pub fn destination_holds_nothing(dst: &mut FerryProc, killed: bool) {
+    let status = if killed {
+        dst.kill()
+    } else {
+        dst.wait_exit(Duration::from_secs(40))
+    };
+    assert!(
+        !status.success(),
+        "the destination must not succeed: {status}\n{}",
+        dst.transcript()
+    );
+    if !killed {
+        assert_eq!(status.code(), Some(1), "{}", dst.transcript());
+        assert!(
+            dst.err
+                .iter()
+                .any(|l| l.starts_with("ferry: incoming migration from ")
+                    && l.ends_with("; no VM runs here")),
+            "the destination must say that no VM runs there\n{}",
+            dst.transcript()
+        );
+    }
+    let hbs = dst.heartbeats();
+    assert!(
+        hbs.is_empty(),
+        "the destination ran the guest: {hbs:?}\n{}",
+        dst.transcript()
+    );
+    assert!(
+        !dst.err.iter().any(|l| l.starts_with("ferry: VM received")),
+        "the destination says it received the VM\n{}",
+        dst.transcript()
+    );
 }

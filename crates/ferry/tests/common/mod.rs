@@ -741,5 +741,6 @@ pub fn verify_still_running(
     );
     seen
 }
+pub mod disk;
 pub mod migrations;
 pub mod net;

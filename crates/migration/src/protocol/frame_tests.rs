@@ -48,6 +48,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
         tsc_khz: 2_500_000,
         cpuid: vec![7; 40],
         features: vec!["pit2".into()],
+        disks: Vec::new(),
     };
     write_message(&mut control, &Message::Offer(offer)).unwrap();
 

@@ -90,6 +90,20 @@ pub struct Offer {
     /// Named capabilities the VM relies on (devices, KVM features); the
     /// destination refuses any it cannot offer.
     pub features: Vec<String>,
+    /// The VM's disks, which the destination must provide before a page
+    /// moves (v9; an offer without disks travels in the older form, which
+    /// every version reads: see `offer_wire`).
+    pub disks: Vec<DiskOffer>,
+}
+
+/// A disk of the offered VM. On shared storage the destination opens the
+/// same image (by this path or its own), of exactly this size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskOffer {
+    /// The image's path on the source's host.
+    pub path: String,
+    pub bytes: u64,
+    pub readonly: bool,
 }
 
 /// An Offer that cannot describe a real VM.
@@ -422,12 +436,15 @@ pub enum Message {
     BindAck(BindAck),
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing these plain structs into a Vec cannot fail.
     postcard::to_stdvec(value).expect("control messages always encode")
 }
 
-fn decode<T: DeserializeOwned>(kind: FrameKind, payload: &[u8]) -> Result<T, ProtocolError> {
+pub(super) fn decode<T: DeserializeOwned>(
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<T, ProtocolError> {
     let malformed = |reason: String| ProtocolError::Malformed { kind, reason };
     let (value, rest) = postcard::take_from_bytes(payload).map_err(|e| malformed(e.to_string()))?;
     if !rest.is_empty() {
@@ -478,7 +495,7 @@ impl Message {
         match self {
             Self::Hello(m) => encode(m),
             Self::HelloAck(m) => encode(m),
-            Self::Offer(m) => encode(m),
+            Self::Offer(m) => super::offer_wire::encode(m),
             Self::Accept(m) => encode(m),
             Self::Refuse(m) => encode(m),
             Self::RoundEnd(m) => encode(m),
@@ -515,7 +532,7 @@ impl Message {
         Ok(match kind {
             FrameKind::Hello => Self::Hello(decode(kind, payload)?),
             FrameKind::HelloAck => Self::HelloAck(decode(kind, payload)?),
-            FrameKind::Offer => Self::Offer(decode(kind, payload)?),
+            FrameKind::Offer => Self::Offer(super::offer_wire::decode(payload)?),
             FrameKind::Accept => Self::Accept(decode(kind, payload)?),
             FrameKind::Refuse => Self::Refuse(decode(kind, payload)?),
             FrameKind::RoundEnd => Self::RoundEnd(decode(kind, payload)?),

@@ -22,6 +22,7 @@ fn offer() -> Offer {
         tsc_khz: 2_995_200,
         cpuid: (0..75 * 40).map(|i| i as u8).collect(),
         features: vec!["irqchip".into(), "pit2".into(), "xsave".into()],
+        disks: Vec::new(),
     }
 }
 

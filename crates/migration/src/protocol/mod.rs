@@ -89,6 +89,7 @@
 mod batch;
 mod frame;
 mod messages;
+mod offer_wire;
 mod pages;
 mod version;
 
@@ -103,10 +104,10 @@ pub use frame::{
 };
 pub use messages::{
     read_message, recv_message, write_message, Abort, Accept, Bind, BindAck, BlackoutBegins,
-    Commit, Committed, Decide, ForwardEnd, Forwarded, Hello, HelloAck, InvalidOffer, Join, Message,
-    Offer, PageRequest, PostcopyBegin, PostcopyComplete, PostcopyPrepare, PostcopyReady, Prepare,
-    RamRange, Refuse, Resume, ResumeState, Resumed, Role, RoundEnd, Started, StateLoaded,
-    StreamJoin, StreamsOpen, StreamsOpened, StripedRound, HELLO_MAGIC,
+    Commit, Committed, Decide, DiskOffer, ForwardEnd, Forwarded, Hello, HelloAck, InvalidOffer,
+    Join, Message, Offer, PageRequest, PostcopyBegin, PostcopyComplete, PostcopyPrepare,
+    PostcopyReady, Prepare, RamRange, Refuse, Resume, ResumeState, Resumed, Role, RoundEnd,
+    Started, StateLoaded, StreamJoin, StreamsOpen, StreamsOpened, StripedRound, HELLO_MAGIC,
 };
 pub use pages::{
     read_pages_into, write_pages, PageRun, PageSink, PagesSummary, MAX_BATCH_DATA_BYTES,
@@ -115,5 +116,5 @@ pub use pages::{
 pub use version::{
     negotiate, NegotiationError, VersionRange, BLACKOUT_TIMING_VERSION, COMMIT_RECOVERY_VERSION,
     NET_HANDOVER_VERSION, POSTCOPY_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
-    SESSION_TOKEN_VERSION, STREAMS_VERSION,
+    SESSION_TOKEN_VERSION, STORAGE_VERSION, STREAMS_VERSION,
 };

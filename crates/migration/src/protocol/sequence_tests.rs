@@ -23,6 +23,7 @@ fn offer() -> Offer {
         tsc_khz: 2_995_200,
         cpuid: vec![0x42; 3000],
         features: vec!["irqchip".into()],
+        disks: Vec::new(),
     }
 }
 

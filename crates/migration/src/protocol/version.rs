@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 /// The first version with post-copy (frames 14 to 21).
 pub const POSTCOPY_VERSION: u16 = 2;
 /// The first version with page data on several streams (frames 22 to 25).
@@ -24,6 +24,10 @@ pub const NET_HANDOVER_VERSION: u16 = 7;
 /// The first version whose connections open with a one-time session token
 /// bound to the prepared migration (frames 32 and 33, before the Hello).
 pub const SESSION_TOKEN_VERSION: u16 = 8;
+/// The first version whose offer may describe the VM's disks (and whose
+/// state record may carry a disk's section): a VM with a disk moves only
+/// to a destination that speaks it.
+pub const STORAGE_VERSION: u16 = 9;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 

@@ -31,6 +31,8 @@ pub enum TakeSnapshotError {
     Vm(#[from] VmError),
     #[error(transparent)]
     File(#[from] super::SnapshotError),
+    #[error("a VM with a disk is snapshotted only with --stop: a VM that runs on keeps writing its disk, and the snapshot would no longer match the image it is restored on")]
+    DiskNeedsStop,
 }
 
 pub fn take_snapshot(
@@ -38,9 +40,14 @@ pub fn take_snapshot(
     path: &Path,
     stop: bool,
 ) -> Result<SnapshotReport, TakeSnapshotError> {
+    if vm.disk().is_some() && !stop {
+        return Err(TakeSnapshotError::DiskNeedsStop);
+    }
     let t0 = Instant::now();
     vm.pause()?;
     let outcome = (|| {
+        // The image must hold every write the saved state knows of.
+        vm.flush_disk()?;
         let t_state = Instant::now();
         let state = vm.save_state()?.encode();
         let save_state_ms = t_state.elapsed().as_secs_f64() * 1e3;

@@ -88,6 +88,14 @@ pub struct NetSection {
     pub device: crate::devices::net::NetState,
 }
 
+/// The disk's section: its transport and what the image must be (size,
+/// mode) for the VM to continue on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockSection {
+    pub transport: crate::devices::virtio::mmio::TransportState,
+    pub device: crate::devices::block::device::BlockState,
+}
+
 #[derive(Debug)]
 pub struct StateRecord {
     pub config: MachineConfig,
@@ -96,6 +104,8 @@ pub struct StateRecord {
     pub devices: DeviceStates,
     /// Present only for a VM with a network card.
     pub net: Option<NetSection>,
+    /// Present only for a VM with a disk.
+    pub block: Option<BlockSection>,
 }
 
 const CONFIG: SectionId = SectionId {
@@ -123,7 +133,12 @@ const NET: SectionId = SectionId {
     name: "virtio-net",
     version: 1,
 };
-const KNOWN: &[SectionId] = &[CONFIG, VCPUS, MACHINE, DEVICES, NET];
+const BLOCK: SectionId = SectionId {
+    id: 6,
+    name: "virtio-blk",
+    version: 1,
+};
+const KNOWN: &[SectionId] = &[CONFIG, VCPUS, MACHINE, DEVICES, NET, BLOCK];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -131,6 +146,18 @@ pub enum StateError {
     Codec(#[from] CodecError),
     #[error("state record is inconsistent: {0}")]
     Inconsistent(String),
+}
+
+/// A section only some VMs have.
+fn optional<T: serde::de::DeserializeOwned>(
+    sections: &[codec::RawSection<'_>],
+    id: SectionId,
+) -> Result<Option<T>, CodecError> {
+    if sections.iter().any(|s| s.id == id.id) {
+        codec::take(sections, id).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 impl StateRecord {
@@ -142,6 +169,9 @@ impl StateRecord {
         w.section(DEVICES, &self.devices);
         if let Some(net) = &self.net {
             w.section(NET, net);
+        }
+        if let Some(block) = &self.block {
+            w.section(BLOCK, block);
         }
         w.finish()
     }
@@ -156,11 +186,8 @@ impl StateRecord {
             vcpus: codec::take(&sections, VCPUS)?,
             machine: codec::take(&sections, MACHINE)?,
             devices: codec::take(&sections, DEVICES)?,
-            net: if sections.iter().any(|s| s.id == NET.id) {
-                Some(codec::take(&sections, NET)?)
-            } else {
-                None
-            },
+            net: optional(&sections, NET)?,
+            block: optional(&sections, BLOCK)?,
         };
         record.check()?;
         Ok(record)

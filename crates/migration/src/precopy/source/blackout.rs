@@ -6,7 +6,8 @@ use crate::guest::PauseTiming;
 use crate::protocol::{BlackoutBegins, Started, BLACKOUT_TIMING_VERSION};
 use crate::stats::{
     BlackoutPart, BlackoutReport, PART_COMMIT, PART_COMMIT_ROUND_TRIP, PART_LAST_PAGES,
-    PART_LAST_PAGES_ARRIVING, PART_RESUME, PART_STATE_SAVE, PART_STATE_TO_DESTINATION, PART_WAKE,
+    PART_LAST_PAGES_ARRIVING, PART_RESUME, PART_STATE_SAVE, PART_STATE_TO_DESTINATION,
+    PART_STORAGE, PART_WAKE,
 };
 use crate::thread_priority::Boost;
 
@@ -127,8 +128,15 @@ impl BlackoutClock {
         let mut parts = vec![
             (PART_WAKE, ms(t0, self.woke)),
             (PART_LAST_PAGES, ms(self.woke, self.pages_sent)),
-            (PART_STATE_SAVE, ms(self.pages_sent, h.saved)),
         ];
+        let save_from = match h.storage_released {
+            Some((_, released)) => {
+                parts.push((PART_STORAGE, ms(self.pages_sent, released)));
+                released
+            }
+            None => self.pages_sent,
+        };
+        parts.push((PART_STATE_SAVE, ms(save_from, h.saved)));
         let state_wait = ms(h.saved, h.loaded);
         match started {
             Some(s) => {
@@ -169,6 +177,9 @@ impl BlackoutClock {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct HandedOver {
     pub(super) state_bytes: u64,
+    /// When the disk's flush and lock release began and ended (a VM with
+    /// storage only).
+    pub(super) storage_released: Option<(Instant, Instant)>,
     pub(super) saved: Instant,
     /// `StateLoaded` read.
     pub(super) loaded: Instant,
@@ -203,6 +214,11 @@ pub(super) fn hand_over<G: SourceGuest + ?Sized>(
             io_timeout,
         });
     }
+    let storage_from = Instant::now();
+    let storage_released = guest
+        .release_storage()
+        .map_err(MigrateError::guest("handing the VM's disk over"))?
+        .then(|| (storage_from, Instant::now()));
     let state = guest
         .save_state()
         .map_err(MigrateError::guest("saving the VM state"))?;
@@ -269,6 +285,7 @@ pub(super) fn hand_over<G: SourceGuest + ?Sized>(
     }
     Ok(HandedOver {
         state_bytes: state.len() as u64,
+        storage_released,
         saved,
         loaded,
         commit_written,

@@ -22,7 +22,8 @@ use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
     HelloAck, Message, PageRun, PostcopyBegin, Prepare, RamRange, Role, RoundEnd, StripedRound,
-    COMMIT_RECOVERY_VERSION, NET_HANDOVER_VERSION, PAGE_SIZE, POSTCOPY_VERSION, STREAMS_VERSION,
+    COMMIT_RECOVERY_VERSION, NET_HANDOVER_VERSION, PAGE_SIZE, POSTCOPY_VERSION, STORAGE_VERSION,
+    STREAMS_VERSION,
 };
 use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
 
@@ -282,6 +283,7 @@ pub fn migrate<G: SourceGuest + ?Sized>(
         }
         Err(error) => {
             let error = peer_reason(&mut stream, error);
+            let mut resume_failed = None;
             let vm_running = if run.commit_sent {
                 false
             } else {
@@ -296,13 +298,22 @@ pub fn migrate<G: SourceGuest + ?Sized>(
                 let _ = guest.set_throttle(0);
                 let _ = guest.set_dirty_logging(false);
                 if run.paused {
-                    guest.resume().is_ok()
+                    match guest.resume() {
+                        Ok(()) => true,
+                        Err(e) => {
+                            run.say(format!("the VM cannot resume here: {e}"));
+                            resume_failed = Some(e.to_string());
+                            false
+                        }
+                    }
                 } else {
                     true
                 }
             };
             run.report.outcome = if vm_running {
                 "aborted: VM running on the source".into()
+            } else if let Some(why) = resume_failed {
+                format!("aborted: VM paused on the source, it cannot resume ({why})")
             } else if run.postcopy_started {
                 "post-copy interrupted: the VM waits on the destination for pages held here".into()
             } else {

@@ -36,6 +36,11 @@ pub(super) fn handshake<G: SourceGuest + ?Sized>(
     run.report.mem_bytes = offer.mem_bytes;
     run.report.vcpus = offer.vcpus;
     run.ram_ranges = offer.ram_ranges.clone();
+    if !offer.disks.is_empty() && version < STORAGE_VERSION {
+        return Err(MigrateError::Refused(format!(
+            "the destination speaks protocol v{version}, which cannot take a VM with a disk (v{STORAGE_VERSION} and later); upgrade it"
+        )));
+    }
     let stage = "offering the VM";
     write_message(stream, &Message::Offer(offer)).map_err(MigrateError::protocol(stage))?;
     match recv_message(stream, &mut scratch).map_err(MigrateError::protocol(stage))? {

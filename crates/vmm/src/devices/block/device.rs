@@ -76,13 +76,29 @@ struct Worker {
 impl Block {
     /// Opens the image (size checked, exclusive lock taken).
     pub fn new(config: &BlockConfig) -> Result<Block, ImageError> {
+        Self::open(config, None, true)
+    }
+
+    /// For a VM arriving on shared storage: opens the image the source
+    /// still runs on, of exactly `size` bytes, without its lock (the source
+    /// holds it until the pause); [`take_lock`](Self::take_lock) takes it
+    /// before the VM runs here.
+    pub fn new_unlocked(config: &BlockConfig, size: u64) -> Result<Block, ImageError> {
+        Self::open(config, Some(size), false)
+    }
+
+    fn open(
+        config: &BlockConfig,
+        expected_size: Option<u64>,
+        take_lock: bool,
+    ) -> Result<Block, ImageError> {
         let image = Image::open(
             &ImageSpec {
                 path: config.path.clone(),
                 readonly: config.readonly,
-                expected_size: None,
+                expected_size,
             },
-            true,
+            take_lock,
         )?;
         Ok(Block {
             sectors: image.sectors(),
@@ -96,6 +112,95 @@ impl Block {
             paused: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(BlockStats::default()),
         })
+    }
+}
+
+impl Block {
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.sectors * 512
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Whether this side holds the image's lock.
+    pub fn holds_lock(&self) -> bool {
+        self.rings.lock().unwrap().backend.image.is_locked()
+    }
+
+    /// The device must be paused: every request it took is complete then
+    /// (a round runs to its end under the rings' lock), and the ones still
+    /// in the ring go with the state. Makes what they wrote visible to the
+    /// destination and gives up the lock, so that it can take it. A
+    /// read-only image keeps its shared lock: readers do not conflict.
+    ///
+    /// Through the page cache (a filesystem without O_DIRECT) the written
+    /// data is only in this host's memory: it is flushed here, in the
+    /// blackout. With O_DIRECT every acknowledged write is on the storage
+    /// already, where the destination reads it, so the blackout does not
+    /// pay an fdatasync (0.3 to 2 ms on this host's disk): the durability
+    /// of writes the guest has not flushed yet moves with the VM, whose
+    /// next FLUSH on the destination is an fdatasync of the same file.
+    /// Returns whether it flushed.
+    pub fn release_for_handover(&self) -> Result<bool, ImageError> {
+        assert!(
+            self.paused.load(Ordering::Acquire),
+            "the disk is handed over only while paused"
+        );
+        let mut rings = self.rings.lock().unwrap();
+        let image = &mut rings.backend.image;
+        let flushed = image.mode() == super::image::CacheMode::Buffered;
+        if flushed {
+            image.flush()?;
+        }
+        if !self.readonly {
+            image.unlock()?;
+        }
+        Ok(flushed)
+    }
+
+    /// fdatasync (paused: no request is being served).
+    pub fn flush(&self) -> Result<(), ImageError> {
+        self.rings.lock().unwrap().backend.image.flush()
+    }
+
+    /// Takes the image's lock (again): an error if anyone else holds it.
+    pub fn take_lock(&self) -> Result<(), ImageError> {
+        Ok(self.rings.lock().unwrap().backend.image.lock()?)
+    }
+
+    /// Checks the saved device against this one: the same size and mode
+    /// (the path may differ between hosts; the offer named the source's).
+    pub fn check_saved(&self, saved: &BlockState) -> Result<(), String> {
+        if saved.sectors != self.sectors {
+            return Err(format!(
+                "the saved disk has {} sectors, {} here has {}",
+                saved.sectors,
+                self.path.display(),
+                self.sectors
+            ));
+        }
+        if saved.readonly != self.readonly {
+            return Err(format!(
+                "the saved disk is {}, here it is {}",
+                mode(saved.readonly),
+                mode(self.readonly)
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn mode(readonly: bool) -> &'static str {
+    if readonly {
+        "read-only"
+    } else {
+        "writable"
     }
 }
 
