@@ -45,6 +45,9 @@ struct RawConfig {
     state_dir: PathBuf,
     ferry_bin: Option<PathBuf>,
     capacity: RawCapacity,
+    /// The networks this host offers VMs: `[[network]]` tables.
+    #[serde(default, rename = "network")]
+    networks: Vec<Network>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +65,41 @@ pub struct Capacity {
     pub vcpus: u32,
 }
 
+/// A network VMs of this host may join: a bridge (in the host's own
+/// network namespace, or in `netns`) that the agent attaches each VM's
+/// tap to, as libvirt's `<interface type='bridge'>` does.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// What VM definitions call it (`net = { network = "prod" }`); the
+    /// same name on every host the VM may move to.
+    pub name: String,
+    /// The bridge's interface name.
+    pub bridge: String,
+    /// The network namespace (under /run/netns) the bridge lives in;
+    /// none: the agent's own.
+    #[serde(default)]
+    pub netns: Option<String>,
+}
+
+/// True for an interface name the kernel takes: 1 to 15 bytes, no '/',
+/// no whitespace, not . or ..
+pub fn is_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// True for a namespace name under /run/netns.
+pub fn is_netns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control())
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -73,6 +111,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub ferry_bin: PathBuf,
     pub capacity: Capacity,
+    pub networks: Vec<Network>,
 }
 
 impl Config {
@@ -118,6 +157,34 @@ impl Config {
                 raw.state_dir.display()
             )));
         }
+        for (i, n) in raw.networks.iter().enumerate() {
+            let named = !n.name.is_empty()
+                && n.name.len() <= 63
+                && n.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !named {
+                return Err(invalid(format!(
+                    "network name {:?} must be 1 to 63 lower-case letters, digits and '-'",
+                    n.name
+                )));
+            }
+            if raw.networks[..i].iter().any(|m| m.name == n.name) {
+                return Err(invalid(format!("network {:?} is defined twice", n.name)));
+            }
+            if !is_ifname(&n.bridge) {
+                return Err(invalid(format!(
+                    "network {}: bridge {:?} is not an interface name (1 to 15 characters, no '/', ':' or whitespace)",
+                    n.name, n.bridge
+                )));
+            }
+            if let Some(ns) = n.netns.as_deref().filter(|ns| !is_netns_name(ns)) {
+                return Err(invalid(format!(
+                    "network {}: netns {ns:?} must be a name under /run/netns",
+                    n.name
+                )));
+            }
+        }
         let ferry_bin = match raw.ferry_bin {
             Some(p) => p,
             None => default_ferry_bin()?,
@@ -134,7 +201,26 @@ impl Config {
                 mem_bytes,
                 vcpus: raw.capacity.vcpus,
             },
+            networks: raw.networks,
         })
+    }
+
+    /// The network called `name`, if this host has it.
+    pub fn network(&self, name: &str) -> Option<&Network> {
+        self.networks.iter().find(|n| n.name == name)
+    }
+
+    /// This host's network names, for an error that lists them.
+    pub fn network_names(&self) -> String {
+        if self.networks.is_empty() {
+            "none".into()
+        } else {
+            self.networks
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
     }
 }
 
@@ -213,6 +299,36 @@ vcpus = 4
         .unwrap();
         assert_eq!(c.capacity.vcpus, 8);
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn networks_parse_and_bad_ones_are_refused() {
+        let with = |nets: &str| format!("{GOOD}{nets}");
+        let c = Config::parse(
+            Path::new("h.toml"),
+            &with("[[network]]\nname = \"prod\"\nbridge = \"br0\"\n[[network]]\nname = \"lab\"\nbridge = \"br1\"\nnetns = \"hostA\"\n"),
+        )
+        .unwrap();
+        assert_eq!(c.networks.len(), 2);
+        assert_eq!(c.network("lab").unwrap().netns.as_deref(), Some("hostA"));
+        assert!(c.network("nope").is_none());
+        assert_eq!(c.network_names(), "prod, lab");
+        for (nets, want) in [
+            ("[[network]]\nname = \"Prod\"\nbridge = \"br0\"\n", "lower-case"),
+            (
+                "[[network]]\nname = \"a\"\nbridge = \"br0\"\n[[network]]\nname = \"a\"\nbridge = \"br1\"\n",
+                "defined twice",
+            ),
+            (
+                "[[network]]\nname = \"a\"\nbridge = \"a-bridge-name-too-long\"\n",
+                "not an interface name",
+            ),
+            ("[[network]]\nname = \"a\"\nbridge = \"br0\"\nnetns = \"../x\"\n", "netns"),
+            ("[[network]]\nname = \"a\"\nbridge = \"br0\"\nvlan = 3\n", "unknown field `vlan`"),
+        ] {
+            let e = Config::parse(Path::new("h.toml"), &with(nets)).unwrap_err();
+            assert!(e.to_string().contains(want), "{nets}: {e}");
+        }
     }
 
     #[test]

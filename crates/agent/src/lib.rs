@@ -28,6 +28,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod migration;
 pub mod model;
+pub mod network;
 pub mod peer;
 pub mod procs;
 pub mod server;

@@ -44,8 +44,8 @@ use utoipa::ToSchema;
 use crate::api::ApiError;
 use crate::events::{AuditEntry, Caller, Event};
 use crate::ledger::{Holder, Reservation};
-use crate::model::{CreateVm, MigrationPolicy, VmDefinition, VmRecord, VmState};
-use crate::server::{lock, Agent, Slot};
+use crate::model::{CreateVm, HostTap, MigrationPolicy, VmDefinition, VmRecord, VmState};
+use crate::server::{lock, Agent, Slot, TapGuard};
 use crate::supervisor::{self, ReceiverSecurity, Vmm};
 use crate::time::now_rfc3339;
 use ferry_migration::transport::SessionToken;
@@ -59,6 +59,9 @@ const INCOMING_GRACE: Duration = Duration::from_secs(30);
 /// after its VMM said the VM moved.
 const COMMIT_CONFIRM: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a migrated VM's tap may wait for its old VMM to exit (it
+/// forwards stray frames until then) before it is removed anyway.
+const TAP_OUTLIVES: Duration = Duration::from_secs(60);
 /// The line `ferry receive` prints once its address is bound.
 const LISTENING: &str = "ferry: listening on ";
 /// The line `ferry receive` prints once the VM runs there.
@@ -877,7 +880,18 @@ impl Agent {
         }
         lock(&self.ledger).release(&record.id);
         lock(&self.slots).remove(&record.id);
-        let _ = slot;
+        if let Some(tap) = record.tap.clone() {
+            // The old VMM forwards stray frames from its tap to the new
+            // host until it exits: the tap goes after it.
+            let exited = lock(&slot.vmm).clone().map(|(_, rx)| rx);
+            let vm = record.id.clone();
+            tokio::spawn(async move {
+                if let Some(mut rx) = exited {
+                    let _ = tokio::time::timeout(TAP_OUTLIVES, rx.wait_for(Option::is_some)).await;
+                }
+                crate::network::remove_tap_logged(&tap, &vm);
+            });
+        }
         if let Some(dir) = record.log.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -968,6 +982,28 @@ impl Agent {
             definition: offer.definition.clone(),
             policy: offer.policy.clone(),
         })?;
+        // Refused before anything is reserved: the VM stays on the source.
+        let network = match &offer.definition.net {
+            Some(net) => {
+                if net.mac.is_none() {
+                    return Err(ApiError::BadRequest(format!(
+                        "VM {}'s card has no MAC in the offer: the source records one at creation",
+                        offer.vm
+                    )));
+                }
+                let Some(network) = self.config.network(&net.network) else {
+                    return Err(ApiError::Incompatible(format!(
+                        "VM {} needs network {:?}, which host {} does not have (it has: {})",
+                        offer.vm,
+                        net.network,
+                        self.config.host_name,
+                        self.config.network_names()
+                    )));
+                };
+                Some(network.clone())
+            }
+            None => None,
+        };
         // Plaintext only when both agents say so; otherwise mutual TLS with
         // the certificate that prepared it as the only source allowed.
         let plaintext = offer.plaintext_data_plane && self.config.insecure_plaintext_data_plane;
@@ -1004,6 +1040,18 @@ impl Agent {
             // cannot both pass.
             lock(&self.ledger).reserve(&vm, reservation(&offer.definition, Holder::Incoming))?;
         }
+        // The VM's tap, attached to its bridge before any page moves.
+        let tap = match &network {
+            Some(n) => match crate::network::create_tap(n) {
+                Ok(t) => Some(TapGuard::new(t, &vm)),
+                Err(e) => {
+                    lock(&self.ledger).release(&vm);
+                    return Err(ApiError::Incompatible(e.to_string()));
+                }
+            },
+            None => None,
+        };
+        let net_flag = tap.as_ref().map(|t| crate::network::receive_flag(&t.tap));
         let dir = self.config.state_dir.join("vms").join(&vm);
         let released = |agent: &Self, e: ApiError| {
             lock(&agent.ledger).release(&vm);
@@ -1030,6 +1078,7 @@ impl Agent {
         let mut vmm = match Vmm::spawn_receiver(
             &self.config.ferry_bin,
             &offer.definition,
+            net_flag.as_deref(),
             ip,
             &socket,
             &log,
@@ -1096,7 +1145,15 @@ impl Agent {
         let paths = (socket, log, dir);
         tokio::spawn(async move {
             agent
-                .watch_incoming(inc, vmm, offer, paths, offset, Instant::now() + expires)
+                .watch_incoming(
+                    inc,
+                    vmm,
+                    offer,
+                    tap,
+                    paths,
+                    offset,
+                    Instant::now() + expires,
+                )
                 .await;
         });
         Ok(Prepared {
@@ -1114,11 +1171,15 @@ impl Agent {
 
     /// Follows a prepared receiver until the VM has arrived (then adopts
     /// it), the receiver ends, the source aborts or the time is up.
+    /// The tap (if the VM has a card) is removed with the rest unless the
+    /// VM arrives.
+    #[allow(clippy::too_many_arguments)]
     async fn watch_incoming(
         self: Arc<Self>,
         inc: Arc<IncomingSlot>,
         mut vmm: Vmm,
         offer: PeerOffer,
+        mut tap: Option<TapGuard>,
         (socket, log, dir): (PathBuf, PathBuf, PathBuf),
         mut offset: u64,
         deadline: Instant,
@@ -1135,7 +1196,11 @@ impl Agent {
         loop {
             let _ = tokio::time::timeout(Duration::from_millis(50), inc.wake.notified()).await;
             if read_new(&log, &mut offset).contains(RECEIVED) {
-                self.adopt_incoming(&inc, vmm, &offer, socket, log);
+                let tap = tap.as_mut().map(|t| {
+                    t.disarm();
+                    t.tap.clone()
+                });
+                self.adopt_incoming(&inc, vmm, &offer, tap, socket, log);
                 return;
             }
             let aborted = inc.abort.load(Ordering::SeqCst);
@@ -1175,6 +1240,7 @@ impl Agent {
         inc: &IncomingSlot,
         vmm: Vmm,
         offer: &PeerOffer,
+        tap: Option<HostTap>,
         api_socket: PathBuf,
         log: PathBuf,
     ) {
@@ -1193,6 +1259,7 @@ impl Agent {
             api_socket,
             log,
             created_at: now_rfc3339(),
+            tap,
         };
         let slot = Slot::new();
         {

@@ -25,6 +25,22 @@ pub struct VmDefinition {
     /// Fault in all guest memory before the guest starts.
     #[serde(default)]
     pub prealloc: bool,
+    /// A virtio-net card on one of the host's networks; none: no card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetDefinition>,
+}
+
+/// The VM's network card: which of the host's networks (`[[network]]`
+/// in host.toml) it joins, and its MAC, which moves with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetDefinition {
+    /// The network's name; every host the VM migrates to must have it.
+    pub network: String,
+    /// A unicast MAC, `52:54:00:12:34:56`; default: one generated (in
+    /// 52:54:00:xx:xx:xx) and recorded at creation.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 fn one() -> u32 {
@@ -151,6 +167,20 @@ pub struct VmRecord {
     pub log: PathBuf,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// The tap this host made for the VM's card, while it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<HostTap>,
+}
+
+/// A tap the agent created on one of its networks for one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostTap {
+    /// The tap's interface name (`fy` and 8 hex digits).
+    pub name: String,
+    /// The network it was made on, and where that network's bridge was.
+    pub network: String,
+    pub bridge: String,
+    pub netns: Option<String>,
 }
 
 /// The guest's latest heartbeat, as its VMM saw it.

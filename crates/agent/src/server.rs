@@ -407,10 +407,33 @@ impl Agent {
                 ferry_testguest::MAX_VCPUS
             ));
         }
-        let workload: ferry_testguest::workload::Workload = match def.workload.parse() {
+        let workload: ferry_testguest::net::GuestWorkload = match def.workload.parse() {
             Ok(w) => w,
             Err(e) => return bad(format!("definition.workload {:?}: {e}", def.workload)),
         };
+        if workload.disk.is_some() {
+            return bad(format!(
+                "definition.workload {:?}: the agent gives VMs no disk; drop the disk term",
+                def.workload
+            ));
+        }
+        if workload.net.is_some() && def.net.is_none() {
+            return bad(format!(
+                "definition.workload {:?} serves the network: give the VM a card with definition.net = {{\"network\": NAME}}",
+                def.workload
+            ));
+        }
+        if let Some(net) = &def.net {
+            if net.network.is_empty() {
+                return bad("definition.net.network: name one of the host's networks".into());
+            }
+            if let Some(mac) = &net.mac {
+                if let Err(e) = crate::network::parse_mac(mac) {
+                    return bad(e.to_string());
+                }
+            }
+        }
+        let workload = workload.workload;
         let needed = ferry_testguest::guest_mem_needed(&workload);
         if needed >= def.mem_bytes {
             return bad(format!(
@@ -443,6 +466,22 @@ impl Agent {
         Ok(())
     }
 
+    /// The host's network a card asks for, or a refusal that names the
+    /// networks this host has.
+    pub(crate) fn network_for(
+        &self,
+        net: &crate::model::NetDefinition,
+    ) -> Result<&crate::config::Network, ApiError> {
+        self.config.network(&net.network).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "definition.net.network {:?}: host {} has no such network (it has: {})",
+                net.network,
+                self.config.host_name,
+                self.config.network_names()
+            ))
+        })
+    }
+
     /// `POST /v1/vms`: reserve, record, start the VMM, wait for it.
     pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<VmRecord, ApiError> {
         Self::validate(&req)?;
@@ -450,10 +489,30 @@ impl Agent {
             .id
             .clone()
             .unwrap_or_else(|| format!("vm-{:08x}", rand::random::<u32>()));
+        let mut definition = req.definition;
+        let network = match &mut definition.net {
+            Some(net) => {
+                let network = self.network_for(net)?.clone();
+                // Recorded, so that it moves with the VM.
+                net.mac
+                    .get_or_insert_with(|| crate::network::generate_mac().to_string());
+                Some(network)
+            }
+            None => None,
+        };
+        // Made before anything is recorded: a host whose bridge is
+        // missing refuses the VM and keeps nothing of it.
+        let mut tap = match &network {
+            Some(n) => Some(TapGuard::new(
+                crate::network::create_tap(n).map_err(|e| ApiError::Incompatible(e.to_string()))?,
+                &id,
+            )),
+            None => None,
+        };
         let dir = self.config.state_dir.join("vms").join(&id);
         let mut record = VmRecord {
             id: id.clone(),
-            definition: req.definition,
+            definition,
             policy: req.policy,
             state: VmState::Creating,
             reason: None,
@@ -462,6 +521,7 @@ impl Agent {
             api_socket: dir.join("api.sock"),
             log: dir.join("console.log"),
             created_at: now_rfc3339(),
+            tap: tap.as_ref().map(|t| t.tap.clone()),
         };
         let slot = Slot::new();
         let _op = Self::begin(&slot, &id)?;
@@ -488,8 +548,15 @@ impl Agent {
             state: VmState::Creating,
             reason: None,
         });
+        // From here the record owns the tap: a failed start removes it.
+        if let Some(t) = tap.as_mut() {
+            t.disarm();
+        }
         let fail = |agent: &Self, mut record: VmRecord, reason: String| {
             lock(&agent.ledger).release(&record.id);
+            if let Some(t) = record.tap.take() {
+                crate::network::remove_tap_logged(&t, &record.id);
+            }
             agent.set_state(&mut record, VmState::Failed, Some(reason.clone()));
             ApiError::Vmm(reason)
         };
@@ -500,9 +567,19 @@ impl Agent {
                 format!("cannot create {}: {e}", dir.display()),
             ));
         }
+        let net_flag = record.tap.as_ref().map(|t| {
+            let mac = record
+                .definition
+                .net
+                .as_ref()
+                .and_then(|n| n.mac.clone())
+                .unwrap_or_default();
+            crate::network::run_flag(t, &mac)
+        });
         let vmm = match Vmm::spawn(
             &self.config.ferry_bin,
             &record.definition,
+            net_flag.as_deref(),
             &record.api_socket,
             &record.log,
         ) {
@@ -554,6 +631,9 @@ impl Agent {
                 let _ = handle.signal(Signal::KILL);
                 let _ = exited.wait_for(Option::is_some).await;
             }
+        }
+        if let Some(tap) = &record.tap {
+            crate::network::remove_tap_logged(tap, id);
         }
         self.store.remove(id).map_err(ApiError::internal)?;
         lock(&self.ledger).release(id);
@@ -739,4 +819,34 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// A tap made for a VM that nothing owns yet: removed when dropped unless
+/// disarmed (a record or a receiver took it over).
+pub(crate) struct TapGuard {
+    pub(crate) tap: crate::model::HostTap,
+    vm: String,
+    armed: bool,
+}
+
+impl TapGuard {
+    pub(crate) fn new(tap: crate::model::HostTap, vm: &str) -> Self {
+        Self {
+            tap,
+            vm: vm.to_owned(),
+            armed: true,
+        }
+    }
+
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            crate::network::remove_tap_logged(&self.tap, &self.vm);
+        }
+    }
 }

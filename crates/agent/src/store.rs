@@ -124,6 +124,7 @@ mod tests {
                 workload: "idle".into(),
                 guest: None,
                 prealloc: false,
+                net: None,
             },
             policy: MigrationPolicy::default(),
             state: VmState::Running,
@@ -133,6 +134,7 @@ mod tests {
             api_socket: "/tmp/a.sock".into(),
             log: "/tmp/a.log".into(),
             created_at: "2026-12-02T00:00:00.000Z".into(),
+            tap: None,
         }
     }
 

@@ -97,10 +97,11 @@ pub struct Exit {
 
 impl Vmm {
     /// Starts `ferry run` for `def` with its API at `socket`, console and
-    /// messages appended to `log`.
+    /// messages appended to `log`; `net`: its card's `--net` value.
     pub fn spawn(
         ferry_bin: &Path,
         def: &VmDefinition,
+        net: Option<&str>,
         socket: &Path,
         log: &Path,
     ) -> Result<Self, SuperviseError> {
@@ -120,6 +121,9 @@ impl Vmm {
         if def.prealloc {
             cmd.arg("--prealloc");
         }
+        if let Some(net) = net {
+            cmd.arg("--net").arg(net);
+        }
         Self::spawn_detached(cmd, ferry_bin, log)
     }
 
@@ -129,9 +133,12 @@ impl Vmm {
     /// larger VM than the one prepared for, its API at `socket`.
     /// Every connection must open with the session token in `token_file`;
     /// over mutual TLS (`security`) only the prepared source host is taken.
+    /// `net`: the `--net` value of the tap prepared for the VM's card.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn_receiver(
         ferry_bin: &Path,
         def: &VmDefinition,
+        net: Option<&str>,
         ip: std::net::IpAddr,
         socket: &Path,
         log: &Path,
@@ -165,6 +172,9 @@ impl Vmm {
         }
         if def.prealloc {
             cmd.arg("--prealloc");
+        }
+        if let Some(net) = net {
+            cmd.arg("--net").arg(net);
         }
         Self::spawn_detached(cmd, ferry_bin, log)
     }

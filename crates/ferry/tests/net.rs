@@ -12,15 +12,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::migrations::{assert_committed, finish_migrate, source_handed_over, stop_destination};
+use common::migrations::stop_destination;
 use common::net::{
-    can_run, client_is_answered, net_flag, net_source, receive_net_flag, serial, MAC, PORT,
+    assert_kept_without_loss, can_run, client_is_answered, long_probe, migrate_verified, net_flag,
+    net_source, serial, Committed, MAC,
 };
 use common::{
     ferry, migration_destination, snapshot, start_migrate, verify_arrival, FerryProc, Stream,
     TempDir,
 };
-use ferry_netlab::{FdbPlace, Host, MacAddr, Probe, ProbeConfig, Topology};
+use ferry_netlab::{FdbPlace, Host, MacAddr, Topology};
 use ferry_testguest::console::NetCounters;
 
 /// The guest's network counters once they show at least `replies` TCP
@@ -107,30 +108,15 @@ fn precopy_to_host_b_arrives_verified_and_answers_there() {
     let mac: MacAddr = MAC.parse().unwrap();
     assert_eq!(topo.fdb_place(mac).unwrap(), Some(FdbPlace::HostA));
 
-    let dst_socket = dir.path("B.sock");
-    let net_b = receive_net_flag(&topo, Host::B);
-    let (mut dst, port) = migration_destination(
-        "B",
-        &[
-            "--net",
-            &net_b,
-            "--api",
-            &dst_socket,
-            "--duration",
-            "300s",
-            "--json",
-        ],
-    );
-    let mut mig = start_migrate(
-        "migrate",
+    let (Committed { mut dst, .. }, _) = migrate_verified(
+        &dir,
+        &topo,
+        &mut src,
         &socket,
-        port,
+        Host::B,
+        "B",
         &["--mode", "precopy", "--downtime", "10ms", "--json"],
     );
-    let (status, report) = finish_migrate(&mut mig, Duration::from_secs(60));
-    assert_committed(status, &report, &mig);
-    let last = source_handed_over(&mut src, port);
-    verify_arrival(&mut dst, &last, Duration::from_secs(30));
     let prefix = "ferry: announced the VM's MAC at ";
     let seen = dst
         .err
@@ -292,40 +278,22 @@ fn a_tcp_connection_survives_a_precopy_migration_without_loss() {
     let topo = Topology::up_on_subnet("fnkeep", 85).expect("topology");
     let dir = TempDir::new(test);
     let (mut src, socket) = net_source(&dir, &topo);
-    let probe = Probe::start_on(
-        &topo,
-        PORT,
-        ProbeConfig {
-            max_duration: Duration::from_secs(60),
-            ..ProbeConfig::default()
-        },
-    )
-    .expect("the client connects on host A");
+    let probe = long_probe(&topo);
     std::thread::sleep(Duration::from_millis(500));
-    let net_b = receive_net_flag(&topo, Host::B);
-    let dst_socket = dir.path("B.sock");
-    let (mut dst, port) = migration_destination(
-        "B",
-        &[
-            "--net",
-            &net_b,
-            "--api",
-            &dst_socket,
-            "--duration",
-            "300s",
-            "--json",
-        ],
-    );
-    let mut mig = start_migrate(
-        "migrate",
+    let (
+        Committed {
+            mut dst, report, ..
+        },
+        first,
+    ) = migrate_verified(
+        &dir,
+        &topo,
+        &mut src,
         &socket,
-        port,
+        Host::B,
+        "B",
         &["--mode", "precopy", "--downtime", "10ms", "--json"],
     );
-    let (status, report) = finish_migrate(&mut mig, Duration::from_secs(60));
-    assert_committed(status, &report, &mig);
-    let last = source_handed_over(&mut src, port);
-    let (first, _) = verify_arrival(&mut dst, &last, Duration::from_secs(30));
     // Traffic goes on for a while on host B over the same connection.
     std::thread::sleep(Duration::from_millis(1000));
     let probe_report = probe.stop();
@@ -335,31 +303,12 @@ fn a_tcp_connection_survives_a_precopy_migration_without_loss() {
         .find(|l| l.starts_with("ferry: network handover: "))
         .cloned()
         .unwrap_or_default();
-    let tcp = probe_report.tcp.as_ref().unwrap();
-    let udp = probe_report.udp.as_ref().unwrap();
     eprintln!(
         "{test}: guest stall on arrival {} us; source forwarded {}; {handover}",
         first.stall_us, report["network"]
     );
-    eprintln!(
-        "{test}: TCP {} sent, {} replies, {} missing, {} resets, kept {}, longest gap {:?}, retransmissions {}; UDP {} sent, {} lost, longest gap {:?}",
-        tcp.requests_sent,
-        tcp.replies_received,
-        tcp.replies_missing,
-        tcp.resets,
-        tcp.connection_kept,
-        tcp.longest_gap,
-        tcp.retransmissions,
-        udp.probes_sent,
-        udp.lost,
-        udp.longest_gap
-    );
     assert!(!handover.is_empty(), "{}", dst.transcript());
-    assert!(tcp.connection_kept, "{probe_report:?}");
-    assert_eq!(tcp.resets, 0, "{probe_report:?}");
-    assert_eq!(tcp.replies_missing, 0, "{probe_report:?}");
-    assert_eq!(udp.lost, 0, "{probe_report:?}");
-    assert!(tcp.requests_sent >= 1000, "{probe_report:?}");
+    assert_kept_without_loss(test, &probe_report, 1000);
     stop_destination(&mut dst);
     topo.down().unwrap();
 }

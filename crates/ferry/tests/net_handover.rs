@@ -10,52 +10,15 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::migrations::{assert_committed, finish_migrate, source_handed_over, stop_destination};
-use common::net::{can_run, client_is_answered, net_source, receive_net_flag, serial, MAC, PORT};
-use common::{
-    migration_destination, start_migrate, verify_arrival, verify_still_running, FerryProc, Stream,
-    TempDir,
+use common::migrations::stop_destination;
+use common::net::{
+    arrived, assert_kept_without_loss, can_run, client_is_answered, long_probe, migrate_committed,
+    migrate_verified, net_source, receive_net_flag, serial, Committed, MAC,
 };
-use ferry_netlab::{FdbPlace, Host, MacAddr, Probe, ProbeConfig, ProbeReport, Topology};
-
-/// The client's probe over one connection for the whole test.
-fn long_probe(topo: &Topology) -> Probe {
-    Probe::start_on(
-        topo,
-        PORT,
-        ProbeConfig {
-            max_duration: Duration::from_secs(60),
-            ..ProbeConfig::default()
-        },
-    )
-    .expect("the client connects on host A")
-}
-
-/// Prints the probe's figures and asserts the connection was kept with
-/// nothing lost and no reset (the survival test's tolerance), over at
-/// least `min_requests` requests.
-fn assert_kept_without_loss(test: &str, report: &ProbeReport, min_requests: u64) {
-    let tcp = report.tcp.as_ref().expect("a TCP report");
-    let udp = report.udp.as_ref().expect("a UDP report");
-    eprintln!(
-        "{test}: TCP {} sent, {} replies, {} missing, {} resets, kept {}, longest gap {:?}, retransmissions {}; UDP {} sent, {} lost, longest gap {:?}",
-        tcp.requests_sent,
-        tcp.replies_received,
-        tcp.replies_missing,
-        tcp.resets,
-        tcp.connection_kept,
-        tcp.longest_gap,
-        tcp.retransmissions,
-        udp.probes_sent,
-        udp.lost,
-        udp.longest_gap
-    );
-    assert!(tcp.connection_kept, "{report:?}");
-    assert_eq!(tcp.resets, 0, "{report:?}");
-    assert_eq!(tcp.replies_missing, 0, "{report:?}");
-    assert_eq!(udp.lost, 0, "{report:?}");
-    assert!(tcp.requests_sent >= min_requests, "{report:?}");
-}
+use common::{
+    migration_destination, start_migrate, verify_still_running, FerryProc, Stream, TempDir,
+};
+use ferry_netlab::{FdbPlace, Host, MacAddr, Topology};
 
 /// Lines of a `ferry receive` that show it announced (or started to).
 fn announce_lines(dst: &FerryProc) -> Vec<String> {
@@ -151,29 +114,16 @@ fn quiet_move(test: &str, prefix: &str, subnet: u16, announce: bool) -> Option<D
     let mac: MacAddr = MAC.parse().unwrap();
     assert_eq!(topo.fdb_place(mac).unwrap(), Some(FdbPlace::HostA));
 
-    let net_b = receive_net_flag(&topo, Host::B);
-    let dst_socket = dir.path("B.sock");
-    let mut args = vec![
-        "--net",
-        &net_b,
-        "--api",
-        &dst_socket,
-        "--duration",
-        "300s",
-        "--json",
-    ];
-    if !announce {
-        args.push("--no-announce");
-    }
-    let (mut dst, port) = migration_destination("B", &args);
-    let mut mig = start_migrate(
-        "migrate",
+    let receive_extra: &[&str] = if announce { &[] } else { &["--no-announce"] };
+    let mut moved = migrate_committed(
+        &dir,
+        &topo,
         &socket,
-        port,
+        Host::B,
+        "B",
         &["--mode", "precopy", "--downtime", "10ms", "--json"],
+        receive_extra,
     );
-    let (status, report) = finish_migrate(&mut mig, Duration::from_secs(60));
-    assert_committed(status, &report, &mig);
     let committed = Instant::now();
     // Polled every 5 ms for 3 s: the announce schedule's five frames go
     // out within 800 ms of the destination starting the VM, which on a
@@ -189,8 +139,10 @@ fn quiet_move(test: &str, prefix: &str, subnet: u16, announce: bool) -> Option<D
         std::thread::sleep(Duration::from_millis(5));
     }
     let place = topo.fdb_place(mac).unwrap();
-    let last = source_handed_over(&mut src, port);
-    verify_arrival(&mut dst, &last, Duration::from_secs(30));
+    arrived(&mut src, &mut moved);
+    let Committed {
+        mut dst, report, ..
+    } = moved;
     eprintln!(
         "{test} ({what}): the switch placed the MAC on B {} after the commit (then {place:?}); source forwarded {}; announce lines {:?}",
         learnt.map_or(format!("not within {watch:?}"), |d| format!("{d:?}")),
@@ -252,28 +204,29 @@ fn a_to_b_to_a_keeps_the_connection() {
                name: &str,
                place: FdbPlace|
      -> (FerryProc, String) {
-        let net = receive_net_flag(&topo, host);
-        let api = dir.path(&format!("{name}.sock"));
-        let (mut dst, port) = migration_destination(
-            name,
-            &["--net", &net, "--api", &api, "--duration", "300s", "--json"],
-        );
-        let mut mig = start_migrate(
-            &format!("migrate to {name}"),
+        let (
+            Committed {
+                dst,
+                dst_socket,
+                report,
+                ..
+            },
+            first,
+        ) = migrate_verified(
+            &dir,
+            &topo,
+            from,
             socket,
-            port,
+            host,
+            name,
             &["--mode", "precopy", "--downtime", "10ms", "--json"],
         );
-        let (status, report) = finish_migrate(&mut mig, Duration::from_secs(60));
-        assert_committed(status, &report, &mig);
-        let last = source_handed_over(from, port);
-        let (first, _) = verify_arrival(&mut dst, &last, Duration::from_secs(30));
         eprintln!(
             "{test}: on {name}: guest stall {} us; source forwarded {}",
             first.stall_us, report["network"]
         );
         assert_eq!(topo.fdb_place(mac).unwrap(), Some(place));
-        (dst, api)
+        (dst, dst_socket)
     };
     let (mut on_b, b_socket) = hop(&mut src, &socket, Host::B, "B", FdbPlace::HostB);
     std::thread::sleep(Duration::from_millis(500));

@@ -41,9 +41,15 @@ impl Fleet {
 /// An agent named `test-NAME` with its identity from `fleet`; `plaintext`:
 /// its config allows a plaintext data plane.
 pub fn agent(name: &str, fleet: &Fleet, memory: &str, plaintext: bool) -> Agent {
+    agent_with(name, fleet, memory, plaintext, "")
+}
+
+/// Like [`agent`], with `more` config (e.g. `[[network]]` tables) after
+/// the identity lines.
+pub fn agent_with(name: &str, fleet: &Fleet, memory: &str, plaintext: bool, more: &str) -> Agent {
     let id = fleet.issue(&format!("test-{name}"));
     let extra = format!(
-        "tls_dir = \"{}\"\ninsecure_plaintext_data_plane = {plaintext}\n",
+        "tls_dir = \"{}\"\ninsecure_plaintext_data_plane = {plaintext}\n{more}",
         id.display()
     );
     Agent::with_extra(name, memory, 4, None, &extra, |_| {})

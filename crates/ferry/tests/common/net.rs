@@ -1,14 +1,20 @@
 //! The network tests' shared wiring: the netlab topology's skip check,
 //! the `--net` flags for hosts A and B, a `ferry run --net` source with an
-//! API socket, a client that must be answered, and the lock that keeps
-//! one networked VM at a time in a test binary.
+//! API socket, a client that must be answered, the migrate-then-verify
+//! sequence to a host's tap, the long probe and its no-loss verdict, and
+//! the lock that keeps one networked VM at a time in a test binary.
 
 use std::time::Duration;
 
-use ferry_netlab::{Host, Probe, ProbeConfig, Topology};
-use ferry_testguest::console::{parse_line, Line};
+use ferry_netlab::{Host, Probe, ProbeConfig, ProbeReport, Topology};
+use ferry_testguest::console::{parse_line, Heartbeat, Line};
+use serde_json::Value;
 
-use super::{kvm_or_skip, wait_for_socket, FerryProc, Stream, TempDir};
+use super::migrations::{assert_committed, finish_migrate, source_handed_over};
+use super::{
+    kvm_or_skip, migration_destination, start_migrate, verify_arrival, wait_for_socket, FerryProc,
+    Stream, TempDir,
+};
 
 /// The guest's TCP and UDP echo port.
 pub const PORT: u16 = 7000;
@@ -38,9 +44,14 @@ pub fn workload(topo: &Topology) -> String {
 
 /// `ferry run --net` on host A with an API socket, READY.
 pub fn net_source(dir: &TempDir, topo: &Topology) -> (FerryProc, String) {
+    net_source_running(dir, topo, &workload(topo))
+}
+
+/// `ferry run --net` on host A running `wl` (which must serve the echo on
+/// the topology's guest IP), with an API socket, READY.
+pub fn net_source_running(dir: &TempDir, topo: &Topology, wl: &str) -> (FerryProc, String) {
     let socket = dir.path("A.sock");
     let net = net_flag(topo, Host::A);
-    let wl = workload(topo);
     let mut vm = FerryProc::spawn(
         "A",
         &[
@@ -48,7 +59,7 @@ pub fn net_source(dir: &TempDir, topo: &Topology) -> (FerryProc, String) {
             "--mem",
             "512M",
             "--workload",
-            &wl,
+            wl,
             "--net",
             &net,
             "--api",
@@ -104,4 +115,114 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 pub fn receive_net_flag(topo: &Topology, host: Host) -> String {
     let h = topo.host(host);
     format!("tap={},netns={}", h.tap, h.ns)
+}
+
+/// A committed migration to a host's tap: the destination (`ferry receive
+/// --net`, API socket DIR/NAME.sock), its port, and `ferry migrate`'s JSON
+/// report.
+pub struct Committed {
+    pub dst: FerryProc,
+    pub dst_socket: String,
+    pub port: u16,
+    pub report: Value,
+}
+
+/// `ferry receive --net` on `host`'s tap (named `name`, `receive_extra`
+/// added to its flags), then `ferry migrate` of the VM at `socket` there
+/// with `migrate_args`, waited for (60 s) and asserted committed.
+pub fn migrate_committed(
+    dir: &TempDir,
+    topo: &Topology,
+    socket: &str,
+    host: Host,
+    name: &str,
+    migrate_args: &[&str],
+    receive_extra: &[&str],
+) -> Committed {
+    let net = receive_net_flag(topo, host);
+    let dst_socket = dir.path(&format!("{name}.sock"));
+    let mut args = vec![
+        "--net",
+        &net,
+        "--api",
+        &dst_socket,
+        "--duration",
+        "300s",
+        "--json",
+    ];
+    args.extend_from_slice(receive_extra);
+    let (dst, port) = migration_destination(name, &args);
+    let mut mig = start_migrate(&format!("migrate to {name}"), socket, port, migrate_args);
+    let (status, report) = finish_migrate(&mut mig, Duration::from_secs(60));
+    assert_committed(status, &report, &mig);
+    Committed {
+        dst,
+        dst_socket,
+        port,
+        report,
+    }
+}
+
+/// After [`migrate_committed`]: the source `src` handed over and the guest
+/// verified its memory on the destination (30 s); returns the
+/// destination's first heartbeat.
+pub fn arrived(src: &mut FerryProc, committed: &mut Committed) -> Heartbeat {
+    let last = source_handed_over(src, committed.port);
+    let (first, _) = verify_arrival(&mut committed.dst, &last, Duration::from_secs(30));
+    first
+}
+
+/// [`migrate_committed`] then [`arrived`].
+pub fn migrate_verified(
+    dir: &TempDir,
+    topo: &Topology,
+    src: &mut FerryProc,
+    socket: &str,
+    host: Host,
+    name: &str,
+    migrate_args: &[&str],
+) -> (Committed, Heartbeat) {
+    let mut committed = migrate_committed(dir, topo, socket, host, name, migrate_args, &[]);
+    let first = arrived(src, &mut committed);
+    (committed, first)
+}
+
+/// The client's probe over one connection for the whole test (60 s at
+/// most).
+pub fn long_probe(topo: &Topology) -> Probe {
+    Probe::start_on(
+        topo,
+        PORT,
+        ProbeConfig {
+            max_duration: Duration::from_secs(60),
+            ..ProbeConfig::default()
+        },
+    )
+    .expect("the client connects on host A")
+}
+
+/// Prints the probe's figures and asserts the connection was kept with
+/// nothing lost and no reset (the survival test's tolerance), over at
+/// least `min_requests` requests.
+pub fn assert_kept_without_loss(test: &str, report: &ProbeReport, min_requests: u64) {
+    let tcp = report.tcp.as_ref().expect("a TCP report");
+    let udp = report.udp.as_ref().expect("a UDP report");
+    eprintln!(
+        "{test}: TCP {} sent, {} replies, {} missing, {} resets, kept {}, longest gap {:?}, retransmissions {}; UDP {} sent, {} lost, longest gap {:?}",
+        tcp.requests_sent,
+        tcp.replies_received,
+        tcp.replies_missing,
+        tcp.resets,
+        tcp.connection_kept,
+        tcp.longest_gap,
+        tcp.retransmissions,
+        udp.probes_sent,
+        udp.lost,
+        udp.longest_gap
+    );
+    assert!(tcp.connection_kept, "{report:?}");
+    assert_eq!(tcp.resets, 0, "{report:?}");
+    assert_eq!(tcp.replies_missing, 0, "{report:?}");
+    assert_eq!(udp.lost, 0, "{report:?}");
+    assert!(tcp.requests_sent >= min_requests, "{report:?}");
 }
