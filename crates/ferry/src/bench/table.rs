@@ -157,6 +157,7 @@ fn print_network(name: &str, n: &NetworkResult) {
     if let Some(why) = &n.skipped {
         println!("| row | result |\n|---|---|\n| {name} | **SKIPPED**: {why} |");
         println!("\nSKIPPED: the network row did not run: {why}");
+        print_targets(n);
         return;
     }
     println!(
@@ -210,6 +211,11 @@ fn print_network(name: &str, n: &NetworkResult) {
         med(&n.ferry, |s| s.guest_stall_ms),
         med(&n.qemu, |s| s.guest_stall_ms),
     );
+    print_targets(n);
+}
+
+/// The issue's targets, each kept, MISSED or NOT MEASURED.
+fn print_targets(n: &NetworkResult) {
     println!("\n| target (issue 15; gap allowance {GAP_OVER_STALL_MS} ms) | measured | verdict |");
     println!("|---|---|---|");
     for t in &n.targets {
