@@ -29,14 +29,16 @@ pub enum QemuNetError {
     Tap {
         ns: String,
         tap: String,
+        // Boxed: a NetlabError is large, and this one is rare.
         #[source]
-        source: NetlabError,
+        source: Box<NetlabError>,
     },
     #[error("cannot start QEMU in namespace {ns}: {source}")]
     Namespace {
         ns: String,
+        // Boxed: a NetlabError is large, and this one is rare.
         #[source]
-        source: NetlabError,
+        source: Box<NetlabError>,
     },
     #[error(
         "cannot find a free TCP port on {ip} in namespace {ns} for QEMU's -incoming: {source}"
@@ -101,7 +103,7 @@ impl QemuNet {
         })
         .map_err(|source| QemuNetError::Namespace {
             ns: ns.clone(),
-            source,
+            source: Box::new(source),
         })?
         .map_err(|source| QemuNetError::Port {
             ns: ns.clone(),
@@ -119,7 +121,7 @@ pub fn spawn_on_tap(cmd: &mut Command, nic: &QemuNic) -> Result<io::Result<Child
     let tap = open_tap(&nic.ns, &nic.tap).map_err(|source| QemuNetError::Tap {
         ns: nic.ns.clone(),
         tap: nic.tap.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let raw = tap.as_raw_fd();
     // SAFETY: the closure runs in the child between fork and exec and
@@ -144,7 +146,7 @@ pub fn spawn_on_tap(cmd: &mut Command, nic: &QemuNic) -> Result<io::Result<Child
     // A process starts in the namespace of the thread that forks it.
     let spawned = in_netns(&nic.ns, || cmd.spawn()).map_err(|source| QemuNetError::Namespace {
         ns: nic.ns.clone(),
-        source,
+        source: Box::new(source),
     });
     drop(tap);
     spawned
