@@ -1,6 +1,9 @@
 //! One Ferry migration measured the way the QEMU side is: a `ferry run`
 //! and a `ferry receive` as separate processes, the guest consoles read
 //! off their stdout, the migration driven over the source's API socket.
+//! On the network row each process runs in its host's namespace with its
+//! card on that host's tap, and the migration goes between the hosts'
+//! addresses, as QEMU's does on that row.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,6 +14,7 @@ use ferry_testguest::workload::Workload;
 use serde::Serialize;
 
 use super::console_watch::{dst_done, judge, Console, VERIFY_TIMEOUT};
+use super::observer::{NoObserver, RunObserver};
 use crate::api::call;
 use crate::child::FerryChild;
 use crate::migration::priority::CpuPriority;
@@ -31,6 +35,35 @@ pub struct FerryMigration {
     pub vcpus: u32,
     /// Mutual TLS 1.3 with identities made for the run, else plaintext.
     pub tls: bool,
+    /// The network row's card, echo service and namespaces; None: no card,
+    /// both processes in this one's namespace, migration over loopback.
+    pub net: Option<FerryNet>,
+}
+
+/// Where the network row puts a Ferry run.
+#[derive(Debug, Clone)]
+pub struct FerryNet {
+    /// The guest's TCP and UDP echo (`+net:IP/PREFIX:PORT`).
+    pub echo: ferry_testguest::net::NetEcho,
+    /// The card's MAC (the same as QEMU's on that row).
+    pub mac: ferry_netlab::MacAddr,
+    /// Host A: `ferry run` runs in this namespace, its card on this tap.
+    pub source_ns: String,
+    pub source_tap: String,
+    /// Host B: `ferry receive` runs in this namespace, its card on this
+    /// tap, and listens on this address.
+    pub destination_ns: String,
+    pub destination_tap: String,
+    pub destination_ip: std::net::Ipv4Addr,
+}
+
+/// Starts a `ferry` child in network namespace `ns`, or here for None (a
+/// child is born in the namespace of the thread that starts it).
+fn spawn_in(ns: Option<&str>, name: &'static str, args: &[String]) -> anyhow::Result<FerryChild> {
+    match ns {
+        None => FerryChild::spawn(name, args),
+        Some(ns) => ferry_netlab::in_netns(ns, || FerryChild::spawn(name, args))?,
+    }
 }
 
 /// Host names of the bench's TLS identities.
@@ -102,14 +135,28 @@ pub struct FerryOutcome {
 const SOURCE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<FerryOutcome> {
+    run_ferry_migration_observed(m, dir, &mut NoObserver)
+}
+
+/// [`run_ferry_migration`], telling `observer` when the guest is up on the
+/// source and when it has been verified on the destination.
+pub fn run_ferry_migration_observed(
+    m: &FerryMigration,
+    dir: &Path,
+    observer: &mut dyn RunObserver,
+) -> anyhow::Result<FerryOutcome> {
     let started = Instant::now();
     let socket: PathBuf = dir.join(format!("src-{}.sock", std::process::id()));
     let mem = format!("{}M", m.mem_bytes >> 20);
+    let listen = match &m.net {
+        Some(net) => format!("{}:0", net.destination_ip),
+        None => "127.0.0.1:0".into(),
+    };
     // The destination reserves its memory up front, as QEMU's does.
     let mut dst_args: Vec<String> = vec![
         "receive".into(),
         "--listen".into(),
-        "127.0.0.1:0".into(),
+        listen,
         "--mem".into(),
         mem.clone(),
     ];
@@ -129,12 +176,16 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         dst_args.push("--insecure-plaintext".into());
         ferry_control::TransportRequest::InsecurePlaintext
     };
+    let workload = match &m.net {
+        Some(net) => format!("{}+net:{}", m.workload, net.echo),
+        None => m.workload.to_string(),
+    };
     let mut src_args: Vec<String> = vec![
         "run".into(),
         "--mem".into(),
         mem,
         "--workload".into(),
-        m.workload.to_string(),
+        workload,
         "--vcpus".into(),
         m.vcpus.to_string(),
         "--api".into(),
@@ -147,11 +198,32 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
         dst_args.push("--prealloc".into());
         src_args.push("--prealloc".into());
     }
-    let mut dst = FerryChild::spawn("ferry-dst", &dst_args)?;
+    if let Some(net) = &m.net {
+        src_args.extend([
+            "--net".into(),
+            format!(
+                "tap={},netns={},mac={}",
+                net.source_tap, net.source_ns, net.mac
+            ),
+        ]);
+        // The card keeps the MAC that comes with the VM's state.
+        dst_args.extend([
+            "--net".into(),
+            format!("tap={},netns={}", net.destination_tap, net.destination_ns),
+        ]);
+    }
+    let (src_ns, dst_ns) = match &m.net {
+        Some(net) => (
+            Some(net.source_ns.as_str()),
+            Some(net.destination_ns.as_str()),
+        ),
+        None => (None, None),
+    };
+    let mut dst = spawn_in(dst_ns, "ferry-dst", &dst_args)?;
     let dst_console = Console::spawn_reader("ferry-dst", dst.take_stdout());
     // Printed once the memory is reserved.
     let addr = dst.listening_addr(Duration::from_secs(60))?;
-    let mut src = FerryChild::spawn("ferry-src", &src_args)?;
+    let mut src = spawn_in(src_ns, "ferry-src", &src_args)?;
     let src_console = Console::spawn_reader("ferry-src", src.take_stdout());
     let ready = src_console
         .wait_until(Instant::now() + READY_TIMEOUT, |s| s.ready.is_some())
@@ -160,6 +232,7 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
     let Some((_, ready)) = ready else {
         bail!("the source guest printed no READY within {READY_TIMEOUT:?}");
     };
+    observer.guest_ready().map_err(|e| anyhow!(e))?;
     std::thread::sleep(m.settle);
     let request = Request::Migrate(MigrateRequest {
         to: addr,
@@ -190,6 +263,7 @@ pub fn run_ferry_migration(m: &FerryMigration, dir: &Path) -> anyhow::Result<Fer
             dst_done(&s.heartbeats, ws_pages)
         })
         .clone_for_verdict();
+    observer.guest_moved();
     // The source prints what its guest said while the migration ran only
     // once the migration returns, then exits: read it to the end, or its
     // last heartbeats would look lost.

@@ -1,11 +1,15 @@
 //! `ferry bench`: Ferry and QEMU's own live migration side by side on this
 //! machine, on the same guest ELF, memory and preallocation policy, over
-//! loopback; medians per row and the Ferry/QEMU ratios.
+//! loopback (the network row: between two hosts' namespaces); medians per
+//! row and the Ferry/QEMU ratios.
 
 pub mod console_watch;
 pub mod ferry_side;
 pub mod iperf;
+pub mod network;
+pub mod observer;
 pub mod qemu;
+pub mod qemu_net;
 pub mod qemu_tls;
 pub mod qmp;
 pub mod table;
@@ -53,6 +57,10 @@ pub struct Row {
     /// plaintext: Ferry's TLS 1.3 (rustls), QEMU's `tls-creds-x509`
     /// (GnuTLS) with the same certificates.
     pub tls: bool,
+    /// The network row: the guest also serves a TCP and a UDP echo on a
+    /// virtio-net card, on the netlab topology, probed by a client while
+    /// it migrates from host A to host B (see [`network`]).
+    pub network: bool,
 }
 
 impl Row {
@@ -97,6 +105,7 @@ pub fn rows() -> Vec<Row> {
         vcpus: 1,
         qemu: true,
         tls: false,
+        network: false,
     };
     let capped = |name, mode| Row {
         mode,
@@ -139,6 +148,11 @@ pub fn rows() -> Vec<Row> {
         capped("postcopy-max-300MiBs", Mode::Postcopy),
         capped("hybrid-max-300MiBs", Mode::Hybrid),
         capped("auto-max-300MiBs", Mode::Auto),
+        // Pre-copy with each engine's defaults, on the netlab topology.
+        Row {
+            network: true,
+            ..row(network::ROW, "dirty:64:100", false, None)
+        },
     ]
 }
 
@@ -196,6 +210,9 @@ pub struct RowResult {
     /// streams, in the same run (throughput rows only).
     pub ferry_of_loopback: Option<f64>,
     pub qemu_of_loopback: Option<f64>,
+    /// The network row's client figures and targets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<network::NetworkResult>,
 }
 
 /// What a whole bench run measured.
@@ -315,52 +332,66 @@ pub fn run_rows(
             qemu_target: None,
             ferry_of_loopback: None,
             qemu_of_loopback: None,
+            network: None,
         };
-        for rep in 1..=reps {
-            on_run(&format!("{} ferry {rep}/{reps}", row.name));
-            let m = FerryMigration {
-                mem_bytes: row.mem_bytes,
+        if row.network {
+            network::run_row(
+                &mut result,
                 workload,
-                prealloc: row.prealloc,
-                downtime: row
-                    .downtime_ms
-                    .map_or(FERRY_DEFAULT_DOWNTIME, Duration::from_millis),
-                bandwidth: row.bandwidth,
-                settle: Duration::from_secs(1),
-                mode: row.mode,
-                streams: row.streams,
-                priority: row.priority,
-                vcpus: row.vcpus,
-                tls: row.tls,
-            };
-            match run_ferry_migration(&m, dir.path()) {
-                Ok(o) => result.ferry_runs.push(o),
-                Err(e) => result.ferry_errors.push(format!("{e:#}")),
-            }
-            if with_qemu {
-                on_run(&format!("{} qemu {rep}/{reps}", row.name));
-                let mut q = QemuMigration::new(
-                    &elf,
-                    row.mem_bytes,
-                    ferry_testguest::guest_cmdline(&workload, 1, None),
-                );
-                q.prealloc = row.prealloc;
-                q.postcopy = row.mode != Mode::Precopy;
-                q.downtime_ms = match (row.downtime_ms, q.postcopy) {
-                    (None, true) => Some(POSTCOPY_QEMU_DOWNTIME_MS),
-                    (d, _) => d,
+                reps,
+                with_qemu,
+                &elf,
+                dir.path(),
+                on_run,
+            );
+        } else {
+            for rep in 1..=reps {
+                on_run(&format!("{} ferry {rep}/{reps}", row.name));
+                let m = FerryMigration {
+                    mem_bytes: row.mem_bytes,
+                    workload,
+                    prealloc: row.prealloc,
+                    downtime: row
+                        .downtime_ms
+                        .map_or(FERRY_DEFAULT_DOWNTIME, Duration::from_millis),
+                    bandwidth: row.bandwidth,
+                    settle: Duration::from_secs(1),
+                    mode: row.mode,
+                    streams: row.streams,
+                    priority: row.priority,
+                    vcpus: row.vcpus,
+                    tls: row.tls,
+                    net: None,
                 };
-                // One stream is QEMU's main channel; multifd is for several.
-                q.multifd_channels = row.streams.filter(|&n| n > 1);
-                if row.tls {
-                    q.tls = Some(ferry_side::qemu_tls_for_run(dir.path())?);
+                match run_ferry_migration(&m, dir.path()) {
+                    Ok(o) => result.ferry_runs.push(o),
+                    Err(e) => result.ferry_errors.push(format!("{e:#}")),
                 }
-                if row.bandwidth.is_some() {
-                    q.max_bandwidth = row.bandwidth;
-                }
-                match run_qemu_migration(&q) {
-                    Ok(o) => result.qemu_runs.push(o),
-                    Err(e) => result.qemu_errors.push(e.to_string()),
+                if with_qemu {
+                    on_run(&format!("{} qemu {rep}/{reps}", row.name));
+                    let mut q = QemuMigration::new(
+                        &elf,
+                        row.mem_bytes,
+                        ferry_testguest::guest_cmdline(&workload, 1, None),
+                    );
+                    q.prealloc = row.prealloc;
+                    q.postcopy = row.mode != Mode::Precopy;
+                    q.downtime_ms = match (row.downtime_ms, q.postcopy) {
+                        (None, true) => Some(POSTCOPY_QEMU_DOWNTIME_MS),
+                        (d, _) => d,
+                    };
+                    // One stream is QEMU's main channel; multifd is for several.
+                    q.multifd_channels = row.streams.filter(|&n| n > 1);
+                    if row.tls {
+                        q.tls = Some(ferry_side::qemu_tls_for_run(dir.path())?);
+                    }
+                    if row.bandwidth.is_some() {
+                        q.max_bandwidth = row.bandwidth;
+                    }
+                    match run_qemu_migration(&q) {
+                        Ok(o) => result.qemu_runs.push(o),
+                        Err(e) => result.qemu_errors.push(e.to_string()),
+                    }
                 }
             }
         }

@@ -19,6 +19,10 @@
 //!
 //! Both QEMUs are stopped (QMP `quit`, SIGKILL after 2 s) and the temporary
 //! directory removed on every path out, panics included.
+//!
+//! With [`QemuMigration::network`] (the network row) each QEMU runs in its
+//! host's namespace with a virtio-net card on that host's tap, and the
+//! migration goes to host B's address instead (see [`super::qemu_net`]).
 
 // Nothing calls this yet outside its tests: `ferry bench` will. Remove
 // this once it does.
@@ -42,6 +46,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::console_watch::{dst_done, judge, lock, Console, TAIL_LINES, VERIFY_TIMEOUT};
+use super::observer::{NoObserver, RunObserver};
+use super::qemu_net::{spawn_on_tap, QemuNet, QemuNetError};
 use super::qmp::{Qmp, QmpError};
 
 const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -101,6 +107,10 @@ pub struct QemuMigration {
     /// From `migrate` to `completed`; past it the migration is cancelled
     /// (in post-copy that loses the guest: its RAM is split between the two).
     pub timeout: Duration,
+    /// A virtio-net card on each host's tap, each QEMU in its host's
+    /// namespace, the migration between the hosts' addresses; None: no
+    /// card, over loopback.
+    pub network: Option<QemuNet>,
 }
 
 impl QemuMigration {
@@ -124,6 +134,7 @@ impl QemuMigration {
             machine: "microvm".into(),
             settle: Duration::from_secs(1),
             timeout: Duration::from_secs(60),
+            network: None,
         }
     }
 }
@@ -239,6 +250,10 @@ pub enum QemuError {
     NoHeartbeat { settle: Duration },
     #[error("QEMU's migration ended `{status}`: {desc}")]
     MigrationFailed { status: String, desc: String },
+    #[error(transparent)]
+    Network(#[from] QemuNetError),
+    #[error("the bench's client could not start: {0}")]
+    Observer(String),
     #[error("the migration did not complete within {after:?} (last status `{status}`, {transferred} bytes sent); cancelled with migrate_cancel")]
     Timeout {
         after: Duration,
@@ -286,12 +301,23 @@ pub fn qemu_binary() -> Result<PathBuf, QemuError> {
 
 /// Runs one migration; see the module documentation.
 pub fn run_qemu_migration(m: &QemuMigration) -> Result<QemuOutcome, QemuError> {
+    run_qemu_migration_observed(m, &mut NoObserver)
+}
+
+/// [`run_qemu_migration`], telling `observer` when the guest is up on the
+/// source and when it has been verified on the destination.
+pub fn run_qemu_migration_observed(
+    m: &QemuMigration,
+    observer: &mut dyn RunObserver,
+) -> Result<QemuOutcome, QemuError> {
     let started = Instant::now();
     check_settings(m)?;
     let binary = qemu_binary()?;
     let dir = TempDir::create()?;
-    let port = free_port()?;
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let uri = match &m.network {
+        Some(net) => net.incoming_uri()?,
+        None => format!("tcp:127.0.0.1:{}", free_port()?),
+    };
     tracing::info!(
         machine = %m.machine,
         mem_mib = m.mem_bytes / MIB,
@@ -303,7 +329,7 @@ pub fn run_qemu_migration(m: &QemuMigration) -> Result<QemuOutcome, QemuError> {
     // Declared after `dir`, so dropped (QEMU stopped) before it is removed.
     let mut src = Vm::start(&binary, m, Role::Source, dir.path())?;
     let mut dst = Vm::start(&binary, m, Role::Destination, dir.path())?;
-    let result = migrate(m, &mut src, &mut dst, &uri, started);
+    let result = migrate(m, &mut src, &mut dst, &uri, started, observer);
     // Both at once, so the two grace periods overlap.
     src.request_quit();
     dst.request_quit();
@@ -350,6 +376,7 @@ fn migrate(
     dst: &mut Vm,
     uri: &str,
     started: Instant,
+    observer: &mut dyn RunObserver,
 ) -> Result<QemuOutcome, QemuError> {
     src.attach_qmp()?;
     dst.attach_qmp()?;
@@ -377,6 +404,7 @@ fn migrate(
         ws_mb = ready.ws_mb,
         "guest READY on the source"
     );
+    observer.guest_ready().map_err(QemuError::Observer)?;
 
     // Settle: the workload runs at its steady rate before the migration.
     drop(
@@ -533,6 +561,7 @@ fn migrate(
     drop(dst.console.wait_until(verify_deadline, |s| {
         s.exit.is_some() || s.page_errors > 0 || dst_done(&s.heartbeats, ws_pages)
     }));
+    observer.guest_moved();
     let dst_status = match dst.execute("query-status", None) {
         Ok(v) => v["status"].as_str().unwrap_or("?").to_owned(),
         Err(e) => format!("unknown ({e})"),
@@ -629,6 +658,9 @@ impl Vm {
             cmd.arg("-object")
                 .arg(tls.object_arg(role == Role::Destination));
         }
+        if let Some(net) = &m.network {
+            cmd.args(net.device_args());
+        }
         match role {
             // Paused until both QMP connections are up, so the boot is timed
             // from a known point.
@@ -639,7 +671,11 @@ impl Vm {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         tracing::debug!(?cmd, "{role} QEMU");
-        let mut child = cmd.spawn().map_err(|source| match source.kind() {
+        let spawned = match &m.network {
+            Some(net) => spawn_on_tap(&mut cmd, net.nic(role == Role::Destination))?,
+            None => cmd.spawn(),
+        };
+        let mut child = spawned.map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => QemuError::QemuMissing,
             _ => QemuError::Io {
                 what: format!("start the {role} QEMU ({})", binary.display()),

@@ -1,5 +1,6 @@
 //! The bench table for people.
 
+use super::network::{NetRun, NetworkResult, GAP_OVER_STALL_MS};
 use super::{BenchResults, RowResult};
 
 pub fn print(all: &BenchResults, reps: usize) {
@@ -18,7 +19,7 @@ pub fn print(all: &BenchResults, reps: usize) {
     };
     let ratio = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
     println!(
-        "\nMedians of {reps} runs each; 1 GiB, microvm for QEMU (its guest runs on one vCPU); ratio = Ferry/QEMU (below 1: Ferry better); target kept = runs whose downtime kept the target, host-side / guest-seen.\n"
+        "\nMedians of {reps} runs each; 1 GiB, microvm for QEMU (its guest runs on one vCPU); ratio = Ferry/QEMU (below 1: Ferry better); target kept = runs whose downtime kept the target, host-side / guest-seen; the network row migrates between two hosts' namespaces, the others over loopback.\n"
     );
     println!(
         "| row | vCPUs | workload | mode (ferry / qemu) | cap | prealloc | downtime target | ferry total ms | qemu total ms | ratio | ferry guest stall ms | qemu guest stall ms | ratio | ferry MiB sent | qemu MiB sent | ratio | ferry Gbit/s | qemu Gbit/s | of iperf3 ferry / qemu | target kept ferry | target kept qemu | verified ferry / qemu |"
@@ -33,7 +34,11 @@ pub fn print(all: &BenchResults, reps: usize) {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
             r.row.name,
             r.row.vcpus,
-            r.row.workload,
+            if r.row.network {
+                format!("{}+net", r.row.workload)
+            } else {
+                r.row.workload.clone()
+            },
             format_args!(
                 "{} / {}",
                 r.row.mode,
@@ -69,6 +74,11 @@ pub fn print(all: &BenchResults, reps: usize) {
         );
     }
     print_postcopy(results);
+    for r in results {
+        if let Some(n) = &r.network {
+            print_network(r.row.name, n);
+        }
+    }
     for r in results {
         for e in &r.ferry_errors {
             println!("ferry {} failed: {e}", r.row.name);
@@ -135,5 +145,80 @@ fn print_postcopy(results: &[RowResult]) {
             r.qemu_runs.iter().filter(|q| q.postcopy_started).count(),
             r.qemu_runs.len(),
         );
+    }
+}
+
+/// The network row's client figures, run by run and in medians, and the
+/// issue's targets, each kept or MISSED.
+fn print_network(name: &str, n: &NetworkResult) {
+    println!(
+        "\nNetwork row `{name}`: a client in its own namespace sends one TCP request and one UDP probe every 1 ms over one connection while the VM migrates from host A to host B (pre-copy, each engine's defaults; QEMU announces with its defaults).\n"
+    );
+    if let Some(why) = &n.skipped {
+        println!("| row | result |\n|---|---|\n| {name} | **SKIPPED**: {why} |");
+        println!("\nSKIPPED: the network row did not run: {why}");
+        print_targets(n);
+        return;
+    }
+    println!(
+        "| engine | run | TCP connection | TCP resets | TCP requests lost | longest TCP gap ms | guest stall ms | gap - stall ms | TCP retransmissions | UDP probes lost / sent | longest UDP gap ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let f1 = |v: Option<f64>| {
+        v.filter(|x| x.is_finite())
+            .map_or("-".into(), |x| format!("{x:.1}"))
+    };
+    let line = |engine: &str, run: &NetRun| {
+        println!(
+            "| {engine} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
+            run.rep,
+            if run.connection_kept {
+                "kept"
+            } else {
+                "NOT kept"
+            },
+            run.tcp_resets,
+            run.tcp_requests_lost,
+            f1(run.tcp_longest_gap_ms),
+            f1(Some(run.guest_stall_ms)),
+            f1(run.tcp_longest_gap_ms.map(|g| g - run.guest_stall_ms)),
+            run.tcp_retransmissions,
+            run.udp_probes_lost,
+            run.udp_probes_sent,
+            f1(run.udp_longest_gap_ms),
+        )
+    };
+    for run in &n.ferry_runs {
+        line("ferry", run);
+    }
+    for run in &n.qemu_runs {
+        line("qemu", run);
+    }
+    if let Some(why) = &n.qemu_skipped {
+        println!("| qemu | - | **SKIPPED**: {why} | | | | | | | | |");
+    }
+    let ratio = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
+    let med = |s: &Option<super::network::NetSummary>,
+               f: fn(&super::network::NetSummary) -> f64| { f1(s.as_ref().map(f)) };
+    println!(
+        "\nMedians: longest TCP gap ferry {} ms / qemu {} ms (ratio {}); longest UDP gap ferry {} ms / qemu {} ms (ratio {}); guest stall ferry {} ms / qemu {} ms.",
+        med(&n.ferry, |s| s.tcp_longest_gap_ms),
+        med(&n.qemu, |s| s.tcp_longest_gap_ms),
+        ratio(n.ratio_tcp_gap),
+        med(&n.ferry, |s| s.udp_longest_gap_ms),
+        med(&n.qemu, |s| s.udp_longest_gap_ms),
+        ratio(n.ratio_udp_gap),
+        med(&n.ferry, |s| s.guest_stall_ms),
+        med(&n.qemu, |s| s.guest_stall_ms),
+    );
+    print_targets(n);
+}
+
+/// The issue's targets, each kept, MISSED or NOT MEASURED.
+fn print_targets(n: &NetworkResult) {
+    println!("\n| target (issue 15; gap allowance {GAP_OVER_STALL_MS} ms) | measured | verdict |");
+    println!("|---|---|---|");
+    for t in &n.targets {
+        println!("| {} | {} | {} |", t.target, t.measured, t.verdict());
     }
 }
