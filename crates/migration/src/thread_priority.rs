@@ -9,8 +9,13 @@
 //!   host allows, whatever `--priority` chose. The vCPUs are stopped then,
 //!   so nothing is taken from the guest; what is kept off the cores is
 //!   everything else on the host.
-//! - After the commit ([`Background`]): the source's teardown runs at the
-//!   lowest priority.
+//! - Post-copy on the source ([`Serving`]): the VM runs on the destination
+//!   and waits for every page still here, so the threads that send them
+//!   run at normal priority, whatever `--priority` chose for the live
+//!   rounds (SCHED_IDLE there would let any busy thread on the host hold
+//!   the guest's faults).
+//! - After the commit ([`Background`]): the source's teardown runs at a
+//!   low priority.
 
 /// Real-time priority of a blackout thread: just under the threaded
 /// interrupt handlers (50), so a NIC's interrupts are still served while
@@ -99,12 +104,49 @@ impl Drop for Boost {
     }
 }
 
+/// Normal scheduling (SCHED_OTHER, nice 0) until dropped, then exactly
+/// what the thread had. Threads it starts meanwhile inherit normal
+/// scheduling too.
+#[derive(Debug)]
+pub struct Serving {
+    policy: libc::c_int,
+    param: libc::sched_param,
+    nice: libc::c_int,
+}
+
+impl Serving {
+    pub fn start() -> Self {
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as in `Boost::start`.
+        let policy = unsafe {
+            libc::sched_getparam(0, &mut param);
+            libc::sched_getscheduler(0)
+        };
+        let nice = current_nice();
+        normal();
+        Self {
+            policy,
+            param,
+            nice,
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        // SAFETY: as in `Boost::drop`.
+        unsafe { libc::sched_setscheduler(0, self.policy, &self.param) };
+        set_nice(self.nice);
+    }
+}
+
 /// The opposite of a boost, for work after a commit that nothing waits
-/// for (stopping the source's vCPU threads, freeing its memory): nice 19,
+/// for (stopping the source's vCPU threads, freeing its memory): nice 10,
 /// so that on a shared host the VM that now runs elsewhere, or any other,
-/// hardly waits for it, while it still finishes (SCHED_IDLE could hold the
-/// memory for as long as other VMs keep the cores busy). Puts back what
-/// the thread had when dropped.
+/// waits little for it, while it still finishes in seconds (SCHED_IDLE
+/// could hold the memory for as long as other VMs keep the cores busy,
+/// and nice 19 took over 30 s to free 1 GiB next to four busy vCPUs on
+/// two cores). Puts back what the thread had when dropped.
 #[derive(Debug)]
 pub struct Background {
     _lowered: Yielding,
@@ -119,7 +161,7 @@ impl Background {
 }
 
 /// Nice value of after-commit teardown.
-const BACKGROUND_NICE: libc::c_int = 19;
+const BACKGROUND_NICE: libc::c_int = 10;
 
 /// Live-round work that yields to the guests: nice 10 until dropped, so
 /// the migration's share next to a busy vCPU stays small (SCHED_IDLE would
@@ -214,6 +256,33 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(child, (libc::SCHED_OTHER, 0));
+    }
+
+    #[test]
+    fn serving_lifts_an_idle_thread_to_normal_and_puts_it_back() {
+        std::thread::spawn(|| {
+            let idle = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 is this thread; the call reads `idle`.
+            let went_idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) } == 0;
+            {
+                let _serving = Serving::start();
+                // SAFETY: pid 0 is this thread; the call only reads it.
+                assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+                let child = std::thread::spawn(|| {
+                    // SAFETY: as above.
+                    unsafe { libc::sched_getscheduler(0) }
+                })
+                .join()
+                .unwrap();
+                assert_eq!(child, libc::SCHED_OTHER);
+            }
+            if went_idle {
+                // SAFETY: as above.
+                assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

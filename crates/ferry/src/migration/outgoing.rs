@@ -146,10 +146,11 @@ pub fn resume_vm(
     unfinished: Box<Unfinished>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, Failure> {
-    let yielding = super::priority::Yielding::start();
+    // The engine serves the pages at normal priority: the guest waits on
+    // them wherever `--priority` pointed the live rounds.
     let result = resume_postcopy(unfinished, progress);
-    drop(yielding);
     if result.is_ok() {
+        let _quiet = ferry_migration::thread_priority::Background::start();
         vm.stop();
     }
     result

@@ -36,6 +36,9 @@ pub(crate) fn new_session() -> u64 {
 /// milliseconds for a core. Best effort: without CAP_SYS_NICE the thread
 /// keeps its priority and post-copy still works, only slower to fault.
 pub(crate) fn serve_faults_promptly() {
+    // A thread started by one that yielded (SCHED_IDLE) inherits that
+    // policy, under which a nice value means nothing.
+    crate::thread_priority::normal();
     // SAFETY: setpriority only reads its integer arguments; `who` 0 is the
     // calling thread on Linux, whose nice value is per thread.
     unsafe {

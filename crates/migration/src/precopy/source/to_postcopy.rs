@@ -35,6 +35,8 @@ pub fn resume_postcopy(
         };
         progress(&p);
     };
+    // The guest runs on the destination and waits on these pages.
+    let _serving = crate::thread_priority::Serving::start();
     match crate::postcopy::source::resume(unfinished, &mut events) {
         Ok(mut served) => {
             report.outcome = "committed".into();
@@ -148,6 +150,8 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
         dialer: stream.dialer(),
     };
     let needed_bytes = needed.bytes();
+    // The guest now runs on the destination and waits on these pages.
+    let serving = crate::thread_priority::Serving::start();
     let served = serve(
         memory,
         stream,
@@ -169,6 +173,7 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
             ServeEvent::Note(text) => run.say(text),
         },
     );
+    drop(serving);
     let served = match served {
         Ok(served) => served,
         Err(failure) => {
