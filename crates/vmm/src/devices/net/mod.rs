@@ -89,6 +89,9 @@ pub(crate) struct Shared {
     guest_ip: Mutex<Option<Ipv4Addr>>,
     held: AtomicBool,
     held_frames: Mutex<VecDeque<Vec<u8>>>,
+    /// A frame (with its header) taken from the tap or the inject queue
+    /// that found no receive buffer yet: the oldest the guest has not had.
+    rx_pending: Mutex<Option<Vec<u8>>>,
     inject: Mutex<VecDeque<Vec<u8>>>,
     /// Wakes the worker (a frame to inject, a release).
     wake: vmm_sys_util::eventfd::EventFd,
@@ -147,8 +150,17 @@ impl NetHandle {
 
     /// Stops giving the tap's frames to the guest and keeps them instead
     /// (at most [`HOLD_CAPACITY`]; more are dropped and counted).
+    ///
+    /// A frame that waited for a receive buffer goes first among the held
+    /// ones: after a commit it belongs to the destination like the rest,
+    /// and after an abort it still reaches the guest before them.
     pub fn hold(&self) {
         self.shared.held.store(true, Ordering::Release);
+        let waiting = self.shared.rx_pending.lock().unwrap().take();
+        if let Some(frame) = waiting {
+            let plain = frame.get(VNET_HDR_LEN..).unwrap_or_default().to_vec();
+            self.shared.held_frames.lock().unwrap().push_front(plain);
+        }
         self.shared.wake();
     }
 
@@ -257,6 +269,7 @@ impl Net {
                 guest_ip: Mutex::new(None),
                 held: AtomicBool::new(false),
                 held_frames: Mutex::new(VecDeque::new()),
+                rx_pending: Mutex::new(None),
                 inject: Mutex::new(VecDeque::new()),
                 wake,
                 rx_frames: AtomicU64::new(0),

@@ -39,8 +39,6 @@ const BATCH: usize = 64;
 struct Rings {
     memory: GuestMemory,
     queues: Vec<Queue>,
-    /// A frame read from the tap that found no receive buffer yet.
-    pending: Option<Vec<u8>>,
     notifications_on: bool,
 }
 
@@ -57,7 +55,6 @@ impl Worker {
         let rings = Arc::new(Mutex::new(Rings {
             memory: a.memory,
             queues: a.queues,
-            pending: None,
             // Unknown: a restored guest's rings say what the old host's
             // worker last wrote. "Off" makes the worker poll, and write the
             // flags itself once it goes idle.
@@ -252,12 +249,7 @@ fn round(
     buf: &mut [u8],
 ) -> Result<Progress, String> {
     let mut progress = Progress::default();
-    let Rings {
-        memory,
-        queues,
-        pending,
-        ..
-    } = r;
+    let Rings { memory, queues, .. } = r;
     if queues.len() != 2 {
         return Err("the card needs exactly two queues".into());
     }
@@ -273,7 +265,10 @@ fn round(
     if held {
         drain_tap_to_hold(shared, buf);
     }
-    let (received, starved) = receive(shared, memory, rxq, pending, held, buf)?;
+    let (received, starved) = {
+        let mut pending = shared.rx_pending.lock().unwrap();
+        receive(shared, memory, rxq, &mut pending, held, buf)?
+    };
     progress.rx_starved = starved;
     if received > 0 {
         progress.moved = true;
