@@ -19,6 +19,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
+use crate::devices::block::copy_source::DiskCopySource;
 use crate::devices::block::device::{Block, BlockConfig, BlockStats};
 use crate::devices::block::image::ImageError;
 use crate::devices::mmio_bus::{MmioBus, BLOCK_SLOT, NET_SLOT};
@@ -531,9 +532,11 @@ impl Vm {
         }
     }
 
-    /// Whether this VM holds its disk's lock (true without a disk).
-    pub fn holds_disk(&self) -> bool {
-        self.block.as_ref().is_none_or(|t| t.device().holds_lock())
+    /// A reader of the disk's image and of the blocks the guest writes,
+    /// for a migration that copies the disk; None without a disk.
+    pub fn disk_copy_source(&self) -> Option<Result<DiskCopySource, VmError>> {
+        let t = self.block.as_ref()?;
+        Some(t.device().copy_source().map_err(VmError::from))
     }
 
     /// The complete state but memory. The VM must be paused.

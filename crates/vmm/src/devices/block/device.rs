@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::copy_source::DiskCopySource;
 use super::image::{Image, ImageError, ImageSpec};
 use super::request::WriteCache;
 use super::{features as blk, Backend};
@@ -162,6 +163,21 @@ impl Block {
             image.unlock()?;
         }
         Ok(flushed)
+    }
+
+    /// A reader of the image for a migration that copies the disk, with
+    /// the record of the blocks the guest writes (off until the copy
+    /// starts it).
+    pub fn copy_source(&self) -> Result<DiskCopySource, ImageError> {
+        let rings = self.rings.lock().unwrap();
+        let image = &rings.backend.image;
+        Ok(DiskCopySource::new(
+            image.duplicate()?,
+            self.path.clone(),
+            image.size(),
+            image.mode(),
+            rings.backend.dirty.clone(),
+        ))
     }
 
     /// fdatasync (paused: no request is being served).

@@ -174,6 +174,15 @@ impl Image {
         self.locked
     }
 
+    /// A second descriptor on the same open file (so with the same
+    /// O_DIRECT choice), for a reader beside the device.
+    pub(super) fn duplicate(&self) -> Result<File, ImageError> {
+        self.file.try_clone().map_err(|source| ImageError::Open {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     /// Takes the exclusive lock, or a shared one for a read-only image
     /// (no-op if held).
     pub fn lock(&mut self) -> Result<(), LockError> {

@@ -3,9 +3,15 @@
 //! and the requests a driver queues (`request`: IN, OUT, FLUSH, GET_ID).
 //! [`serve_queue`] drains a request queue against an image; every write
 //! into guest memory goes through vm-memory's `Bytes`, so the VMM's
-//! own-writes bitmap marks the pages and migration copies them.
+//! own-writes bitmap marks the pages and migration copies them. Every
+//! write into the image is recorded in the device's [`dirty::DirtyBlocks`]
+//! once it returned, for a migration that copies the disk
+//! (`copy_source` on this side, `copy_target` on the destination).
 
+pub mod copy_source;
+pub mod copy_target;
 pub mod device;
+pub mod dirty;
 pub mod image;
 pub mod lock;
 pub mod request;
@@ -15,11 +21,13 @@ mod scratch;
 mod tests;
 
 use std::num::Wrapping;
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::memory::GuestMemory;
+use dirty::DirtyBlocks;
 use image::{Bounce, Image};
 use request::{Malformed, WriteCache, ID_BYTES, MAX_REQUEST_BYTES};
 
@@ -43,12 +51,13 @@ pub struct Served {
     pub notify: bool,
 }
 
-/// The request processor of one device: the image, the GET_ID answer and
-/// the bounce buffer for O_DIRECT.
+/// The request processor of one device: the image, the GET_ID answer,
+/// the bounce buffer for O_DIRECT and the record of written blocks.
 pub struct Backend {
     pub image: Image,
     id: [u8; ID_BYTES],
     bounce: Bounce,
+    pub dirty: Arc<DirtyBlocks>,
 }
 
 impl Backend {
@@ -58,6 +67,7 @@ impl Backend {
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Backend {
+            dirty: Arc::new(DirtyBlocks::new(image.size())),
             image,
             id,
             bounce: Bounce::new(MAX_REQUEST_BYTES),
@@ -105,6 +115,7 @@ impl Backend {
                 cache,
                 &self.id,
                 &mut self.bounce,
+                &self.dirty,
             )?;
             if done.status != request::VIRTIO_BLK_S_OK {
                 served.io_errors += 1;

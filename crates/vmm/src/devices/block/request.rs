@@ -15,6 +15,7 @@
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::dirty::DirtyBlocks;
 use super::image::{Bounce, Image};
 use crate::memory::GuestMemory;
 
@@ -188,7 +189,9 @@ where
 
 /// Does what `chain` asks against `image` (data through `bounce`, which
 /// must hold [`MAX_REQUEST_BYTES`]), writes the status byte and says what
-/// to put in the used ring. `id` is the GET_ID answer.
+/// to put in the used ring. `id` is the GET_ID answer; every write that
+/// returned (even with an error: part of it may be on the image) is marked
+/// in `dirty`.
 pub fn process<M>(
     chain: DescriptorChain<M>,
     memory: &GuestMemory,
@@ -196,6 +199,7 @@ pub fn process<M>(
     cache: WriteCache,
     id: &[u8; ID_BYTES],
     bounce: &mut Bounce,
+    dirty: &DirtyBlocks,
 ) -> Result<Done, Malformed>
 where
     M: std::ops::Deref<Target = GuestMemory>,
@@ -224,6 +228,7 @@ where
             Some(offset) => {
                 gather(&req.data, memory, bounce.as_mut_slice()).map_err(bad)?;
                 let mut result = image.write_aligned(bounce, req.data_len, offset);
+                dirty.mark(offset, req.data_len as u64);
                 if result.is_ok() && cache == WriteCache::WriteThrough {
                     result = image.flush().map_err(std::io::Error::other);
                 }

@@ -384,3 +384,21 @@ fn garbage_chains_are_refused_with_a_reason() {
         file_untouched(&r.path);
     }
 }
+
+#[test]
+fn writes_are_recorded_for_a_disk_copy_once_it_tracks_and_reads_are_not() {
+    let mut r = rig("dirty", false);
+    let data = pattern(8192, 3);
+    r.mem().write_slice(&data, GuestAddress(DATA)).unwrap();
+    // Before the copy starts: not recorded.
+    r.request(VIRTIO_BLK_T_OUT, 0, 4096, false);
+    r.serve().unwrap();
+    r.backend.dirty.set_tracking(true);
+    // Sectors 16..32 are blocks 2 and 3 of 4 KiB; a read marks nothing.
+    r.request(VIRTIO_BLK_T_OUT, 16, 8192, false);
+    r.serve().unwrap();
+    r.request(VIRTIO_BLK_T_IN, 64, 4096, true);
+    r.serve().unwrap();
+    assert_eq!(r.backend.dirty.harvest()[0], 0b1100);
+    assert_eq!(r.backend.dirty.harvest()[0], 0);
+}
