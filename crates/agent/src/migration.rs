@@ -700,6 +700,7 @@ impl Agent {
             cpu_share: None,
             transport: Some(transport),
             token_file: Some(token_file),
+            copy_storage: false,
         });
         // The policy's completion timeout: the engine is cancelled the
         // same way an operator cancels it.

@@ -123,6 +123,11 @@ pub struct MigrateRequest {
     /// a token refuses them).
     #[serde(default)]
     pub token_file: Option<std::path::PathBuf>,
+    /// Copy the VM's disk to the destination with its memory (a local
+    /// disk): pre-copy only. Without it a disk must be on storage both
+    /// hosts share.
+    #[serde(default)]
+    pub copy_storage: bool,
 }
 
 /// The security of a migration's connections.

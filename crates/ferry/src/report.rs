@@ -147,6 +147,20 @@ pub fn print_migration_report(r: &MigrationReport) {
             ),
         ));
     }
+    if let Some(d) = &r.disk_copy {
+        rows.push((
+            "disk copied",
+            format!(
+                "{} ({} MiB): {} blocks of 4 KiB sent, {} in the first pass, {} in the blackout; {} rounds found guest writes to resend",
+                d.image,
+                d.image_bytes >> 20,
+                d.blocks_sent,
+                d.first_pass_blocks,
+                d.blackout_blocks,
+                d.rounds_with_writes
+            ),
+        ));
+    }
     if !r.rounds.is_empty() {
         rows.push((
             "CPU",

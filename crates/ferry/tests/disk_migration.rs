@@ -21,46 +21,15 @@ use common::migrations::{
     source_handed_over, source_runs_on_after_failure, stop_destination,
 };
 use common::{
-    kvm_or_skip, migration_destination, snapshot, start_migrate, verify_arrival, wait_for_socket,
-    FerryProc, Stream, TempDir,
+    kvm_or_skip, migration_destination, snapshot, start_migrate, verify_arrival, FerryProc, TempDir,
 };
-use ferry_testguest::console::{parse_line, Line};
 
 /// 256 blocks: one checked round takes a few seconds on this host's disk.
 const DISK_MB: u64 = 1;
 
-/// `ferry run` with the disk workload on `img`, up and past its first
-/// checked block; returns it and its API socket.
+/// `ferry run` with the disk workload on `img`, past its first checked block.
 fn disk_source(dir: &TempDir, img: &str) -> (FerryProc, String) {
-    let socket = dir.path("source.sock");
-    let disk = format!("path={img}");
-    let workload = format!("dirty:64:10+disk:{DISK_MB}:max");
-    let mut src = FerryProc::spawn(
-        "source",
-        &[
-            "run",
-            "--mem",
-            "512M",
-            "--workload",
-            &workload,
-            "--disk",
-            &disk,
-            "--api",
-            &socket,
-            "--duration",
-            "300s",
-        ],
-    );
-    src.wait_line(Duration::from_secs(60), "READY", |s, text| {
-        (s == Stream::Out && matches!(parse_line(text), Line::Ready(_))).then_some(())
-    });
-    wait_for_socket(&socket);
-    // A whole written round, and checking under way: what moves is a disk
-    // the guest has expectations of.
-    wait_disk(&mut src, Duration::from_secs(60), "checked blocks", |d| {
-        d.disk_ver > 0
-    });
-    (src, socket)
+    common::disk::disk_source(dir, img, DISK_MB)
 }
 
 #[test]

@@ -272,6 +272,27 @@ pub struct MigrationReport {
     /// from the pause and forwarded after the commit.
     #[serde(default)]
     pub network: Option<crate::handover::ForwardReport>,
+    /// Present when the VM's disk was copied with it (`--copy-storage`).
+    #[serde(default)]
+    pub disk_copy: Option<DiskCopyReport>,
+}
+
+/// What copying a local disk with the VM did. Its blocks travel as pages
+/// of the disk's range, so they are in `bytes_sent` and the rounds too.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskCopyReport {
+    /// The image on the source.
+    pub image: String,
+    pub image_bytes: u64,
+    /// 4 KiB blocks the first pass read (the image's allocated part).
+    pub first_pass_blocks: u64,
+    /// Every block read and sent: the first pass and the ones the guest
+    /// wrote again behind it.
+    pub blocks_sent: u64,
+    /// Of which sent with the VM paused.
+    pub blackout_blocks: u64,
+    /// Dirty-block harvests that found guest writes to send again.
+    pub rounds_with_writes: u32,
 }
 
 impl MigrationReport {

@@ -154,6 +154,7 @@ impl SourceGuest for SyntheticSource {
             cpuid: vec![1, 2, 3],
             features: vec!["synthetic".into()],
             disks: Vec::new(),
+            copies_disks: false,
         })
     }
 

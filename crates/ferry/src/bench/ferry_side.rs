@@ -249,6 +249,7 @@ pub fn run_ferry_migration_observed(
         priority: m.priority,
         transport: Some(transport),
         token_file: None,
+        copy_storage: false,
     });
     let mut report = match call(&socket, &request)? {
         Response::Migrated(r) => *r,

@@ -96,6 +96,15 @@ pub struct MigrateArgs {
     /// of the migration opens with it (protocol v8).
     #[arg(long, value_name = "FILE", conflicts_with = "resume")]
     pub token_file: Option<PathBuf>,
+    /// Copy the VM's disk to the destination while the VM runs (a local
+    /// disk, as QEMU's drive-mirror does): the whole image, then the
+    /// blocks the guest writes behind the copy, round by round with the
+    /// memory, the last ones in the blackout. The destination creates its
+    /// image at its own --disk path. Pre-copy only (--mode precopy or
+    /// auto): post-copy would leave blocks on this host. Without it, a
+    /// disk must be on storage both hosts share.
+    #[arg(long, conflicts_with = "resume")]
+    pub copy_storage: bool,
     /// Print the report as one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -146,6 +155,7 @@ impl MigrateArgs {
                 .token_file
                 .as_ref()
                 .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone())),
+            copy_storage: self.copy_storage,
         }
     }
 }

@@ -13,12 +13,20 @@ use ferry_vmm::state::StateRecord;
 use ferry_vmm::vm::IncomingVm;
 use ferry_vmm::{GuestRam, KvmHost, Vm};
 
+use ferry_migration::protocol::DISK_COPY_BASE;
+use ferry_vmm::devices::block::copy_target::CopyTarget;
 use ferry_vmm::devices::block::device::BlockConfig;
 use ferry_vmm::devices::net::NetConfig;
 
 use super::source::{DISK_FEATURE, NET_FEATURE, VM_FEATURES};
+use super::storage::DiskPlan;
 
-pub struct Incoming(pub IncomingVm);
+pub struct Incoming {
+    vm: IncomingVm,
+    /// The image a copied disk arrives in: deleted with this value unless
+    /// the VM starts on it.
+    disk_copy: Option<CopyTarget>,
+}
 
 /// Checks the offer against this host and `limits`, then reserves (and
 /// with `prealloc` faults in) the VM's memory. Err is the reason the
@@ -74,12 +82,28 @@ pub fn accept(
         // when the source forwards none).
         incoming.hold_net_at_start();
     }
-    if let Some((config, bytes)) = &disk {
-        // Opens the image now, without its lock (the source holds it until
-        // the pause): a missing or wrong image refuses the offer.
-        incoming
-            .set_block(config, *bytes)
-            .map_err(|e| format!("the VM's disk here: {e}"))?;
+    let mut disk_copy = None;
+    match &disk {
+        Some(DiskPlan::Shared(config, bytes)) => {
+            // Opens the image now, without its lock (the source holds it
+            // until the pause): a missing or wrong image refuses the offer.
+            incoming
+                .set_block(config, *bytes)
+                .map_err(|e| format!("the VM's disk here: {e}"))?;
+        }
+        Some(DiskPlan::Copied(config, bytes)) => {
+            // Made and its space reserved now: a filesystem without room
+            // refuses the offer before a block moves.
+            let target = CopyTarget::create(&config.path, *bytes)
+                .map_err(|e| format!("the VM's disk here: {e}"))?;
+            // Nobody else knows this image: its lock is taken with the
+            // state, as for shared storage.
+            incoming
+                .set_block(config, *bytes)
+                .map_err(|e| format!("the VM's disk here: {e}"))?;
+            disk_copy = Some(target);
+        }
+        None => {}
     }
     let built: Vec<(u64, u64)> = incoming
         .ram()
@@ -93,38 +117,71 @@ pub fn accept(
             "the VM's RAM layout {offered:x?} differs from this host's {built:x?}"
         ));
     }
-    Ok(Incoming(incoming))
+    Ok(Incoming {
+        vm: incoming,
+        disk_copy,
+    })
 }
 
 impl IncomingGuest for Incoming {
     type Running = Vm;
 
     fn memory_mut(&mut self, gpa: u64, len: usize) -> Option<&mut [u8]> {
-        self.0.memory_mut(gpa, len)
+        if gpa >= DISK_COPY_BASE {
+            let image = self.disk_copy.as_mut()?.as_mut_slice();
+            let at = usize::try_from(gpa - DISK_COPY_BASE).ok()?;
+            return image.get_mut(at..at.checked_add(len)?);
+        }
+        self.vm.memory_mut(gpa, len)
     }
 
     fn ram_mut(&mut self) -> Vec<(u64, &mut [u8])> {
-        self.0.ram_mut()
+        let mut all = self.vm.ram_mut();
+        if let Some(copy) = self.disk_copy.as_mut() {
+            all.push((DISK_COPY_BASE, copy.as_mut_slice()));
+        }
+        all
     }
 
     fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
         let record = StateRecord::decode(state)?;
-        self.0.load_state(&record)?;
+        if let Some(copy) = &self.disk_copy {
+            // Every block is here: on the storage before the source is
+            // told the state loaded, so a commit never leaves a disk that
+            // a crash of this host would lose.
+            let t = std::time::Instant::now();
+            copy.flush()?;
+            tracing::info!(
+                path = %copy.path().display(),
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "copied disk flushed"
+            );
+        }
+        self.vm.load_state(&record)?;
         Ok(())
     }
 
     fn start(self) -> Result<Vm, GuestError> {
+        // The VM runs on the copied image from now on.
+        if let Some(copy) = self.disk_copy {
+            copy.keep();
+        }
         // The vCPU threads inherit this thread's priority.
         super::priority::normal();
-        Ok(self.0.start()?)
+        Ok(self.vm.start()?)
     }
 
     fn start_lazy(self, missing: &PageBitmap) -> Result<(Vm, Arc<dyn LazyMemory>), GuestError> {
         // The vCPU threads, and the fault service started next, inherit
         // this thread's priority: a fault must be served at once.
         super::priority::normal();
+        if self.disk_copy.is_some() {
+            return Err(
+                "a copied disk moves by pre-copy only; the VM is not started lazily".into(),
+            );
+        }
         let ranges: Vec<(u64, u64)> = missing.runs().iter().map(|r| (r.gpa, r.bytes())).collect();
-        let (vm, lazy) = self.0.start_lazy(&ranges)?;
+        let (vm, lazy) = self.vm.start_lazy(&ranges)?;
         Ok((vm, Arc::new(LazyGuestRam(lazy))))
     }
 }

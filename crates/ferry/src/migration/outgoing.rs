@@ -107,22 +107,26 @@ pub fn migrate_vm_controlled(
             .unwrap_or_else(|| auto_cpu_share(vm.machine().vcpus, request.priority)),
         ..options
     };
-    let stream = match connect(request) {
-        Ok(s) => s,
-        Err(error) => {
-            return Err(Failure {
-                error,
-                vm_running: true,
-                resume: None,
-                report: Box::new(MigrationReport {
-                    mode: request.mode.name().into(),
-                    outcome: "aborted: VM running on the source".into(),
-                    destination: request.to.clone(),
-                    ..Default::default()
-                }),
-            })
-        }
+    let refused = |error| Failure {
+        error,
+        vm_running: true,
+        resume: None,
+        report: Box::new(MigrationReport {
+            mode: request.mode.name().into(),
+            outcome: "aborted: VM running on the source".into(),
+            destination: request.to.clone(),
+            ..Default::default()
+        }),
     };
+    let mut source = if request.copy_storage {
+        if let Some(why) = copy_storage_conflict(request) {
+            return Err(refused(MigrateError::Refused(why)));
+        }
+        VmSource::copying_disk(vm).map_err(|why| refused(MigrateError::Refused(why)))?
+    } else {
+        VmSource::new(vm)
+    };
+    let stream = connect(request).map_err(refused)?;
     let yielding = match request.priority {
         CpuPriority::Migration => None,
         // The brake gives the migration its share: it runs in the cores
@@ -130,13 +134,34 @@ pub fn migrate_vm_controlled(
         CpuPriority::Guest if options.cpu_share > 0 => Some(Yielding::start_idle()),
         CpuPriority::Guest => Some(Yielding::start()),
     };
-    let result = migrate(&mut VmSource(vm), stream, &request.to, &options, progress);
+    let mut result = migrate(&mut source, stream, &request.to, &options, progress);
+    let disk_copy = source.disk_copy_report();
+    match &mut result {
+        Ok(report) => report.disk_copy = disk_copy,
+        Err(failure) => failure.report.disk_copy = disk_copy,
+    }
     drop(yielding);
     if result.is_ok() {
         let _quiet = ferry_migration::thread_priority::Background::start();
         vm.stop();
     }
     result
+}
+
+/// Why `request` cannot copy the VM's disk, if it cannot: every mode that
+/// may run the VM on the destination before its last blocks are there.
+fn copy_storage_conflict(request: &MigrateRequest) -> Option<String> {
+    use ferry_migration::mode::Mode;
+    match request.mode {
+        Mode::Postcopy | Mode::Hybrid => Some(format!(
+            "--copy-storage moves the disk by pre-copy only, and --mode {} may run the VM on the destination while blocks of its disk are still here; use --mode precopy or auto",
+            request.mode.name()
+        )),
+        Mode::Auto if request.allow_postcopy => Some(
+            "--copy-storage moves the disk by pre-copy only: drop --allow-postcopy".into(),
+        ),
+        _ => None,
+    }
 }
 
 /// Tries again a post-copy that gave up (see `Failure::resume`); on

@@ -7,8 +7,10 @@ use std::time::Duration;
 use ferry_migration::guest::{GuestError, PageReader, PauseTiming, SourceGuest};
 use ferry_migration::handover::SourceNetwork;
 
+use super::disk_copy::SourceDisk;
 use super::network::NetSource;
 use ferry_migration::protocol::{DiskOffer, Offer, RamRange};
+use ferry_migration::stats::DiskCopyReport;
 use ferry_vmm::compat::encode_cpuid;
 use ferry_vmm::{GuestRam, Vm};
 
@@ -26,11 +28,39 @@ pub const DISK_FEATURE: &str = "virtio-blk";
 /// the destination's process closes the image as it gives up).
 const DISK_RETAKE_PATIENCE: Duration = Duration::from_secs(10);
 
-pub struct VmSource<'a>(pub &'a mut Vm);
+/// The VM the engine migrates, and its disk when that is copied with it.
+pub struct VmSource<'a> {
+    vm: &'a mut Vm,
+    disk_copy: Option<Arc<SourceDisk>>,
+}
+
+impl<'a> VmSource<'a> {
+    /// The VM alone: its disk, if any, is on storage both hosts share.
+    pub fn new(vm: &'a mut Vm) -> VmSource<'a> {
+        VmSource {
+            vm,
+            disk_copy: None,
+        }
+    }
+
+    /// The VM with its disk copied to the destination (`--copy-storage`).
+    pub fn copying_disk(vm: &'a mut Vm) -> Result<VmSource<'a>, String> {
+        let disk = SourceDisk::open(vm)?;
+        Ok(VmSource {
+            vm,
+            disk_copy: Some(Arc::new(disk)),
+        })
+    }
+
+    /// What the disk copy did, once the migration is over.
+    pub fn disk_copy_report(&self) -> Option<DiskCopyReport> {
+        self.disk_copy.as_ref().map(|d| d.report())
+    }
+}
 
 impl SourceGuest for VmSource<'_> {
     fn describe(&self) -> Result<Offer, GuestError> {
-        let m = self.0.machine();
+        let m = self.vm.machine();
         Ok(Offer {
             mem_bytes: m.mem_bytes,
             vcpus: m.vcpus,
@@ -40,16 +70,16 @@ impl SourceGuest for VmSource<'_> {
                 .map(|&(gpa, len)| RamRange { gpa, len })
                 .collect(),
             tsc_khz: m.tsc_khz,
-            cpuid: encode_cpuid(self.0.cpuid()),
+            cpuid: encode_cpuid(self.vm.cpuid()),
             features: VM_FEATURES
                 .iter()
                 .copied()
-                .chain(self.0.net().map(|_| NET_FEATURE))
-                .chain(self.0.disk().map(|_| DISK_FEATURE))
+                .chain(self.vm.net().map(|_| NET_FEATURE))
+                .chain(self.vm.disk().map(|_| DISK_FEATURE))
                 .map(str::to_string)
                 .collect(),
             disks: self
-                .0
+                .vm
                 .disk()
                 .into_iter()
                 .map(|(path, bytes, readonly)| DiskOffer {
@@ -58,53 +88,68 @@ impl SourceGuest for VmSource<'_> {
                     readonly,
                 })
                 .collect(),
+            copies_disks: self.disk_copy.is_some(),
         })
     }
 
     fn populated(&self) -> Result<Vec<RamRange>, GuestError> {
-        Ok(self
-            .0
+        let mut ranges: Vec<RamRange> = self
+            .vm
             .ram()
             .populated()?
             .into_iter()
             .map(|(gpa, len)| RamRange { gpa, len })
-            .collect())
+            .collect();
+        if let Some(disk) = &self.disk_copy {
+            ranges.extend(disk.populated()?);
+        }
+        Ok(ranges)
     }
 
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
-        read_ram(self.0.ram(), gpa, dst)
+        read_memory(self.vm.ram(), self.disk_copy.as_deref(), gpa, dst)
     }
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), GuestError> {
-        Ok(self.0.set_dirty_logging(on)?)
+        self.vm.set_dirty_logging(on)?;
+        if let Some(disk) = &self.disk_copy {
+            disk.set_tracking(on);
+        }
+        Ok(())
     }
 
     fn harvest_dirty(&mut self) -> Result<PageBitmap, GuestError> {
-        let dirty = self.0.harvest_dirty()?;
-        Ok(PageBitmap {
-            ranges: dirty
-                .regions
-                .into_iter()
-                .map(|r| RangeBits {
-                    gpa: r.base,
-                    pages: r.pages,
-                    bits: r.bits,
-                })
-                .collect(),
-        })
+        let dirty = self.vm.harvest_dirty()?;
+        let mut ranges: Vec<RangeBits> = dirty
+            .regions
+            .into_iter()
+            .map(|r| RangeBits {
+                gpa: r.base,
+                pages: r.pages,
+                bits: r.bits,
+            })
+            .collect();
+        // After the RAM, in the offer's order (`Offer::migrated_ranges`).
+        if let Some(disk) = &self.disk_copy {
+            ranges.push(disk.harvest());
+        }
+        Ok(PageBitmap { ranges })
     }
 
     fn set_throttle(&mut self, percent: u32) -> Result<(), GuestError> {
-        Ok(self.0.set_throttle(percent)?)
+        Ok(self.vm.set_throttle(percent)?)
     }
 
     fn pause(&mut self) -> Result<PauseTiming, GuestError> {
-        let paused = self.0.pause()?;
+        let paused = self.vm.pause()?;
         // From the blackout on, frames for the VM are kept, not given to
         // the guest: after a commit they go to the destination, after an
         // abort to the guest here.
-        if let Some(net) = self.0.net() {
+        if let Some(net) = self.vm.net() {
             net.hold();
+        }
+        if let Some(disk) = &self.disk_copy {
+            disk.set_paused(true);
         }
         Ok(PauseTiming {
             requested: paused.requested,
@@ -115,44 +160,70 @@ impl SourceGuest for VmSource<'_> {
     fn resume(&mut self) -> Result<(), GuestError> {
         // The disk's lock first: the VM must not write an image the
         // destination may still hold.
-        self.0.retake_disk(DISK_RETAKE_PATIENCE).map_err(|e| {
+        self.vm.retake_disk(DISK_RETAKE_PATIENCE).map_err(|e| {
             format!("its disk cannot be taken back ({e}); the VM stays paused so that two hosts never write it")
         })?;
-        if let Some(net) = self.0.net() {
+        if let Some(net) = self.vm.net() {
             net.release();
         }
-        self.0.resume();
+        if let Some(disk) = &self.disk_copy {
+            disk.set_paused(false);
+        }
+        self.vm.resume();
         Ok(())
     }
 
     fn network_after_commit(&mut self) -> Option<Box<dyn SourceNetwork>> {
-        let net = self.0.net()?;
+        let net = self.vm.net()?;
         Some(Box::new(NetSource::new(net)))
     }
 
     fn release_storage(&mut self) -> Result<bool, GuestError> {
-        Ok(self.0.release_disk()?)
+        if self.disk_copy.is_some() {
+            // The destination has its own image: this one stays locked
+            // here, untouched, for the VM to go on with after an abort.
+            // Its last writes were done when the pause returned (the
+            // device finishes its request first), so the last harvest had
+            // them.
+            return Ok(false);
+        }
+        Ok(self.vm.release_disk()?)
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
-        Ok(self.0.save_state()?.encode())
+        Ok(self.vm.save_state()?.encode())
     }
 
     fn memory_reader(&self) -> Result<Arc<dyn PageReader>, GuestError> {
-        Ok(Arc::new(SharedRam(self.0.ram().clone())))
+        Ok(Arc::new(SharedMemory {
+            ram: self.vm.ram().clone(),
+            disk: self.disk_copy.clone(),
+        }))
     }
 }
 
-/// Guest memory for other threads: post-copy's and the page-data streams'.
-struct SharedRam(GuestRam);
+/// Guest memory (and a copied disk's pages) for other threads: post-copy's
+/// and the page-data streams'.
+struct SharedMemory {
+    ram: GuestRam,
+    disk: Option<Arc<SourceDisk>>,
+}
 
-impl PageReader for SharedRam {
+impl PageReader for SharedMemory {
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
-        read_ram(&self.0, gpa, dst)
+        read_memory(&self.ram, self.disk.as_deref(), gpa, dst)
     }
 }
 
-fn read_ram(ram: &GuestRam, gpa: u64, dst: &mut [u8]) -> Result<(), GuestError> {
+fn read_memory(
+    ram: &GuestRam,
+    disk: Option<&SourceDisk>,
+    gpa: u64,
+    dst: &mut [u8],
+) -> Result<(), GuestError> {
+    if let Some(disk) = disk.filter(|_| SourceDisk::holds(gpa)) {
+        return disk.read(gpa, dst);
+    }
     if ram.copy_out(gpa, dst) {
         Ok(())
     } else {

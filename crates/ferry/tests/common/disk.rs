@@ -209,3 +209,38 @@ pub fn assert_image_blocks(image: &str, mb: u64, max_gen: u64) {
     file.read_exact_at(&mut spare, mb << 20).unwrap();
     assert_eq!(spare, [0xa5; 64], "the spare MiB was written");
 }
+
+/// `ferry run` with the disk workload on `img` (`mb` MiB of checked
+/// blocks), up and past its first checked block; returns it and its API
+/// socket.
+pub fn disk_source(dir: &TempDir, img: &str, mb: u64) -> (FerryProc, String) {
+    let socket = dir.path("source.sock");
+    let disk = format!("path={img}");
+    let workload = format!("dirty:64:10+disk:{mb}:max");
+    let mut src = FerryProc::spawn(
+        "source",
+        &[
+            "run",
+            "--mem",
+            "512M",
+            "--workload",
+            &workload,
+            "--disk",
+            &disk,
+            "--api",
+            &socket,
+            "--duration",
+            "300s",
+        ],
+    );
+    src.wait_line(Duration::from_secs(60), "READY", |s, text| {
+        (s == Stream::Out && matches!(parse_line(text), Line::Ready(_))).then_some(())
+    });
+    super::wait_for_socket(&socket);
+    // A whole written round, and checking under way: what moves is a disk
+    // the guest has expectations of.
+    wait_disk(&mut src, Duration::from_secs(60), "checked blocks", |d| {
+        d.disk_ver > 0
+    });
+    (src, socket)
+}

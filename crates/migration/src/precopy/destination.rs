@@ -267,7 +267,8 @@ fn drive<G: IncomingGuest>(
 
     let mut sink = TrackingSink {
         guest: &mut guest,
-        written: PageBitmap::new(&offer.ram_ranges),
+        // A copied disk's pages too: one that turns to zero must be zeroed.
+        written: PageBitmap::new(&offer.migrated_ranges()),
     };
     let mut round_pages = 0u64;
     let mut state_len = None;
@@ -396,6 +397,13 @@ fn drive<G: IncomingGuest>(
                         round_pages += got.pages;
                         report.pages += got.pages;
                         report.zero_pages += got.zero_pages;
+                    }
+                    Message::PostcopyPrepare(_) if offer.copies_disks => {
+                        // Its blocks would be left on the source, which a
+                        // crash there would lose with the VM.
+                        return Err(ReceiveError::Postcopy(
+                            "the source asked for post-copy of a VM whose disk it copies; a copied disk moves only by pre-copy".into(),
+                        ));
                     }
                     Message::PostcopyPrepare(p) if fault_channel.is_none() => {
                         let stage = "opening the fault channel";

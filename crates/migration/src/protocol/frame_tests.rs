@@ -49,6 +49,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
         cpuid: vec![7; 40],
         features: vec!["pit2".into()],
         disks: Vec::new(),
+        copies_disks: false,
     };
     write_message(&mut control, &Message::Offer(offer)).unwrap();
 

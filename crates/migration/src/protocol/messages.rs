@@ -94,7 +94,23 @@ pub struct Offer {
     /// moves (v9; an offer without disks travels in the older form, which
     /// every version reads: see `offer_wire`).
     pub disks: Vec<DiskOffer>,
+    /// The source copies its disks' contents during this migration (local
+    /// disks, v10): the destination makes a new image for each, and the
+    /// blocks arrive as pages of the disk's range (see
+    /// [`Offer::copied_disk_ranges`]), round by round with the memory.
+    pub copies_disks: bool,
 }
+
+/// Where a copied disk's blocks travel in the migration's page address
+/// space: byte `o` of disk `i` is the page data at
+/// `DISK_COPY_BASE + i * DISK_COPY_STRIDE + o`. Far above any guest RAM
+/// (x86-64 guest-physical addresses stop at 2^52), so a disk page can never
+/// be mistaken for memory; the rounds, the dirty sets, the streams and the
+/// blackout treat them alike, and the destination writes them into the
+/// image instead of RAM.
+pub const DISK_COPY_BASE: u64 = 1 << 56;
+/// Room for each copied disk in that space: 16 TiB.
+pub const DISK_COPY_STRIDE: u64 = 1 << 44;
 
 /// A disk of the offered VM. On shared storage the destination opens the
 /// same image (by this path or its own), of exactly this size.
@@ -117,6 +133,8 @@ pub enum InvalidOffer {
     Unordered(u64, u64),
     #[error("RAM ranges add up to {ranges} bytes, the offer says {mem_bytes}")]
     SizeMismatch { ranges: u64, mem_bytes: u64 },
+    #[error("a copied disk of {bytes} bytes is not whole 4 KiB pages, or is empty or over 16 TiB")]
+    BadCopiedDisk { bytes: u64 },
 }
 
 impl Offer {
@@ -152,7 +170,40 @@ impl Offer {
                 mem_bytes: self.mem_bytes,
             });
         }
+        if self.copies_disks {
+            if let Some(d) = self
+                .disks
+                .iter()
+                .find(|d| d.bytes == 0 || d.bytes % page != 0 || d.bytes > DISK_COPY_STRIDE)
+            {
+                return Err(InvalidOffer::BadCopiedDisk { bytes: d.bytes });
+            }
+        }
         Ok(())
+    }
+
+    /// The page ranges a copied disk's blocks travel in, one per disk in
+    /// the offer's order; empty unless the source copies its disks.
+    pub fn copied_disk_ranges(&self) -> Vec<RamRange> {
+        if !self.copies_disks {
+            return Vec::new();
+        }
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| RamRange {
+                gpa: DISK_COPY_BASE + i as u64 * DISK_COPY_STRIDE,
+                len: d.bytes,
+            })
+            .collect()
+    }
+
+    /// Every range whose pages this migration moves: the RAM, then the
+    /// copied disks.
+    pub fn migrated_ranges(&self) -> Vec<RamRange> {
+        let mut all = self.ram_ranges.clone();
+        all.extend(self.copied_disk_ranges());
+        all
     }
 
     /// True if `len` bytes at `gpa` lie inside one of the RAM ranges: what a

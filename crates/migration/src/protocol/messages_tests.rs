@@ -23,6 +23,7 @@ fn offer() -> Offer {
         cpuid: (0..75 * 40).map(|i| i as u8).collect(),
         features: vec!["irqchip".into(), "pit2".into(), "xsave".into()],
         disks: Vec::new(),
+        copies_disks: false,
     }
 }
 

@@ -17,8 +17,11 @@
 //!                                            ◀──   HelloAck{Accepted{version}}
 //!                                                  | HelloAck{Refused{reason}}    (names both ranges)
 //!  Offer{mem_bytes, vcpus, ram_ranges,       ──▶
-//!        tsc_khz, cpuid, features}                 checks vCPUs, memory, CPUID, features;
-//!                                                  reserves the memory
+//!        tsc_khz, cpuid, features,                 checks vCPUs, memory, CPUID, features;
+//!        disks (v9), copies_disks (v10)}           reserves the memory; for copied disks
+//!                                                  (v10) creates their images, whose
+//!                                                  blocks then travel as pages at
+//!                                                  DISK_COPY_BASE like memory's
 //!                                            ◀──   Accept{reserved_bytes} | Refuse{reason}
 //!
 //!  round 1: every page, zero pages as zero runs
@@ -107,7 +110,8 @@ pub use messages::{
     Commit, Committed, Decide, DiskOffer, ForwardEnd, Forwarded, Hello, HelloAck, InvalidOffer,
     Join, Message, Offer, PageRequest, PostcopyBegin, PostcopyComplete, PostcopyPrepare,
     PostcopyReady, Prepare, RamRange, Refuse, Resume, ResumeState, Resumed, Role, RoundEnd,
-    Started, StateLoaded, StreamJoin, StreamsOpen, StreamsOpened, StripedRound, HELLO_MAGIC,
+    Started, StateLoaded, StreamJoin, StreamsOpen, StreamsOpened, StripedRound, DISK_COPY_BASE,
+    DISK_COPY_STRIDE, HELLO_MAGIC,
 };
 pub use pages::{
     read_pages_into, write_pages, PageRun, PageSink, PagesSummary, MAX_BATCH_DATA_BYTES,
@@ -116,5 +120,5 @@ pub use pages::{
 pub use version::{
     negotiate, NegotiationError, VersionRange, BLACKOUT_TIMING_VERSION, COMMIT_RECOVERY_VERSION,
     NET_HANDOVER_VERSION, POSTCOPY_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
-    SESSION_TOKEN_VERSION, STORAGE_VERSION, STREAMS_VERSION,
+    SESSION_TOKEN_VERSION, STORAGE_COPY_VERSION, STORAGE_VERSION, STREAMS_VERSION,
 };

@@ -24,6 +24,7 @@ fn offer() -> Offer {
         cpuid: vec![0x42; 3000],
         features: vec!["irqchip".into()],
         disks: Vec::new(),
+        copies_disks: false,
     }
 }
 

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 /// The first version with post-copy (frames 14 to 21).
 pub const POSTCOPY_VERSION: u16 = 2;
 /// The first version with page data on several streams (frames 22 to 25).
@@ -28,6 +28,10 @@ pub const SESSION_TOKEN_VERSION: u16 = 8;
 /// state record may carry a disk's section): a VM with a disk moves only
 /// to a destination that speaks it.
 pub const STORAGE_VERSION: u16 = 9;
+/// The first version that copies a local disk with the memory: the offer
+/// says so, and the disk's blocks travel as pages of the disk's range
+/// (`DISK_COPY_BASE`).
+pub const STORAGE_COPY_VERSION: u16 = 10;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 

@@ -133,6 +133,7 @@ pub(super) fn run(args: &DemoArgs, mut net: Option<NetworkScene>) -> anyhow::Res
         priority: Default::default(),
         transport: Some(ferry_control::TransportRequest::InsecurePlaintext),
         token_file: None,
+        copy_storage: false,
     };
     let mut view = ProgressView::new();
     let result = migrate_vm(&mut vm, &request, &mut |p| view.show(p));

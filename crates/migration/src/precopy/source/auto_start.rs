@@ -72,7 +72,8 @@ pub(super) fn choose_mode<G: SourceGuest + ?Sized>(
         sample,
         downtime_target: options.policy.downtime_target,
         fixed_blackout: options.policy.fixed_blackout,
-        allow_postcopy: options.policy.allow_postcopy,
+        // A copied disk moves by pre-copy only.
+        allow_postcopy: options.policy.allow_postcopy && !run.copies_disks,
     };
     let (mode, prediction) = crate::auto::choose(&facts);
     let modes: Vec<String> = prediction

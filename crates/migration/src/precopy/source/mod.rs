@@ -22,8 +22,8 @@ use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
     HelloAck, Message, PageRun, PostcopyBegin, Prepare, RamRange, Role, RoundEnd, StripedRound,
-    COMMIT_RECOVERY_VERSION, NET_HANDOVER_VERSION, PAGE_SIZE, POSTCOPY_VERSION, STORAGE_VERSION,
-    STREAMS_VERSION,
+    COMMIT_RECOVERY_VERSION, NET_HANDOVER_VERSION, PAGE_SIZE, POSTCOPY_VERSION,
+    STORAGE_COPY_VERSION, STORAGE_VERSION, STREAMS_VERSION,
 };
 use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
 
@@ -148,6 +148,10 @@ struct Run<'p> {
     /// when coming back to repeat or withdraw it.
     commit_recovery: Option<CommitRecovery>,
     postcopy_started: bool,
+    /// The VM's disks travel with it (their blocks as pages of the disk
+    /// range): pre-copy only, since post-copy would leave blocks behind
+    /// on a host whose crash would lose them.
+    copies_disks: bool,
     /// A post-copy given up on, which can be resumed.
     unfinished: Option<Box<Unfinished>>,
     rate: Option<f64>,
@@ -245,6 +249,7 @@ pub fn migrate<G: SourceGuest + ?Sized>(
         recoverable_commit: None,
         commit_recovery: None,
         postcopy_started: false,
+        copies_disks: false,
         unfinished: None,
         rate: None,
         last_dirty_rate: 0.0,
@@ -356,6 +361,12 @@ fn drive<G: SourceGuest + ?Sized>(
     run.report.setup_ms = run.ms();
     run.recoverable_commit =
         (version >= COMMIT_RECOVERY_VERSION).then_some((options.link_recovery, options.io_timeout));
+    if run.copies_disks && matches!(options.mode, Mode::Postcopy | Mode::Hybrid) {
+        return Err(MigrateError::Refused(format!(
+            "--mode {} cannot move a VM whose disk is copied: the blocks not yet sent would stay on this host while the VM runs there; use --mode precopy or auto",
+            options.mode.name()
+        )));
+    }
     if options.mode.may_postcopy() && version < POSTCOPY_VERSION {
         return Err(MigrateError::Refused(format!(
             "the destination speaks protocol v{version}, which has no post-copy (v{POSTCOPY_VERSION} and later); use --mode precopy"
@@ -445,7 +456,11 @@ fn drive<G: SourceGuest + ?Sized>(
         if let Some(target) = tuning.take_downtime() {
             policy.set_downtime_target(target);
         }
-        let operator_postcopy = tuning.take_postcopy() && version >= POSTCOPY_VERSION;
+        let mut operator_postcopy = tuning.take_postcopy() && version >= POSTCOPY_VERSION;
+        if operator_postcopy && run.copies_disks {
+            run.say("post-copy asked for, refused: the VM's disk is being copied, which only pre-copy does safely".into());
+            operator_postcopy = false;
+        }
         let round_report = run
             .report
             .rounds

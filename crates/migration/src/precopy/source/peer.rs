@@ -35,7 +35,13 @@ pub(super) fn handshake<G: SourceGuest + ?Sized>(
         .map_err(MigrateError::guest("describing the VM"))?;
     run.report.mem_bytes = offer.mem_bytes;
     run.report.vcpus = offer.vcpus;
-    run.ram_ranges = offer.ram_ranges.clone();
+    run.ram_ranges = offer.migrated_ranges();
+    run.copies_disks = offer.copies_disks;
+    if offer.copies_disks && version < STORAGE_COPY_VERSION {
+        return Err(MigrateError::Refused(format!(
+            "the destination speaks protocol v{version}, which cannot receive a copy of the VM's disk (v{STORAGE_COPY_VERSION} and later); upgrade it, or put the disk on storage both hosts share"
+        )));
+    }
     if !offer.disks.is_empty() && version < STORAGE_VERSION {
         return Err(MigrateError::Refused(format!(
             "the destination speaks protocol v{version}, which cannot take a VM with a disk (v{STORAGE_VERSION} and later); upgrade it"
