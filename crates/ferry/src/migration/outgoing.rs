@@ -120,9 +120,9 @@ pub fn migrate_vm_controlled(
     };
     let mut source = if request.copy_storage {
         if let Some(why) = copy_storage_conflict(request) {
-            return Err(refused(MigrateError::Refused(why)));
+            return Err(refused(MigrateError::NotPossible(why)));
         }
-        VmSource::copying_disk(vm).map_err(|why| refused(MigrateError::Refused(why)))?
+        VmSource::copying_disk(vm).map_err(|why| refused(MigrateError::NotPossible(why)))?
     } else {
         VmSource::new(vm)
     };

@@ -14,6 +14,9 @@ pub enum MigrateError {
     },
     #[error("the destination refused the migration: {0}")]
     Refused(String),
+    /// Refused here, before anything moved: the request cannot be done.
+    #[error("the migration cannot be done as asked: {0}")]
+    NotPossible(String),
     #[error("securing the connection to the destination: {0}")]
     Transport(String),
     #[error("the destination aborted the migration: {0}")]

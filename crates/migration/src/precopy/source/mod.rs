@@ -362,7 +362,7 @@ fn drive<G: SourceGuest + ?Sized>(
     run.recoverable_commit =
         (version >= COMMIT_RECOVERY_VERSION).then_some((options.link_recovery, options.io_timeout));
     if run.copies_disks && matches!(options.mode, Mode::Postcopy | Mode::Hybrid) {
-        return Err(MigrateError::Refused(format!(
+        return Err(MigrateError::NotPossible(format!(
             "--mode {} cannot move a VM whose disk is copied: the blocks not yet sent would stay on this host while the VM runs there; use --mode precopy or auto",
             options.mode.name()
         )));
