@@ -177,3 +177,49 @@ fn nix_is_root() -> bool {
     // SAFETY: geteuid(2) has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// `ferry demo storage --local` and `--shared`: B's guest reads back a
+/// whole round of its disk with no bad block, B holds the image's lock,
+/// and the demo's images are gone afterwards.
+#[test]
+fn the_storage_demo_moves_a_disk_copied_and_shared_and_checks_it_on_b() {
+    let test = "the_storage_demo_moves_a_disk_copied_and_shared_and_checks_it_on_b";
+    if !common::kvm_or_skip(test) {
+        return;
+    }
+    for kind in ["--local", "--shared"] {
+        let (status, report, pid) = run_demo(&["storage", kind]);
+        assert_verified_on_b(&report);
+        assert!(
+            status.success(),
+            "ferry demo storage {kind} exited {status}"
+        );
+        let disk = &report["storage"];
+        eprintln!(
+            "{test}: {kind}: {disk}; host downtime {} ms",
+            report["migration"]["blackout"]["host_downtime_ms"]
+        );
+        assert_eq!(disk["disk_errors_on_b"], 0, "{disk}");
+        assert!(
+            disk["blocks_checked_on_b"].as_u64().unwrap() >= 256,
+            "{disk}"
+        );
+        assert_eq!(disk["b_holds_lock"], true, "{disk}");
+        match kind {
+            "--local" => {
+                let copy = &disk["copy"];
+                assert!(copy["blocks_sent"].as_u64().unwrap() >= 256, "{copy}");
+                // A sparse image: the first pass reads only what holds data.
+                assert!(copy["first_pass_blocks"].as_u64().unwrap() < 4096, "{copy}");
+                assert_ne!(disk["image_on_a"], disk["image_on_b"]);
+            }
+            _ => {
+                assert_eq!(disk["image_on_a"], disk["image_on_b"]);
+                assert!(disk["lock_released_ms"].as_f64().is_some(), "{disk}");
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("ferry-demo-storage-{pid}"));
+        assert!(!dir.exists(), "{} is left behind", dir.display());
+        assert_nothing_left(pid);
+    }
+}

@@ -126,6 +126,7 @@ pub(super) fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
         |left| dest_log.next_line(left),
         || hosts.b.log_tail(3),
         last_src_seq,
+        None,
         args.verbose,
         args.json,
     );

@@ -16,6 +16,7 @@ use crate::watch::GuestWatch;
 use ferry_control::MigrateRequest;
 
 use super::network::NetworkScene;
+use super::storage::StorageScene;
 use super::{conclude, finish, say, verify_destination, DemoArgs, DemoReport};
 
 /// Host B: a `ferry receive` child and its console lines.
@@ -49,20 +50,30 @@ impl HostB {
 }
 
 pub(super) fn demo(args: &DemoArgs) -> anyhow::Result<bool> {
-    run(args, None)
+    run(args, None, None)
 }
 
 /// The direct demo; with `net`, the VM serves TCP and UDP on its card and
-/// the scene's client probes it from before the migration to after it.
-pub(super) fn run(args: &DemoArgs, mut net: Option<NetworkScene>) -> anyhow::Result<bool> {
+/// the scene's client probes it from before the migration to after it;
+/// with `disk`, the VM writes and checks a disk, shared or copied.
+pub(super) fn run(
+    args: &DemoArgs,
+    mut net: Option<NetworkScene>,
+    disk: Option<StorageScene>,
+) -> anyhow::Result<bool> {
     let start = Instant::now();
-    let vm_args = match &net {
-        Some(scene) => scene.vm_args(&args.vm)?,
-        None => args.vm.clone(),
+    let vm_args = match (&net, &disk) {
+        (Some(scene), _) => scene.vm_args(&args.vm)?,
+        (None, Some(scene)) => scene.vm_args(&args.vm)?,
+        (None, None) => args.vm.clone(),
     };
-    let host_b_extra = net
+    let mut host_b_extra = net
         .as_ref()
         .map_or_else(Vec::new, NetworkScene::host_b_args);
+    host_b_extra.extend(
+        disk.as_ref()
+            .map_or_else(Vec::new, StorageScene::host_b_args),
+    );
     let (host_b, addr) = HostB::start(vm_args.prealloc, vm_args.mem, &host_b_extra)?;
     say!(
         args.json,
@@ -72,9 +83,10 @@ pub(super) fn run(args: &DemoArgs, mut net: Option<NetworkScene>) -> anyhow::Res
         vm_args.guest_workload()
     );
     say!(args.json, "Host B: `ferry receive` listening on {addr}");
-    let hosts = match &net {
-        Some(scene) => scene.describe(),
-        None => {
+    let hosts = match (&net, &disk) {
+        (Some(scene), _) => scene.describe(),
+        (None, Some(scene)) => scene.describe(),
+        (None, None) => {
             "direct: host A is this process, host B a `ferry receive` child, plaintext on loopback"
                 .into()
         }
@@ -133,7 +145,7 @@ pub(super) fn run(args: &DemoArgs, mut net: Option<NetworkScene>) -> anyhow::Res
         priority: Default::default(),
         transport: Some(ferry_control::TransportRequest::InsecurePlaintext),
         token_file: None,
-        copy_storage: false,
+        copy_storage: disk.as_ref().is_some_and(StorageScene::copies),
     };
     let mut view = ProgressView::new();
     let result = migrate_vm(&mut vm, &request, &mut |p| view.show(p));
@@ -169,15 +181,15 @@ pub(super) fn run(args: &DemoArgs, mut net: Option<NetworkScene>) -> anyhow::Res
     let last_src_seq = watch.last_seq.unwrap_or_default();
     doc.source_last_seq = watch.last_seq;
     doc.source_errors = watch.errors;
-    doc.migration = Some(Box::new(report));
     let verdict = verify_destination(
         |left| host_b.console.recv_timeout(left).ok(),
         || host_b.child.status_so_far().join(" | "),
         last_src_seq,
+        disk.as_ref().map(StorageScene::round_blocks),
         args.verbose,
         args.json,
     );
-    let network_failure = match net {
+    let mut scene_failure = match net {
         Some(scene) => {
             let stall_us = verdict.as_ref().map(|v| v.first.stall_us).ok();
             let (outcome, failure) = scene.finish(stall_us, args.json);
@@ -186,12 +198,19 @@ pub(super) fn run(args: &DemoArgs, mut net: Option<NetworkScene>) -> anyhow::Res
         }
         None => None,
     };
+    if let Some(scene) = disk {
+        let on_b = verdict.as_ref().ok().and_then(|v| v.disk);
+        let (outcome, failure) = scene.finish(&report, on_b, args.json);
+        doc.storage = Some(outcome);
+        scene_failure = scene_failure.or(failure);
+    }
+    doc.migration = Some(Box::new(report));
     conclude(
         doc,
         verdict,
         last_src_seq,
         watch.errors,
-        network_failure,
+        scene_failure,
         args.json,
     )
 }

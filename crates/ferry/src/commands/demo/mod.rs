@@ -12,10 +12,11 @@ mod direct;
 mod hosts;
 mod log_tail;
 mod network;
+mod storage;
 
 use std::time::{Duration, Instant};
 
-use ferry_testguest::console::{parse_line, Heartbeat, Line};
+use ferry_testguest::console::{parse_line, DiskCounters, Heartbeat, Line};
 use ferry_testguest::workload::Workload;
 
 use crate::commands::run::VmArgs;
@@ -36,9 +37,18 @@ pub struct DemoArgs {
     pub direct: bool,
     /// `network`: the VM serves TCP and UDP on a virtio-net card in the
     /// test topology while a client probes it every 1 ms across the move
-    /// (as root; engine to engine, like --direct).
+    /// (as root; engine to engine, like --direct). `storage`: the VM writes
+    /// and checks a disk across the move (with --shared or --local).
     #[arg(value_enum)]
     pub scenario: Option<Scenario>,
+    /// `storage`: both hosts open the same image, whose lock is handed
+    /// over in the blackout.
+    #[arg(long, conflicts_with = "local")]
+    pub shared: bool,
+    /// `storage`: the image is copied to host B's own while the VM runs
+    /// (`--copy-storage`). The default.
+    #[arg(long)]
+    pub local: bool,
     /// Echo the guest console.
     #[arg(long)]
     pub verbose: bool,
@@ -53,6 +63,9 @@ pub enum Scenario {
     /// The VM's TCP connection and UDP echoes across the migration, on the
     /// test topology (network namespaces; needs root).
     Network,
+    /// The VM's disk across the migration: on shared storage (--shared) or
+    /// copied (--local).
+    Storage,
 }
 
 /// The demo's whole report (`--json`).
@@ -73,6 +86,9 @@ struct DemoReport {
     /// `ferry demo network`: what the client saw.
     #[serde(skip_serializing_if = "Option::is_none")]
     network: Option<network::NetworkOutcome>,
+    /// `ferry demo storage`: what happened to the disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    storage: Option<storage::StorageOutcome>,
 }
 
 impl DemoReport {
@@ -90,6 +106,7 @@ impl DemoReport {
             migration: None,
             destination: None,
             network: None,
+            storage: None,
         }
     }
 }
@@ -120,20 +137,32 @@ pub fn default_workload() -> Workload {
     "dirty:256:1024".parse().expect("a valid built-in workload")
 }
 
+/// `ferry demo storage`'s memory workload (the disk's is added): 64 MiB
+/// rewritten at 64 MiB/s, on one vCPU, leaving a core to the disk's worker
+/// and the copy.
+fn storage_workload() -> Workload {
+    "dirty:64:64".parse().expect("a valid built-in workload")
+}
+
 /// `ferry demo network`'s: 128 MiB rewritten at 256 MiB/s, on one vCPU.
 fn network_workload() -> Workload {
     "dirty:128:256".parse().expect("a valid built-in workload")
 }
 
 pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
+    // The storage demo gives the VM its own disk.
     args.vm.refuse_disk("ferry demo")?;
     // The network demo leaves a core to the card's worker, the client and
     // the migration: on a 2-core host, two vCPUs spinning on a 1 GiB/s
     // writer starved them (replies stalled for seconds after the move).
     let (workload, vcpus) = match args.scenario {
         Some(Scenario::Network) => (network_workload(), 1),
+        Some(Scenario::Storage) => (storage_workload(), 1),
         None => (default_workload(), 2),
     };
+    if (args.shared || args.local) && args.scenario != Some(Scenario::Storage) {
+        anyhow::bail!("--shared and --local choose the disk of `ferry demo storage`");
+    }
     args.vm
         .workload
         .get_or_insert(ferry_testguest::net::GuestWorkload {
@@ -143,7 +172,17 @@ pub fn demo(mut args: DemoArgs) -> anyhow::Result<bool> {
         });
     args.vm.vcpus.get_or_insert(vcpus);
     match (&args.scenario, args.direct) {
-        (Some(Scenario::Network), _) => direct::run(&args, Some(network::NetworkScene::up()?)),
+        (Some(Scenario::Network), _) => {
+            direct::run(&args, Some(network::NetworkScene::up()?), None)
+        }
+        (Some(Scenario::Storage), _) => {
+            let kind = if args.shared {
+                storage::StorageKind::Shared
+            } else {
+                storage::StorageKind::Local
+            };
+            direct::run(&args, None, Some(storage::StorageScene::up(kind)?))
+        }
         (None, true) => direct::demo(&args),
         (None, false) => agents::demo(&args),
     }
@@ -165,6 +204,8 @@ struct DestinationVerdict {
     first: Heartbeat,
     last: Heartbeat,
     sweeps_on_b: u64,
+    /// With a disk: its counters in B's first and last heartbeats.
+    disk: Option<(DiskCounters, DiskCounters)>,
 }
 
 /// How long B has to run a whole sweep of the working set.
@@ -172,16 +213,20 @@ const DESTINATION_WINDOW: Duration = Duration::from_secs(20);
 
 /// Reads host B's console lines (`next_line` waits at most the time it is
 /// given; None when nothing came) until a full sweep ran entirely on B.
-/// `why_silent` says what B reported when it stays silent.
+/// `why_silent` says what B reported when it stays silent. With
+/// `disk_round`, B's guest must also read back and check that many blocks
+/// of its disk, without an error.
 fn verify_destination(
     mut next_line: impl FnMut(Duration) -> Option<String>,
     why_silent: impl Fn() -> String,
     last_src_seq: u64,
+    disk_round: Option<u64>,
     verbose: bool,
     json: bool,
 ) -> Result<DestinationVerdict, String> {
     let deadline = Instant::now() + DESTINATION_WINDOW;
     let mut first: Option<Heartbeat> = None;
+    let mut first_disk: Option<DiskCounters> = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(line) = next_line(left) else {
@@ -209,13 +254,32 @@ fn verify_destination(
                         first.seq
                     ));
                 }
+                let disk = match disk_round {
+                    None => None,
+                    Some(_) => {
+                        let d = DiskCounters::from_heartbeat(&line)
+                            .ok_or("B's heartbeats carry no disk counters")?;
+                        if d.disk_err > 0 {
+                            return Err(format!(
+                                "B's guest found {} bad blocks on its disk",
+                                d.disk_err
+                            ));
+                        }
+                        Some((*first_disk.get_or_insert(d), d))
+                    }
+                };
+                let disk_done = match (disk_round, disk) {
+                    (Some(round), Some((f, d))) => d.disk_ver >= f.disk_ver + round,
+                    _ => true,
+                };
                 // +2: the sweep under way at the switchover ends on B, the
                 // next one runs on B from its first page to its last.
-                if hb.sweeps >= first.sweeps + 2 {
+                if hb.sweeps >= first.sweeps + 2 && disk_done {
                     return Ok(DestinationVerdict {
                         sweeps_on_b: hb.sweeps - first.sweeps - 1,
                         first: first.clone(),
                         last: hb,
+                        disk,
                     });
                 }
             }
@@ -231,7 +295,7 @@ fn conclude(
     verdict: Result<DestinationVerdict, String>,
     last_src_seq: u64,
     source_errors: u64,
-    network_failure: Option<String>,
+    scene_failure: Option<String>,
     json: bool,
 ) -> anyhow::Result<bool> {
     say!(json, "");
@@ -260,11 +324,16 @@ fn conclude(
                 sweeps_on_b: v.sweeps_on_b,
                 errors: v.last.err,
             });
-            if let Some(why) = network_failure {
+            if let Some(why) = scene_failure {
+                let part = if doc.storage.is_some() {
+                    "disk"
+                } else {
+                    "network"
+                };
                 return finish(
                     doc,
                     false,
-                    format!("Demo FAILED on the network: {why}"),
+                    format!("Demo FAILED on the {part}: {why}"),
                     json,
                 );
             }
@@ -273,6 +342,8 @@ fn conclude(
                 v.first.seq,
                 if doc.network.is_some() {
                     "; its TCP connection was kept with no request lost and no UDP probe lost"
+                } else if doc.storage.is_some() {
+                    "; it read back a whole round of its disk on B and found every block as it last wrote it"
                 } else {
                     ""
                 }
