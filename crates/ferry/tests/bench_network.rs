@@ -11,11 +11,10 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ferry, kvm_or_skip};
+use common::{ferry, kvm_or_skip, run_bounded};
 use ferry_netlab::Topology;
 use serde_json::Value;
 
@@ -41,47 +40,6 @@ fn can_run(test: &str) -> bool {
         println!("SKIPPED {test}: `{QEMU}` is not installed");
     }
     qemu
-}
-
-/// Runs `cmd` to its end within `timeout` (killed past it); returns its
-/// pid, exit success, stdout and stderr.
-fn run_bounded(mut cmd: Command, timeout: Duration) -> (u32, bool, String, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting ferry bench");
-    let pid = child.id();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let (stdout, stderr) = (out_reader.join().unwrap(), err_reader.join().unwrap());
-    let status = status.unwrap_or_else(|| {
-        panic!("ferry bench did not finish within {timeout:?}; stderr:\n{stderr}")
-    });
-    (pid, status.success(), stdout, stderr)
 }
 
 /// Namespaces under /run/netns whose name starts with `prefix`.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_testguest::console::{parse_line, Exit, Heartbeat, Line, Ready};
+use ferry_testguest::console::{parse_line, DiskCounters, Exit, Heartbeat, Line, Ready};
 
 /// Verify the working set within this long after the move.
 pub(crate) const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +47,34 @@ pub(crate) struct Verdict {
     pub(crate) dst_sweeps_verified: u64,
     pub(crate) errors: u64,
     pub(crate) failures: Vec<String>,
+}
+
+/// Blocks of its disk the guest read back and checked since its first
+/// heartbeat here.
+pub(crate) fn disk_checked(state: &ConsoleState) -> u64 {
+    match (state.disk.first(), state.disk.last()) {
+        (Some(f), Some(l)) => l.disk_ver.saturating_sub(f.disk_ver),
+        _ => 0,
+    }
+}
+
+/// What is wrong with the destination's disk: bad blocks, or fewer than a
+/// whole round of `round` blocks checked.
+pub(crate) fn disk_failures(dst: &ConsoleState, round: u64) -> Vec<String> {
+    let mut failures = Vec::new();
+    let errors = dst.disk.iter().map(|d| d.disk_err).max().unwrap_or(0);
+    if errors > 0 {
+        failures.push(format!(
+            "the destination guest found {errors} bad disk blocks"
+        ));
+    }
+    let checked = disk_checked(dst);
+    if checked < round {
+        failures.push(format!(
+            "the destination guest checked {checked} disk blocks, not a whole round of {round}"
+        ));
+    }
+    failures
 }
 
 /// The checks of the baseline's `heartbeat_continued` and
@@ -154,6 +182,9 @@ pub(crate) struct Console {
 pub(crate) struct ConsoleState {
     /// With the host time each line arrived.
     pub(crate) heartbeats: Vec<(Instant, Heartbeat)>,
+    /// The disk counters of the heartbeats that carry them (a guest with a
+    /// disk workload).
+    pub(crate) disk: Vec<DiskCounters>,
     pub(crate) ready: Option<(Instant, Ready)>,
     pub(crate) exit: Option<Exit>,
     /// `ERR` lines.
@@ -169,6 +200,7 @@ impl ConsoleState {
     pub(crate) fn clone_for_verdict(&self) -> ConsoleState {
         ConsoleState {
             heartbeats: self.heartbeats.clone(),
+            disk: self.disk.clone(),
             ready: self.ready.clone(),
             exit: self.exit.clone(),
             page_errors: self.page_errors,
@@ -185,7 +217,12 @@ impl ConsoleState {
         }
         self.tail.push_back(line.to_owned());
         match parse_line(line) {
-            Line::Heartbeat(hb) => self.heartbeats.push((at, hb)),
+            Line::Heartbeat(hb) => {
+                if let Some(d) = DiskCounters::from_heartbeat(line) {
+                    self.disk.push(d);
+                }
+                self.heartbeats.push((at, hb));
+            }
             Line::Ready(r) => self.ready = Some((at, r)),
             Line::Exit(e) => self.exit = Some(e),
             Line::PageError(_) => self.page_errors += 1,

@@ -13,7 +13,7 @@ use ferry_migration::stats::MigrationReport;
 use ferry_testguest::workload::Workload;
 use serde::Serialize;
 
-use super::console_watch::{dst_done, judge, Console, VERIFY_TIMEOUT};
+use super::console_watch::{disk_checked, disk_failures, dst_done, judge, Console, VERIFY_TIMEOUT};
 use super::observer::{NoObserver, RunObserver};
 use crate::api::call;
 use crate::child::FerryChild;
@@ -38,6 +38,20 @@ pub struct FerryMigration {
     /// The network row's card, echo service and namespaces; None: no card,
     /// both processes in this one's namespace, migration over loopback.
     pub net: Option<FerryNet>,
+    /// The storage rows' disk; None: no disk.
+    pub disk: Option<BenchDisk>,
+}
+
+/// A disk the guest writes and checks (`+disk:MIB:max`) across the move.
+#[derive(Debug, Clone)]
+pub struct BenchDisk {
+    /// The source's image (which must exist).
+    pub image: PathBuf,
+    /// The destination's own image, copied with `--copy-storage` (which
+    /// must not exist); None: the same image, on storage both share.
+    pub copy_to: Option<PathBuf>,
+    /// MiB of blocks the guest writes and checks.
+    pub mib: u64,
 }
 
 /// Where the network row puts a Ferry run.
@@ -126,6 +140,8 @@ pub struct FerryOutcome {
     pub errors: u64,
     pub verified: bool,
     pub verify_failures: Vec<String>,
+    /// With a disk: blocks the destination's guest read back and checked.
+    pub disk_blocks_checked: Option<u64>,
     pub wall_ms: f64,
     /// Ferry's own report (rounds, blackout parts), without its timeline.
     pub report: MigrationReport,
@@ -176,10 +192,13 @@ pub fn run_ferry_migration_observed(
         dst_args.push("--insecure-plaintext".into());
         ferry_control::TransportRequest::InsecurePlaintext
     };
-    let workload = match &m.net {
+    let mut workload = match &m.net {
         Some(net) => format!("{}+net:{}", m.workload, net.echo),
         None => m.workload.to_string(),
     };
+    if let Some(disk) = &m.disk {
+        workload = format!("{workload}+disk:{}:max", disk.mib);
+    }
     let mut src_args: Vec<String> = vec![
         "run".into(),
         "--mem".into(),
@@ -211,6 +230,11 @@ pub fn run_ferry_migration_observed(
             "--net".into(),
             format!("tap={},netns={}", net.destination_tap, net.destination_ns),
         ]);
+    }
+    if let Some(disk) = &m.disk {
+        src_args.extend(["--disk".into(), format!("path={}", disk.image.display())]);
+        let on_b = disk.copy_to.as_ref().unwrap_or(&disk.image);
+        dst_args.extend(["--disk".into(), format!("path={}", on_b.display())]);
     }
     let (src_ns, dst_ns) = match &m.net {
         Some(net) => (
@@ -249,7 +273,7 @@ pub fn run_ferry_migration_observed(
         priority: m.priority,
         transport: Some(transport),
         token_file: None,
-        copy_storage: false,
+        copy_storage: m.disk.as_ref().is_some_and(|d| d.copy_to.is_some()),
     });
     let mut report = match call(&socket, &request)? {
         Response::Migrated(r) => *r,
@@ -259,9 +283,11 @@ pub fn run_ferry_migration_observed(
         other => bail!("unexpected answer: {other:?}"),
     };
     let ws_pages = ready.ws_mb * 256;
+    let disk_round = m.disk.as_ref().map(|d| d.mib << 8);
     let dst_state = dst_console
         .wait_until(Instant::now() + VERIFY_TIMEOUT, |s| {
             dst_done(&s.heartbeats, ws_pages)
+                && disk_round.is_none_or(|round| disk_checked(s) >= round)
         })
         .clone_for_verdict();
     observer.guest_moved();
@@ -272,7 +298,10 @@ pub fn run_ferry_migration_observed(
         .wait_until(Instant::now() + SOURCE_EXIT_TIMEOUT, |_| false)
         .clone_for_verdict();
     drop((src, dst));
-    let verdict = judge(&src_state, &dst_state, "running", ws_pages);
+    let mut verdict = judge(&src_state, &dst_state, "running", ws_pages);
+    if let Some(round) = disk_round {
+        verdict.failures.extend(disk_failures(&dst_state, round));
+    }
     Ok(FerryOutcome {
         total_ms: report.total_ms,
         setup_ms: report.setup_ms,
@@ -288,6 +317,7 @@ pub fn run_ferry_migration_observed(
         errors: verdict.errors,
         verified: verdict.failures.is_empty(),
         verify_failures: verdict.failures,
+        disk_blocks_checked: disk_round.map(|_| disk_checked(&dst_state)),
         wall_ms: started.elapsed().as_secs_f64() * 1e3,
         report: {
             report.timeline.clear();

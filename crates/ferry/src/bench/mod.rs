@@ -12,6 +12,7 @@ pub mod qemu;
 pub mod qemu_net;
 pub mod qemu_tls;
 pub mod qmp;
+pub mod storage;
 pub mod table;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,9 @@ pub struct Row {
     /// virtio-net card, on the netlab topology, probed by a client while
     /// it migrates from host A to host B (see [`network`]).
     pub network: bool,
+    /// The storage rows: the guest also writes and checks a disk, shared or
+    /// copied, and the same VM moves without it too (see [`storage`]).
+    pub disk: Option<storage::DiskRow>,
 }
 
 impl Row {
@@ -106,6 +110,7 @@ pub fn rows() -> Vec<Row> {
         qemu: true,
         tls: false,
         network: false,
+        disk: None,
     };
     let capped = |name, mode| Row {
         mode,
@@ -152,6 +157,17 @@ pub fn rows() -> Vec<Row> {
         Row {
             network: true,
             ..row(network::ROW, "dirty:64:100", false, None)
+        },
+        // The same VM with a disk and without, Ferry alone.
+        Row {
+            disk: Some(storage::DiskRow::Shared),
+            qemu: false,
+            ..row("disk-shared", "dirty:64:100", false, None)
+        },
+        Row {
+            disk: Some(storage::DiskRow::Local),
+            qemu: false,
+            ..row("disk-local", "dirty:64:100", false, None)
         },
     ]
 }
@@ -213,6 +229,9 @@ pub struct RowResult {
     /// The network row's client figures and targets.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<network::NetworkResult>,
+    /// The storage rows' figures with and without the disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<storage::StorageResult>,
 }
 
 /// What a whole bench run measured.
@@ -333,8 +352,11 @@ pub fn run_rows(
             ferry_of_loopback: None,
             qemu_of_loopback: None,
             network: None,
+            storage: None,
         };
-        if row.network {
+        if let Some(kind) = row.disk {
+            storage::run_row(&mut result, kind, workload, reps, dir.path(), on_run);
+        } else if row.network {
             network::run_row(
                 &mut result,
                 workload,
@@ -362,6 +384,7 @@ pub fn run_rows(
                     vcpus: row.vcpus,
                     tls: row.tls,
                     net: None,
+                    disk: None,
                 };
                 match run_ferry_migration(&m, dir.path()) {
                     Ok(o) => result.ferry_runs.push(o),

@@ -430,6 +430,7 @@ fn ferry_run(
             destination_tap: b.tap.clone(),
             destination_ip: b.ip,
         }),
+        disk: None,
     };
     run_ferry_migration_observed(&m, dir, client)
 }

@@ -36,6 +36,8 @@ pub fn print(all: &BenchResults, reps: usize) {
             r.row.vcpus,
             if r.row.network {
                 format!("{}+net", r.row.workload)
+            } else if r.row.disk.is_some() {
+                format!("{}+disk", r.row.workload)
             } else {
                 r.row.workload.clone()
             },
@@ -77,6 +79,9 @@ pub fn print(all: &BenchResults, reps: usize) {
     for r in results {
         if let Some(n) = &r.network {
             print_network(r.row.name, n);
+        }
+        if let Some(st) = &r.storage {
+            super::storage::print(r.row.name, st);
         }
     }
     for r in results {

@@ -12,8 +12,10 @@ pub struct BenchArgs {
     /// Only these rows (iperf3, idle, dirty-100, dirty-1024-10ms,
     /// dirty-1024-10ms-2vcpu, fill-768-prealloc, fill-768-prealloc-4streams,
     /// fill-768-prealloc-tls, fill-768-prealloc-tls-4streams,
-    /// postcopy-max-300MiBs, hybrid-max-300MiBs, auto-max-300MiBs, network).
-    /// iperf3, the loopback TCP limit, runs whenever a throughput row does.
+    /// postcopy-max-300MiBs, hybrid-max-300MiBs, auto-max-300MiBs, network,
+    /// disk-shared, disk-local). iperf3, the loopback TCP limit, runs
+    /// whenever a throughput row does. The disk rows move the same VM with
+    /// its disk and without (Ferry alone).
     /// network needs root (it builds namespaces, bridges and taps) and says
     /// SKIPPED without it.
     #[arg(long, value_delimiter = ',')]

@@ -3,7 +3,7 @@
 //! guest's one parser, and reach the guest's RAM from outside.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
@@ -744,3 +744,44 @@ pub fn verify_still_running(
 pub mod disk;
 pub mod migrations;
 pub mod net;
+
+/// Runs `cmd` to its end within `timeout` (killed past it); returns its
+/// pid, exit success, stdout and stderr.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> (u32, bool, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting ferry bench");
+    let pid = child.id();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (stdout, stderr) = (out_reader.join().unwrap(), err_reader.join().unwrap());
+    let status = status.unwrap_or_else(|| {
+        panic!("ferry bench did not finish within {timeout:?}; stderr:\n{stderr}")
+    });
+    (pid, status.success(), stdout, stderr)
+}
