@@ -24,9 +24,6 @@
 //! host's namespace with a virtio-net card on that host's tap, and the
 //! migration goes to host B's address instead (see [`super::qemu_net`]).
 
-// Nothing calls this yet outside its tests: `ferry bench` will. Remove
-// this once it does.
-
 use std::collections::VecDeque;
 use std::env;
 use std::fmt;

@@ -6,9 +6,6 @@
 //! `query-migrate` is polled, and the `MIGRATION` events only fill in the
 //! states a poll can miss.
 
-// Nothing calls this yet outside its tests: `ferry bench` will. Remove
-// this once it does.
-
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
