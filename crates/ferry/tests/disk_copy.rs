@@ -66,6 +66,10 @@ fn a_local_disk_is_copied_with_the_vm_and_every_acknowledged_write_arrives() {
             "--copy-storage",
             "--downtime",
             "10ms",
+            // The first pass on two streams: the disk's pages are striped
+            // across them like memory's.
+            "--streams",
+            "2",
             "--json",
         ],
     );
