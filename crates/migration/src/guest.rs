@@ -113,4 +113,12 @@ pub trait IncomingGuest {
         self,
         missing: &PageBitmap,
     ) -> Result<(Self::Running, Arc<dyn LazyMemory>), GuestError>;
+    /// The started VM's network at this place, for a post-copy to deliver
+    /// the frames forwarded from the old place into and then open (the
+    /// card starts held). None: the VM has no network device.
+    fn network_of(
+        _running: &Self::Running,
+    ) -> Option<Box<dyn crate::handover::DestinationNetwork>> {
+        None
+    }
 }

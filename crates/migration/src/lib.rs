@@ -22,6 +22,7 @@ mod reconnect;
 pub mod shared_pages;
 pub mod stats;
 pub mod synthetic;
+pub mod synthetic_net;
 pub mod thread_priority;
 pub mod transport;
 pub mod tuning;

@@ -269,7 +269,8 @@ pub struct MigrationReport {
     /// Present in auto mode: what was expected, to set beside what happened.
     pub prediction: Option<Prediction>,
     /// Present for a VM with a network device: the frames the source held
-    /// from the pause and forwarded after the commit.
+    /// from the pause and forwarded after the commit (in a post-copy, v11,
+    /// while the pages were served).
     #[serde(default)]
     pub network: Option<crate::handover::ForwardReport>,
     /// Present when the VM's disk was copied with it (`--copy-storage`).

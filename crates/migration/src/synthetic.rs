@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::guest::{GuestError, IncomingGuest, LazyMemory, PageReader, PauseTiming, SourceGuest};
+use crate::handover::{DestinationNetwork, SourceNetwork};
 use crate::protocol::{Offer, RamRange, PAGE_SIZE};
+use crate::synthetic_net::{NewPlace, OldPlace};
 
 struct Shared {
     mem: Mutex<Vec<u8>>,
@@ -28,6 +30,8 @@ pub struct SyntheticSource {
     shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
     pub state: Vec<u8>,
+    /// A network card: its frames are forwarded after the commit.
+    pub network: Option<OldPlace>,
 }
 
 impl SyntheticSource {
@@ -60,6 +64,7 @@ impl SyntheticSource {
             shared,
             writer: Some(writer),
             state: b"synthetic vcpu state".to_vec(),
+            network: None,
         }
     }
 
@@ -205,6 +210,10 @@ impl SourceGuest for SyntheticSource {
     fn memory_reader(&self) -> Result<Arc<dyn PageReader>, GuestError> {
         Ok(Arc::new(SharedReader(self.shared.clone())))
     }
+
+    fn network_after_commit(&mut self) -> Option<Box<dyn SourceNetwork>> {
+        Some(Box::new(self.network.clone()?))
+    }
 }
 
 struct SharedReader(Arc<Shared>);
@@ -231,6 +240,8 @@ pub struct SyntheticIncoming {
     pub state: Option<Vec<u8>>,
     /// Refuse `load_state` (to test a destination that fails late).
     pub fail_load: bool,
+    /// A network card, handed to a post-copy for the forwarded frames.
+    pub network: Option<NewPlace>,
 }
 
 impl SyntheticIncoming {
@@ -239,6 +250,7 @@ impl SyntheticIncoming {
             mem: vec![0; bytes as usize],
             state: None,
             fail_load: false,
+            network: None,
         }
     }
 }
@@ -249,6 +261,7 @@ pub struct SyntheticRunning {
     pub mem: Vec<u8>,
     pub state: Vec<u8>,
     pub lazy: Option<Arc<SyntheticLazy>>,
+    pub network: Option<NewPlace>,
 }
 
 /// Post-copy memory without a kernel: `touch` plays a vCPU that reads a
@@ -354,7 +367,12 @@ impl IncomingGuest for SyntheticIncoming {
             mem: self.mem,
             state: self.state.ok_or("started without a state")?,
             lazy: None,
+            network: self.network,
         })
+    }
+
+    fn network_of(running: &SyntheticRunning) -> Option<Box<dyn DestinationNetwork>> {
+        Some(Box::new(running.network.clone()?))
     }
 
     fn start_lazy(
@@ -385,6 +403,7 @@ impl IncomingGuest for SyntheticIncoming {
                 mem: Vec::new(),
                 state,
                 lazy: Some(lazy.clone()),
+                network: self.network,
             },
             lazy,
         ))

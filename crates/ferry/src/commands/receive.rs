@@ -19,9 +19,10 @@ use super::run::{supervise, Ending, Extra, SuperviseArgs};
 use crate::migration::incoming::accept;
 use crate::migration::network::{NetAnnouncer, NetDestination};
 use ferry_migration::handover::{
-    announce_on_schedule, deliver_forwarded, ForwardLimits, ANNOUNCE_SCHEDULE,
+    announce_on_schedule, deliver_forwarded, DeliverReport, ForwardLimits, ANNOUNCE_SCHEDULE,
 };
 use ferry_migration::protocol::NET_HANDOVER_VERSION;
+use ferry_vmm::devices::net::NetHandle;
 
 #[derive(Debug, clap::Args)]
 pub struct ReceiveArgs {
@@ -281,8 +282,9 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
         }
     }
     // The card started held: the frames that reached the old place since
-    // the pause come first (a v7 source forwards them after the commit,
-    // pre-copy only), then this host's tap opens.
+    // the pause come first (a v7 source forwards them after a pre-copy
+    // commit; a v11 one during a post-copy, whose handle delivers them and
+    // opens the tap), then this host's tap opens.
     if let Some(net) = vm.net() {
         if report.version >= NET_HANDOVER_VERSION && postcopy.is_none() {
             let handed = deliver_forwarded(
@@ -290,19 +292,8 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
                 &mut NetDestination(net.clone()),
                 &ForwardLimits::default(),
             );
-            eprintln!(
-                "ferry: network handover: {} frames forwarded from the old place delivered ({} by the source's count, {} dropped there), this tap opened {:.1} ms after the start{}; card stats {:?}",
-                handed.delivered,
-                handed.source_forwarded.unwrap_or(0),
-                handed.source_dropped.unwrap_or(0),
-                handed.opened_ms,
-                handed
-                    .error
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default(),
-                net.stats()
-            );
-        } else {
+            say_handed(&handed, &net);
+        } else if !postcopy.as_ref().is_some_and(|h| h.forwards_network()) {
             net.release();
         }
     }
@@ -313,6 +304,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
             (h.needed_pages() * 4096) >> 20
         );
     }
+    let net_card = vm.net();
     let events = vm.take_events().expect("a fresh VM has its events");
     let mut told = false;
     let mut link_was_down = false;
@@ -355,6 +347,9 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
             }
             let h = postcopy.take_if(|h| h.is_finished())?;
             let missing = h.missing_pages();
+            if let (Some(handed), Some(net)) = (h.network_report(), net_card.as_ref()) {
+                say_handed(&handed, net);
+            }
             match h.wait() {
                 Ok(c) => {
                     eprintln!(
@@ -378,4 +373,21 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
             }
         },
     )
+}
+
+/// The destination's line on the network handover.
+fn say_handed(handed: &DeliverReport, net: &NetHandle) {
+    eprintln!(
+        "ferry: network handover: {} frames forwarded from the old place delivered ({} by the source's count, {} dropped there), this tap opened {:.1} ms after the start{}; card stats {:?}",
+        handed.delivered,
+        handed.source_forwarded.unwrap_or(0),
+        handed.source_dropped.unwrap_or(0),
+        handed.opened_ms,
+        handed
+            .error
+            .as_ref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default(),
+        net.stats()
+    );
 }

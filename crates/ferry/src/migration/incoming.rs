@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ferry_migration::bitmap::PageBitmap;
 use ferry_migration::guest::{GuestError, IncomingGuest, LazyMemory};
+use ferry_migration::handover::DestinationNetwork;
 use ferry_migration::protocol::Offer;
 use ferry_vmm::compat::{check_incoming, decode_cpuid, IncomingLimits, OfferedVm};
 use ferry_vmm::lazy::LazyRam;
@@ -18,6 +19,7 @@ use ferry_vmm::devices::block::copy_target::CopyTarget;
 use ferry_vmm::devices::block::device::BlockConfig;
 use ferry_vmm::devices::net::NetConfig;
 
+use super::network::NetDestination;
 use super::source::{DISK_FEATURE, NET_FEATURE, VM_FEATURES};
 use super::storage::DiskPlan;
 
@@ -183,6 +185,10 @@ impl IncomingGuest for Incoming {
         let ranges: Vec<(u64, u64)> = missing.runs().iter().map(|r| (r.gpa, r.bytes())).collect();
         let (vm, lazy) = self.vm.start_lazy(&ranges)?;
         Ok((vm, Arc::new(LazyGuestRam(lazy))))
+    }
+
+    fn network_of(vm: &Vm) -> Option<Box<dyn DestinationNetwork>> {
+        Some(Box::new(NetDestination(vm.net()?)))
     }
 }
 

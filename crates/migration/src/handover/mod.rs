@@ -10,6 +10,10 @@
 //! after the commit and a few times after: never before, and never on an
 //! abort, so the network learns the new place only once the VM runs there.
 //!
+//! In a post-copy (v11) the same messages travel on the main link between
+//! the page batches: the source's push slips them in, the destination's
+//! push receiver delivers them as they come.
+//!
 //! The engine knows nothing of taps: the VMM implements the traits below.
 
 mod announce;
@@ -21,10 +25,18 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use announce::{announce_on_schedule, AnnounceSchedule, Announcer, ANNOUNCE_SCHEDULE};
-pub use deliver::deliver_forwarded;
-pub use forward::forward_after_commit;
+pub use deliver::{deliver_forwarded, Delivery};
+pub use forward::{forward_after_commit, Forwarder, Pumped, STRAY_POLL};
 
 use crate::guest::GuestError;
+
+/// Whether a post-copy (or a hybrid that switched) on protocol `version`
+/// carries the VM's frames between its pages. Both sides ask it: a v7..v10
+/// peer's post-copy takes only pages on the main connection, so it is sent
+/// none and opens its network at once, as before v11.
+pub fn forwards_during_postcopy(version: u16) -> bool {
+    version >= crate::protocol::POSTCOPY_FORWARD_VERSION
+}
 
 /// Most frames one `Forwarded` message carries: 64 full-size Ethernet
 /// frames stay far below the control-frame limit.
@@ -45,6 +57,17 @@ pub trait DestinationNetwork: Send {
     /// The frames held since the pause are all delivered (or will never
     /// come): take the VM's frames from this host's network from now on.
     fn open(&mut self) -> Result<(), GuestError>;
+}
+
+/// A borrowed device is one too (pre-copy lends the caller's).
+impl<N: DestinationNetwork + ?Sized> DestinationNetwork for &mut N {
+    fn deliver(&mut self, frame: Vec<u8>) -> Result<(), GuestError> {
+        (**self).deliver(frame)
+    }
+
+    fn open(&mut self) -> Result<(), GuestError> {
+        (**self).open()
+    }
 }
 
 /// How long the source keeps forwarding.

@@ -208,3 +208,67 @@ fn announces_follow_the_schedule_from_the_start() {
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     assert_eq!(ANNOUNCE_SCHEDULE.len(), 5);
 }
+
+#[test]
+fn a_forwarder_sends_at_most_its_budget_per_step_and_ends_in_order() {
+    let (mut src, mut dst) = link_pair();
+    let mut old = OldPlace::default();
+    for i in 0..(3 * FRAMES_PER_MESSAGE as u32) {
+        old.arrive(&frame(i));
+    }
+    let limits = ForwardLimits {
+        quiet: Duration::from_millis(30),
+        ..fast()
+    };
+    let receiver = std::thread::spawn(move || {
+        let mut place = NewPlace::default();
+        let got = deliver_forwarded(&mut dst, &mut place, &limits);
+        (got, place)
+    });
+    let mut forwarder = Forwarder::new(&mut old, limits);
+    // Between two page batches, a post-copy lets one message through.
+    assert_eq!(forwarder.pump(&mut src, 1).unwrap(), Pumped::Busy);
+    assert_eq!(forwarder.pump(&mut src, 1).unwrap(), Pumped::Busy);
+    assert_eq!(forwarder.pump(&mut src, 1).unwrap(), Pumped::Busy);
+    // The held ones are out: the held-done mark, then nothing waits.
+    assert_eq!(forwarder.pump(&mut src, 8).unwrap(), Pumped::Idle);
+    std::thread::sleep(Duration::from_millis(40));
+    assert_eq!(forwarder.pump(&mut src, 8).unwrap(), Pumped::Done);
+    assert!(forwarder.is_done());
+    let sent = forwarder.finish();
+    let (got, place) = receiver.join().unwrap();
+    assert_eq!(sent.error, None, "{sent:?}");
+    assert_eq!(sent.held, 3 * FRAMES_PER_MESSAGE as u64);
+    assert_eq!(got.delivered, sent.held);
+    assert_eq!(place.opened_after, Some(3 * FRAMES_PER_MESSAGE));
+    assert_eq!(got.source_forwarded, Some(sent.held));
+}
+
+#[test]
+fn a_delivery_opens_the_network_at_its_deadline_without_a_source() {
+    let limits = ForwardLimits {
+        window: Duration::ZERO,
+        ..fast()
+    };
+    let mut place = NewPlace::default();
+    let mut delivery = Delivery::new(Box::new(&mut place), &limits);
+    assert!(delivery.expecting());
+    assert!(!delivery.check_deadline(), "the grace period still runs");
+    delivery.give_up("the link failed".into());
+    assert!(!delivery.expecting());
+    let report = delivery.finish();
+    assert_eq!(report.error.as_deref(), Some("the link failed"));
+    assert_eq!(place.opened_after, Some(0), "the VM gets its network");
+}
+
+#[test]
+fn only_a_v11_peer_gets_frames_during_postcopy() {
+    use crate::protocol::{NET_HANDOVER_VERSION, PROTOCOL_VERSION};
+    // v7..v10: forwarding after a pre-copy commit only; their post-copy
+    // reader would take a Forwarded frame for a protocol violation.
+    for old in NET_HANDOVER_VERSION..=10 {
+        assert!(!forwards_during_postcopy(old), "v{old}");
+    }
+    assert!(forwards_during_postcopy(11));
+    assert!(forwards_during_postcopy(PROTOCOL_VERSION));
+}

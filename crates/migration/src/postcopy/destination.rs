@@ -8,6 +8,8 @@
 //! its missing pages (it never runs on memory it does not have) while the
 //! destination waits for the source to come back with `Resume`; then both
 //! connections are opened again and every page not yet here is sent.
+//! The push receiver also delivers the VM's forwarded frames (v11) into
+//! its card, until the source's `ForwardEnd`, even after the last page.
 
 use crate::transport::{Link, Listener};
 use std::collections::HashMap;
@@ -19,8 +21,10 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::guest::{GuestError, LazyMemory};
+use crate::handover::{DeliverReport, DestinationNetwork};
 use crate::postcopy::channel::{accept_fault_channel, wait_readable};
 use crate::postcopy::latency;
+use crate::postcopy::net_intake::NetIntake;
 use crate::protocol::{
     read_header, read_message, read_pages_into, recv_message, write_message, Abort, FrameKind,
     Message, PageRequest, PageSink, PostcopyComplete, PostcopyReady, ResumeState, Resumed,
@@ -99,6 +103,8 @@ struct Shared {
     link_down: AtomicBool,
     link_error: Mutex<Option<String>>,
     recoveries: AtomicU32,
+    /// The VM's card, for the frames the source forwards.
+    net: NetIntake,
 }
 
 impl Shared {
@@ -182,13 +188,16 @@ pub struct PostcopyHandle {
 
 impl PostcopyHandle {
     /// Starts filling `lazy` with the pages in `needed`, fetched over
-    /// `main` (the push) and `fault` (requests and their answers).
+    /// `main` (the push) and `fault` (requests and their answers), and
+    /// delivering into `net` the frames the source forwards on `main`
+    /// (a v11 source; None: none come, or the VM has no card).
     pub(crate) fn start(
         lazy: Arc<dyn LazyMemory>,
         needed: PageBitmap,
         main: Link,
         fault: Link,
         recovery: Recovery,
+        net: Option<Box<dyn DestinationNetwork>>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             lazy,
@@ -210,6 +219,7 @@ impl PostcopyHandle {
             link_down: AtomicBool::new(false),
             link_error: Mutex::new(None),
             recoveries: AtomicU32::new(0),
+            net: NetIntake::new(net),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -244,6 +254,17 @@ impl PostcopyHandle {
                 .clone()
                 .unwrap_or_else(|| "unknown".into()),
         )
+    }
+
+    /// True when this post-copy delivers the VM's forwarded frames and
+    /// opens this host's network to it (the caller must not).
+    pub fn forwards_network(&self) -> bool {
+        self.shared.net.present()
+    }
+
+    /// The delivery of forwarded frames so far (final once finished).
+    pub fn network_report(&self) -> Option<DeliverReport> {
+        self.shared.net.report()
     }
 
     /// How many times the source came back after a link failure.
@@ -322,7 +343,11 @@ fn run(
             break;
         }
         // The link failed: close both connections (so the source and our
-        // answer receiver notice too) and wait for the source.
+        // answer receiver notice too) and wait for the source. Frames it
+        // was forwarding are lost: the VM gets this host's network now.
+        shared
+            .net
+            .give_up("the link to the source failed while it forwarded");
         let _ = main.shutdown(std::net::Shutdown::Both);
         if let Some(w) = shared.fault_writer.lock().unwrap().take() {
             let _ = w.shutdown(std::net::Shutdown::Both);
@@ -374,6 +399,7 @@ fn run(
     shared.stop.store(true, Ordering::Release);
     let _ = faults.join();
     if let Some(e) = shared.failure.lock().unwrap().take() {
+        shared.net.give_up("post-copy failed");
         return Err(e);
     }
     let (p50, p99, max) = latency::summarize(&mut shared.latencies_us.lock().unwrap());
@@ -390,18 +416,78 @@ fn run(
     // never reads it keeps its VM paused, which is safe.
     let _ = write_message(&mut main, &Message::PostcopyComplete(complete.clone()));
     let _ = main.flush();
-    // Best effort, for the source's report: the guest's own stall.
-    let deadline = Instant::now() + RESUMED_WAIT;
-    while Instant::now() < deadline {
-        if let Some(r) = shared.resumed.lock().unwrap().take() {
-            let _ = write_message(&mut main, &Message::Resumed(r));
-            let _ = main.flush();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    after_complete(&shared, &mut main);
+    shared
+        .net
+        .give_up("post-copy ended before the source's ForwardEnd");
     drain(&mut main);
     Ok(complete)
+}
+
+/// Once every page is here: tells the source how the guest fared (best
+/// effort, for its report) and delivers the frames it still forwards.
+fn after_complete(shared: &Shared, main: &mut Link) {
+    const TICK: Duration = Duration::from_millis(5);
+    let deadline = Instant::now() + RESUMED_WAIT;
+    let mut told = false;
+    let mut frames = FrameReader::default();
+    loop {
+        if !told {
+            if let Some(r) = shared.resumed.lock().unwrap().take() {
+                let _ = write_message(main, &Message::Resumed(r));
+                let _ = main.flush();
+                told = true;
+            }
+        }
+        let forwarding = shared.net.expecting();
+        if !forwarding && (told || Instant::now() >= deadline) {
+            return;
+        }
+        if !forwarding {
+            std::thread::sleep(TICK);
+            continue;
+        }
+        shared.net.check_deadline();
+        match wait_readable(main, TICK) {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(why) = frames.next(shared, main) {
+                    shared.net.give_up(&why);
+                }
+            }
+            Err(e) => shared
+                .net
+                .give_up(&format!("waiting for forwarded frames: {e}")),
+        }
+    }
+}
+
+/// Reads one frame off the main connection after the last page: a
+/// forwarded-frames message is delivered, a push batch still in flight
+/// (its pages all came by the fault channel first) is dropped.
+#[derive(Default)]
+struct FrameReader {
+    staging: Staging,
+    scratch: Vec<u8>,
+}
+
+impl FrameReader {
+    fn next(&mut self, shared: &Shared, main: &mut Link) -> Result<(), String> {
+        let stage = "reading forwarded frames";
+        let header = read_header(main).map_err(|e| format!("{stage}: {e}"))?;
+        if header.kind == FrameKind::Pages {
+            self.staging.clear();
+            return read_pages_into(main, &header, &mut self.staging)
+                .map(|_| ())
+                .map_err(|e| format!("{stage}: {e}"));
+        }
+        let message =
+            read_message(main, &header, &mut self.scratch).map_err(|e| format!("{stage}: {e}"))?;
+        shared
+            .net
+            .take(message)
+            .map_err(|other| format!("{stage}: the source sent {}", other.kind()))
+    }
 }
 
 /// Waits on the listener for the source to come back with `Resume` for
@@ -511,6 +597,7 @@ fn receive_push(shared: &Shared, main: &mut Link) -> Result<(), PostcopyError> {
         if shared.stopped() || shared.link_is_down() {
             return Ok(());
         }
+        shared.net.check_deadline();
         if !wait_readable(main, POLL).map_err(PostcopyError::io(stage))? {
             continue;
         }
@@ -521,11 +608,12 @@ fn receive_push(shared: &Shared, main: &mut Link) -> Result<(), PostcopyError> {
                 read_pages_into(main, &header, &mut staging).map_err(PostcopyError::link(stage))?;
                 staging.place(shared, stage)?;
             }
-            kind => match read_message(main, &header, &mut scratch)
-                .map_err(PostcopyError::link(stage))?
-            {
-                Message::Abort(a) => return Err(PostcopyError::SourceAborted(a.reason)),
-                _ => {
+            kind => match shared.net.take(
+                read_message(main, &header, &mut scratch).map_err(PostcopyError::link(stage))?,
+            ) {
+                Ok(()) => {}
+                Err(Message::Abort(a)) => return Err(PostcopyError::SourceAborted(a.reason)),
+                Err(_) => {
                     return Err(PostcopyError::Unexpected {
                         stage,
                         expected: "Pages",

@@ -7,11 +7,13 @@
 //! every remaining page on the main connection, nearest to the latest
 //! fault first. Each page crosses at most once (plus an occasional
 //! duplicate when a request and the push cross), so post-copy finishes
-//! whatever rate the guest writes at.
+//! whatever rate the guest writes at. The frames that reached the VM's
+//! old place since the pause travel between the pushed pages (v11).
 
 pub(crate) mod channel;
 pub mod destination;
 pub mod latency;
+mod net_intake;
 pub mod source;
 
 pub use destination::{PostcopyError, PostcopyHandle};

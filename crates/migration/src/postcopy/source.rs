@@ -2,7 +2,9 @@
 //! memory no longer changes. One thread answers the destination's page
 //! requests on the fault channel; this thread pushes every other page the
 //! destination lacks on the main connection, starting next to the latest
-//! request, then waits for the destination to say it has them all.
+//! request, then waits for the destination to say it has them all. With a
+//! network device (v11) it slips the frames that reached the VM here in
+//! between the pushed batches, as pre-copy forwards them after its commit.
 
 use crate::transport::Link;
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::bandwidth::Pacer;
 use crate::bitmap::PageBitmap;
 use crate::guest::PageReader;
+use crate::handover::{Forwarder, HandoverError, STRAY_POLL};
 use crate::postcopy::channel::{link_failed, open_fault_channel, wait_readable};
 use crate::precopy::error::error_chain as describe;
 use crate::precopy::error::MigrateError;
@@ -36,6 +39,10 @@ const POLL: Duration = Duration::from_millis(20);
 /// fault p99 of ~350 µs on this 2-core host, 256 KiB ~155 µs, at the same
 /// push rate.
 const PUSH_BATCH_PAGES: usize = 64;
+/// Most forwarded-frame messages (of up to 64 frames each) between two
+/// push batches: a burst of frames must not hold the pages up, and 8 of
+/// them weigh less than one batch.
+const FORWARD_BUDGET: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -136,13 +143,16 @@ pub(crate) struct ServeFailure {
 /// Serves `needed` until the destination holds every page of it. A link
 /// that fails is opened again (for up to `options.recovery`): the
 /// destination says which pages it holds and the rest is sent again. The
-/// VM stays paused here meanwhile, and every page stays here.
+/// VM stays paused here meanwhile, and every page stays here. `forward`
+/// (the VM's frames, v11) goes out between the batches while it lasts; a
+/// failed link ends it (the destination then opens its network).
 pub(crate) fn serve(
     memory: Arc<dyn PageReader>,
     main: &mut Link,
     fault: Link,
     needed: &PageBitmap,
     options: &ServeOptions,
+    forward: Option<&mut Forwarder<'_>>,
     events: &mut dyn FnMut(ServeEvent),
 ) -> Result<Served, Box<ServeFailure>> {
     let addr = main.peer_addr().map_err(|e| {
@@ -155,7 +165,9 @@ pub(crate) fn serve(
         })
     })?;
     let sent = SharedPages::empty_like(needed);
-    serve_from(memory, main, fault, needed, sent, addr, options, events)
+    serve_from(
+        memory, main, fault, needed, sent, addr, options, forward, events,
+    )
 }
 
 /// Tries again a post-copy the source gave up on: reconnects (for up to
@@ -183,6 +195,7 @@ pub fn resume(
         sent,
         u.addr,
         &u.options,
+        None,
         events,
     ) {
         Ok(served) => Ok(served),
@@ -207,13 +220,22 @@ fn serve_from(
     mut sent: SharedPages,
     addr: SocketAddr,
     options: &ServeOptions,
+    mut forward: Option<&mut Forwarder<'_>>,
     events: &mut dyn FnMut(ServeEvent),
 ) -> Result<Served, Box<ServeFailure>> {
     let counts = ServerCounts::default();
     let (mut pushed_pages, mut push_bytes, mut recoveries) = (0, 0, 0);
     loop {
         match serve_link(
-            &*memory, main, fault, needed, &sent, options, &counts, events,
+            &*memory,
+            main,
+            fault,
+            needed,
+            &sent,
+            options,
+            &counts,
+            forward.as_deref_mut(),
+            events,
         ) {
             Ok((pages, bytes, complete)) => {
                 return Ok(Served {
@@ -227,6 +249,11 @@ fn serve_from(
             Err((error, pages, bytes)) => {
                 pushed_pages += pages;
                 push_bytes += bytes;
+                if let Some(f) = forward.as_deref_mut() {
+                    // Frames on a broken link are lost; the destination
+                    // opened its network when the link failed.
+                    f.abandon(format!("the link failed: {}", describe(&error)));
+                }
                 if !link_failed(&error) {
                     return Err(Box::new(ServeFailure {
                         error,
@@ -286,6 +313,7 @@ fn serve_link(
     sent: &SharedPages,
     options: &ServeOptions,
     counts: &ServerCounts,
+    mut forward: Option<&mut Forwarder<'_>>,
     events: &mut dyn FnMut(ServeEvent),
 ) -> Result<(u64, u64, PostcopyComplete), LinkFailure> {
     let hint = AtomicU64::new(u64::MAX);
@@ -310,10 +338,11 @@ fn serve_link(
             &hint,
             &broken,
             options,
+            forward.as_deref_mut(),
             events,
             &mut pushed,
         )
-        .and_then(|()| wait_complete(main, options.io_timeout, &broken));
+        .and_then(|()| wait_complete(main, options.io_timeout, &broken, forward));
         stop.store(true, Ordering::Release);
         if result.is_err() {
             if let Some(f) = &fault_closer {
@@ -396,6 +425,7 @@ fn push(
     hint: &AtomicU64,
     broken: &AtomicBool,
     options: &ServeOptions,
+    mut forward: Option<&mut Forwarder<'_>>,
     events: &mut dyn FnMut(ServeEvent),
     pushed_total: &mut (u64, u64),
 ) -> Result<(), MigrateError> {
@@ -446,6 +476,9 @@ fn push(
         if runs.is_empty() {
             break;
         }
+        if let Some(f) = forward.as_deref_mut() {
+            pump(f, main, stage)?;
+        }
         let before = sender.total.bytes;
         sender
             .send_runs(&read, main, &runs, &mut |_| {})
@@ -464,11 +497,24 @@ fn push(
     Ok(())
 }
 
-/// After the push: the destination's word that every page is placed.
+/// Forwards what is due now, between two batches; a link that fails
+/// fails the push.
+fn pump(f: &mut Forwarder<'_>, main: &mut Link, stage: &'static str) -> Result<(), MigrateError> {
+    match f.pump(main, FORWARD_BUDGET) {
+        Ok(_) => Ok(()),
+        Err(HandoverError::Link { source, .. }) => Err(MigrateError::Protocol { stage, source }),
+        // `pump` ends forwarding on a device failure and reports it.
+        Err(HandoverError::Device { .. }) => Ok(()),
+    }
+}
+
+/// After the push: the destination's word that every page is placed;
+/// strays are forwarded meanwhile.
 fn wait_complete(
     main: &mut Link,
     timeout: Duration,
     broken: &AtomicBool,
+    mut forward: Option<&mut Forwarder<'_>>,
 ) -> Result<PostcopyComplete, MigrateError> {
     let stage = "post-copy: waiting for the destination to hold every page";
     let deadline = Instant::now() + timeout;
@@ -481,7 +527,14 @@ fn wait_complete(
                 source: ProtocolError::PeerClosed,
             });
         }
-        let ready = wait_readable(main, POLL).map_err(|e| MigrateError::Protocol {
+        let mut wait = POLL;
+        if let Some(f) = forward.as_deref_mut().filter(|f| !f.is_done()) {
+            pump(f, main, stage)?;
+            if !f.is_done() {
+                wait = STRAY_POLL;
+            }
+        }
+        let ready = wait_readable(main, wait).map_err(|e| MigrateError::Protocol {
             stage,
             source: e.into(),
         })?;

@@ -456,6 +456,12 @@ fn drive<G: IncomingGuest>(
             let (vm, lazy) = guest
                 .start_lazy(&missing)
                 .map_err(|source| ReceiveError::Guest { stage, source })?;
+            // A v11 source forwards the VM's frames between the pages.
+            let net = if crate::handover::forwards_during_postcopy(report.version) {
+                G::network_of(&vm)
+            } else {
+                None
+            };
             let main = stream
                 .try_clone()
                 .map_err(|e| ReceiveError::protocol(stage)(e.into()))?;
@@ -467,7 +473,7 @@ fn drive<G: IncomingGuest>(
                 session,
                 timeout: options.link_recovery,
             };
-            let handle = PostcopyHandle::start(lazy, missing, main, fault, recovery)
+            let handle = PostcopyHandle::start(lazy, missing, main, fault, recovery, net)
                 .map_err(|e| ReceiveError::protocol(stage)(e.into()))?;
             (vm, Some(handle))
         }

@@ -54,6 +54,8 @@
 //!    (frames that reached the source since         anything from the destination's
 //!     the pause, then strays)                      own network; the destination
 //!  ForwardEnd{forwarded, dropped}            ──▶   announces the VM there at once
+//!  after a post-copy commit (v11), the same Forwarded ... ForwardEnd go
+//!  on the main connection between the pushed Pages, delivered as they come
 //!  source VM torn down                       ◀──   Resumed{guest stall}         (optional, once
 //!                                                  the guest has run: for the report)
 //!
@@ -119,6 +121,7 @@ pub use pages::{
 };
 pub use version::{
     negotiate, NegotiationError, VersionRange, BLACKOUT_TIMING_VERSION, COMMIT_RECOVERY_VERSION,
-    NET_HANDOVER_VERSION, POSTCOPY_VERSION, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
-    SESSION_TOKEN_VERSION, STORAGE_COPY_VERSION, STORAGE_VERSION, STREAMS_VERSION,
+    NET_HANDOVER_VERSION, POSTCOPY_FORWARD_VERSION, POSTCOPY_VERSION, PROTOCOL_VERSION,
+    PROTOCOL_VERSION_MIN, SESSION_TOKEN_VERSION, STORAGE_COPY_VERSION, STORAGE_VERSION,
+    STREAMS_VERSION,
 };

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;
 /// The first version with post-copy (frames 14 to 21).
 pub const POSTCOPY_VERSION: u16 = 2;
 /// The first version with page data on several streams (frames 22 to 25).
@@ -32,6 +32,12 @@ pub const STORAGE_VERSION: u16 = 9;
 /// says so, and the disk's blocks travel as pages of the disk's range
 /// (`DISK_COPY_BASE`).
 pub const STORAGE_COPY_VERSION: u16 = 10;
+/// The first version whose post-copy (and hybrid, once it switched)
+/// forwards the frames that reached the VM's old place too: `Forwarded`
+/// and `ForwardEnd` travel on the main connection between the pushed
+/// pages. An older destination's post-copy takes only pages there, so it
+/// gets none (its tap opens at once, as before).
+pub const POSTCOPY_FORWARD_VERSION: u16 = 11;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 
@@ -162,6 +168,22 @@ mod tests {
             negotiate(r(2, 1), r(1, 1)),
             Err(NegotiationError::InvalidOwnRange { .. })
         ));
+    }
+
+    #[test]
+    fn postcopy_forwarding_needs_both_sides_at_v11() {
+        let ours = VersionRange::SUPPORTED;
+        // A peer that stops at v10 (or v7, the first with the pre-copy
+        // handover) negotiates below it: its post-copy gets no frames.
+        for old in [NET_HANDOVER_VERSION, 10] {
+            let agreed = negotiate(ours, r(PROTOCOL_VERSION_MIN, old)).unwrap();
+            assert!(agreed < POSTCOPY_FORWARD_VERSION, "v{agreed}");
+        }
+        assert_eq!(
+            negotiate(ours, r(PROTOCOL_VERSION_MIN, POSTCOPY_FORWARD_VERSION)),
+            Ok(POSTCOPY_FORWARD_VERSION)
+        );
+        const { assert!(POSTCOPY_FORWARD_VERSION <= PROTOCOL_VERSION) };
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::bandwidth::Pacer;
 use crate::bitmap::{push_run, PageBitmap};
 use crate::guest::SourceGuest;
+use crate::handover::{ForwardLimits, Forwarder};
 use crate::mode::Mode;
 use crate::policy::{Decision, Policy, PolicyConfig, RoundFacts};
 use crate::postcopy::channel::{new_session, open_fault_channel};
@@ -263,9 +264,10 @@ pub fn migrate<G: SourceGuest + ?Sized>(
     match drive(guest, &mut stream, options, &mut run) {
         Ok(()) => {
             run.report.outcome = "committed".into();
+            // A post-copy forwarded its frames while it served the pages.
             if run.version >= NET_HANDOVER_VERSION && !run.postcopy_started {
                 if let Some(mut net) = guest.network_after_commit() {
-                    let limits = crate::handover::ForwardLimits::default();
+                    let limits = ForwardLimits::default();
                     run.report.network = Some(crate::handover::forward_after_commit(
                         &mut stream,
                         net.as_mut(),

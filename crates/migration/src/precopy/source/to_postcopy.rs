@@ -124,6 +124,16 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     let handed = hand_over(guest, stream, run, None)?;
     drop(boost);
     run.postcopy_started = true;
+    // Committed: the frames held since the pause, and strays, follow the
+    // VM between the pages (a destination older than v11 takes none).
+    let mut net = if crate::handover::forwards_during_postcopy(run.version) {
+        guest.network_after_commit()
+    } else {
+        None
+    };
+    let mut forwarder = net
+        .as_deref_mut()
+        .map(|n| Forwarder::new(n, ForwardLimits::default()));
     // The post-copy destination reports no share of its own: the downtime
     // is the upper bound, up to Committed. ("last pages" here is the set of
     // pages the destination lacks.)
@@ -158,6 +168,7 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
         fault,
         &needed,
         &serve_options,
+        forwarder.as_mut(),
         &mut |event: ServeEvent| match event {
             ServeEvent::Progress(sent, total) => {
                 let left = total.saturating_sub(sent) * PAGE_SIZE as u64;
@@ -174,6 +185,11 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
         },
     );
     drop(serving);
+    if let Some(f) = forwarder.as_mut().filter(|_| served.is_ok()) {
+        // The pages are all there; the window for strays may not be over.
+        f.run_to_end(stream);
+    }
+    run.report.network = forwarder.map(Forwarder::finish);
     let served = match served {
         Ok(served) => served,
         Err(failure) => {

@@ -107,9 +107,27 @@ impl Shared {
         let _ = self.wake.write(1);
     }
 
-    /// Keeps a frame (without its header) the tap gave while held.
+    /// Keeps a frame (without its header) the tap gave while held. The
+    /// worker decides to hold before it reads the tap, and a round can
+    /// take long (a post-copy destination's waits on missing pages): a
+    /// frame read after `release` goes to the guest behind the released
+    /// ones, never into a queue nobody empties any more.
     fn hold_frame(&self, frame: &[u8]) {
         let mut held = self.held_frames.lock().unwrap();
+        if !self.held.load(Ordering::Acquire) {
+            // Released meanwhile (`release` clears the flag under this
+            // lock, so its frames are in the inject queue already).
+            let mut inject = self.inject.lock().unwrap();
+            if inject.len() >= INJECT_CAPACITY {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                inject.push_back(frame.to_vec());
+            }
+            drop(inject);
+            drop(held);
+            self.wake();
+            return;
+        }
         if held.len() >= HOLD_CAPACITY {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -169,6 +187,9 @@ impl NetHandle {
         {
             let mut held = self.shared.held_frames.lock().unwrap();
             let mut inject = self.shared.inject.lock().unwrap();
+            // Under the lock: a frame the worker holds from now on sees it
+            // (see `Shared::hold_frame`) and follows these.
+            self.shared.held.store(false, Ordering::Release);
             while let Some(f) = held.pop_front() {
                 if inject.len() >= INJECT_CAPACITY {
                     self.shared.dropped.fetch_add(1, Ordering::Relaxed);
@@ -177,7 +198,6 @@ impl NetHandle {
                 }
             }
         }
-        self.shared.held.store(false, Ordering::Release);
         self.shared.wake();
     }
 
