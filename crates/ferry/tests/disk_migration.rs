@@ -21,7 +21,8 @@ use common::migrations::{
     source_handed_over, source_runs_on_after_failure, stop_destination,
 };
 use common::{
-    kvm_or_skip, migration_destination, snapshot, start_migrate, verify_arrival, FerryProc, TempDir,
+    kvm_or_skip, migration_destination, migration_destination_with_env, snapshot, start_migrate,
+    verify_arrival, FerryProc, TempDir,
 };
 
 /// 256 blocks: one checked round takes a few seconds on this host's disk.
@@ -205,7 +206,15 @@ fn a_lock_the_destination_cannot_take_aborts_and_the_source_takes_its_disk_back(
     let (mut src, socket) = disk_source(&dir, &img);
     let canonical = std::fs::canonicalize(&img).unwrap();
     let disk = format!("path={img}");
-    let (mut dst, port) = migration_destination("destination", &["--disk", &disk]);
+    // The destination waits 500 ms before it takes the lock: the thief,
+    // spinning on it, wins the lock in that window however busy the
+    // machine is (without the wait it had microseconds, and lost the race
+    // under load).
+    let (mut dst, port) = migration_destination_with_env(
+        "destination",
+        &["--disk", &disk],
+        &[("FERRY_TEST_DISK_LOCK_DELAY_MS", "500")],
+    );
     // The thief: spins on a lock attempt from before the migration starts
     // until it wins (at the source's release), holds it for a while, and
     // lets go. Bounded by a deadline.
@@ -221,7 +230,7 @@ fn a_lock_the_destination_cannot_take_aborts_and_the_source_takes_its_disk_back(
         while Instant::now() < deadline {
             if ferry_vmm::devices::block::lock::take(&file, path).is_ok() {
                 let won = Instant::now();
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(Duration::from_secs(2));
                 ferry_vmm::devices::block::lock::release(&file, path).unwrap();
                 return Some(won);
             }

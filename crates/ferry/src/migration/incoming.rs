@@ -23,8 +23,17 @@ use super::network::NetDestination;
 use super::source::{DISK_FEATURE, NET_FEATURE, VM_FEATURES};
 use super::storage::DiskPlan;
 
+/// Test-only: milliseconds the destination waits, with the VM paused on
+/// the source, before it takes a shared disk's lock. The test of a lock
+/// taken by a third process at the hand-over sets it, so that its thief
+/// wins a race it would otherwise have to win within microseconds. Never
+/// set in production: it lengthens the blackout.
+const TEST_LOCK_DELAY_ENV: &str = "FERRY_TEST_DISK_LOCK_DELAY_MS";
+
 pub struct Incoming {
     vm: IncomingVm,
+    /// See [`TEST_LOCK_DELAY_ENV`]; read once, before any page moves.
+    test_lock_delay: Option<Duration>,
     /// The image a copied disk arrives in: deleted with this value unless
     /// the VM starts on it.
     disk_copy: Option<CopyTarget>,
@@ -119,9 +128,15 @@ pub fn accept(
             "the VM's RAM layout {offered:x?} differs from this host's {built:x?}"
         ));
     }
+    let test_lock_delay = std::env::var(TEST_LOCK_DELAY_ENV)
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis)
+        .filter(|_| matches!(disk, Some(DiskPlan::Shared(..))));
     Ok(Incoming {
         vm: incoming,
         disk_copy,
+        test_lock_delay,
     })
 }
 
@@ -158,6 +173,9 @@ impl IncomingGuest for Incoming {
                 ms = t.elapsed().as_secs_f64() * 1e3,
                 "copied disk flushed"
             );
+        }
+        if let Some(delay) = self.test_lock_delay {
+            std::thread::sleep(delay);
         }
         self.vm.load_state(&record)?;
         Ok(())

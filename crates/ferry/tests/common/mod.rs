@@ -310,8 +310,14 @@ pub struct FerryProc {
 impl FerryProc {
     /// `ferry ARGS`, named `name` in the log.
     pub fn spawn(name: &str, args: &[&str]) -> Self {
+        Self::spawn_with_env(name, args, &[])
+    }
+
+    /// `ferry ARGS` with `env` added to its environment.
+    pub fn spawn_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = ferry()
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -577,12 +583,21 @@ pub fn migration_source(
 /// `ferry receive --listen 127.0.0.1:0 ARGS`; returns it with the port it
 /// printed.
 pub fn migration_destination(name: &str, args: &[&str]) -> (FerryProc, u16) {
+    migration_destination_with_env(name, args, &[])
+}
+
+/// [`migration_destination`] with `env` added to its environment.
+pub fn migration_destination_with_env(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (FerryProc, u16) {
     let mut all = vec!["receive", "--listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
     if !args.contains(&"--tls") && !args.contains(&"--insecure-plaintext") {
         all.push("--insecure-plaintext");
     }
-    let mut dst = FerryProc::spawn(name, &all);
+    let mut dst = FerryProc::spawn_with_env(name, &all, env);
     let port = dst.wait_line(Duration::from_secs(20), "the listening port", |s, text| {
         let rest = text.strip_prefix("ferry: listening on ")?;
         (s == Stream::Err).then_some(())?;
