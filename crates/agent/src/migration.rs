@@ -984,6 +984,7 @@ impl Agent {
             policy: offer.policy.clone(),
         })?;
         // Refused before anything is reserved: the VM stays on the source.
+        self.sees_disk(&offer.vm, &offer.definition)?;
         let network = match &offer.definition.net {
             Some(net) => {
                 if net.mac.is_none() {

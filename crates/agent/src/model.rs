@@ -28,6 +28,32 @@ pub struct VmDefinition {
     /// A virtio-net card on one of the host's networks; none: no card.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<NetDefinition>,
+    /// A virtio-blk disk on storage every host it migrates to shares (the
+    /// same path there); none: no disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskDefinition>,
+}
+
+/// The VM's disk: a raw image on shared storage (NFS, Ceph, or here one
+/// file), which every host the VM moves to sees at the same path. Its lock
+/// moves with the VM in the blackout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskDefinition {
+    /// The image's absolute path.
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    /// Attach it read-only.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+impl DiskDefinition {
+    /// The `--disk` value for `ferry run` and `ferry receive`.
+    pub fn flag(&self) -> String {
+        let ro = if self.readonly { ",readonly" } else { "" };
+        format!("path={}{ro}", self.path.display())
+    }
 }
 
 /// The VM's network card: which of the host's networks (`[[network]]`

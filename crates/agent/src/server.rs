@@ -411,11 +411,19 @@ impl Agent {
             Ok(w) => w,
             Err(e) => return bad(format!("definition.workload {:?}: {e}", def.workload)),
         };
-        if workload.disk.is_some() {
+        if workload.disk.is_some() && def.disk.is_none() {
             return bad(format!(
-                "definition.workload {:?}: the agent gives VMs no disk; drop the disk term",
+                "definition.workload {:?} writes a disk: give the VM one with definition.disk = {{\"path\": IMG}}",
                 def.workload
             ));
+        }
+        if let Some(disk) = &def.disk {
+            if !disk.path.is_absolute() {
+                return bad(format!(
+                    "definition.disk.path {:?}: give the image's absolute path (every host sees it there)",
+                    disk.path
+                ));
+            }
         }
         if workload.net.is_some() && def.net.is_none() {
             return bad(format!(
@@ -482,9 +490,31 @@ impl Agent {
         })
     }
 
+    /// Whether this host sees the VM's disk image (None: no disk, or it
+    /// does); Err is the 422 that says why not.
+    pub(crate) fn sees_disk(&self, vm: &str, def: &VmDefinition) -> Result<(), ApiError> {
+        let Some(disk) = &def.disk else {
+            return Ok(());
+        };
+        match std::fs::metadata(&disk.path) {
+            Ok(m) if m.is_file() => Ok(()),
+            Ok(_) => Err(ApiError::Incompatible(format!(
+                "VM {vm}'s disk {} is not a regular file on host {}",
+                disk.path.display(),
+                self.config.host_name
+            ))),
+            Err(e) => Err(ApiError::Incompatible(format!(
+                "VM {vm}'s disk {} cannot be seen on host {} ({e}): is the shared storage mounted here?",
+                disk.path.display(),
+                self.config.host_name
+            ))),
+        }
+    }
+
     /// `POST /v1/vms`: reserve, record, start the VMM, wait for it.
     pub async fn create(self: &Arc<Self>, req: CreateVm) -> Result<VmRecord, ApiError> {
         Self::validate(&req)?;
+        self.sees_disk(req.id.as_deref().unwrap_or("(new)"), &req.definition)?;
         let id = req
             .id
             .clone()

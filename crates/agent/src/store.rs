@@ -125,6 +125,7 @@ mod tests {
                 guest: None,
                 prealloc: false,
                 net: None,
+                disk: None,
             },
             policy: MigrationPolicy::default(),
             state: VmState::Running,

@@ -124,6 +124,9 @@ impl Vmm {
         if let Some(net) = net {
             cmd.arg("--net").arg(net);
         }
+        if let Some(disk) = &def.disk {
+            cmd.arg("--disk").arg(disk.flag());
+        }
         Self::spawn_detached(cmd, ferry_bin, log)
     }
 
@@ -175,6 +178,10 @@ impl Vmm {
         }
         if let Some(net) = net {
             cmd.arg("--net").arg(net);
+        }
+        // Shared storage: the same image the source runs on.
+        if let Some(disk) = &def.disk {
+            cmd.arg("--disk").arg(disk.flag());
         }
         Self::spawn_detached(cmd, ferry_bin, log)
     }

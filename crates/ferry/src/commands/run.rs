@@ -75,11 +75,11 @@ impl VmArgs {
     }
 
     /// For the commands that take these flags but cannot give the VM a
-    /// disk yet (the agents, the demo): a clear error instead of a disk
+    /// disk (the demo, which makes its own): a clear error instead of a disk
     /// silently dropped.
     pub fn refuse_disk(&self, command: &str) -> anyhow::Result<()> {
         if self.disk.is_some() || self.guest_workload().disk.is_some() {
-            bail!("{command} cannot give a VM a disk yet (--disk and +disk: work with ferry run only)");
+            bail!("{command} cannot take --disk or a +disk: term (ferry run and ferry vm create do; ferry demo storage makes its own disk)");
         }
         Ok(())
     }
