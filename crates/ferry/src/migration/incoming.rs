@@ -34,6 +34,9 @@ pub struct Incoming {
     vm: IncomingVm,
     /// See [`TEST_LOCK_DELAY_ENV`]; read once, before any page moves.
     test_lock_delay: Option<Duration>,
+    /// How long the copied disk's flush before StateLoaded took (said
+    /// once the VM runs, not in the blackout).
+    disk_flush: Option<Duration>,
     /// The image a copied disk arrives in: deleted with this value unless
     /// the VM starts on it.
     disk_copy: Option<CopyTarget>,
@@ -137,6 +140,7 @@ pub fn accept(
         vm: incoming,
         disk_copy,
         test_lock_delay,
+        disk_flush: None,
     })
 }
 
@@ -168,11 +172,7 @@ impl IncomingGuest for Incoming {
             // a crash of this host would lose.
             let t = std::time::Instant::now();
             copy.flush()?;
-            tracing::info!(
-                path = %copy.path().display(),
-                ms = t.elapsed().as_secs_f64() * 1e3,
-                "copied disk flushed"
-            );
+            self.disk_flush = Some(t.elapsed());
         }
         if let Some(delay) = self.test_lock_delay {
             std::thread::sleep(delay);
@@ -184,7 +184,14 @@ impl IncomingGuest for Incoming {
     fn start(self) -> Result<Vm, GuestError> {
         // The VM runs on the copied image from now on.
         if let Some(copy) = self.disk_copy {
-            copy.keep();
+            let path = copy.keep();
+            if let Some(t) = self.disk_flush {
+                eprintln!(
+                    "ferry: copied disk {} complete; its flush before the state was acknowledged took {:.2} ms of the blackout",
+                    path.display(),
+                    t.as_secs_f64() * 1e3
+                );
+            }
         }
         // The vCPU threads inherit this thread's priority.
         super::priority::normal();
