@@ -83,6 +83,42 @@ fn gap(g: &Option<GapReport>) -> String {
     }
 }
 
+impl ProbeReport {
+    /// What the client lost across a migration, each named for a person:
+    /// the connection not kept, resets, TCP requests without a reply, UDP
+    /// probes without an echo, or fewer than `min_requests` requests sent
+    /// (too little traffic to judge). Empty: nothing was lost.
+    pub fn losses(&self, min_requests: u64) -> Vec<String> {
+        let mut wrong = Vec::new();
+        match &self.tcp {
+            None => wrong.push("no TCP report".to_string()),
+            Some(t) => {
+                if !t.connection_kept {
+                    wrong.push("the TCP connection was not kept".into());
+                }
+                if t.resets > 0 {
+                    wrong.push(format!("{} TCP resets", t.resets));
+                }
+                if t.replies_missing > 0 {
+                    wrong.push(format!("{} TCP requests lost", t.replies_missing));
+                }
+                if t.requests_sent < min_requests {
+                    wrong.push(format!(
+                        "only {} TCP requests sent, want at least {min_requests}",
+                        t.requests_sent
+                    ));
+                }
+            }
+        }
+        match &self.udp {
+            None => wrong.push("no UDP report".to_string()),
+            Some(u) if u.lost > 0 => wrong.push(format!("{} UDP probes lost", u.lost)),
+            Some(_) => {}
+        }
+        wrong
+    }
+}
+
 fn rtt(r: Option<u64>) -> String {
     r.map_or(String::new(), |us| {
         format!(", longest round trip {:.1} ms", us as f64 / 1000.0)

@@ -193,18 +193,6 @@ fn print_outcome(o: &NetworkOutcome, json: bool) {
 
 /// Why the network part failed, if it did.
 fn judge(o: &NetworkOutcome) -> Option<String> {
-    let mut wrong = Vec::new();
-    if !o.connection_kept {
-        wrong.push("the TCP connection was not kept".to_string());
-    }
-    if o.tcp_resets > 0 {
-        wrong.push(format!("{} TCP resets", o.tcp_resets));
-    }
-    if o.tcp_requests_lost > 0 {
-        wrong.push(format!("{} TCP requests lost", o.tcp_requests_lost));
-    }
-    if o.udp_probes_lost > 0 {
-        wrong.push(format!("{} UDP probes lost", o.udp_probes_lost));
-    }
-    (!wrong.is_empty()).then(|| wrong.join(", "))
+    let lost = o.probe.losses(0);
+    (!lost.is_empty()).then(|| lost.join(", "))
 }
