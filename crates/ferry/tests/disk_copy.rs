@@ -283,6 +283,13 @@ fn a_cancelled_disk_copy_deletes_the_partial_image_and_the_source_runs_on() {
         !Path::new(&copy).exists(),
         "the partial image was not deleted"
     );
+    assert!(
+        dst.err
+            .iter()
+            .any(|l| l == &format!("ferry: no disk image is left at {copy}")),
+        "the destination must say its partial image is gone\n{}",
+        dst.transcript()
+    );
     source_runs_on_after_failure(&mut src, port);
     source_checks_a_round_on_its_own_image(&mut src, &img);
 }

@@ -170,6 +170,9 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
     let prealloc = args.prealloc;
     let net = args.net.clone().map(|n| n.0);
     let disk = args.disk.clone().map(|d| d.0);
+    // A copied disk's image is made here; after a failed move it must be
+    // gone again (say so: the operator may look for it).
+    let disk_was_absent = disk.as_ref().is_some_and(|d| !d.path.exists());
     let deadline = args.supervise.duration.map(|d| waiting_since + d);
     // A connection that fails before it offers a VM (garbage, a stranger,
     // a broken Hello) changes nothing here: wait for the real source.
@@ -218,6 +221,16 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
                 "ferry: incoming migration from {peer} failed: {}; no VM runs here",
                 error_chain(&e)
             );
+            if let Some(d) = disk.as_ref().filter(|_| disk_was_absent) {
+                if d.path.exists() {
+                    eprintln!(
+                        "ferry: a partial disk image is left at {}: remove it before another copy there",
+                        d.path.display()
+                    );
+                } else {
+                    eprintln!("ferry: no disk image is left at {}", d.path.display());
+                }
+            }
             return Ok(false);
         }
     };
