@@ -75,6 +75,8 @@ pub fn mutual_tls(peer: &str) -> String {
     format!("mutual TLS (TLS 1.3, peer {peer}), every connection bound to this migration by a one-time token")
 }
 
+/// The image a VM's local disk is copied into, in its directory here.
+const COPIED_DISK: &str = "disk.img";
 /// The file name of a prepared migration's session token, next to the
 /// receiver's console log.
 const TOKEN_FILE: &str = "session.token";
@@ -686,6 +688,7 @@ impl Agent {
         }
         self.set_phase(job, JobPhase::Transferring, None);
         slot.departing.store(true, Ordering::SeqCst);
+        let local_disk = record.definition.disk.as_ref().is_some_and(|d| d.local);
         let request = Request::Migrate(MigrateRequest {
             to: data_plane.to_string(),
             downtime_ms: req.downtime_ms.unwrap_or(record.policy.downtime_ms),
@@ -693,14 +696,15 @@ impl Agent {
             bandwidth: req.bandwidth.or(record.policy.bandwidth),
             auto_converge: record.policy.allow_auto_converge,
             mode,
-            allow_postcopy: record.policy.allow_postcopy,
+            // A copied disk moves by pre-copy only.
+            allow_postcopy: record.policy.allow_postcopy && !local_disk,
             recovery_ms: None,
             streams: req.streams,
             priority: Default::default(),
             cpu_share: None,
             transport: Some(transport),
             token_file: Some(token_file),
-            copy_storage: false,
+            copy_storage: local_disk,
         });
         // The policy's completion timeout: the engine is cancelled the
         // same way an operator cancels it.
@@ -983,8 +987,21 @@ impl Agent {
             definition: offer.definition.clone(),
             policy: offer.policy.clone(),
         })?;
+        // A local disk arrives in a new image in the VM's directory here;
+        // a shared one must be visible here at the same path.
+        let mut offer = offer;
+        if let Some(disk) = offer.definition.disk.as_mut().filter(|d| d.local) {
+            disk.path = self
+                .config
+                .state_dir
+                .join("vms")
+                .join(&offer.vm)
+                .join(COPIED_DISK);
+        }
         // Refused before anything is reserved: the VM stays on the source.
-        self.sees_disk(&offer.vm, &offer.definition)?;
+        if !offer.definition.disk.as_ref().is_some_and(|d| d.local) {
+            self.sees_disk(&offer.vm, &offer.definition)?;
+        }
         let network = match &offer.definition.net {
             Some(net) => {
                 if net.mac.is_none() {

@@ -35,8 +35,9 @@ pub struct VmDefinition {
 }
 
 /// The VM's disk: a raw image on shared storage (NFS, Ceph, or here one
-/// file), which every host the VM moves to sees at the same path. Its lock
-/// moves with the VM in the blackout.
+/// file), which every host the VM moves to sees at the same path and whose
+/// lock moves with the VM in the blackout; or, with `local`, an image the
+/// migration copies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskDefinition {
@@ -46,6 +47,12 @@ pub struct DiskDefinition {
     /// Attach it read-only.
     #[serde(default)]
     pub readonly: bool,
+    /// The image is on this host's own storage: a migration copies it with
+    /// the memory (pre-copy only) into the destination's state directory,
+    /// where the VM then runs on it. The source's image is left as it was
+    /// at the move.
+    #[serde(default)]
+    pub local: bool,
 }
 
 impl DiskDefinition {

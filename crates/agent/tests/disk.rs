@@ -159,3 +159,60 @@ fn a_vm_with_a_shared_disk_moves_between_agents_and_checks_its_disk_on_b() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A local disk (`definition.disk.local`): the migration copies it into
+/// B's state directory, where the VM runs on it; the guest checks a whole
+/// round of its blocks there, B holds the copy's lock, and A's image stays
+/// where it was, unlocked.
+#[test]
+fn a_vm_with_a_local_disk_is_copied_between_agents_and_checks_its_disk_on_b() {
+    let test = "a_vm_with_a_local_disk_is_copied_between_agents_and_checks_its_disk_on_b";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let fleet = Fleet::new("ldisk");
+    let a = agent("ldiska", &fleet, "2G", true);
+    let b = agent("ldiskb", &fleet, "2G", true);
+    let dir = TempDir::new("ldisk-images");
+    let img = image(&dir, "local.img");
+    let r = create_with_disk(&a, "app", json!({"path": img, "local": true}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let log_a = std::path::PathBuf::from(a.show("app")["log"].as_str().unwrap());
+    wait_checked(&log_a, 0, 1, Duration::from_secs(60));
+
+    let done = migrate_verified(&a, &b, "app");
+    let copy = &done["report"]["disk_copy"];
+    eprintln!(
+        "{test}: committed, host downtime {} ms, disk copy {copy}",
+        done["report"]["blackout"]["host_downtime_ms"]
+    );
+    assert!(copy["blocks_sent"].as_u64().unwrap() >= 256, "{done}");
+    let on_b = b.show("app");
+    let copied = std::path::PathBuf::from(on_b["definition"]["disk"]["path"].as_str().unwrap());
+    assert!(
+        copied.starts_with(b.dir.path("state")),
+        "the copy lives in B's state directory: {}",
+        copied.display()
+    );
+    let log_b = std::path::PathBuf::from(on_b["log"].as_str().unwrap());
+    let arrived = wait_checked(&log_b, 0, 1, Duration::from_secs(30));
+    wait_checked(
+        &log_b,
+        arrived.disk_ver,
+        DISK_MB << 8,
+        Duration::from_secs(90),
+    );
+    assert_eq!(
+        probe(&copied).unwrap(),
+        LockState::Held,
+        "B runs on its copy"
+    );
+    assert!(img.exists(), "A's image stays");
+    assert_eq!(
+        probe(&img).unwrap(),
+        LockState::Free,
+        "A's VMM let its image go"
+    );
+    let r = b.delete("/v1/vms/app");
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+}
