@@ -255,22 +255,16 @@ fn a_cancelled_disk_copy_deletes_the_partial_image_and_the_source_runs_on() {
     if !kvm_or_skip(test) {
         return;
     }
-    let dir = TempDir::new("disk-copy-cancel");
-    let img = image(&dir, "local.img", DISK_MB);
-    let (mut src, socket) = disk_source(&dir, &img, DISK_MB);
-    let copy = dir.path("copied.img");
-    let disk = format!("path={copy}");
-    let (mut dst, port) = migration_destination("destination", &["--disk", &disk]);
-    // Slow enough that the first pass is still running when the cancel
-    // comes; the engine takes it at the end of that round.
-    let mut mig = start_migrate(
-        "migrate",
-        &socket,
+    let SlowCopy {
+        _dir,
+        img,
+        copy,
+        mut src,
+        socket,
+        mut dst,
         port,
-        &["--copy-storage", "--bandwidth", "20MiB/s", "--json"],
-    );
-    wait_for_path(&copy, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(500));
+        mut mig,
+    } = SlowCopy::start("disk-copy-cancel");
     assert_eq!(
         api_call(&socket, r#"{"command":"cancel_migration"}"#)["migrating"],
         true
@@ -304,25 +298,63 @@ fn a_destination_killed_mid_copy_leaves_the_source_running_on_its_image() {
     if !kvm_or_skip(test) {
         return;
     }
-    let dir = TempDir::new("disk-copy-killed");
-    let img = image(&dir, "local.img", DISK_MB);
-    let (mut src, socket) = disk_source(&dir, &img, DISK_MB);
-    let copy = dir.path("copied.img");
-    let disk = format!("path={copy}");
-    let (mut dst, port) = migration_destination("destination", &["--disk", &disk]);
-    let mut mig = start_migrate(
-        "migrate",
-        &socket,
+    let SlowCopy {
+        _dir,
+        img,
+        mut src,
         port,
-        &["--copy-storage", "--bandwidth", "20MiB/s", "--json"],
-    );
-    wait_for_path(&copy, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(500));
+        mut dst,
+        mut mig,
+        ..
+    } = SlowCopy::start("disk-copy-killed");
     destination_holds_nothing(&mut dst, true);
     let reason = migrate_failed(&mut mig, Duration::from_secs(60));
     eprintln!("{test}: {reason}");
     source_runs_on_after_failure(&mut src, port);
     source_checks_a_round_on_its_own_image(&mut src, &img);
+}
+
+/// A disk VM whose copy runs slowly enough to be interrupted: the
+/// destination has made its image and the first pass is under way (the
+/// engine looks at a cancel at the end of that round).
+struct SlowCopy {
+    _dir: TempDir,
+    img: String,
+    copy: String,
+    src: common::FerryProc,
+    socket: String,
+    dst: common::FerryProc,
+    port: u16,
+    mig: common::FerryProc,
+}
+
+impl SlowCopy {
+    fn start(tag: &str) -> SlowCopy {
+        let dir = TempDir::new(tag);
+        let img = image(&dir, "local.img", DISK_MB);
+        let (src, socket) = disk_source(&dir, &img, DISK_MB);
+        let copy = dir.path("copied.img");
+        let disk = format!("path={copy}");
+        let (dst, port) = migration_destination("destination", &["--disk", &disk]);
+        let mig = start_migrate(
+            "migrate",
+            &socket,
+            port,
+            &["--copy-storage", "--bandwidth", "20MiB/s", "--json"],
+        );
+        wait_for_path(&copy, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(500));
+        SlowCopy {
+            _dir: dir,
+            img,
+            copy,
+            src,
+            socket,
+            dst,
+            port,
+            mig,
+        }
+    }
 }
 
 /// The source holds its own image's lock and checks a whole round of its

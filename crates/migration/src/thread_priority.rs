@@ -50,18 +50,17 @@ impl BoostLevel {
     }
 }
 
-/// Raises the calling thread's priority until dropped, then puts back
-/// exactly what it had.
+/// The calling thread's scheduling class, parameter and nice, to put
+/// back exactly as they were.
 #[derive(Debug)]
-pub struct Boost {
+struct SavedScheduling {
     policy: libc::c_int,
     param: libc::sched_param,
     nice: libc::c_int,
-    pub level: BoostLevel,
 }
 
-impl Boost {
-    pub fn start() -> Self {
+impl SavedScheduling {
+    fn capture() -> Self {
         let mut param = libc::sched_param { sched_priority: 0 };
         // SAFETY: both calls only read their integer arguments and write the
         // sched_param we own; pid 0 is the calling thread.
@@ -69,7 +68,33 @@ impl Boost {
             libc::sched_getparam(0, &mut param);
             libc::sched_getscheduler(0)
         };
-        let nice = current_nice();
+        Self {
+            policy,
+            param,
+            nice: current_nice(),
+        }
+    }
+
+    fn restore(&self) {
+        // SAFETY: sched_setscheduler reads the sched_param we own; pid 0 is
+        // the calling thread, and the values are what it reported for it.
+        unsafe { libc::sched_setscheduler(0, self.policy, &self.param) };
+        set_nice(self.nice);
+    }
+}
+
+/// Raises the calling thread's priority until dropped, then puts back
+/// exactly what it had.
+#[derive(Debug)]
+pub struct Boost {
+    saved: SavedScheduling,
+    pub level: BoostLevel,
+}
+
+impl Boost {
+    pub fn start() -> Self {
+        let saved = SavedScheduling::capture();
+        let nice = saved.nice;
         let rt = libc::sched_param {
             sched_priority: BLACKOUT_RT_PRIORITY,
         };
@@ -86,21 +111,13 @@ impl Boost {
         } else {
             BoostLevel::Unchanged
         };
-        Self {
-            policy,
-            param,
-            nice,
-            level,
-        }
+        Self { saved, level }
     }
 }
 
 impl Drop for Boost {
     fn drop(&mut self) {
-        // SAFETY: as in `start`; restoring what sched_getscheduler and
-        // sched_getparam reported for this very thread.
-        unsafe { libc::sched_setscheduler(0, self.policy, &self.param) };
-        set_nice(self.nice);
+        self.saved.restore();
     }
 }
 
@@ -109,34 +126,20 @@ impl Drop for Boost {
 /// scheduling too.
 #[derive(Debug)]
 pub struct Serving {
-    policy: libc::c_int,
-    param: libc::sched_param,
-    nice: libc::c_int,
+    saved: SavedScheduling,
 }
 
 impl Serving {
     pub fn start() -> Self {
-        let mut param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: as in `Boost::start`.
-        let policy = unsafe {
-            libc::sched_getparam(0, &mut param);
-            libc::sched_getscheduler(0)
-        };
-        let nice = current_nice();
+        let saved = SavedScheduling::capture();
         normal();
-        Self {
-            policy,
-            param,
-            nice,
-        }
+        Self { saved }
     }
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        // SAFETY: as in `Boost::drop`.
-        unsafe { libc::sched_setscheduler(0, self.policy, &self.param) };
-        set_nice(self.nice);
+        self.saved.restore();
     }
 }
 

@@ -79,6 +79,32 @@ impl Row {
         }
     }
 
+    /// Ferry's migration of this row (over loopback, no card), with
+    /// `disk` for the storage rows.
+    pub fn ferry_migration(
+        &self,
+        workload: Workload,
+        disk: Option<ferry_side::BenchDisk>,
+    ) -> FerryMigration {
+        FerryMigration {
+            mem_bytes: self.mem_bytes,
+            workload,
+            prealloc: self.prealloc,
+            downtime: self
+                .downtime_ms
+                .map_or(FERRY_DEFAULT_DOWNTIME, Duration::from_millis),
+            bandwidth: self.bandwidth,
+            settle: Duration::from_secs(1),
+            mode: self.mode,
+            streams: self.streams,
+            priority: self.priority,
+            vcpus: self.vcpus,
+            tls: self.tls,
+            net: None,
+            disk,
+        }
+    }
+
     /// A row that moves memory in bulk, set against the loopback limit.
     pub fn is_throughput_row(&self) -> bool {
         self.name.starts_with("fill-")
@@ -369,23 +395,7 @@ pub fn run_rows(
         } else {
             for rep in 1..=reps {
                 on_run(&format!("{} ferry {rep}/{reps}", row.name));
-                let m = FerryMigration {
-                    mem_bytes: row.mem_bytes,
-                    workload,
-                    prealloc: row.prealloc,
-                    downtime: row
-                        .downtime_ms
-                        .map_or(FERRY_DEFAULT_DOWNTIME, Duration::from_millis),
-                    bandwidth: row.bandwidth,
-                    settle: Duration::from_secs(1),
-                    mode: row.mode,
-                    streams: row.streams,
-                    priority: row.priority,
-                    vcpus: row.vcpus,
-                    tls: row.tls,
-                    net: None,
-                    disk: None,
-                };
+                let m = row.ferry_migration(workload, None);
                 match run_ferry_migration(&m, dir.path()) {
                     Ok(o) => result.ferry_runs.push(o),
                     Err(e) => result.ferry_errors.push(format!("{e:#}")),

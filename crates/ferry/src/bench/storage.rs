@@ -8,12 +8,11 @@
 //! built yet, and the row says so.
 
 use std::path::Path;
-use std::time::Duration;
 
 use serde::Serialize;
 
-use super::ferry_side::{run_ferry_migration, BenchDisk, FerryMigration, FerryOutcome};
-use super::{median, Row, RowResult, FERRY_DEFAULT_DOWNTIME};
+use super::ferry_side::{run_ferry_migration, BenchDisk, FerryOutcome};
+use super::{median, Row, RowResult};
 use ferry_testguest::workload::Workload;
 
 /// How the row's VM keeps its disk.
@@ -71,7 +70,7 @@ pub fn run_row(
             Err(e) => result.ferry_errors.push(format!("{e:#}")),
         }
         on_run(&format!("{} ferry without the disk {rep}/{reps}", row.name));
-        match run_ferry_migration(&migration(&row, workload, None), dir) {
+        match run_ferry_migration(&row.ferry_migration(workload, None), dir) {
             Ok(o) => without.push(o),
             Err(e) => result.ferry_errors.push(format!("without the disk: {e:#}")),
         }
@@ -125,30 +124,10 @@ fn with_disk(
         copy_to: (kind == DiskRow::Local).then(|| copy.clone()),
         mib: DISK_MIB,
     };
-    let outcome = run_ferry_migration(&migration(row, workload, Some(disk)), dir);
+    let outcome = run_ferry_migration(&row.ferry_migration(workload, Some(disk)), dir);
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_file(&copy);
     outcome
-}
-
-fn migration(row: &Row, workload: Workload, disk: Option<BenchDisk>) -> FerryMigration {
-    FerryMigration {
-        mem_bytes: row.mem_bytes,
-        workload,
-        prealloc: row.prealloc,
-        downtime: row
-            .downtime_ms
-            .map_or(FERRY_DEFAULT_DOWNTIME, Duration::from_millis),
-        bandwidth: row.bandwidth,
-        settle: Duration::from_secs(1),
-        mode: row.mode,
-        streams: row.streams,
-        priority: row.priority,
-        vcpus: row.vcpus,
-        tls: row.tls,
-        net: None,
-        disk,
-    }
 }
 
 /// The storage row's figures for people, and its target kept or MISSED.
