@@ -36,7 +36,13 @@ pub fn print_migration_report(r: &MigrationReport) {
             format!(
                 "{:.2} ms{} (predicted {:.2} ms{}){}",
                 r.blackout.host_downtime_ms,
-                if r.blackout.exact { "" } else { " at most" },
+                if !r.blackout.exact {
+                    " at most".to_string()
+                } else if r.blackout.uncertainty_ms >= 0.005 {
+                    format!(" ± {:.2}", r.blackout.uncertainty_ms)
+                } else {
+                    String::new()
+                },
                 r.blackout.predicted_ms,
                 if r.blackout.forced { ", FORCED" } else { "" },
                 match (r.blackout.target_met, &r.blackout.missed_by) {

@@ -60,6 +60,13 @@ pub struct BlackoutReport {
     /// not report its own share (protocol v4 and older, post-copy).
     pub host_downtime_ms: f64,
     pub exact: bool,
+    /// How far `host_downtime_ms` can be off either way. The commit's trip
+    /// to the destination is not seen by either clock: it is taken as half
+    /// of the time the commit's round trip spent outside the destination,
+    /// so it lies between none and twice that. Zero without the
+    /// destination's share (then the figure is an upper bound).
+    #[serde(default)]
+    pub uncertainty_ms: f64,
     /// The parts, in order; they add up to `host_downtime_ms`.
     pub parts: Vec<BlackoutPart>,
     /// What the switchover decision expected, and how.

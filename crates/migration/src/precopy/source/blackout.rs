@@ -155,11 +155,13 @@ impl BlackoutClock {
                 parts.push((PART_COMMIT, ms(h.loaded, h.commit_written) + one_way));
                 parts.push((PART_RESUME, s.commit_to_run_us as f64 / 1e3));
                 b.exact = true;
+                b.uncertainty_ms = one_way;
             }
             None => {
                 parts.push((PART_STATE_TO_DESTINATION, state_wait));
                 parts.push((PART_COMMIT_ROUND_TRIP, ms(h.loaded, h.committed)));
                 b.exact = false;
+                b.uncertainty_ms = 0.0;
             }
         }
         b.parts = parts
