@@ -13,7 +13,8 @@
 //! - [`Listener`]: the destination's listener with its [`Acceptor`]: plain,
 //!   or TLS requiring a client certificate of the fleet CA whose host is
 //!   allowed (deny by default). A connection that fails the handshake is
-//!   logged and dropped, and the listener goes on accepting.
+//!   logged and dropped, and the listener goes on accepting. Handshakes
+//!   run side by side (see `listener`), so a silent client holds nobody up.
 //!
 //! A dialer and an acceptor may carry a one-time [`SessionToken`] (protocol
 //! v8): then every connection opens with Bind / BindAck (see `session`), so
@@ -24,17 +25,19 @@
 //!
 //! The wire protocol is the same inside the tunnel as on plain TCP.
 
+mod listener;
 mod session;
 mod tls_link;
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_identity::{Allowed, HandshakeError, Identity, PeerIdentity, ALPN_MIGRATION};
 
+pub use listener::{Listener, Refusal, MAX_HANDSHAKES};
 pub use session::{bind_as_destination, bind_as_source, BindError, SessionToken, TokenError};
 pub use tls_link::Ready;
 use tls_link::TlsLink;
@@ -88,6 +91,8 @@ pub enum AcceptError {
     Handshake(#[from] HandshakeError),
     #[error("{0}")]
     Bind(#[from] BindError),
+    #[error("cannot start its handshake: {0}")]
+    NoThread(io::Error),
 }
 
 impl From<DialError> for io::Error {
@@ -521,6 +526,12 @@ impl Acceptor {
         matches!(*self.0, AcceptSecurity::Tls { .. })
     }
 
+    /// Whether a connection must pass a handshake (TLS, or a token's
+    /// Bind) before it is a link.
+    pub(crate) fn has_handshake(&self) -> bool {
+        self.is_tls() || self.1.is_some()
+    }
+
     /// Makes a link of a connection a listener took; a TLS client that
     /// fails the handshake or is not allowed, or a source whose session
     /// token is wrong, is refused (told why where it can be) and the error
@@ -557,101 +568,6 @@ impl Acceptor {
                 Ok(Link::tls(stream))
             }
         }
-    }
-}
-
-/// A connection a [`Listener`] refused, and why.
-#[derive(Debug, thiserror::Error)]
-#[error("refused the connection from {addr}: {error}")]
-pub struct Refusal {
-    pub addr: SocketAddr,
-    #[source]
-    pub error: AcceptError,
-}
-
-/// The destination's listener: a TCP listener and how it takes
-/// connections.
-pub struct Listener {
-    tcp: TcpListener,
-    acceptor: Acceptor,
-    refusals: Arc<Mutex<Vec<String>>>,
-}
-
-impl std::fmt::Debug for Listener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Listener")
-            .field("addr", &self.tcp.local_addr().ok())
-            .field("acceptor", &self.acceptor)
-            .finish()
-    }
-}
-
-impl Listener {
-    pub fn new(tcp: TcpListener, acceptor: Acceptor) -> Self {
-        Listener {
-            tcp,
-            acceptor,
-            refusals: Arc::default(),
-        }
-    }
-
-    /// A plaintext listener (tests, and `--insecure-plaintext`).
-    pub fn plain(tcp: TcpListener) -> Self {
-        Listener::new(tcp, Acceptor::plaintext())
-    }
-
-    pub fn acceptor(&self) -> &Acceptor {
-        &self.acceptor
-    }
-
-    /// Takes the next connection that passes the acceptor. Connections
-    /// that fail it are logged, remembered ([`Listener::refusals`]) and
-    /// dropped, and the next is taken. In non-blocking mode, WouldBlock
-    /// once none waits.
-    pub fn accept(&self) -> io::Result<(Link, SocketAddr)> {
-        loop {
-            if let Ok(taken) = self.accept_or_refuse()? {
-                return Ok(taken);
-            }
-        }
-    }
-
-    /// Takes one connection: Ok(Ok) when it passed the acceptor, Ok(Err)
-    /// with who and why when it was refused (logged, remembered, dropped).
-    pub fn accept_or_refuse(&self) -> io::Result<Result<(Link, SocketAddr), Refusal>> {
-        let (tcp, addr) = self.tcp.accept()?;
-        Ok(match self.acceptor.accept(tcp) {
-            Ok(link) => Ok((link, addr)),
-            Err(error) => {
-                tracing::warn!("refused a migration connection from {addr}: {error}");
-                self.refusals
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(format!("{addr}: {error}"));
-                Err(Refusal { addr, error })
-            }
-        })
-    }
-
-    /// Takes every refusal noted since the last call.
-    pub fn take_refusals(&self) -> Vec<String> {
-        std::mem::take(&mut *self.refusals.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        self.tcp.set_nonblocking(on)
-    }
-
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp.local_addr()
-    }
-
-    pub fn try_clone(&self) -> io::Result<Listener> {
-        Ok(Listener {
-            tcp: self.tcp.try_clone()?,
-            acceptor: self.acceptor.clone(),
-            refusals: self.refusals.clone(),
-        })
     }
 }
 

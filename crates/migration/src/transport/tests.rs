@@ -4,11 +4,13 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_identity::{CertificateAuthority, Identity, IssueRequest, Validity};
 
-use super::{Acceptor, Dialer, Link, Listener, Ready};
+use super::{
+    Acceptor, Dialer, Link, Listener, Ready, SessionToken, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES,
+};
 
 fn identities(hosts: &[&str]) -> Vec<Identity> {
     let ca = CertificateAuthority::generate("test fleet", Validity::days(1).unwrap()).unwrap();
@@ -117,7 +119,15 @@ fn a_refused_client_leaves_the_listener_taking_the_next() {
         let (link, _) = listener.accept().unwrap();
         let mut byte = [0u8; 1];
         (&link).read_exact(&mut byte).unwrap();
-        (byte[0], listener.take_refusals())
+        // Handshakes end in any order: the plaintext client's may end
+        // after the good one passed.
+        let mut refusals = listener.take_refusals();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while refusals.len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            refusals.extend(listener.take_refusals());
+        }
+        (byte[0], refusals)
     });
     let stranger = Dialer::tls(&ids[2], "hostB").unwrap();
     let err = stranger.dial(addr, Duration::from_secs(5)).unwrap_err();
@@ -133,4 +143,69 @@ fn a_refused_client_leaves_the_listener_taking_the_next() {
     let (byte, refusals) = server.join().unwrap();
     assert_eq!(byte, 7);
     assert_eq!(refusals.len(), 2, "{refusals:?}");
+}
+
+/// Connects `count` clients that then say nothing.
+fn silent_clients(addr: std::net::SocketAddr, count: usize) -> Vec<std::net::TcpStream> {
+    (0..count)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect()
+}
+
+/// The real client's link is taken while `silent` connections, made
+/// first, are still in their handshakes; it must not wait for them.
+fn taken_past_silent_clients(listener: Listener, dialer: Dialer, silent: usize) {
+    let addr = listener.local_addr().unwrap();
+    let _silent = silent_clients(addr, silent);
+    let started = Instant::now();
+    let server = std::thread::spawn(move || {
+        let (link, _) = listener.accept().unwrap();
+        let mut byte = [0u8; 1];
+        (&link).read_exact(&mut byte).unwrap();
+        byte[0]
+    });
+    let link = dialer.dial(addr, Duration::from_secs(5)).unwrap();
+    (&link).write_all(&[9]).unwrap();
+    assert_eq!(server.join().unwrap(), 9);
+    let waited = started.elapsed();
+    assert!(
+        waited < HANDSHAKE_TIMEOUT / 2,
+        "the real client waited {waited:?} behind {silent} silent ones"
+    );
+}
+
+#[test]
+fn a_silent_tls_client_holds_nobody_up() {
+    let ids = identities(&["hostA", "hostB"]);
+    let (listener, dialer) = pair(0, &ids);
+    taken_past_silent_clients(listener, dialer, 3);
+}
+
+#[test]
+fn a_silent_client_holds_nobody_up_on_a_token_listener() {
+    let token = SessionToken::generate().unwrap();
+    let listener = Listener::new(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        Acceptor::plaintext().with_token(token.clone()),
+    );
+    taken_past_silent_clients(listener, Dialer::plaintext().with_token(token), 2);
+}
+
+#[test]
+fn a_flood_of_silent_clients_cuts_the_oldest_short_and_takes_the_real_one() {
+    let ids = identities(&["hostA", "hostB"]);
+    let (listener, dialer) = pair(0, &ids);
+    let flood = MAX_HANDSHAKES + 4;
+    taken_past_silent_clients(listener.try_clone().unwrap(), dialer, flood);
+    // The silent ones beyond the limit were cut short, each a refusal.
+    let mut refusals = listener.take_refusals();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refusals.len() < flood - MAX_HANDSHAKES && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        refusals.extend(listener.take_refusals());
+    }
+    assert!(
+        (flood - MAX_HANDSHAKES..=flood).contains(&refusals.len()),
+        "the handshakes cut short are refusals: {refusals:?}"
+    );
 }
