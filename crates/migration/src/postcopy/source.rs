@@ -46,7 +46,8 @@ const FORWARD_BUDGET: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub bandwidth: Option<u64>,
+    /// The bandwidth cap, followed live (`PATCH /v1/migrations/{id}`).
+    pub tuning: std::sync::Arc<crate::tuning::Tuning>,
     pub io_timeout: Duration,
     /// How long to keep trying to reach the destination again after the
     /// link failed; zero: give up at once.
@@ -437,7 +438,7 @@ fn push(
         .flat_map(|r| (0..u64::from(r.pages)).map(move |i| r.gpa + i * page))
         .collect();
     let total = pages.len() as u64;
-    let mut sender = PageSender::new(Pacer::new(options.bandwidth));
+    let mut sender = PageSender::new(Pacer::following(options.tuning.clone(), 1));
     let read = |gpa: u64, dst: &mut [u8]| memory.read(gpa, dst);
     let mut cursor = 0usize;
     let mut last_hint = u64::MAX;

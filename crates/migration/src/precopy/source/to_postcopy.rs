@@ -153,7 +153,10 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
         .map_err(MigrateError::guest("sharing the paused VM's memory"))?;
     let t_serve = Instant::now();
     let serve_options = ServeOptions {
-        bandwidth: options.bandwidth,
+        tuning: options
+            .tuning
+            .clone()
+            .unwrap_or_else(|| std::sync::Arc::new(crate::tuning::Tuning::new(options.bandwidth))),
         io_timeout: options.io_timeout,
         recovery: options.link_recovery,
         session,
