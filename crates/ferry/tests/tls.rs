@@ -237,7 +237,11 @@ fn wrong_peers_are_refused_and_the_destination_keeps_waiting() {
     // The VM never stopped running, every page checked.
     verify_still_running(&mut src, Duration::from_secs(60));
 
-    // And the real source still gets through.
+    // And the real source still gets through, without waiting behind a
+    // client that connected first and then says nothing (its handshake
+    // would hold out for 10 s).
+    let silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let started = std::time::Instant::now();
     let mut mig = start_migrate(
         "migrate",
         &socket,
@@ -246,6 +250,12 @@ fn wrong_peers_are_refused_and_the_destination_keeps_waiting() {
     );
     let (status, report) = finish_migrate(&mut mig, Duration::from_secs(120));
     assert_committed(status, &report, &mig);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(9),
+        "the migration took {took:?}: it waited behind a silent client"
+    );
+    drop(silent);
     let last = source_handed_over(&mut src, port);
     verify_arrival(&mut dst, &last, Duration::from_secs(60));
     stop_destination(&mut dst);
