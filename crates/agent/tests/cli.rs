@@ -126,3 +126,76 @@ fn ferry_vm_drives_the_agent() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach ferryd"));
 }
+
+#[test]
+fn ferry_vm_create_gives_the_agent_a_network_and_a_local_disk() {
+    if !kvm_or_skip("ferry_vm_create_gives_the_agent_a_network_and_a_local_disk") {
+        return;
+    }
+    let agent = Agent::new("cli-dev", "1G", 4);
+    let fails = |args: &[&str], words: &str| {
+        let out = ferry_vm(&agent, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(words), "{args:?}: {err}");
+    };
+    // A tap is the agent's to make: refused before it is asked.
+    fails(
+        &["create", "--mem", "64M", "--net", "tap=t0"],
+        "--network NAME",
+    );
+    fails(
+        &["create", "--mem", "64M", "--mac", "52:54:00:00:00:01"],
+        "--network",
+    );
+    fails(&["create", "--mem", "64M", "--local-disk"], "--disk");
+    // A network this host lacks: the agent's refusal, and nothing made.
+    fails(
+        &[
+            "create",
+            "--id",
+            "n1",
+            "--mem",
+            "64M",
+            "--network",
+            "nosuch",
+        ],
+        "nosuch",
+    );
+
+    let image = agent.dir.path("local.img");
+    std::fs::write(&image, vec![0u8; 2 << 20]).unwrap();
+    let disk = format!("path={}", image.display());
+    let out = ok_stdout(&ferry_vm(
+        &agent,
+        &[
+            "create",
+            "--id",
+            "d1",
+            "--mem",
+            "256M",
+            "--workload",
+            "dirty:32:10+disk:1:max",
+            "--disk",
+            &disk,
+            "--local-disk",
+            "--json",
+        ],
+    ));
+    let created: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(created["state"], "running", "{created}");
+    assert_eq!(created["definition"]["disk"]["local"], true, "{created}");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok_stdout(&ferry_vm(&agent, &["list", "--json"]))).unwrap();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["d1"], "{list}");
+    assert_eq!(
+        ok_stdout(&ferry_vm(&agent, &["delete", "d1"])).trim(),
+        "VM d1 deleted"
+    );
+}

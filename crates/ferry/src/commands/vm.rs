@@ -120,10 +120,27 @@ pub struct CreateArgs {
     /// Migration policy: abort a migration not done within this (e.g. 5m).
     #[arg(long, value_parser = crate::duration::parse_duration)]
     pub completion_timeout: Option<Duration>,
+    /// A virtio-net card on this host's network NAME (`[[network]]` in
+    /// host.toml); every host the VM moves to must have it.
+    #[arg(long, value_name = "NAME")]
+    pub network: Option<String>,
+    /// The card's MAC (default: one is generated and recorded).
+    #[arg(long, requires = "network", value_name = "MAC")]
+    pub mac: Option<String>,
+    /// The --disk image is on this host's own storage: a migration copies
+    /// it (pre-copy only). Without it the image must be on storage every
+    /// host shares, at the same path.
+    #[arg(long, requires = "disk")]
+    pub local_disk: bool,
 }
 
 impl CreateArgs {
-    fn body(&self) -> serde_json::Value {
+    fn body(&self) -> anyhow::Result<serde_json::Value> {
+        if self.vm.net.is_some() {
+            anyhow::bail!(
+                "ferry vm create: --net names a tap, which the agent makes itself; give --network NAME (one of the host's [[network]]s) and optionally --mac MAC"
+            );
+        }
         let mut policy = json!({
             "allow_auto_converge": !self.no_auto_converge,
             "allow_postcopy": self.allow_postcopy,
@@ -155,9 +172,13 @@ impl CreateArgs {
             let path = &disk.0.path;
             // The agent runs elsewhere: it needs the absolute path.
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            body["definition"]["disk"] = json!({"path": path, "readonly": disk.0.readonly});
+            body["definition"]["disk"] =
+                json!({"path": path, "readonly": disk.0.readonly, "local": self.local_disk});
         }
-        body
+        if let Some(network) = &self.network {
+            body["definition"]["net"] = json!({"network": network, "mac": self.mac});
+        }
+        Ok(body)
     }
 }
 
@@ -165,7 +186,7 @@ pub fn vm(args: VmArgs) -> anyhow::Result<bool> {
     let client = AgentClient::new(&args.agent);
     let (reply, what) = match &args.command {
         VmCommand::Create(c) => (
-            client.request("POST", "/v1/vms", Some(&c.body()))?,
+            client.request("POST", "/v1/vms", Some(&c.body()?))?,
             "create",
         ),
         VmCommand::List => (client.get("/v1/vms")?, "list"),
