@@ -50,6 +50,18 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // The engine and the VMM log what they refuse or work around (a
+    // refused connection, a fallback) through tracing; without a
+    // subscriber those lines were lost. RUST_LOG overrides the level.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(false)
+        .init();
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Demo(args) => commands::demo::demo(args),

@@ -221,7 +221,12 @@ impl Shared {
     /// Queues a handshake's outcome for `accept`, noting a refusal.
     fn end(&self, addr: SocketAddr, outcome: Result<Link, AcceptError>) {
         let ended = outcome.map(|link| (link, addr)).map_err(|error| {
-            tracing::warn!("refused a migration connection from {addr}: {error}");
+            if matches!(error, AcceptError::Handshake(_)) {
+                // ferry-identity has logged it already.
+                tracing::debug!("refused a migration connection from {addr}: {error}");
+            } else {
+                tracing::warn!("refused a migration connection from {addr}: {error}");
+            }
             lock(&self.refusals).push(format!("{addr}: {error}"));
             Refusal { addr, error }
         });
