@@ -26,9 +26,12 @@
 //!   its writes are fenced by that claim.
 //! - [`hosts`]: hosts register their capacity under a lease; a lapsed
 //!   lease marks the host unreachable.
+//! - [`agents`]: how the fleet reaches each host's agent, and the VM
+//!   definitions a fresh boot needs (written by registering agents).
 //! - [`sim`]: the generated fleet, the simulated migrator and clock, the
 //!   audit of caps from the migrator's record, the report.
 
+pub mod agents;
 pub mod hosts;
 pub mod leader;
 pub mod migrator;
