@@ -23,6 +23,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod events;
+pub mod fleet_member;
 pub mod jobs;
 pub mod ledger;
 pub mod metrics;
