@@ -4,7 +4,8 @@
 //! drains A with the migrator that drives the agents' API. Every VM ends
 //! on another host, running, its guest's memory checked by the guest
 //! itself (heartbeats go on past the last seen on A, no page error, no
-//! break), each moved exactly once. A drain no host has room for is
+//! break), each moved exactly once, though the scheduler is replaced
+//! while migrations are in flight. A drain no host has room for is
 //! refused with the plan's reason, and nothing moves.
 
 mod common;
@@ -157,12 +158,29 @@ fn the_scheduler_drains_a_host_of_real_agents_and_every_vm_arrives_whole() {
         plan.id
     };
     let started = Instant::now();
-    let serving = Serving::start(&backend);
+    let mut serving = Serving::start(&backend);
+    let mut restarted = false;
     let deadline = Instant::now() + Duration::from_secs(240);
     let plan = loop {
         let p = stored_plan(&backend, &plan_id);
         if p.state == PlanState::Done {
             break p;
+        }
+        // The scheduler goes away mid-migration and a new one (a new
+        // migrator, nothing in memory) takes the plan over: it follows
+        // the migrations in flight by name and starts none twice.
+        let in_flight = p
+            .entries
+            .iter()
+            .filter(|e| matches!(e.state, EntryState::Migrating { .. }))
+            .count();
+        if !restarted && in_flight > 0 {
+            drop(serving);
+            println!(
+                "scheduler stopped with {in_flight} migrations in flight; a new one takes over"
+            );
+            serving = Serving::start(&backend);
+            restarted = true;
         }
         assert!(
             Instant::now() < deadline,
@@ -175,6 +193,7 @@ fn the_scheduler_drains_a_host_of_real_agents_and_every_vm_arrives_whole() {
         std::thread::sleep(Duration::from_millis(200));
     };
     drop(serving);
+    assert!(restarted, "the scheduler was restarted mid-drain");
     println!(
         "drain of {} done in {:?}: {:?}",
         host(&a),
