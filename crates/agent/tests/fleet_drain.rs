@@ -1,18 +1,16 @@
 //! The fleet on real agents: three ferryd register themselves in one
 //! embedded store file (the fleet of one machine), the VMs created on
-//! host A appear in the fleet's state, and the scheduler's serve loop
-//! drains A with the migrator that drives the agents' API. Every VM ends
+//! host A appear in the fleet's state, and `ferry fleet serve` on that
+//! file drains A with the migrator that drives the agents' API. Every VM ends
 //! on another host, running, its guest's memory checked by the guest
 //! itself (heartbeats go on past the last seen on A, no page error, no
-//! break), each moved exactly once, though the scheduler is replaced
-//! while migrations are in flight. A drain no host has room for is
+//! break), each moved exactly once, though the scheduler is killed while
+//! migrations are in flight and another takes over. A drain no host has room for is
 //! refused with the plan's reason, and nothing moves.
 
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::peers::{agent_with, host, Fleet};
@@ -22,7 +20,6 @@ use ferry_fleet::hosts;
 use ferry_fleet::model::Maintenance;
 use ferry_fleet::plan::{EntryState, Plan, PlanState};
 use ferry_fleet::scheduler::{Scheduler, SchedulerError};
-use ferry_fleet::serve::{serve, ServeConfig};
 use ferry_fleet::store::shared_file::SharedFileBackend;
 use ferry_fleet::store::{Backend, FleetStore};
 use ferry_fleet::time::Timestamp;
@@ -76,46 +73,28 @@ fn stored_plan(b: &SharedFileBackend, id: &str) -> Plan {
         .expect("the plan is in the store")
 }
 
-/// The serve loop on a thread of its own, stopped (and joined) on drop.
-struct Serving {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// `ferry fleet serve` on the store file, as a process; killed (-9, a
+/// crash) on drop.
+struct Serving(std::process::Child);
 
 impl Serving {
-    fn start(b: &SharedFileBackend) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (flag, backend) = (stop.clone(), b.clone());
-        let thread = std::thread::spawn(move || {
-            let cfg = ServeConfig {
-                name: "fleet-test".into(),
-                lease_ttl_ms: 5_000,
-                tick_ms: 200,
-                max_run: Some(Duration::from_secs(300)),
-            };
-            serve(
-                backend,
-                &cfg,
-                &flag,
-                |store| Ok(AgentMigrator::new(store.backend().clone())),
-                |_, _| {},
-                |ev| eprintln!("serve: {ev:?}"),
-            )
-            .expect("the serve loop");
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
+    fn start(store: &Path, name: &str) -> Self {
+        let child = std::process::Command::new(common::ferry_bin())
+            .args(["fleet", "serve", "--store-file"])
+            .arg(store)
+            .args(["--name", name, "--lease-ttl-s", "3", "--tick-ms", "200"])
+            .args(["--for-s", "300"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start ferry fleet serve");
+        Self(child)
     }
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -158,7 +137,7 @@ fn the_scheduler_drains_a_host_of_real_agents_and_every_vm_arrives_whole() {
         plan.id
     };
     let started = Instant::now();
-    let mut serving = Serving::start(&backend);
+    let mut serving = Serving::start(&store, "serve-1");
     let mut restarted = false;
     let deadline = Instant::now() + Duration::from_secs(240);
     let plan = loop {
@@ -166,9 +145,9 @@ fn the_scheduler_drains_a_host_of_real_agents_and_every_vm_arrives_whole() {
         if p.state == PlanState::Done {
             break p;
         }
-        // The scheduler goes away mid-migration and a new one (a new
-        // migrator, nothing in memory) takes the plan over: it follows
-        // the migrations in flight by name and starts none twice.
+        // The scheduler dies mid-migration and another (a new migrator,
+        // nothing in memory) takes the plan over once its lease lapsed:
+        // it follows the migrations in flight by name, starts none twice.
         let in_flight = p
             .entries
             .iter()
@@ -176,10 +155,8 @@ fn the_scheduler_drains_a_host_of_real_agents_and_every_vm_arrives_whole() {
             .count();
         if !restarted && in_flight > 0 {
             drop(serving);
-            println!(
-                "scheduler stopped with {in_flight} migrations in flight; a new one takes over"
-            );
-            serving = Serving::start(&backend);
+            println!("scheduler killed with {in_flight} migrations in flight; another takes over");
+            serving = Serving::start(&store, "serve-2");
             restarted = true;
         }
         assert!(
