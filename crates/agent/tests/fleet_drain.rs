@@ -266,3 +266,50 @@ fn a_drain_no_host_has_room_for_is_refused_with_its_reason_and_nothing_moves() {
     let hb = a.heartbeat_after("fl-big", before, Duration::from_secs(20));
     assert_eq!(hb["err"], 0, "{hb}");
 }
+
+#[test]
+fn a_killed_agents_registration_lapses_and_a_stopped_one_ends_at_once() {
+    let dir = TempDir::new("fleet-lapse");
+    let store = dir.path("fleet.redb");
+    let ca = Fleet::new("fleet-lapse");
+    let table = fleet_table(&store, "r1").replace("lease_ttl_s = 5", "lease_ttl_s = 2");
+    let mut a = agent_with("flla", &ca, "1G", false, &table);
+    let mut b = agent_with("fllb", &ca, "1G", false, &table);
+    let backend = SharedFileBackend::open(&store).unwrap();
+    wait_registered(&backend, &[&a, &b], &[], "");
+    let ep = ferry_fleet::agents::endpoint(&backend, &host(&a))
+        .unwrap()
+        .expect("the agent wrote its endpoint");
+    assert_eq!(ep.socket, a.socket);
+    assert_eq!(
+        ep.peer_address.as_deref(),
+        Some(common::peers::peer_addr(&a).as_str())
+    );
+
+    let alive = |name: &str| hosts::liveness(&backend).unwrap().get(name).copied();
+    // SIGTERM: it deregisters on its way out.
+    assert!(b.terminate().success());
+    assert_eq!(
+        alive(&host(&b)),
+        Some(false),
+        "a stopped agent ends its lease"
+    );
+    // kill -9: nobody keeps the lease alive; it lapses after its TTL.
+    a.kill9();
+    let killed = Instant::now();
+    while alive(&host(&a)) == Some(true) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the dead agent's lease never lapsed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "lease lapsed {:?} after kill -9 (TTL 2 s)",
+        killed.elapsed()
+    );
+    assert!(killed.elapsed() >= Duration::from_millis(500));
+    // Started again, it registers again.
+    a.start();
+    wait_registered(&backend, &[&a], &[], "");
+}

@@ -18,8 +18,8 @@
 //!   transaction, and a file lock that refuses a second scheduler on the
 //!   same file.
 //! - [`migrator`]: what the scheduler asks of hosts (start, poll, cancel,
-//!   post-copy, terminate, boot); [`sim::SimMigrator`] implements it now,
-//!   ferryd's API next.
+//!   post-copy, terminate, boot); [`sim::SimMigrator`] implements it, and
+//!   `ferry_agent::fleet_migrator` on ferryd's API.
 //! - [`scheduler`]: carries out the planner's decisions, follows each
 //!   migration to its end, retries elsewhere, persists every step first.
 //! - [`leader`]: one scheduler of several leads (a claim under a lease);
