@@ -334,3 +334,42 @@ fn run(agent: &Agent, m: &FleetMembership, stop: &AtomicBool) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn parse(fleet: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::parse(
+            Path::new("h.toml"),
+            &format!(
+                "host_name = \"a\"\nstate_dir = \"/tmp/s\"\nferry_bin = \"/x\"\n[capacity]\nmemory = \"1G\"\nvcpus = 1\n[fleet]\n{fleet}"
+            ),
+        )
+    }
+
+    #[test]
+    fn a_fleet_table_names_one_store_and_sane_values() {
+        let c = parse("store = \"/tmp/f.redb\"\nlabels = { rack = \"r1\" }\n").unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!(f.labels["rack"], "r1");
+        assert_eq!((f.lease_ttl_s, f.tenant.as_str()), (10, "default"));
+        assert!(parse("etcd = \"http://127.0.0.1:2379\"\n").is_ok());
+        for (bad, says) in [
+            ("", "exactly one of store"),
+            (
+                "store = \"/f\"\netcd = \"http://x:1\"\n",
+                "exactly one of store",
+            ),
+            ("store = \"f.redb\"\n", "absolute path"),
+            ("store = \"/f\"\nlease_ttl_s = 0\n", "lease_ttl_s 0"),
+            ("store = \"/f\"\nlink_gbit = -1.0\n", "link_gbit -1"),
+            ("store = \"/f\"\nstorre = 1\n", "unknown field"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+}
