@@ -48,6 +48,9 @@ struct RawConfig {
     /// The networks this host offers VMs: `[[network]]` tables.
     #[serde(default, rename = "network")]
     networks: Vec<Network>,
+    /// The fleet this host registers with: a `[fleet]` table.
+    #[serde(default)]
+    fleet: Option<crate::fleet_member::FleetMembership>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +115,7 @@ pub struct Config {
     pub ferry_bin: PathBuf,
     pub capacity: Capacity,
     pub networks: Vec<Network>,
+    pub fleet: Option<crate::fleet_member::FleetMembership>,
 }
 
 impl Config {
@@ -185,6 +189,9 @@ impl Config {
                 )));
             }
         }
+        if let Some(f) = &raw.fleet {
+            f.check().map_err(|e| invalid(format!("fleet: {e}")))?;
+        }
         let ferry_bin = match raw.ferry_bin {
             Some(p) => p,
             None => default_ferry_bin()?,
@@ -202,6 +209,7 @@ impl Config {
                 vcpus: raw.capacity.vcpus,
             },
             networks: raw.networks,
+            fleet: raw.fleet,
         })
     }
 

@@ -23,6 +23,8 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod events;
+pub mod fleet_member;
+pub mod fleet_migrator;
 pub mod jobs;
 pub mod ledger;
 pub mod metrics;

@@ -831,6 +831,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         ),
         _ => {}
     }
+    // After the peer listener: the registration names its address.
+    let _fleet_member = crate::fleet_member::spawn(&agent);
     let mut graceful = stop_rx.clone();
     let closing = agent.clone();
     let server = axum::serve(

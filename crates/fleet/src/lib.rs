@@ -18,17 +18,20 @@
 //!   transaction, and a file lock that refuses a second scheduler on the
 //!   same file.
 //! - [`migrator`]: what the scheduler asks of hosts (start, poll, cancel,
-//!   post-copy, terminate, boot); [`sim::SimMigrator`] implements it now,
-//!   ferryd's API next.
+//!   post-copy, terminate, boot); [`sim::SimMigrator`] implements it, and
+//!   `ferry_agent::fleet_migrator` on ferryd's API.
 //! - [`scheduler`]: carries out the planner's decisions, follows each
 //!   migration to its end, retries elsewhere, persists every step first.
 //! - [`leader`]: one scheduler of several leads (a claim under a lease);
 //!   its writes are fenced by that claim.
 //! - [`hosts`]: hosts register their capacity under a lease; a lapsed
 //!   lease marks the host unreachable.
+//! - [`agents`]: how the fleet reaches each host's agent, and the VM
+//!   definitions a fresh boot needs (written by registering agents).
 //! - [`sim`]: the generated fleet, the simulated migrator and clock, the
 //!   audit of caps from the migrator's record, the report.
 
+pub mod agents;
 pub mod hosts;
 pub mod leader;
 pub mod migrator;

@@ -24,10 +24,11 @@ pub enum FleetCommand {
     /// a simulated migrator; report drain time, peaks against the caps and
     /// the planner's time per decision.
     Simulate(SimulateArgs),
-    /// Run the fleet scheduler on an etcd store: one `serve` of several
-    /// leads (the others wait and take over when it dies); its writes are
-    /// fenced by its leadership. Migrations run on the simulated migrator
-    /// until ferryd's migrator lands.
+    /// Run the fleet scheduler on an etcd store (or a one-machine fleet's
+    /// store file): one `serve` of several leads (the others wait and take
+    /// over when it dies); its writes are fenced by its leadership.
+    /// Migrations run on the hosts' ferryd (or, --migrator sim, on the
+    /// simulated migrator).
     Serve(super::fleet_etcd::ServeArgs),
     /// Hosts in an etcd store: register one under a lease, or list them.
     Host(super::fleet_etcd::HostArgs),

@@ -1,17 +1,22 @@
 //! `ferry fleet serve` and `ferry fleet host register|list`: the fleet on
 //! an etcd store (crates/fleet's etcd backend, leader election and host
-//! leases).
+//! leases), and `serve` also on the embedded store file of a one-machine
+//! fleet (the file its ferryd register in), migrating on the agents.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ferry_agent::fleet_migrator::AgentMigrator;
 use ferry_fleet::hosts;
+use ferry_fleet::migrator::Migrator;
 use ferry_fleet::model::{Health, Host, Maintenance, Resources, Version, GIB};
 use ferry_fleet::serve::{serve, ServeConfig, ServeEvent};
 use ferry_fleet::sim::SimMigrator;
 use ferry_fleet::store::etcd::{EtcdBackend, DEFAULT_PREFIX};
+use ferry_fleet::store::shared_file::SharedFileBackend;
+use ferry_fleet::store::{Backend, FleetStore, StoreError};
 
 #[derive(Debug, clap::Args)]
 pub struct EtcdArgs {
@@ -23,10 +28,25 @@ pub struct EtcdArgs {
     pub prefix: String,
 }
 
+/// What carries out the scheduler's migrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MigratorKind {
+    /// The hosts' ferryd, through their APIs (the sockets they registered).
+    Agents,
+    /// The simulated migrator (durations from the figures measured here).
+    Sim,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub store: EtcdArgs,
+    /// The embedded store: the file of a one-machine fleet, shared with
+    /// its ferryd (their `[fleet] store`), instead of etcd.
+    #[arg(long, conflicts_with = "etcd")]
+    pub store_file: Option<std::path::PathBuf>,
+    #[arg(long, value_enum, default_value_t = MigratorKind::Agents)]
+    pub migrator: MigratorKind,
     /// This scheduler's name (the leader key shows it).
     #[arg(long)]
     pub name: String,
@@ -107,19 +127,106 @@ pub fn serve_cmd(a: ServeArgs) -> anyhow::Result<bool> {
         tick_ms: a.tick_ms,
         max_run: a.for_s.map(Duration::from_secs),
     };
-    let backend = connect(&a.store)?;
     let stop = stop_flag()?;
-    let name = a.name;
+    match &a.store_file {
+        Some(path) => {
+            let backend = SharedFileBackend::open(path)
+                .with_context(|| format!("the store file {}", path.display()))?;
+            serve_on(backend, &cfg, &stop, a.migrator)
+        }
+        None => serve_on(connect(&a.store)?, &cfg, &stop, a.migrator),
+    }
+}
+
+/// One migrator or the other, as the serve loop drives it.
+enum AnyMigrator<B: Backend> {
+    Agents(AgentMigrator<B>),
+    Sim(Box<SimMigrator>),
+}
+
+impl<B: Backend> AnyMigrator<B> {
+    fn inner(&mut self) -> &mut dyn Migrator {
+        match self {
+            Self::Agents(m) => m,
+            Self::Sim(m) => m.as_mut(),
+        }
+    }
+}
+
+impl<B: Backend> Migrator for AnyMigrator<B> {
+    fn start(
+        &mut self,
+        req: &ferry_fleet::migrator::MigrationRequest,
+        now: ferry_fleet::time::Timestamp,
+    ) -> Result<(), ferry_fleet::migrator::MigratorError> {
+        self.inner().start(req, now)
+    }
+    fn poll(
+        &mut self,
+        id: &str,
+        now: ferry_fleet::time::Timestamp,
+    ) -> Result<ferry_fleet::migrator::MigrationStatus, ferry_fleet::migrator::MigratorError> {
+        self.inner().poll(id, now)
+    }
+    fn cancel(
+        &mut self,
+        id: &str,
+        now: ferry_fleet::time::Timestamp,
+    ) -> Result<(), ferry_fleet::migrator::MigratorError> {
+        self.inner().cancel(id, now)
+    }
+    fn switch_to_postcopy(
+        &mut self,
+        id: &str,
+        now: ferry_fleet::time::Timestamp,
+    ) -> Result<(), ferry_fleet::migrator::MigratorError> {
+        self.inner().switch_to_postcopy(id, now)
+    }
+    fn terminate(
+        &mut self,
+        vm: &ferry_fleet::model::Vm,
+        now: ferry_fleet::time::Timestamp,
+    ) -> Result<(), ferry_fleet::migrator::MigratorError> {
+        self.inner().terminate(vm, now)
+    }
+    fn boot(
+        &mut self,
+        vm: &ferry_fleet::model::Vm,
+        host: &str,
+        now: ferry_fleet::time::Timestamp,
+    ) -> Result<(), ferry_fleet::migrator::MigratorError> {
+        self.inner().boot(vm, host, now)
+    }
+}
+
+fn serve_on<B: Backend + Clone>(
+    backend: B,
+    cfg: &ServeConfig,
+    stop: &AtomicBool,
+    kind: MigratorKind,
+) -> anyhow::Result<bool> {
+    let name = cfg.name.clone();
     serve(
         backend,
-        &cfg,
-        &stop,
-        |store| {
-            let hosts: Vec<_> = store.hosts()?.into_iter().map(|v| v.value).collect();
-            let vms: Vec<_> = store.vms()?.into_iter().map(|v| v.value).collect();
-            Ok(SimMigrator::new(&hosts, &vms))
+        cfg,
+        stop,
+        |store: &FleetStore<B>| -> Result<AnyMigrator<B>, StoreError> {
+            Ok(match kind {
+                MigratorKind::Agents => {
+                    AnyMigrator::Agents(AgentMigrator::new(store.backend().clone()))
+                }
+                MigratorKind::Sim => {
+                    let hosts: Vec<_> = store.hosts()?.into_iter().map(|v| v.value).collect();
+                    let vms: Vec<_> = store.vms()?.into_iter().map(|v| v.value).collect();
+                    AnyMigrator::Sim(Box::new(SimMigrator::new(&hosts, &vms)))
+                }
+            })
         },
-        |m, now| m.advance(now),
+        |m, now| {
+            if let AnyMigrator::Sim(s) = m {
+                s.advance(now)
+            }
+        },
         |ev| match ev {
             ServeEvent::Following { leader } => eprintln!("{name}: following {leader}"),
             ServeEvent::Leading { revision } => {

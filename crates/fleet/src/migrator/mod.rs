@@ -1,8 +1,8 @@
 //! What the scheduler asks of the hosts: start a migration, poll it,
 //! cancel it, switch it to post-copy; stop a VM, boot one. The simulator
-//! implements it here (sim::migrator); the next implementation drives
-//! ferryd's API (`POST /v1/vms/{id}/migrations`, `GET` and `DELETE
-//! /v1/migrations/{id}`).
+//! implements it here (sim::migrator); ferryd's API implements it in the
+//! agent's crate (`ferry_agent::fleet_migrator`, which depends on this
+//! crate: the fleet knows nothing of the agent's types).
 //!
 //! The scheduler names each migration itself (`PLAN/VM/ATTEMPT`) and
 //! writes that name to the store before it calls `start`, so that after a

@@ -60,6 +60,16 @@ impl RedbBackend {
         Ok(Self { db })
     }
 
+    /// Opens a file `open` made before, without its table-creating write
+    /// (a durable commit): the shared-file backend opens it per call.
+    pub(super) fn reopen(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        Ok(Self { db })
+    }
+
     fn meta(&self, name: &str) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let t = txn.open_table(META).map_err(db_err)?;

@@ -14,12 +14,15 @@
 //! Three backends here: [`memory::MemoryBackend`] (tests, the simulator,
 //! the dry run), [`embedded::RedbBackend`], one file, the default for a
 //! fleet run from one machine, and [`etcd::EtcdBackend`], for a fleet
-//! across machines.
+//! across machines. [`shared_file::SharedFileBackend`] is the embedded
+//! file shared by the processes of one machine (agents registering, the
+//! scheduler), with leases that lapse.
 
 pub mod embedded;
 pub mod etcd;
 pub mod fleet_store;
 pub mod memory;
+pub mod shared_file;
 
 use serde::{Deserialize, Serialize};
 

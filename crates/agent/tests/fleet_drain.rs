@@ -1,0 +1,315 @@
+//! The fleet on real agents: three ferryd register themselves in one
+//! embedded store file (the fleet of one machine), the VMs created on
+//! host A appear in the fleet's state, and `ferry fleet serve` on that
+//! file drains A with the migrator that drives the agents' API. Every VM ends
+//! on another host, running, its guest's memory checked by the guest
+//! itself (heartbeats go on past the last seen on A, no page error, no
+//! break), each moved exactly once, though the scheduler is killed while
+//! migrations are in flight and another takes over. A drain no host has room for is
+//! refused with the plan's reason, and nothing moves.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::peers::{agent_with, host, Fleet};
+use common::{kvm_or_skip, Agent, TempDir};
+use ferry_agent::fleet_migrator::{AgentMigrator, JobRecord, JOBS};
+use ferry_fleet::hosts;
+use ferry_fleet::model::Maintenance;
+use ferry_fleet::plan::{EntryState, Plan, PlanState};
+use ferry_fleet::scheduler::{Scheduler, SchedulerError};
+use ferry_fleet::store::shared_file::SharedFileBackend;
+use ferry_fleet::store::{Backend, FleetStore};
+use ferry_fleet::time::Timestamp;
+
+const VMS: [&str; 3] = ["fl-v1", "fl-v2", "fl-v3"];
+
+fn fleet_table(store: &Path, rack: &str) -> String {
+    format!(
+        "[fleet]\nstore = \"{}\"\nlease_ttl_s = 5\nlabels = {{ rack = \"{rack}\", zone = \"z1\" }}\n",
+        store.display()
+    )
+}
+
+/// Waits until `hosts` are registered and alive and `vms` are on record
+/// on `on`.
+fn wait_registered(b: &SharedFileBackend, hosts: &[&Agent], vms: &[&str], on: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let alive = hosts::liveness(b).unwrap();
+        let stored = FleetStore::new(b).vms().unwrap();
+        let hosts_up = hosts
+            .iter()
+            .all(|a| alive.get(&host(a)).copied() == Some(true));
+        let vms_in = vms.iter().all(|v| {
+            stored
+                .iter()
+                .any(|s| s.value.id == *v && s.value.host == on && s.value.is_running())
+        });
+        if hosts_up && vms_in {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fleet never saw every host and VM: alive {alive:?}, vms {:?}",
+            stored
+                .iter()
+                .map(|s| (&s.value.id, &s.value.host))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stored_plan(b: &SharedFileBackend, id: &str) -> Plan {
+    FleetStore::new(b)
+        .plan_records()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.plan)
+        .find(|p| p.id == id)
+        .expect("the plan is in the store")
+}
+
+/// `ferry fleet serve` on the store file, as a process; killed (-9, a
+/// crash) on drop.
+struct Serving(std::process::Child);
+
+impl Serving {
+    fn start(store: &Path, name: &str) -> Self {
+        let child = std::process::Command::new(common::ferry_bin())
+            .args(["fleet", "serve", "--store-file"])
+            .arg(store)
+            .args(["--name", name, "--lease-ttl-s", "3", "--tick-ms", "200"])
+            .args(["--for-s", "300"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start ferry fleet serve");
+        Self(child)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_scheduler_drains_a_host_of_real_agents_and_every_vm_arrives_whole() {
+    if !kvm_or_skip("the_scheduler_drains_a_host_of_real_agents") {
+        return;
+    }
+    let dir = TempDir::new("fleet-drain");
+    let store = dir.path("fleet.redb");
+    let ca = Fleet::new("fleet-drain");
+    let a = agent_with("fla", &ca, "2G", false, &fleet_table(&store, "r1"));
+    let b = agent_with("flb", &ca, "1G", false, &fleet_table(&store, "r2"));
+    let c = agent_with("flc", &ca, "1G", false, &fleet_table(&store, "r3"));
+    for vm in VMS {
+        a.create_vm(vm, "64M", "dirty:16:50");
+    }
+    let backend = SharedFileBackend::open(&store).unwrap();
+    wait_registered(&backend, &[&a, &b, &c], &VMS, &host(&a));
+    let before: Vec<u64> = VMS
+        .iter()
+        .map(|v| a.heartbeat(v)["seq"].as_u64().unwrap())
+        .collect();
+
+    // The operator's side: a dry run first, then the plan runs.
+    let plan_id = {
+        let mut s =
+            Scheduler::open(backend.clone(), AgentMigrator::new(backend.clone()), None).unwrap();
+        let now = Timestamp::now_wall();
+        let plan = s.prepare_drain(&host(&a), now).unwrap().clone();
+        assert_eq!(plan.state, PlanState::Draft, "{plan:?}");
+        assert_eq!(plan.entries.len(), VMS.len());
+        println!(
+            "dry run: {} VMs, predicted drain {:?} ms",
+            plan.entries.len(),
+            plan.predicted_duration_ms
+        );
+        s.execute(&plan.id, now).unwrap();
+        s.step_down().unwrap();
+        plan.id
+    };
+    let started = Instant::now();
+    let mut serving = Serving::start(&store, "serve-1");
+    let mut restarted = false;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let plan = loop {
+        let p = stored_plan(&backend, &plan_id);
+        if p.state == PlanState::Done {
+            break p;
+        }
+        // The scheduler dies mid-migration and another (a new migrator,
+        // nothing in memory) takes the plan over once its lease lapsed:
+        // it follows the migrations in flight by name, starts none twice.
+        let in_flight = p
+            .entries
+            .iter()
+            .filter(|e| matches!(e.state, EntryState::Migrating { .. }))
+            .count();
+        if !restarted && in_flight > 0 {
+            drop(serving);
+            println!("scheduler killed with {in_flight} migrations in flight; another takes over");
+            serving = Serving::start(&store, "serve-2");
+            restarted = true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the drain never ended: {:?}",
+            p.entries
+                .iter()
+                .map(|e| (&e.vm, &e.state, &e.reason))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(serving);
+    assert!(restarted, "the scheduler was restarted mid-drain");
+    println!(
+        "drain of {} done in {:?}: {:?}",
+        host(&a),
+        started.elapsed(),
+        plan.counts()
+    );
+
+    let agents = [&b, &c];
+    for (vm, seq) in VMS.iter().zip(before) {
+        let e = plan.entries.iter().find(|e| e.vm == *vm).unwrap();
+        let EntryState::Migrated { target, .. } = &e.state else {
+            panic!("{vm} did not migrate: {e:?}");
+        };
+        assert_ne!(*target, host(&a));
+        let to = agents.iter().find(|g| host(g) == *target).unwrap();
+        assert_eq!(a.get(&format!("/v1/vms/{vm}")).status, 404, "{vm} left A");
+        assert_eq!(to.show(vm)["state"], "running");
+        let hb = to.heartbeat_after(vm, seq, Duration::from_secs(20));
+        assert_eq!(hb["err"], 0, "{vm}: {hb}");
+        assert_eq!(hb["sequence_breaks"], 0, "{vm}: {hb}");
+        println!("{vm}: on {target}, heartbeat {hb}");
+    }
+    // Each VM moved once: one agent job per VM, all named by the plan.
+    let jobs: Vec<JobRecord> = backend
+        .list(JOBS)
+        .unwrap()
+        .iter()
+        .map(|e| serde_json::from_slice(&e.value).unwrap())
+        .collect();
+    for vm in VMS {
+        let n = jobs.iter().filter(|j| j.vm == vm).count();
+        assert_eq!(n, 1, "{vm} was started {n} times: {jobs:?}");
+    }
+    assert!(jobs.iter().all(|j| j.job.is_some()));
+    // The fleet's state says where they are, and A is handed over.
+    let fleet = FleetStore::new(&backend);
+    for v in fleet.vms().unwrap() {
+        assert_ne!(v.value.host, host(&a), "{:?}", v.value);
+    }
+    let a_rec = fleet
+        .hosts()
+        .unwrap()
+        .into_iter()
+        .find(|h| h.value.name == host(&a))
+        .unwrap();
+    assert_eq!(a_rec.value.maintenance, Maintenance::InMaintenance);
+}
+
+#[test]
+fn a_drain_no_host_has_room_for_is_refused_with_its_reason_and_nothing_moves() {
+    if !kvm_or_skip("a_drain_no_host_has_room_for") {
+        return;
+    }
+    let dir = TempDir::new("fleet-full");
+    let store = dir.path("fleet.redb");
+    let ca = Fleet::new("fleet-full");
+    let a = agent_with("flfa", &ca, "2G", false, &fleet_table(&store, "r1"));
+    let b = agent_with("flfb", &ca, "128M", false, &fleet_table(&store, "r2"));
+    a.create_vm("fl-big", "256M", "dirty:16:50");
+    let backend = SharedFileBackend::open(&store).unwrap();
+    wait_registered(&backend, &[&a, &b], &["fl-big"], &host(&a));
+    let before = a.heartbeat("fl-big")["seq"].as_u64().unwrap();
+
+    let mut s =
+        Scheduler::open(backend.clone(), AgentMigrator::new(backend.clone()), None).unwrap();
+    let now = Timestamp::now_wall();
+    let plan = s.prepare_drain(&host(&a), now).unwrap().clone();
+    assert_eq!(plan.state, PlanState::Refused, "{plan:?}");
+    let e = &plan.entries[0];
+    let why = e.reason.clone().unwrap_or_default();
+    println!("refused: {} {:?}: {why}", e.vm, e.state);
+    assert!(
+        why.contains("256 MiB"),
+        "the reason names what is missing: {why}"
+    );
+    let err = s.execute(&plan.id, now).unwrap_err();
+    assert!(
+        matches!(&err, SchedulerError::PlanRefused { blocked, .. } if blocked.len() == 1),
+        "{err}"
+    );
+    for _ in 0..3 {
+        s.tick(Timestamp::now_wall()).unwrap();
+    }
+    s.step_down().unwrap();
+    drop(s);
+    assert!(
+        backend.list(JOBS).unwrap().is_empty(),
+        "no migration started"
+    );
+    assert_eq!(stored_plan(&backend, &plan.id).state, PlanState::Refused);
+    assert_eq!(a.show("fl-big")["state"], "running");
+    assert_eq!(b.get("/v1/vms/fl-big").status, 404);
+    let hb = a.heartbeat_after("fl-big", before, Duration::from_secs(20));
+    assert_eq!(hb["err"], 0, "{hb}");
+}
+
+#[test]
+fn a_killed_agents_registration_lapses_and_a_stopped_one_ends_at_once() {
+    let dir = TempDir::new("fleet-lapse");
+    let store = dir.path("fleet.redb");
+    let ca = Fleet::new("fleet-lapse");
+    let table = fleet_table(&store, "r1").replace("lease_ttl_s = 5", "lease_ttl_s = 2");
+    let mut a = agent_with("flla", &ca, "1G", false, &table);
+    let mut b = agent_with("fllb", &ca, "1G", false, &table);
+    let backend = SharedFileBackend::open(&store).unwrap();
+    wait_registered(&backend, &[&a, &b], &[], "");
+    let ep = ferry_fleet::agents::endpoint(&backend, &host(&a))
+        .unwrap()
+        .expect("the agent wrote its endpoint");
+    assert_eq!(ep.socket, a.socket);
+    assert_eq!(
+        ep.peer_address.as_deref(),
+        Some(common::peers::peer_addr(&a).as_str())
+    );
+
+    let alive = |name: &str| hosts::liveness(&backend).unwrap().get(name).copied();
+    // SIGTERM: it deregisters on its way out.
+    assert!(b.terminate().success());
+    assert_eq!(
+        alive(&host(&b)),
+        Some(false),
+        "a stopped agent ends its lease"
+    );
+    // kill -9: nobody keeps the lease alive; it lapses after its TTL.
+    a.kill9();
+    let killed = Instant::now();
+    while alive(&host(&a)) == Some(true) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the dead agent's lease never lapsed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "lease lapsed {:?} after kill -9 (TTL 2 s)",
+        killed.elapsed()
+    );
+    assert!(killed.elapsed() >= Duration::from_millis(500));
+    // Started again, it registers again.
+    a.start();
+    wait_registered(&backend, &[&a], &[], "");
+}
