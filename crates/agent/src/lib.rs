@@ -22,7 +22,9 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod durable;
 pub mod events;
+pub mod incoming;
 pub mod jobs;
 pub mod ledger;
 pub mod metrics;

@@ -43,6 +43,7 @@ use utoipa::ToSchema;
 
 use crate::api::ApiError;
 use crate::events::{AuditEntry, Caller, Event};
+use crate::incoming::{IncomingFile, ReceiverProcess};
 use crate::ledger::{Holder, Reservation};
 use crate::model::{CreateVm, HostTap, MigrationPolicy, VmDefinition, VmRecord, VmState};
 use crate::server::{lock, Agent, Slot, TapGuard};
@@ -65,7 +66,7 @@ const TAP_OUTLIVES: Duration = Duration::from_secs(60);
 /// The line `ferry receive` prints once its address is bound.
 const LISTENING: &str = "ferry: listening on ";
 /// The line `ferry receive` prints once the VM runs there.
-const RECEIVED: &str = "ferry: VM received from ";
+pub(crate) const RECEIVED: &str = "ferry: VM received from ";
 
 /// What the report's `transport` says of a plaintext data plane.
 pub const PLAINTEXT: &str = "plaintext data plane (insecure_plaintext_data_plane = true on both agents; the control plane was mutual TLS 1.3)";
@@ -79,7 +80,7 @@ pub fn mutual_tls(peer: &str) -> String {
 const COPIED_DISK: &str = "disk.img";
 /// The file name of a prepared migration's session token, next to the
 /// receiver's console log.
-const TOKEN_FILE: &str = "session.token";
+pub(crate) const TOKEN_FILE: &str = "session.token";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -312,13 +313,23 @@ pub struct IncomingView {
 }
 
 pub struct IncomingSlot {
-    view: Mutex<IncomingView>,
+    pub(crate) view: Mutex<IncomingView>,
     /// Only this host (or an operator) may see or abort it.
     source: Option<String>,
     abort: AtomicBool,
     wake: tokio::sync::Notify,
-    #[allow(dead_code)]
-    token: String,
+}
+
+impl IncomingSlot {
+    /// A slot showing `view` (prepared now, or read back after a restart).
+    pub(crate) fn new(view: IncomingView) -> Arc<Self> {
+        Arc::new(Self {
+            source: view.source.clone(),
+            view: Mutex::new(view),
+            abort: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
 }
 
 fn reservation(def: &VmDefinition, holder: Holder) -> Reservation {
@@ -348,7 +359,7 @@ fn may_touch(inc: &IncomingSlot, caller: &Caller) -> bool {
 }
 
 /// Bytes appended to `path` past `*offset`, as text.
-fn read_new(path: &Path, offset: &mut u64) -> String {
+pub(crate) fn read_new(path: &Path, offset: &mut u64) -> String {
     let Ok(mut f) = std::fs::File::open(path) else {
         return String::new();
     };
@@ -1071,10 +1082,11 @@ impl Agent {
             None => None,
         };
         let net_flag = tap.as_ref().map(|t| crate::network::receive_flag(&t.tap));
-        let dir = self.config.state_dir.join("vms").join(&vm);
+        let dir = self.vm_dir(&vm);
         let released = |agent: &Self, e: ApiError| {
             lock(&agent.ledger).release(&vm);
             let _ = std::fs::remove_dir_all(&dir);
+            crate::incoming::forget(&agent.config.state_dir, &id);
             e
         };
         if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -1090,13 +1102,37 @@ impl Agent {
         if let Err(e) = token.write_file(&token_file) {
             return Err(released(self, ApiError::internal(e.to_string())));
         }
+        // Written before the receiver starts and again at each step, so
+        // that a restarted agent finds its receiver (crate::incoming).
+        let mut file = IncomingFile {
+            view: IncomingView {
+                id: id.clone(),
+                vm: vm.clone(),
+                job: offer.job.clone(),
+                source: source.clone(),
+                phase: IncomingPhase::Ready,
+                address: String::new(),
+                mem_bytes: offer.definition.mem_bytes,
+                reason: None,
+                created_at: now_rfc3339(),
+            },
+            offer,
+            receiver: None,
+            tap: tap.as_ref().map(|t| t.tap.clone()),
+            answered: false,
+            log_offset: 0,
+            expires_at_ms: 0,
+        };
+        if let Err(e) = crate::incoming::save(&self.config.state_dir, &file) {
+            return Err(released(self, ApiError::internal(e)));
+        }
         let ip = self
             .config
             .peer_listen
             .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |a| a.ip());
         let mut vmm = match Vmm::spawn_receiver(
             &self.config.ferry_bin,
-            &offer.definition,
+            &file.offer.definition,
             net_flag.as_deref(),
             ip,
             &socket,
@@ -1107,6 +1143,14 @@ impl Agent {
             Ok(v) => v,
             Err(e) => return Err(released(self, ApiError::Vmm(e.to_string()))),
         };
+        file.receiver = Some(ReceiverProcess {
+            pid: vmm.pid,
+            start_time: vmm.start_time,
+        });
+        if let Err(e) = crate::incoming::save(&self.config.state_dir, &file) {
+            kill(vmm).await;
+            return Err(released(self, ApiError::internal(e)));
+        }
         // Its address, from its log.
         let started = Instant::now();
         let mut offset = 0;
@@ -1120,9 +1164,7 @@ impl Agent {
                 break a;
             }
             if vmm.has_exited() || started.elapsed() > RECEIVER_START {
-                let handle = vmm.handle();
-                let _ = handle.signal(Signal::KILL);
-                let exit = vmm.wait().await;
+                let exit = kill(vmm).await;
                 return Err(released(
                     self,
                     ApiError::Vmm(format!(
@@ -1135,25 +1177,17 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let token = token.to_hex();
-        let expires = Duration::from_millis(offer.policy.completion_timeout_ms) + INCOMING_GRACE;
-        let view = IncomingView {
-            id: id.clone(),
-            vm: vm.clone(),
-            job: offer.job.clone(),
-            source: source.clone(),
-            phase: IncomingPhase::Ready,
-            address: address.clone(),
-            mem_bytes: offer.definition.mem_bytes,
-            reason: None,
-            created_at: now_rfc3339(),
-        };
-        let inc = Arc::new(IncomingSlot {
-            view: Mutex::new(view),
-            source,
-            abort: AtomicBool::new(false),
-            wake: tokio::sync::Notify::new(),
-            token: token.clone(),
-        });
+        let expires =
+            Duration::from_millis(file.offer.policy.completion_timeout_ms) + INCOMING_GRACE;
+        file.view.address = address.clone();
+        file.answered = true;
+        file.log_offset = offset;
+        file.expires_at_ms = crate::incoming::unix_ms_now() + expires.as_millis() as u64;
+        if let Err(e) = crate::incoming::save(&self.config.state_dir, &file) {
+            kill(vmm).await;
+            return Err(released(self, ApiError::internal(e)));
+        }
+        let inc = IncomingSlot::new(file.view.clone());
         lock(&self.incoming).insert(id.clone(), inc.clone());
         tracing::info!(
             "incoming migration {id}: VM {vm} from {}, receiver pid {} on {address}",
@@ -1161,19 +1195,9 @@ impl Agent {
             vmm.pid
         );
         let agent = self.clone();
-        let paths = (socket, log, dir);
+        let deadline = Instant::now() + expires;
         tokio::spawn(async move {
-            agent
-                .watch_incoming(
-                    inc,
-                    vmm,
-                    offer,
-                    tap,
-                    paths,
-                    offset,
-                    Instant::now() + expires,
-                )
-                .await;
+            agent.watch_incoming(inc, vmm, tap, file, deadline).await;
         });
         Ok(Prepared {
             id,
@@ -1188,30 +1212,26 @@ impl Agent {
         })
     }
 
+    /// This host's directory of VM `vm` (its log, API socket, disk copy).
+    pub(crate) fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.config.state_dir.join("vms").join(vm)
+    }
+
     /// Follows a prepared receiver until the VM has arrived (then adopts
-    /// it), the receiver ends, the source aborts or the time is up.
-    /// The tap (if the VM has a card) is removed with the rest unless the
-    /// VM arrives.
-    #[allow(clippy::too_many_arguments)]
-    async fn watch_incoming(
+    /// it), the receiver ends, the source aborts or the time is up; each
+    /// outcome is written to `file`. The tap (if the VM has a card) is
+    /// removed with the rest unless the VM arrives.
+    pub(crate) async fn watch_incoming(
         self: Arc<Self>,
         inc: Arc<IncomingSlot>,
         mut vmm: Vmm,
-        offer: PeerOffer,
         mut tap: Option<TapGuard>,
-        (socket, log, dir): (PathBuf, PathBuf, PathBuf),
-        mut offset: u64,
+        mut file: IncomingFile,
         deadline: Instant,
     ) {
-        let vm = offer.vm.clone();
-        let end = |agent: &Self, phase: IncomingPhase, reason: String| {
-            lock(&agent.ledger).release(&vm);
-            let _ = std::fs::remove_dir_all(&dir);
-            let mut v = lock(&inc.view);
-            tracing::info!("incoming migration {}: {phase:?}: {reason}", v.id);
-            v.phase = phase;
-            v.reason = Some(reason);
-        };
+        let dir = self.vm_dir(&file.view.vm);
+        let (socket, log) = (dir.join("api.sock"), dir.join("console.log"));
+        let mut offset = file.log_offset;
         loop {
             let _ = tokio::time::timeout(Duration::from_millis(50), inc.wake.notified()).await;
             if read_new(&log, &mut offset).contains(RECEIVED) {
@@ -1219,7 +1239,7 @@ impl Agent {
                     t.disarm();
                     t.tap.clone()
                 });
-                self.adopt_incoming(&inc, vmm, &offer, tap, socket, log);
+                self.adopt_incoming(&inc, &mut file, Ok(vmm), tap, socket, log);
                 return;
             }
             let aborted = inc.abort.load(Ordering::SeqCst);
@@ -1227,14 +1247,16 @@ impl Agent {
             if aborted || expired {
                 stop(vmm).await;
                 if aborted {
-                    end(
-                        &self,
+                    self.end_incoming(
+                        &inc,
+                        &mut file,
                         IncomingPhase::Aborted,
                         "the source aborted it".into(),
                     );
                 } else {
-                    end(
-                        &self,
+                    self.end_incoming(
+                        &inc,
+                        &mut file,
                         IncomingPhase::Expired,
                         "the VM did not arrive in time; released".into(),
                     );
@@ -1244,8 +1266,9 @@ impl Agent {
             if vmm.has_exited() {
                 let exit = vmm.wait().await;
                 let words = supervisor::last_words(&log);
-                end(
-                    &self,
+                self.end_incoming(
+                    &inc,
+                    &mut file,
                     IncomingPhase::Failed,
                     format!("the receiver {} without the VM: {words}", exit.description),
                 );
@@ -1254,11 +1277,38 @@ impl Agent {
         }
     }
 
-    fn adopt_incoming(
+    /// An incoming migration ended without the VM: its reservation and
+    /// directory go (its tap goes with the caller's guard), and the
+    /// outcome is shown and written down.
+    pub(crate) fn end_incoming(
+        &self,
+        inc: &IncomingSlot,
+        file: &mut IncomingFile,
+        phase: IncomingPhase,
+        reason: String,
+    ) {
+        lock(&self.ledger).release(&file.view.vm);
+        let _ = std::fs::remove_dir_all(self.vm_dir(&file.view.vm));
+        let mut v = lock(&inc.view);
+        tracing::info!("incoming migration {}: {phase:?}: {reason}", v.id);
+        v.phase = phase;
+        v.reason = Some(reason);
+        file.view = v.clone();
+        drop(v);
+        if let Err(e) = crate::incoming::save(&self.config.state_dir, file) {
+            tracing::error!("cannot write incoming migration {}: {e}", file.view.id);
+        }
+    }
+
+    /// The VM runs here: it gets its record and reservation. `vmm`: its
+    /// receiver, supervised from now on, or why it is gone (it ended while
+    /// no agent watched it, after the VM had arrived: the record says the
+    /// VM failed here).
+    pub(crate) fn adopt_incoming(
         self: &Arc<Self>,
         inc: &IncomingSlot,
-        vmm: Vmm,
-        offer: &PeerOffer,
+        file: &mut IncomingFile,
+        vmm: Result<Vmm, String>,
         tap: Option<HostTap>,
         api_socket: PathBuf,
         log: PathBuf,
@@ -1267,14 +1317,19 @@ impl Agent {
         if let Some(dir) = log.parent() {
             let _ = std::fs::remove_file(dir.join(TOKEN_FILE));
         }
+        let offer = &file.offer;
+        let (pid, pid_start_time) = match &vmm {
+            Ok(v) => (Some(v.pid), Some(v.start_time)),
+            Err(_) => (None, None),
+        };
         let mut record = VmRecord {
             id: offer.vm.clone(),
             definition: offer.definition.clone(),
             policy: offer.policy.clone(),
             state: VmState::Running,
             reason: None,
-            pid: Some(vmm.pid),
-            pid_start_time: Some(vmm.start_time),
+            pid,
+            pid_start_time,
             api_socket,
             log,
             created_at: now_rfc3339(),
@@ -1283,26 +1338,44 @@ impl Agent {
         let slot = Slot::new();
         {
             let mut slots = lock(&self.slots);
-            lock(&self.ledger).force(&record.id, reservation(&record.definition, Holder::Vm));
+            match &vmm {
+                Ok(_) => lock(&self.ledger)
+                    .force(&record.id, reservation(&record.definition, Holder::Vm)),
+                Err(_) => lock(&self.ledger).release(&record.id),
+            }
             if let Err(e) = self.store.insert_new(&record) {
                 tracing::error!("cannot store the received VM {}: {e}", record.id);
             }
             slots.insert(record.id.clone(), slot.clone());
         }
-        self.watch_vmm(&record.id, &slot, vmm);
         let from = inc
             .source
             .clone()
             .unwrap_or_else(|| "a local operator".into());
-        self.set_state(
-            &mut record,
-            VmState::Running,
-            Some(format!("migrated in from {from}")),
-        );
+        match vmm {
+            Ok(vmm) => {
+                self.watch_vmm(&record.id, &slot, vmm);
+                self.set_state(
+                    &mut record,
+                    VmState::Running,
+                    Some(format!("migrated in from {from}")),
+                );
+            }
+            Err(why) => self.set_state(
+                &mut record,
+                VmState::Failed,
+                Some(format!("migrated in from {from}, then {why}")),
+            ),
+        }
         let mut v = lock(&inc.view);
         v.phase = IncomingPhase::Committed;
         v.reason = None;
         tracing::info!("incoming migration {}: VM {} runs here", v.id, record.id);
+        file.view = v.clone();
+        drop(v);
+        if let Err(e) = crate::incoming::save(&self.config.state_dir, file) {
+            tracing::error!("cannot write incoming migration {}: {e}", file.view.id);
+        }
     }
 
     /// The incoming migration, not yet ended, that brings `vm` here.
@@ -1319,8 +1392,14 @@ impl Agent {
     }
 }
 
+/// SIGKILL, and the exit it caused.
+async fn kill(vmm: Vmm) -> supervisor::Exit {
+    let _ = vmm.handle().signal(Signal::KILL);
+    vmm.wait().await
+}
+
 /// SIGTERM, then SIGKILL after a grace.
-async fn stop(vmm: Vmm) {
+pub(crate) async fn stop(vmm: Vmm) {
     let handle = vmm.handle();
     let _ = handle.signal(Signal::TERM);
     let mut waiting = tokio::spawn(vmm.wait());
