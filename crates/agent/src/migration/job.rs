@@ -8,6 +8,7 @@ use ferry_migration::stats::{MigrationReport, Progress};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::cancel::PastCancel;
 use crate::api::ApiError;
 use crate::events::Caller;
 use crate::server::{lock, Agent};
@@ -158,6 +159,8 @@ pub struct JobSlot {
     pub(super) cancel: AtomicBool,
     /// Set when the policy's completion timeout ended it.
     pub(super) timed_out: AtomicBool,
+    /// Set once the engine has gone past the point a cancel holds.
+    pub(super) past_cancel: Mutex<Option<PastCancel>>,
 }
 
 impl JobSlot {
@@ -167,6 +170,7 @@ impl JobSlot {
             view: Mutex::new(view),
             cancel: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
+            past_cancel: Mutex::new(None),
         }
     }
 

@@ -11,6 +11,7 @@ use ferry_control::{MigrateRequest, Request, Response};
 use ferry_migration::mode::Mode;
 use ferry_migration::transport::SessionToken;
 
+use super::cancel::PastCancel;
 use super::{
     mutual_tls, JobPhase, JobProgress, JobSlot, MigrationJob, MigrationTarget, PeerOffer, Prepared,
     StartMigration, PLAINTEXT,
@@ -119,6 +120,7 @@ impl Agent {
             view: Mutex::new(view.clone()),
             cancel: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
+            past_cancel: Mutex::new(None),
         });
         *lock(&slot.job) = Some(id.clone());
         lock(&self.jobs).insert(id.clone(), job.clone());
@@ -348,6 +350,10 @@ impl Agent {
                     v.progress = Some(JobProgress::from(p));
                     v.last_progress = Some(p.clone());
                     v.progress_lines += 1;
+                    drop(v);
+                    if let Some(past) = PastCancel::of(&p.phase) {
+                        *lock(&progress_job.past_cancel) = Some(past);
+                    }
                 }
             })
         })
@@ -357,6 +363,7 @@ impl Agent {
         timer.abort();
         match answer {
             Ok(Response::Migrated(report)) => {
+                *lock(&job.past_cancel) = Some(PastCancel::Committed);
                 lock(&job.view).report = Some(*report);
                 self.confirm_commit(client, job).await;
                 self.migrated_away(slot, record, target);
