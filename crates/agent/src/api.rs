@@ -432,7 +432,7 @@ async fn show_migration(
 #[utoipa::path(delete, path = "/v1/migrations/{id}", params(("id" = String, Path)), responses(
     (status = 202, description = "Cancelling; the job ends `cancelled`", body = MigrationJob),
     (status = 404, body = ErrorBody),
-    (status = 409, description = "The job has ended", body = ErrorBody),
+    (status = 409, description = "The job has ended, or is past the point a cancel can keep the VM here (its blackout has begun, post-copy runs, or it has committed); the reason says which", body = ErrorBody),
 ))]
 async fn cancel_migration(
     State(agent): State<Arc<Agent>>,

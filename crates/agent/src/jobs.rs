@@ -61,39 +61,14 @@ fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join("jobs")
 }
 
-/// Writes the job (temporary file, fsync, rename): a crash leaves the old
-/// version or the new one.
+/// Writes the job durably: a crash leaves the old version or the new one.
 pub fn save(state_dir: &Path, job: &JobFile) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = dir(state_dir);
-    std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!(".{}.json.tmp", job.id));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(job).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(format!("{}.json", job.id)))?;
-    std::fs::File::open(&dir)?.sync_all()
+    crate::durable::write_json(&dir(state_dir), &job.id, job)
 }
 
 /// Every job on file; unreadable files are logged and skipped.
 pub fn load(state_dir: &Path) -> Vec<JobFile> {
-    let Ok(entries) = std::fs::read_dir(dir(state_dir)) else {
-        return Vec::new();
-    };
-    let mut jobs = Vec::new();
-    for path in entries.flatten().map(|e| e.path()) {
-        if path.extension().is_none_or(|x| x != "json") {
-            continue;
-        }
-        match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<JobFile>(&b).map_err(|e| e.to_string()))
-        {
-            Ok(j) => jobs.push(j),
-            Err(e) => tracing::error!("job file {}: {e}; skipped", path.display()),
-        }
-    }
-    jobs
+    crate::durable::read_all_json(&dir(state_dir), "job")
 }
 
 /// How a settled job ended.

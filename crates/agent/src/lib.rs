@@ -22,9 +22,11 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod durable;
 pub mod events;
 pub mod fleet_member;
 pub mod fleet_migrator;
+pub mod incoming;
 pub mod jobs;
 pub mod ledger;
 pub mod metrics;

@@ -158,6 +158,9 @@ impl Agent {
             checks.spawn(async move { agent.readopt(record, in_flight).await });
         }
         while checks.join_next().await.is_some() {}
+        // After the records: a migration whose VM was recorded here has
+        // committed, and the record was re-adopted above.
+        agent.restore_incoming().await;
         for file in pending {
             let agent2 = agent.clone();
             tokio::spawn(async move { agent2.settle(file).await });

@@ -1,15 +1,17 @@
-//! The source `ferryd` killed with -9 in the middle of a migration over
-//! mutual TLS, then started again (real KVM, two real agents): the job is
-//! settled from what was written under the state directory, and the VM
-//! ends in exactly one place, running and verified there; the other host
-//! holds nothing of it.
+//! A `ferryd` killed with -9 in the middle of a migration over mutual
+//! TLS, then started again (real KVM, two real agents). The source's: the
+//! job is settled from what was written under the state directory. The
+//! destination's: it takes back the receiving VMM it had started and
+//! follows it to its end. Either way the VM ends in exactly one place,
+//! running and verified there; the other host holds nothing of it (no
+//! VMM, no record, no reservation).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::peers::{agent, host, peer_addr, Fleet};
-use common::{kill9, kvm_or_skip, processes_mentioning};
+use common::peers::{agent, host, keep_peer_addr, peer_addr, reserved, wait_job, Fleet};
+use common::{alive, kill9, kvm_or_skip, processes_mentioning, wait_gone};
 use serde_json::{json, Value};
 
 fn job(agent: &common::Agent, id: &str) -> Value {
@@ -183,4 +185,172 @@ fn source_agent_killed_and_the_migration_failing_meanwhile_keeps_the_vm_on_the_s
         Some(json!({"target": {"host": host(&b), "address": peer_addr(&b)}})),
     );
     assert_eq!(r.status, 202, "{}", r.text());
+}
+
+/// Waits (bounded) until no process but the agent itself mentions
+/// `agent`'s directory.
+fn wait_no_vmm(agent: &common::Agent, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut left = processes_mentioning(&agent.needle());
+        left.retain(|&pid| pid != agent.pid());
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: processes {left:?} remain"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts a slow migration of vm1 from `a` to `b` (`bandwidth` bytes/s)
+/// and waits until its data plane is well under way; the job's id and
+/// the destination's id of it.
+fn start_slow(a: &common::Agent, b: &common::Agent, bandwidth: u64) -> (String, String) {
+    let r = a.post(
+        "/v1/vms/vm1/migrations",
+        Some(json!({"target": {"host": host(b), "address": peer_addr(b)},
+            "bandwidth": bandwidth})),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = job(a, &id);
+        if v["phase"] == "transferring" && v["progress_lines"].as_u64().unwrap_or(0) > 2 {
+            return (id, v["destination_migration"].as_str().unwrap().to_owned());
+        }
+        assert!(Instant::now() < deadline, "never transferring: {v}");
+        assert!(v["phase"] != "committed", "ended before the kill: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// B's view of its incoming migration `incoming` once it has ended.
+fn incoming_ended(b: &common::Agent, incoming: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = b.get(&format!("/v1/peer/migrations/{incoming}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        if v["phase"] != "ready" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "still ready: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The VM moved to `to` and nothing of it is left on `from`.
+fn assert_only_on(to: &common::Agent, from: &common::Agent, seq: u64) {
+    assert_eq!(from.get("/v1/vms/vm1").status, 404);
+    assert_eq!(from.get("/v1/vms").json(), json!([]));
+    wait_no_vmm(from, "the host without the VM");
+    assert_eq!(reserved(from, "ferryd_memory_reserved_bytes"), 0);
+    assert_eq!(reserved(from, "ferryd_memory_reserved_incoming_bytes"), 0);
+    let shown = to.show("vm1");
+    assert_eq!(shown["state"], "running", "{shown}");
+    let listed = to.get("/v1/vms").json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(reserved(to, "ferryd_memory_reserved_bytes"), 512 << 20);
+    assert_eq!(reserved(to, "ferryd_memory_reserved_incoming_bytes"), 0);
+    let hb = to.heartbeat_after("vm1", seq + 5, Duration::from_secs(30));
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+}
+
+#[test]
+fn destination_agent_killed_mid_migration_settles_in_exactly_one_place() {
+    if !kvm_or_skip("destination_agent_killed_mid_migration_settles_in_exactly_one_place") {
+        return;
+    }
+    let fleet = Fleet::new("dkill");
+    let a = agent("dkill-a", &fleet, "2G", false);
+    let mut b = agent("dkill-b", &fleet, "2G", false);
+    keep_peer_addr(&b);
+    a.create_vm("vm1", "512M", "dirty:64:100:256");
+    let before = a.heartbeat("vm1");
+    let seq = before["seq"].as_u64().unwrap();
+
+    // About 3 s of first pass: B's agent dies and comes back within it.
+    let (id, incoming) = start_slow(&a, &b, 128 << 20);
+    assert!(
+        b.dir
+            .path("state")
+            .join(format!("incoming/{incoming}.json"))
+            .exists(),
+        "B did not write its incoming migration down before the data plane"
+    );
+    let receiver = receiver_of(&b).expect("B's receiving VMM");
+    b.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(receiver), "the receiver died with its agent");
+    b.start();
+
+    let settled = wait_job(&a, &id, Duration::from_secs(150));
+    let on_b = incoming_ended(&b, &incoming);
+    eprintln!(
+        "after B's kill: the job {}, B's incoming migration {}",
+        settled["phase"], on_b["phase"]
+    );
+    if settled["phase"] == "committed" {
+        assert_eq!(on_b["phase"], "committed", "{on_b}");
+        assert_only_on(&b, &a, seq);
+        // B's VM is B's: it supervises the receiver as the VM's VMM.
+        assert_eq!(b.show("vm1")["pid"], receiver, "{}", b.show("vm1"));
+    } else {
+        assert_eq!(settled["phase"], "failed", "{settled}");
+        assert_ne!(on_b["phase"], "committed", "{on_b}");
+        wait_gone(receiver, Duration::from_secs(30));
+        assert_only_on(&a, &b, seq);
+    }
+    // Whichever host has it supervises it: deleting it there stops its
+    // VMM and frees its reservation.
+    let owner = if settled["phase"] == "committed" {
+        &b
+    } else {
+        &a
+    };
+    let r = owner.delete("/v1/vms/vm1");
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_no_vmm(owner, "after the delete");
+    assert_eq!(reserved(owner, "ferryd_memory_reserved_bytes"), 0);
+}
+
+#[test]
+fn destination_agent_killed_and_the_migration_cancelled_meanwhile_releases_everything() {
+    if !kvm_or_skip(
+        "destination_agent_killed_and_the_migration_cancelled_meanwhile_releases_everything",
+    ) {
+        return;
+    }
+    let fleet = Fleet::new("dkillc");
+    let a = agent("dkillc-a", &fleet, "2G", false);
+    let mut b = agent("dkillc-b", &fleet, "2G", false);
+    keep_peer_addr(&b);
+    a.create_vm("vm1", "512M", "dirty:64:100:256");
+    let seq = a.heartbeat("vm1")["seq"].as_u64().unwrap();
+    // About 10 s of first pass: cancelled well before the end.
+    let (id, incoming) = start_slow(&a, &b, 32 << 20);
+    let receiver = receiver_of(&b).expect("B's receiving VMM");
+    b.kill9();
+    // The source cannot tell B's agent: only its receiver learns it.
+    let c = a.delete(&format!("/v1/migrations/{id}"));
+    assert_eq!(c.status, 202, "{}", c.text());
+    let done = wait_job(&a, &id, Duration::from_secs(60));
+    assert_eq!(done["phase"], "cancelled", "{done}");
+    b.start();
+    let on_b = incoming_ended(&b, &incoming);
+    assert!(
+        ["failed", "aborted"].contains(&on_b["phase"].as_str().unwrap()),
+        "{on_b}"
+    );
+    wait_gone(receiver, Duration::from_secs(30));
+    assert_only_on(&a, &b, seq);
+    assert!(
+        !b.dir.path("state").join("vms/vm1").exists(),
+        "B kept the VM's directory"
+    );
 }

@@ -16,7 +16,9 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::peers::{agent_with, migrate_verified, start, wait_job, Fleet};
+use common::peers::{
+    agent_with, host, keep_peer_addr, migrate_verified, peer_addr, reserved, start, wait_job, Fleet,
+};
 use common::{kvm_or_skip, Agent};
 use ferry_netlab::{FdbPlace, Host, MacAddr, Probe, ProbeConfig, ProbeReport, Topology};
 use serde_json::{json, Value};
@@ -275,6 +277,74 @@ fn a_destination_without_the_network_refuses_before_any_page_moves() {
     assert_eq!(taps_in(&ns_a), vec![]);
     drop((a, b));
     topo.down().unwrap();
+}
+
+/// B's ferryd killed while a VM with a card arrives, and the migration
+/// cancelled meanwhile: started again, B finds the receiver gone and
+/// removes the tap it had made, with its reservation.
+#[test]
+fn a_destination_agent_killed_while_a_card_arrives_removes_its_tap_after_a_cancel() {
+    let test = "a_destination_agent_killed_while_a_card_arrives_removes_its_tap_after_a_cancel";
+    if !can_run(test) {
+        return;
+    }
+    let topo = Topology::up_on_subnet("fakill", 94).expect("topology");
+    let (ns_a, ns_b) = (topo.host(Host::A).ns.clone(), topo.host(Host::B).ns.clone());
+    let fleet = Fleet::new("nkill");
+    let a = agent_with("nkilla", &fleet, "2G", false, &networks(&topo, Host::A, ""));
+    let mut b = agent_with("nkillb", &fleet, "2G", false, &networks(&topo, Host::B, ""));
+    keep_peer_addr(&b);
+    let r = create_with_card(&a, "web", "dirty:64:100:256", json!({"network": "prod"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let seq = a.heartbeat("web")["seq"].as_u64().unwrap();
+    // About 10 s of first pass: cancelled well before the end.
+    let r = a.post(
+        "/v1/vms/web/migrations",
+        Some(
+            json!({"target": {"host": host(&b), "address": peer_addr(&b)},
+            "bandwidth": 32u64 << 20}),
+        ),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let incoming = loop {
+        let v = a.get(&format!("/v1/migrations/{id}")).json();
+        if v["phase"] == "transferring" && v["progress_lines"].as_u64().unwrap_or(0) > 2 {
+            break v["destination_migration"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "never transferring: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let taps_b = taps_in(&ns_b);
+    assert_eq!(taps_b.len(), 1, "B made one tap for the arriving VM");
+    b.kill9();
+    let c = a.delete(&format!("/v1/migrations/{id}"));
+    assert_eq!(c.status, 202, "{}", c.text());
+    let done = wait_job(&a, &id, Duration::from_secs(60));
+    assert_eq!(done["phase"], "cancelled", "{done}");
+    b.start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = b.get(&format!("/v1/peer/migrations/{incoming}")).json();
+        if v["phase"] != "ready" {
+            assert_ne!(v["phase"], "committed", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_tap_gone(&ns_b, &taps_b[0].0, Duration::from_secs(30));
+    assert_eq!(taps_in(&ns_b), vec![]);
+    assert_eq!(reserved(&b, "ferryd_memory_reserved_bytes"), 0);
+    assert_eq!(b.get("/v1/vms").json().as_array().map(Vec::len), Some(0));
+    // The VM runs on A with its own tap, whole.
+    assert_eq!(a.show("web")["state"], "running");
+    verified_after(&a, "web", seq, 3);
+    assert_eq!(taps_in(&ns_a).len(), 1);
+    let r = a.delete("/v1/vms/web");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(taps_in(&ns_a), vec![]);
 }
 
 /// Needs neither root nor KVM: everything here is refused before a tap

@@ -60,7 +60,7 @@ fn documented_endpoints_are_the_tested_ones() {
         "POST /v1/vms/{id}/snapshot",      // lifecycle, bad_input, cli
         "POST /v1/vms/{id}/migrations",    // peer_migration
         "GET /v1/migrations/{id}",         // peer_migration
-        "DELETE /v1/migrations/{id}",      // peer_migration
+        "DELETE /v1/migrations/{id}",      // peer_migration, cancel_past_commit
         "PATCH /v1/migrations/{id}",       // tune_migration
         "POST /v1/peer/migrations",        // peer_migration (source agent; refused strangers)
         "GET /v1/peer/migrations/{id}",    // peer_migration (the source confirms the commit)

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::peers::{host, peer_addr, wait_job};
+use common::peers::{host, peer_addr, reserved, wait_job};
 use common::{ferry_bin, kvm_or_skip, Agent, TempDir};
 use serde_json::{json, Value};
 
@@ -64,17 +64,6 @@ fn start(from: &Agent, vm: &str, to: &Agent, extra: Value) -> ferry_agent::clien
         body[k] = v.clone();
     }
     from.post(&format!("/v1/vms/{vm}/migrations"), Some(body))
-}
-
-/// Reserved memory in an agent's ledger, from its metrics.
-fn reserved(agent: &Agent, metric: &str) -> u64 {
-    let text = agent.get("/metrics").text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{metric} ")))
-        .unwrap_or_else(|| panic!("no {metric} in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// Migrates `vm` and checks it arrived whole: its guest's heartbeats go

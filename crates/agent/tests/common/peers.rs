@@ -117,3 +117,29 @@ pub fn migrate_verified(from: &Agent, to: &Agent, vm: &str) -> Value {
     assert_eq!(hb["sequence_breaks"], 0, "{hb}");
     done
 }
+
+/// Makes `agent` bind the peer address it has now when it starts again
+/// (its config said port 0): its sources, which keep that address in
+/// their jobs, reach it after a restart as they would a real host.
+pub fn keep_peer_addr(agent: &Agent) {
+    let addr = peer_addr(agent);
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    assert!(text.contains("peer_listen = \"127.0.0.1:0\""), "{text}");
+    let text = text.replace(
+        "peer_listen = \"127.0.0.1:0\"",
+        &format!("peer_listen = \"{addr}\""),
+    );
+    std::fs::write(&agent.config, text).unwrap();
+}
+
+/// Reserved memory in an agent's ledger (`metric`: one of its
+/// `ferryd_memory_reserved_*` gauges), from its metrics.
+pub fn reserved(agent: &Agent, metric: &str) -> u64 {
+    let text = agent.get("/metrics").text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{metric} ")))
+        .unwrap_or_else(|| panic!("no {metric} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
