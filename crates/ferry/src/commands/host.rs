@@ -108,7 +108,7 @@ fn drain_cmd(a: DrainArgs) -> anyhow::Result<bool> {
     let mut s = open(&backend)?;
     let prepared = s
         .prepare_drain(&a.host, Timestamp::now_wall())
-        .map(Plan::clone);
+        .cloned();
     s.step_down().context("end the command's store lease")?;
     let plan = prepared.with_context(|| format!("drain {}", a.host))?;
     if plan.state == PlanState::Refused || a.dry_run {
