@@ -7,6 +7,13 @@
 //! break), each moved exactly once, though the scheduler is killed while
 //! migrations are in flight and another takes over. A drain no host has room for is
 //! refused with the plan's reason, and nothing moves.
+//!
+//! The operator's flow from the CLI, with `ferry fleet serve` already
+//! running: `ferry host drain` of an unknown host is refused and stores
+//! nothing; `--dry-run` stores a draft with each VM's target and
+//! prediction and starts nothing; the drain itself is picked up by the
+//! serving leader from the store and every VM arrives whole; `--cancel`
+//! stops a drain the leader is running, and every VM runs in one place.
 
 mod common;
 
@@ -356,6 +363,75 @@ fn an_operators_drain_written_while_serve_runs_is_carried_out() {
     assert_eq!(show.matches("migrated").count(), VMS.len(), "{show}");
     let list = ferry_on_store(&store, &["fleet", "plans"]);
     assert!(String::from_utf8_lossy(&list.stdout).contains(&plan.id));
+}
+
+#[test]
+fn an_operators_cancel_written_while_serve_runs_stops_the_drain() {
+    if !kvm_or_skip("an_operators_cancel_written_while_serve_runs") {
+        return;
+    }
+    let dir = TempDir::new("fleet-cancel");
+    let store = dir.path("fleet.redb");
+    let ca = Fleet::new("fleet-cancel");
+    let a = agent_with("flxa", &ca, "2G", false, &fleet_table(&store, "r1"));
+    let b = agent_with("flxb", &ca, "1G", false, &fleet_table(&store, "r2"));
+    for vm in VMS {
+        a.create_vm(vm, "64M", "dirty:16:50");
+    }
+    let backend = SharedFileBackend::open(&store).unwrap();
+    wait_registered(&backend, &[&a, &b], &VMS, &host(&a));
+    let before: Vec<u64> = VMS
+        .iter()
+        .map(|v| a.heartbeat(v)["seq"].as_u64().unwrap())
+        .collect();
+    let serving = Serving::start(&store, "serve-cancel");
+    let plan = plan_of(&ferry_on_store(
+        &store,
+        &["host", "drain", &host(&a), "--json"],
+    ));
+    let cancelled = plan_of(&ferry_on_store(
+        &store,
+        &["host", "drain", &host(&a), "--cancel", "--json"],
+    ));
+    assert_eq!(cancelled.id, plan.id);
+    assert_eq!(cancelled.state, PlanState::Cancelled);
+    // The leader picks the cancel up: no migration starts after it.
+    std::thread::sleep(Duration::from_secs(1));
+    let jobs = backend.list(JOBS).unwrap().len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        backend.list(JOBS).unwrap().len(),
+        jobs,
+        "a migration started after the cancel"
+    );
+    let p = stored_plan(&backend, &plan.id);
+    assert_eq!(p.state, PlanState::Cancelled);
+    drop(serving);
+    println!(
+        "after the cancel: {:?}, {jobs} migrations had started",
+        p.counts()
+    );
+    // Every VM runs in exactly one place, whole: moved or back on A.
+    for (vm, &seq) in VMS.iter().zip(&before) {
+        let on: Vec<&Agent> = [&a, &b]
+            .into_iter()
+            .filter(|g| g.get(&format!("/v1/vms/{vm}")).status == 200)
+            .collect();
+        assert_eq!(on.len(), 1, "{vm} runs in one place");
+        assert_eq!(on[0].show(vm)["state"], "running");
+        let hb = on[0].heartbeat_after(vm, seq, Duration::from_secs(20));
+        assert_eq!(hb["err"], 0, "{vm}: {hb}");
+        assert_eq!(hb["sequence_breaks"], 0, "{vm}: {hb}");
+        println!("{vm}: on {}, heartbeat {hb}", host(on[0]));
+    }
+    // A takes VMs again: the drain no longer holds it.
+    let a_rec = FleetStore::new(&backend)
+        .hosts()
+        .unwrap()
+        .into_iter()
+        .find(|h| h.value.name == host(&a))
+        .unwrap();
+    assert_eq!(a_rec.value.maintenance, Maintenance::None);
 }
 
 #[test]
