@@ -26,6 +26,7 @@ use ferry_agent::fleet_migrator::{AgentMigrator, JobRecord, JOBS};
 use ferry_fleet::hosts;
 use ferry_fleet::model::Maintenance;
 use ferry_fleet::plan::{EntryState, Plan, PlanState};
+use ferry_fleet::policy::Policies;
 use ferry_fleet::scheduler::{Scheduler, SchedulerError};
 use ferry_fleet::store::shared_file::SharedFileBackend;
 use ferry_fleet::store::{Backend, FleetStore};
@@ -384,11 +385,31 @@ fn an_operators_cancel_written_while_serve_runs_stops_the_drain() {
         .iter()
         .map(|v| a.heartbeat(v)["seq"].as_u64().unwrap())
         .collect();
+    // One new migration per 30 s fleet-wide: the drain is cancelled while
+    // the leader runs it, one VM moved and the others waiting their turn.
+    let paced = Policies::default()
+        .with_overrides("fleet-pace=1/30s")
+        .unwrap();
+    FleetStore::new(&backend)
+        .seed(&[], &[], &[], &paced)
+        .unwrap();
     let serving = Serving::start(&store, "serve-cancel");
     let plan = plan_of(&ferry_on_store(
         &store,
         &["host", "drain", &host(&a), "--json"],
     ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stored_plan(&backend, &plan.id)
+        .entries
+        .iter()
+        .any(|e| matches!(e.state, EntryState::Migrated { .. }))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the leader never started the drain"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let cancelled = plan_of(&ferry_on_store(
         &store,
         &["host", "drain", &host(&a), "--cancel", "--json"],
@@ -406,6 +427,14 @@ fn an_operators_cancel_written_while_serve_runs_stops_the_drain() {
     );
     let p = stored_plan(&backend, &plan.id);
     assert_eq!(p.state, PlanState::Cancelled);
+    let counts = p.counts();
+    assert_eq!(counts.get("migrated"), Some(&1), "{counts:?}");
+    assert_eq!(
+        counts.get("cancelled"),
+        Some(&(VMS.len() - 1)),
+        "{counts:?}"
+    );
+    assert_eq!(jobs, 1, "only the first VM's migration ever started");
     drop(serving);
     println!(
         "after the cancel: {:?}, {jobs} migrations had started",
