@@ -106,9 +106,7 @@ fn drain_cmd(a: DrainArgs) -> anyhow::Result<bool> {
     // Prepared once: a refused write of a new plan cannot race (its keys
     // are new), so no retry can store it twice.
     let mut s = open(&backend)?;
-    let prepared = s
-        .prepare_drain(&a.host, Timestamp::now_wall())
-        .cloned();
+    let prepared = s.prepare_drain(&a.host, Timestamp::now_wall()).cloned();
     s.step_down().context("end the command's store lease")?;
     let plan = prepared.with_context(|| format!("drain {}", a.host))?;
     if plan.state == PlanState::Refused || a.dry_run {
