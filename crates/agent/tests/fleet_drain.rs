@@ -478,6 +478,16 @@ fn a_drain_no_host_has_room_for_is_refused_with_its_reason_and_nothing_moves() {
     wait_registered(&backend, &[&a, &b], &["fl-big"], &host(&a));
     let before = a.heartbeat("fl-big")["seq"].as_u64().unwrap();
 
+    // From the CLI: refused, the table says which VM and why, and it fails.
+    let out = ferry_on_store(&store, &["host", "drain", &host(&a)]);
+    assert!(!out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("fl-b") && table.contains("256 MiB"),
+        "{table}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not start"));
+
     let mut s =
         Scheduler::open(backend.clone(), AgentMigrator::new(backend.clone()), None).unwrap();
     let now = Timestamp::now_wall();
