@@ -7,6 +7,13 @@
 //! break), each moved exactly once, though the scheduler is killed while
 //! migrations are in flight and another takes over. A drain no host has room for is
 //! refused with the plan's reason, and nothing moves.
+//!
+//! The operator's flow from the CLI, with `ferry fleet serve` already
+//! running: `ferry host drain` of an unknown host is refused and stores
+//! nothing; `--dry-run` stores a draft with each VM's target and
+//! prediction and starts nothing; the drain itself is picked up by the
+//! serving leader from the store and every VM arrives whole; `--cancel`
+//! stops a drain the leader is running, and every VM runs in one place.
 
 mod common;
 
@@ -19,6 +26,7 @@ use ferry_agent::fleet_migrator::{AgentMigrator, JobRecord, JOBS};
 use ferry_fleet::hosts;
 use ferry_fleet::model::Maintenance;
 use ferry_fleet::plan::{EntryState, Plan, PlanState};
+use ferry_fleet::policy::Policies;
 use ferry_fleet::scheduler::{Scheduler, SchedulerError};
 use ferry_fleet::store::shared_file::SharedFileBackend;
 use ferry_fleet::store::{Backend, FleetStore};
@@ -73,6 +81,57 @@ fn stored_plan(b: &SharedFileBackend, id: &str) -> Plan {
         .expect("the plan is in the store")
 }
 
+/// Every VM of [`VMS`] left `a` once, for one of `targets`, and runs
+/// there with its memory whole: the guest's heartbeats go on past `before`
+/// (the last seen on A) with no page error and no break. The fleet's
+/// state says where they are, and A is handed over for maintenance.
+fn assert_drained_whole(
+    backend: &SharedFileBackend,
+    plan: &Plan,
+    a: &Agent,
+    targets: &[&Agent],
+    before: &[u64],
+) {
+    for (vm, &seq) in VMS.iter().zip(before) {
+        let e = plan.entries.iter().find(|e| e.vm == *vm).unwrap();
+        let EntryState::Migrated { target, .. } = &e.state else {
+            panic!("{vm} did not migrate: {e:?}");
+        };
+        assert_ne!(*target, host(a));
+        let to = targets.iter().find(|g| host(g) == *target).unwrap();
+        assert_eq!(a.get(&format!("/v1/vms/{vm}")).status, 404, "{vm} left A");
+        assert_eq!(to.show(vm)["state"], "running");
+        let hb = to.heartbeat_after(vm, seq, Duration::from_secs(20));
+        assert_eq!(hb["err"], 0, "{vm}: {hb}");
+        assert_eq!(hb["sequence_breaks"], 0, "{vm}: {hb}");
+        println!("{vm}: on {target}, heartbeat {hb}");
+    }
+    // Each VM moved once: one agent job per VM, all named by the plan.
+    let jobs: Vec<JobRecord> = backend
+        .list(JOBS)
+        .unwrap()
+        .iter()
+        .map(|e| serde_json::from_slice(&e.value).unwrap())
+        .collect();
+    for vm in VMS {
+        let n = jobs.iter().filter(|j| j.vm == vm).count();
+        assert_eq!(n, 1, "{vm} was started {n} times: {jobs:?}");
+    }
+    assert!(jobs.iter().all(|j| j.job.is_some()));
+    // The fleet's state says where they are, and A is handed over.
+    let fleet = FleetStore::new(backend);
+    for v in fleet.vms().unwrap() {
+        assert_ne!(v.value.host, host(a), "{:?}", v.value);
+    }
+    let a_rec = fleet
+        .hosts()
+        .unwrap()
+        .into_iter()
+        .find(|h| h.value.name == host(a))
+        .unwrap();
+    assert_eq!(a_rec.value.maintenance, Maintenance::InMaintenance);
+}
+
 /// `ferry fleet serve` on the store file, as a process; killed (-9, a
 /// crash) on drop.
 struct Serving(std::process::Child);
@@ -96,6 +155,30 @@ impl Drop for Serving {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `ferry ARGS --store-file STORE`, the operator's command, to its end.
+fn ferry_on_store(store: &Path, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(common::ferry_bin())
+        .args(args)
+        .arg("--store-file")
+        .arg(store)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ferry");
+    println!(
+        "$ ferry {} -> {}\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn plan_of(out: &std::process::Output) -> Plan {
+    assert!(out.status.success(), "ferry failed");
+    serde_json::from_slice(&out.stdout).expect("the plan as JSON")
 }
 
 #[test]
@@ -178,45 +261,206 @@ fn the_scheduler_drains_a_host_of_real_agents_and_every_vm_arrives_whole() {
         plan.counts()
     );
 
-    let agents = [&b, &c];
-    for (vm, seq) in VMS.iter().zip(before) {
-        let e = plan.entries.iter().find(|e| e.vm == *vm).unwrap();
-        let EntryState::Migrated { target, .. } = &e.state else {
-            panic!("{vm} did not migrate: {e:?}");
-        };
-        assert_ne!(*target, host(&a));
-        let to = agents.iter().find(|g| host(g) == *target).unwrap();
-        assert_eq!(a.get(&format!("/v1/vms/{vm}")).status, 404, "{vm} left A");
-        assert_eq!(to.show(vm)["state"], "running");
-        let hb = to.heartbeat_after(vm, seq, Duration::from_secs(20));
+    assert_drained_whole(&backend, &plan, &a, &[&b, &c], &before);
+}
+
+#[test]
+fn an_operators_drain_written_while_serve_runs_is_carried_out() {
+    if !kvm_or_skip("an_operators_drain_written_while_serve_runs") {
+        return;
+    }
+    let dir = TempDir::new("fleet-cli");
+    let store = dir.path("fleet.redb");
+    let ca = Fleet::new("fleet-cli");
+    let a = agent_with("flca", &ca, "2G", false, &fleet_table(&store, "r1"));
+    let b = agent_with("flcb", &ca, "1G", false, &fleet_table(&store, "r2"));
+    let c = agent_with("flcc", &ca, "1G", false, &fleet_table(&store, "r3"));
+    for vm in VMS {
+        a.create_vm(vm, "64M", "dirty:16:50");
+    }
+    let backend = SharedFileBackend::open(&store).unwrap();
+    wait_registered(&backend, &[&a, &b, &c], &VMS, &host(&a));
+    let before: Vec<u64> = VMS
+        .iter()
+        .map(|v| a.heartbeat(v)["seq"].as_u64().unwrap())
+        .collect();
+    let plans = || FleetStore::new(&backend).plan_records().unwrap().len();
+    // The scheduler serves first; everything after is the operator's CLI.
+    let serving = Serving::start(&store, "serve-cli");
+
+    // A host the fleet does not know: a clear error, nothing stored.
+    let out = ferry_on_store(&store, &["host", "drain", "no-such-host"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no host or rack no-such-host"), "{err}");
+    assert_eq!(plans(), 0, "a refused drain stores nothing");
+
+    // The dry run: each VM's action, target and prediction; nothing starts.
+    let table = ferry_on_store(&store, &["host", "drain", &host(&a), "--dry-run"]);
+    assert!(table.status.success());
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("predicted finish"), "{table}");
+    let dry = plan_of(&ferry_on_store(
+        &store,
+        &["host", "drain", &host(&a), "--dry-run", "--json"],
+    ));
+    assert_eq!(dry.state, PlanState::Draft);
+    assert_eq!(dry.entries.len(), VMS.len());
+    for e in &dry.entries {
+        let target = e.target.as_deref().expect("the dry run picks a target");
+        assert_ne!(target, host(&a));
+        assert!(e.predicted_ms > 0 && e.predicted_end_ms.is_some(), "{e:?}");
+    }
+    assert!(dry.predicted_duration_ms.is_some());
+    // The leader ticks over the drafts (every 200 ms) and starts nothing.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        backend.list(JOBS).unwrap().is_empty(),
+        "a dry run started a migration"
+    );
+    assert_eq!(stored_plan(&backend, &dry.id).state, PlanState::Draft);
+    for vm in VMS {
+        assert_eq!(a.show(vm)["state"], "running");
+    }
+
+    // The drain itself: stored running, and the serving leader, which was
+    // already running, picks it up from the store.
+    let started = Instant::now();
+    let plan = plan_of(&ferry_on_store(
+        &store,
+        &["host", "drain", &host(&a), "--json"],
+    ));
+    assert_eq!(plan.state, PlanState::Running);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let plan = loop {
+        let p = stored_plan(&backend, &plan.id);
+        if p.state == PlanState::Done {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader never carried the drain out: {:?}",
+            p.entries
+                .iter()
+                .map(|e| (&e.vm, &e.state, &e.reason))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(serving);
+    println!(
+        "drain of {} written by the CLI done in {:?} (predicted {:?} ms): {:?}",
+        host(&a),
+        started.elapsed(),
+        plan.predicted_duration_ms,
+        plan.counts()
+    );
+    assert_drained_whole(&backend, &plan, &a, &[&b, &c], &before);
+
+    // The plan's view shows each VM's end state.
+    let show = ferry_on_store(&store, &["fleet", "plan", "show", &plan.id]);
+    assert!(show.status.success());
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert_eq!(show.matches("migrated").count(), VMS.len(), "{show}");
+    let list = ferry_on_store(&store, &["fleet", "plans"]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&plan.id));
+}
+
+#[test]
+fn an_operators_cancel_written_while_serve_runs_stops_the_drain() {
+    if !kvm_or_skip("an_operators_cancel_written_while_serve_runs") {
+        return;
+    }
+    let dir = TempDir::new("fleet-cancel");
+    let store = dir.path("fleet.redb");
+    let ca = Fleet::new("fleet-cancel");
+    let a = agent_with("flxa", &ca, "2G", false, &fleet_table(&store, "r1"));
+    let b = agent_with("flxb", &ca, "1G", false, &fleet_table(&store, "r2"));
+    for vm in VMS {
+        a.create_vm(vm, "64M", "dirty:16:50");
+    }
+    let backend = SharedFileBackend::open(&store).unwrap();
+    wait_registered(&backend, &[&a, &b], &VMS, &host(&a));
+    let before: Vec<u64> = VMS
+        .iter()
+        .map(|v| a.heartbeat(v)["seq"].as_u64().unwrap())
+        .collect();
+    // One new migration per 30 s fleet-wide: the drain is cancelled while
+    // the leader runs it, one VM moved and the others waiting their turn.
+    let paced = Policies::default()
+        .with_overrides("fleet-pace=1/30s")
+        .unwrap();
+    FleetStore::new(&backend)
+        .seed(&[], &[], &[], &paced)
+        .unwrap();
+    let serving = Serving::start(&store, "serve-cancel");
+    let plan = plan_of(&ferry_on_store(
+        &store,
+        &["host", "drain", &host(&a), "--json"],
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stored_plan(&backend, &plan.id)
+        .entries
+        .iter()
+        .any(|e| matches!(e.state, EntryState::Migrated { .. }))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the leader never started the drain"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cancelled = plan_of(&ferry_on_store(
+        &store,
+        &["host", "drain", &host(&a), "--cancel", "--json"],
+    ));
+    assert_eq!(cancelled.id, plan.id);
+    assert_eq!(cancelled.state, PlanState::Cancelled);
+    // The leader picks the cancel up: no migration starts after it.
+    std::thread::sleep(Duration::from_secs(1));
+    let jobs = backend.list(JOBS).unwrap().len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        backend.list(JOBS).unwrap().len(),
+        jobs,
+        "a migration started after the cancel"
+    );
+    let p = stored_plan(&backend, &plan.id);
+    assert_eq!(p.state, PlanState::Cancelled);
+    let counts = p.counts();
+    assert_eq!(counts.get("migrated"), Some(&1), "{counts:?}");
+    assert_eq!(
+        counts.get("cancelled"),
+        Some(&(VMS.len() - 1)),
+        "{counts:?}"
+    );
+    assert_eq!(jobs, 1, "only the first VM's migration ever started");
+    drop(serving);
+    println!(
+        "after the cancel: {:?}, {jobs} migrations had started",
+        p.counts()
+    );
+    // Every VM runs in exactly one place, whole: moved or back on A.
+    for (vm, &seq) in VMS.iter().zip(&before) {
+        let on: Vec<&Agent> = [&a, &b]
+            .into_iter()
+            .filter(|g| g.get(&format!("/v1/vms/{vm}")).status == 200)
+            .collect();
+        assert_eq!(on.len(), 1, "{vm} runs in one place");
+        assert_eq!(on[0].show(vm)["state"], "running");
+        let hb = on[0].heartbeat_after(vm, seq, Duration::from_secs(20));
         assert_eq!(hb["err"], 0, "{vm}: {hb}");
         assert_eq!(hb["sequence_breaks"], 0, "{vm}: {hb}");
-        println!("{vm}: on {target}, heartbeat {hb}");
+        println!("{vm}: on {}, heartbeat {hb}", host(on[0]));
     }
-    // Each VM moved once: one agent job per VM, all named by the plan.
-    let jobs: Vec<JobRecord> = backend
-        .list(JOBS)
-        .unwrap()
-        .iter()
-        .map(|e| serde_json::from_slice(&e.value).unwrap())
-        .collect();
-    for vm in VMS {
-        let n = jobs.iter().filter(|j| j.vm == vm).count();
-        assert_eq!(n, 1, "{vm} was started {n} times: {jobs:?}");
-    }
-    assert!(jobs.iter().all(|j| j.job.is_some()));
-    // The fleet's state says where they are, and A is handed over.
-    let fleet = FleetStore::new(&backend);
-    for v in fleet.vms().unwrap() {
-        assert_ne!(v.value.host, host(&a), "{:?}", v.value);
-    }
-    let a_rec = fleet
+    // A takes VMs again: the drain no longer holds it.
+    let a_rec = FleetStore::new(&backend)
         .hosts()
         .unwrap()
         .into_iter()
         .find(|h| h.value.name == host(&a))
         .unwrap();
-    assert_eq!(a_rec.value.maintenance, Maintenance::InMaintenance);
+    assert_eq!(a_rec.value.maintenance, Maintenance::None);
 }
 
 #[test]
@@ -233,6 +477,16 @@ fn a_drain_no_host_has_room_for_is_refused_with_its_reason_and_nothing_moves() {
     let backend = SharedFileBackend::open(&store).unwrap();
     wait_registered(&backend, &[&a, &b], &["fl-big"], &host(&a));
     let before = a.heartbeat("fl-big")["seq"].as_u64().unwrap();
+
+    // From the CLI: refused, the table says which VM and why, and it fails.
+    let out = ferry_on_store(&store, &["host", "drain", &host(&a)]);
+    assert!(!out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("fl-b") && table.contains("256 MiB"),
+        "{table}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not start"));
 
     let mut s =
         Scheduler::open(backend.clone(), AgentMigrator::new(backend.clone()), None).unwrap();

@@ -46,6 +46,8 @@ enum Command {
     Migration(commands::migration::MigrationArgs),
     /// The fleet scheduler: `fleet simulate --hosts 1000 --vms 20000 --drain rack7`.
     Fleet(commands::fleet::FleetArgs),
+    /// A host of the fleet: `host drain HOST [--dry-run] [--cancel]`.
+    Host(commands::host::HostArgs),
 }
 
 fn main() {
@@ -74,6 +76,7 @@ fn main() {
         Command::Ca(args) => commands::ca::ca(args),
         Command::Migration(args) => commands::migration::migration(args),
         Command::Fleet(args) => commands::fleet::fleet(args),
+        Command::Host(args) => commands::host::host(args),
     };
     match result {
         Ok(true) => {}

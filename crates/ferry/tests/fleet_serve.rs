@@ -1,7 +1,8 @@
 //! `ferry fleet serve` and `ferry fleet host` as processes against a real
 //! etcd on loopback: one of two serves leads, the other takes over when
 //! the leader is killed; a registered host's lease lapses when its
-//! process dies; bad input is refused with a clear error.
+//! process dies; bad input is refused with a clear error; an operator's
+//! `ferry host drain` written while a serve leads is carried out by it.
 
 #[path = "../../fleet/tests/common/etcd.rs"]
 mod etcd;
@@ -212,4 +213,141 @@ fn bad_input_to_serve_and_host_is_a_clear_error() {
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+/// The operator's flow on etcd: `ferry host drain` (the store chosen as
+/// `serve` chooses it) while a serve leads with the simulated migrator. An
+/// unknown host is refused and stores nothing; the dry run stores a draft
+/// and starts nothing; the drain is picked up by the leader through its
+/// watch of the store, and every VM ends on the other host.
+#[test]
+fn a_drain_written_on_etcd_while_serve_leads_is_carried_out() {
+    use ferry_fleet::plan::{EntryState, Plan, PlanState};
+    use ferry_fleet::store::FleetStore;
+
+    let Some(etcd) = EtcdServer::start("fleet_serve_drain") else {
+        return;
+    };
+    let e = etcd.endpoint.as_str();
+    let b = EtcdBackend::connect(e, DEFAULT_PREFIX).unwrap();
+    let register = |name: &str, rack: &str| {
+        spawn(&[
+            "fleet",
+            "host",
+            "register",
+            "--etcd",
+            e,
+            "--name",
+            name,
+            "--mem-gib",
+            "64",
+            "--vcpus",
+            "16",
+            "--rack",
+            rack,
+            "--lease-ttl-s",
+            "5",
+            "--for-s",
+            "120",
+        ])
+    };
+    let _h1 = register("h1", "r1");
+    let _h2 = register("h2", "r2");
+    wait_for("both hosts register", Duration::from_secs(10), || {
+        let alive = hosts::liveness(&b).unwrap();
+        alive.get("h1") == Some(&true) && alive.get("h2") == Some(&true)
+    });
+    let vms: Vec<_> = ["v1", "v2", "v3"]
+        .iter()
+        .map(|id| {
+            let mut v = ferry_fleet::sim::fixtures::vm(id, "t1", "h1", 1);
+            v.cpu_features.clear();
+            v
+        })
+        .collect();
+    FleetStore::new(&b)
+        .seed(&[], &vms, &[], &Default::default())
+        .unwrap();
+    let _serve = spawn(&[
+        "fleet",
+        "serve",
+        "--etcd",
+        e,
+        "--migrator",
+        "sim",
+        "--name",
+        "lead",
+        "--tick-ms",
+        "100",
+        "--for-s",
+        "120",
+    ]);
+    wait_for("the serve leads", Duration::from_secs(10), || {
+        leader_name(&b).as_deref() == Some("lead")
+    });
+    let plans = || FleetStore::new(&b).plan_records().unwrap();
+    let drain = |args: &[&str]| {
+        let mut all = vec!["host", "drain"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--etcd", e]);
+        let out = run(&all);
+        println!(
+            "$ ferry {} -> {}\n{}{}",
+            all.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+
+    let out = drain(&["h9"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no host or rack h9"),
+        "a clear error"
+    );
+    assert!(plans().is_empty(), "nothing stored");
+
+    let out = drain(&["h1", "--dry-run", "--json"]);
+    assert!(out.status.success());
+    let dry: Plan = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(dry.state, PlanState::Draft);
+    assert!(dry
+        .entries
+        .iter()
+        .all(|e| e.target.as_deref() == Some("h2") && e.predicted_end_ms.is_some()));
+    std::thread::sleep(Duration::from_secs(1));
+    let stored = plans();
+    assert_eq!(stored.len(), 1);
+    assert!(stored[0]
+        .plan
+        .entries
+        .iter()
+        .all(|e| e.state == EntryState::Pending));
+
+    let out = drain(&["h1", "--json"]);
+    assert!(out.status.success());
+    let plan: Plan = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan.state, PlanState::Running);
+    let started = Instant::now();
+    wait_for(
+        "the leader carries the drain out",
+        Duration::from_secs(60),
+        || {
+            plans()
+                .iter()
+                .any(|s| s.plan.id == plan.id && s.plan.state == PlanState::Done)
+        },
+    );
+    println!(
+        "drain on etcd done {:?} after the CLI wrote it (predicted {:?} ms)",
+        started.elapsed(),
+        plan.predicted_duration_ms
+    );
+    for v in FleetStore::new(&b).vms().unwrap() {
+        assert_eq!(v.value.host, "h2", "{:?}", v.value);
+    }
+    let out = run(&["fleet", "plans", "--etcd", e]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&plan.id));
 }

@@ -28,6 +28,7 @@
 //!   lease marks the host unreachable.
 //! - [`agents`]: how the fleet reaches each host's agent, and the VM
 //!   definitions a fresh boot needs (written by registering agents).
+//! - [`watch`]: a serving leader notices plans another process wrote.
 //! - [`sim`]: the generated fleet, the simulated migrator and clock, the
 //!   audit of caps from the migrator's record, the report.
 
@@ -44,3 +45,4 @@ pub mod serve;
 pub mod sim;
 pub mod store;
 pub mod time;
+pub mod watch;

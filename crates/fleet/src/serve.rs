@@ -13,6 +13,7 @@ use crate::migrator::Migrator;
 use crate::scheduler::{Scheduler, SchedulerError};
 use crate::store::{Backend, FleetStore, StoreError};
 use crate::time::Timestamp;
+use crate::watch::PlanWatch;
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -46,8 +47,9 @@ pub enum ServeEvent {
     Lost {
         why: String,
     },
-    /// Another writer (a host registering) changed a record the leader
-    /// holds: it reloads the fleet from the store and goes on leading.
+    /// Another writer (a host registering, an operator's drain or cancel)
+    /// changed a record the leader holds: it reloads the fleet from the
+    /// store and goes on leading.
     Reload {
         why: String,
     },
@@ -113,10 +115,14 @@ where
         event(ServeEvent::Leading {
             revision: lead.revision,
         });
+        let watch = PlanWatch::starting_now(&backend);
         let opened = migrator(&FleetStore::new(backend.clone()))
             .map_err(SchedulerError::from)
             .and_then(|m| Scheduler::open_as_leader(backend.clone(), m, None, &lead));
-        let mut s = match opened {
+        let loaded = watch
+            .map_err(SchedulerError::from)
+            .and_then(|w| opened.map(|s| (s, w)));
+        let (mut s, mut watch) = match loaded {
             Ok(s) => s,
             // etcd unreachable while loading: campaign again.
             Err(SchedulerError::Store(e)) => {
@@ -136,6 +142,22 @@ where
                         break;
                     }
                 }
+            }
+            // A plan another process wrote (a drain, a cancel): campaigning
+            // again keeps the claim and loads it.
+            match watch.foreign_plan_change(&backend, |k, r| s.knows(k, r)) {
+                Ok(Some(key)) => {
+                    event(ServeEvent::Reload {
+                        why: format!("{key} was written by another process"),
+                    });
+                    break;
+                }
+                Ok(None) => {}
+                Err(e @ StoreError::Compacted { .. }) => {
+                    event(ServeEvent::Reload { why: e.to_string() });
+                    break;
+                }
+                Err(e) => event(ServeEvent::StoreError(e.to_string())),
             }
             let now = Timestamp::now_wall();
             before_tick(s.migrator_mut(), now);

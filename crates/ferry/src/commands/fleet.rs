@@ -32,6 +32,11 @@ pub enum FleetCommand {
     Serve(super::fleet_etcd::ServeArgs),
     /// Hosts in an etcd store: register one under a lease, or list them.
     Host(super::fleet_etcd::HostArgs),
+    /// Every plan in the store (drains, evacuations, moves) and its
+    /// entries' states.
+    Plans(super::fleet_plans::PlansArgs),
+    /// One plan: `plan show ID`.
+    Plan(super::fleet_plans::PlanArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +82,8 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<bool> {
         FleetCommand::Simulate(a) => simulate_cmd(a),
         FleetCommand::Serve(a) => super::fleet_etcd::serve_cmd(a),
         FleetCommand::Host(a) => super::fleet_etcd::host_cmd(a),
+        FleetCommand::Plans(a) => super::fleet_plans::plans_cmd(a),
+        FleetCommand::Plan(a) => super::fleet_plans::plan_cmd(a),
     }
 }
 

@@ -211,6 +211,12 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
         self.lease
     }
 
+    /// True when this scheduler wrote (or loaded) `key` at `revision`: a
+    /// change of the store that is its own, not another writer's.
+    pub fn knows(&self, key: &str, revision: u64) -> bool {
+        self.revisions.get(key) == Some(&revision)
+    }
+
     pub fn store(&self) -> &FleetStore<B> {
         &self.store
     }
