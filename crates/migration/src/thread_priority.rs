@@ -156,9 +156,15 @@ pub struct Background {
 }
 
 impl Background {
+    /// Normal scheduling at nice 10, whatever the thread had: a thread the
+    /// live rounds left SCHED_IDLE would wait out every busy thread on the
+    /// host before its memory is freed.
     pub fn start() -> Self {
+        let saved = SavedScheduling::capture();
+        normal();
+        set_nice(BACKGROUND_NICE);
         Self {
-            _lowered: Yielding::at_nice(BACKGROUND_NICE),
+            _lowered: Yielding { saved },
         }
     }
 }
@@ -174,7 +180,7 @@ const BACKGROUND_NICE: libc::c_int = 10;
 /// inherit it; a thread that starts vCPUs must call [`normal`] first.
 #[derive(Debug)]
 pub struct Yielding {
-    nice: libc::c_int,
+    saved: SavedScheduling,
 }
 
 impl Yielding {
@@ -184,9 +190,9 @@ impl Yielding {
 
     /// This thread at `nice` until dropped.
     fn at_nice(nice: libc::c_int) -> Self {
-        let previous = current_nice();
+        let saved = SavedScheduling::capture();
         set_nice(nice);
-        Self { nice: previous }
+        Self { saved }
     }
 
     /// For a source whose vCPUs take every core and give the migration
@@ -196,19 +202,22 @@ impl Yielding {
     /// 3.5 ms at 50%, against 9 to 19 ms at nice 10, where the woken vCPU
     /// waits for the next tick).
     pub fn start_idle() -> Self {
-        let nice = current_nice();
+        let saved = SavedScheduling::capture();
         let idle = libc::sched_param { sched_priority: 0 };
         // SAFETY: as in `Boost::start`; failing leaves the thread as it was.
         if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) } != 0 {
             set_nice(YIELD_NICE);
         }
-        Self { nice }
+        Self { saved }
     }
 }
 
 impl Drop for Yielding {
+    /// Puts back the class too: a thread left SCHED_IDLE after its
+    /// migration (its teardown, freeing the guest's memory) ran only when
+    /// nothing else on the host wanted a core, and took minutes.
     fn drop(&mut self) {
-        set_nice(self.nice);
+        self.saved.restore();
     }
 }
 
@@ -259,6 +268,25 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(child, (libc::SCHED_OTHER, 0));
+    }
+
+    #[test]
+    fn yielding_idle_and_the_teardown_after_it_leave_the_thread_normal() {
+        std::thread::spawn(|| {
+            // SAFETY: pid 0 is this thread; the call only reads it.
+            let policy = || unsafe { libc::sched_getscheduler(0) };
+            drop(Yielding::start_idle());
+            assert_eq!((policy(), current_nice()), (libc::SCHED_OTHER, 0));
+            let idle = Yielding::start_idle();
+            let _teardown = Background::start();
+            assert_eq!(
+                (policy(), current_nice()),
+                (libc::SCHED_OTHER, BACKGROUND_NICE)
+            );
+            std::mem::forget(idle);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
