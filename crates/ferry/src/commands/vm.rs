@@ -27,7 +27,7 @@ pub struct VmArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum VmCommand {
     /// Define a VM and start it.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Every VM on this host.
     List,
     /// One VM, with its uptime and latest heartbeat.
