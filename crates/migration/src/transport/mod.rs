@@ -24,6 +24,7 @@
 //!
 //! The wire protocol is the same inside the tunnel as on plain TCP.
 
+mod records;
 mod session;
 mod tls_link;
 
