@@ -27,7 +27,9 @@
 //! byte and serve any rustls user (e.g. the agent's HTTP API).
 //!
 //! Session resumption is off on both sides: every connection presents and
-//! checks full certificates.
+//! checks full certificates. Configurations for [`ALPN_MIGRATION`] alone
+//! allow the traffic keys to be extracted once the handshake is done: the
+//! migration data plane seals and opens its records itself.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -79,6 +81,15 @@ pub enum ConfigError {
     },
 }
 
+/// Whether connections for these protocols may hand their traffic keys
+/// over after the handshake: only the migration data plane, whose links
+/// run the TLS record layer themselves (ferry-migration's `transport`) to
+/// move guest memory with fewer copies. Every other use keeps its keys
+/// inside rustls.
+fn hands_over_keys(alpn: &[&str]) -> bool {
+    alpn == [ALPN_MIGRATION]
+}
+
 /// A server configuration: TLS 1.3 only, our certificate, and a client
 /// certificate chaining to the fleet CA required. `alpn` lists the
 /// protocols offered, most preferred first (e.g. [`ALPN_MIGRATION`], or
@@ -106,6 +117,7 @@ pub fn server_config(identity: &Identity, alpn: &[&str]) -> Result<Arc<ServerCon
         .with_single_cert(vec![identity.cert().clone()], identity.key())
         .map_err(tls)?;
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config.enable_secret_extraction = hands_over_keys(alpn);
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))
@@ -136,6 +148,7 @@ pub fn client_config(identity: &Identity, alpn: &[&str]) -> Result<Arc<ClientCon
         .with_client_auth_cert(vec![identity.cert().clone()], identity.key())
         .map_err(tls)?;
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config.enable_secret_extraction = hands_over_keys(alpn);
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
 }

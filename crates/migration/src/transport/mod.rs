@@ -26,6 +26,7 @@
 //! The wire protocol is the same inside the tunnel as on plain TCP.
 
 mod listener;
+mod records;
 mod session;
 mod tls_link;
 

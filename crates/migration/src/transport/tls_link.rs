@@ -1,64 +1,80 @@
 //! A TLS 1.3 connection that two threads can use at once, one reading and
-//! one writing, without either holding a lock across socket I/O.
+//! one writing, without either holding a lock across the other's I/O.
 //!
-//! rustls keeps one state per connection for both directions. A writer
-//! encrypts under the state's lock into a buffer of its own, lets go of the
-//! lock, and only then writes the buffer to the socket (under a second lock
-//! that keeps whole writes in order). A reader reads raw bytes from the
-//! socket without the state's lock, then takes it only to hand the bytes to
-//! rustls and take the plaintext out. So a reader blocked on a quiet socket
-//! never stalls a writer, and a writer blocked on a full socket never
-//! stalls a reader.
+//! rustls shakes hands and authenticates the peer; then the link takes the
+//! traffic keys over and runs the record layer itself (see `records`), so
+//! each direction owns its own key and lock. A writer seals the caller's
+//! bytes into records and sends them with one vectored write, under the
+//! write lock only (which also keeps the records in the order they were
+//! numbered). A reader reads large chunks of the socket into its own
+//! buffer and opens each record in place there, under the read lock only;
+//! the caller's bytes are then copied once out of that buffer. So a reader
+//! blocked on a quiet socket never stalls a writer, and a writer blocked on
+//! a full socket never stalls a reader.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
 use ferry_identity::PeerIdentity;
 
-/// Raw bytes read from the socket at once.
-const RAW_CHUNK: usize = 64 << 10;
-/// Plaintext rustls may hold encrypted-but-unsent per connection; writes
-/// are drained after every call, so this only bounds one call's records.
-const SEND_LIMIT: usize = 256 << 10;
+use super::records::{self, Opened, Opener, Sealer, HEADER_LEN, MAX_RECORD};
+
+/// Bytes read from the socket at once, at most: a few records per read
+/// system call, yet a buffer that stays in the CPU's caches.
+const RAW_CAPACITY: usize = 256 << 10;
+/// Plaintext sealed by one write call: a whole 256 KiB Pages frame, its
+/// header and run table included, goes out in one vectored write.
+const SEND_LIMIT: usize = 1 << 20;
 
 /// The shared half of a TLS link; every clone of a [`super::Link`] points
 /// at one.
 pub(super) struct TlsLink {
-    conn: Mutex<rustls::Connection>,
     tcp: TcpStream,
     read: Mutex<ReadSide>,
-    /// Held for a whole encrypt-then-send, so records reach the socket in
-    /// the order rustls numbered them.
-    write: Mutex<Vec<u8>>,
-    /// A write failed after part of its records were sent: the stream is
-    /// cut mid-record and every later write must fail too.
-    broken: AtomicBool,
+    write: Mutex<WriteSide>,
     peer: PeerIdentity,
     suite: String,
 }
 
-#[derive(Default)]
 struct ReadSide {
-    /// Raw bytes from the socket not yet given to rustls.
-    raw: Vec<u8>,
-    raw_pos: usize,
-    /// Plaintext taken out of rustls by a peek and not yet read.
-    plain: Vec<u8>,
-    plain_pos: usize,
+    /// None when the link could not take the keys over (`failed` says why).
+    opener: Option<Opener>,
+    failed: Option<String>,
+    /// Bytes read from the socket; opened records' plaintext stays here.
+    buf: Vec<u8>,
+    /// Plaintext not yet read, inside `buf`.
+    plain: Range<usize>,
+    /// Bytes of records not yet opened, inside `buf`, after `plain`.
+    raw: Range<usize>,
+    /// The peer sent close_notify.
+    closed: bool,
     /// The socket said end of stream.
     eof: bool,
 }
 
+struct WriteSide {
+    sealer: Option<Sealer>,
+    failed: Option<String>,
+    /// Records sealed by the current call, reused across calls.
+    records: Vec<Vec<u8>>,
+    /// A write failed after part of its records were sent (or were
+    /// numbered): the stream is cut mid-record and every later write must
+    /// fail too.
+    broken: bool,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere leaves the state as consistent as rustls left it;
-    // the next I/O reports whatever is wrong.
+    // A panic elsewhere leaves the state as consistent as it was left; the
+    // next I/O reports whatever is wrong.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+fn failed_link(why: &str) -> io::Error {
+    io::Error::other(format!(
+        "TLS: this link could not take over its keys: {why}"
+    ))
 }
 
 /// What a look at the link without blocking found.
@@ -72,19 +88,60 @@ pub enum Ready {
     Closed,
 }
 
+/// The record layer's keys and whatever plaintext rustls had already
+/// received, taken out of a connection whose handshake is done.
+fn take_over(mut conn: rustls::Connection) -> Result<(Sealer, Opener, Vec<u8>), String> {
+    let pending = conn
+        .process_new_packets()
+        .map_err(|e| e.to_string())?
+        .plaintext_bytes_to_read();
+    let mut early = vec![0u8; pending];
+    conn.reader()
+        .read_exact(&mut early)
+        .map_err(|e| e.to_string())?;
+    let suite = conn
+        .negotiated_cipher_suite()
+        .ok_or("no cipher suite was negotiated")?;
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| e.to_string())?;
+    let (sealer, opener) =
+        records::take_over(suite, secrets.tx, secrets.rx).map_err(|e| e.to_string())?;
+    Ok((sealer, opener, early))
+}
+
 impl TlsLink {
-    pub(super) fn new(mut conn: rustls::Connection, tcp: TcpStream, peer: PeerIdentity) -> Self {
-        conn.set_buffer_limit(Some(SEND_LIMIT));
+    pub(super) fn new(conn: rustls::Connection, tcp: TcpStream, peer: PeerIdentity) -> Self {
         let suite = conn
             .negotiated_cipher_suite()
             .map(|s| format!("{:?}", s.suite()))
             .unwrap_or_else(|| "unknown suite".into());
+        let (sealer, opener, early, failed) = match take_over(conn) {
+            Ok((sealer, opener, early)) => (Some(sealer), Some(opener), early, None),
+            Err(why) => {
+                tracing::error!("TLS link with {peer}: cannot take over its keys: {why}");
+                (None, None, Vec::new(), Some(why))
+            }
+        };
+        let mut buf = vec![0u8; RAW_CAPACITY.max(early.len() + MAX_RECORD)];
+        buf[..early.len()].copy_from_slice(&early);
         TlsLink {
-            conn: Mutex::new(conn),
             tcp,
-            read: Mutex::new(ReadSide::default()),
-            write: Mutex::new(Vec::new()),
-            broken: AtomicBool::new(false),
+            read: Mutex::new(ReadSide {
+                opener,
+                failed: failed.clone(),
+                buf,
+                plain: 0..early.len(),
+                raw: early.len()..early.len(),
+                closed: false,
+                eof: false,
+            }),
+            write: Mutex::new(WriteSide {
+                sealer,
+                failed,
+                records: Vec::new(),
+                broken: false,
+            }),
             peer,
             suite,
         }
@@ -112,112 +169,36 @@ impl TlsLink {
         }
         let mut side = lock(&self.read);
         loop {
-            if side.plain_pos < side.plain.len() {
-                let n = buf.len().min(side.plain.len() - side.plain_pos);
-                buf[..n].copy_from_slice(&side.plain[side.plain_pos..side.plain_pos + n]);
-                side.plain_pos += n;
-                if side.plain_pos == side.plain.len() {
-                    side.plain.clear();
-                    side.plain_pos = 0;
-                }
-                return Ok(n);
+            if !side.plain.is_empty() {
+                return Ok(side.take_plain(buf));
             }
-            if let Some(n) = self.take_plaintext(&mut side, buf)? {
-                return Ok(n);
+            if side.closed {
+                return Ok(0);
             }
-            self.fill_raw(&mut side)?;
-        }
-    }
-
-    /// Plaintext rustls holds or can make from the raw bytes already read;
-    /// None when it needs more from the socket.
-    fn take_plaintext(&self, side: &mut ReadSide, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        let mut conn = lock(&self.conn);
-        loop {
-            match conn.reader().read(buf) {
-                Ok(n) => return Ok(Some(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(0)),
-                Err(e) => return Err(e),
-            }
-            if side.raw_pos < side.raw.len() {
-                let mut rest = &side.raw[side.raw_pos..];
-                let n = conn.read_tls(&mut rest)?;
-                if n == 0 {
-                    return Err(io::Error::other("TLS: rustls took no bytes"));
-                }
-                side.raw_pos += n;
-                conn.process_new_packets().map_err(tls_error)?;
+            if side.open_next()? {
                 continue;
             }
             if side.eof {
-                // Tell rustls; its reader then reports the end.
-                conn.read_tls(&mut &[][..])?;
-                conn.process_new_packets().map_err(tls_error)?;
-                match conn.reader().read(buf) {
-                    Ok(n) => return Ok(Some(n)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Some(0)),
-                    Err(e) => return Err(e),
-                }
+                return Ok(0);
             }
-            return Ok(None);
-        }
-    }
-
-    /// One read from the socket, without the connection's lock.
-    fn fill_raw(&self, side: &mut ReadSide) -> io::Result<()> {
-        side.raw.resize(RAW_CHUNK, 0);
-        side.raw_pos = 0;
-        let got = loop {
-            match (&self.tcp).read(&mut side.raw) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other,
-            }
-        };
-        match got {
-            Ok(n) => {
-                side.raw.truncate(n);
-                side.eof = n == 0;
-                Ok(())
-            }
-            Err(e) => {
-                side.raw.clear();
-                Err(e)
-            }
+            side.fill(&self.tcp)?;
         }
     }
 
     /// Whether a read would find something, without blocking.
     pub(super) fn ready_now(&self) -> io::Result<Ready> {
         let mut side = lock(&self.read);
-        if side.plain_pos < side.plain.len() {
-            return Ok(Ready::Data);
-        }
-        if let Some(ready) = self.peek_plaintext(&mut side)? {
+        if let Some(ready) = side.ready_in_hand()? {
             return Ok(ready);
         }
         if !super::poll_readable(&self.tcp, std::time::Duration::ZERO)? {
             return Ok(Ready::Nothing);
         }
         // Readable: this read does not block.
-        self.fill_raw(&mut side)?;
+        side.fill(&self.tcp)?;
         // A whole record makes plaintext; part of one means a frame is on
         // its way.
-        Ok(self.peek_plaintext(&mut side)?.unwrap_or(Ready::Data))
-    }
-
-    /// Moves plaintext rustls can give now into the peek buffer.
-    fn peek_plaintext(&self, side: &mut ReadSide) -> io::Result<Option<Ready>> {
-        let mut chunk = [0u8; 4096];
-        Ok(match self.take_plaintext(side, &mut chunk)? {
-            Some(0) => Some(Ready::Closed),
-            Some(n) => {
-                side.plain.extend_from_slice(&chunk[..n]);
-                Some(Ready::Data)
-            }
-            None => None,
-        })
+        Ok(side.ready_in_hand()?.unwrap_or(Ready::Data))
     }
 
     /// True when a read would not block (or the link ended), false if
@@ -225,51 +206,56 @@ impl TlsLink {
     pub(super) fn wait_readable(&self, timeout: std::time::Duration) -> io::Result<bool> {
         {
             let mut side = lock(&self.read);
-            if side.plain_pos < side.plain.len() || self.peek_plaintext(&mut side)?.is_some() {
+            if matches!(side.ready_in_hand()?, Some(Ready::Data | Ready::Closed)) {
                 return Ok(true);
             }
         }
         super::poll_readable(&self.tcp, timeout)
     }
 
-    /// Encrypts and sends `bufs` (as much of them as rustls takes at once).
+    /// Seals and sends `bufs` (up to [`SEND_LIMIT`] bytes of them).
     pub(super) fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let mut out = lock(&self.write);
-        if self.broken.load(Ordering::Acquire) {
+        let mut guard = lock(&self.write);
+        let side = &mut *guard;
+        if side.broken {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "an earlier write on this TLS link failed part way",
             ));
         }
-        out.clear();
-        let n = {
-            let mut conn = lock(&self.conn);
-            let n = conn.writer().write_vectored(bufs)?;
-            while conn.wants_write() {
-                conn.write_tls(&mut *out)?;
-            }
-            n
+        let Some(sealer) = side.sealer.as_mut() else {
+            return Err(failed_link(side.failed.as_deref().unwrap_or("")));
         };
-        self.send(&out)?;
-        Ok(n)
+        side.records.clear();
+        let n = match sealer.seal_data(bufs, SEND_LIMIT, &mut side.records) {
+            Ok(n) => n,
+            Err(e) => {
+                // Records may have been numbered and never sent.
+                side.broken = true;
+                return Err(e.into());
+            }
+        };
+        let records = std::mem::take(&mut side.records);
+        let sent = self.send(&records);
+        side.records = records;
+        if sent.is_err() {
+            // Records are numbered: a partly sent one can never be
+            // completed by a retry of the caller's bytes.
+            side.broken = true;
+        }
+        sent.map(|()| n)
     }
 
-    fn send(&self, mut out: &[u8]) -> io::Result<()> {
-        let total = out.len();
-        while !out.is_empty() {
-            match (&self.tcp).write(out) {
-                Ok(0) => {
-                    self.broken.store(total != out.len(), Ordering::Release);
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
-                Ok(n) => out = &out[n..],
+    /// Writes whole records with as few system calls as the socket allows.
+    fn send(&self, records: &[Vec<u8>]) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = records.iter().map(|r| IoSlice::new(r)).collect();
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            match (&self.tcp).write_vectored(left) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut left, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // Records are numbered: a partly sent one can never be
-                    // completed by a retry of the caller's bytes.
-                    self.broken.store(true, Ordering::Release);
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -277,25 +263,107 @@ impl TlsLink {
 
     /// Sends close_notify if no write is under way (best effort).
     pub(super) fn close_notify(&self) {
-        let Ok(mut out) = self.write.try_lock() else {
+        let Ok(mut side) = self.write.try_lock() else {
             return;
         };
-        if self.broken.load(Ordering::Acquire) {
+        if side.broken {
             return;
         }
-        out.clear();
-        {
-            let mut conn = lock(&self.conn);
-            conn.send_close_notify();
-            while conn.wants_write() {
-                if conn.write_tls(&mut *out).is_err() {
-                    return;
-                }
+        let Some(sealer) = side.sealer.as_mut() else {
+            return;
+        };
+        let alert = match sealer.seal_close_notify() {
+            Ok(alert) => alert,
+            Err(e) => {
+                tracing::debug!("sealing TLS close_notify: {e}");
+                return;
             }
-        }
-        let bytes = std::mem::take(&mut *out);
-        if let Err(e) = self.send(&bytes) {
+        };
+        if let Err(e) = self.send(&[alert]) {
+            side.broken = true;
             tracing::debug!("sending TLS close_notify: {e}");
         }
+    }
+}
+
+impl ReadSide {
+    fn take_plain(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.plain.len());
+        out[..n].copy_from_slice(&self.buf[self.plain.start..self.plain.start + n]);
+        self.plain.start += n;
+        n
+    }
+
+    /// Opens the next record if the buffer holds all of it: true if it
+    /// did (its plaintext, perhaps empty, is then in `plain`, or `closed`
+    /// is set), false if more bytes must come first.
+    fn open_next(&mut self) -> io::Result<bool> {
+        let Some(opener) = self.opener.as_mut() else {
+            return Err(failed_link(self.failed.as_deref().unwrap_or("")));
+        };
+        if self.raw.len() < HEADER_LEN {
+            return Ok(false);
+        }
+        let at = self.raw.start;
+        let header: [u8; HEADER_LEN] = self.buf[at..at + HEADER_LEN]
+            .try_into()
+            .expect("a header-sized slice");
+        let body_len = records::body_len(&header)?;
+        if self.raw.len() < HEADER_LEN + body_len {
+            return Ok(false);
+        }
+        let body = at + HEADER_LEN..at + HEADER_LEN + body_len;
+        self.raw.start = body.end;
+        match opener.open(&mut self.buf[body.clone()])? {
+            Opened::Data(range) => {
+                self.plain = body.start + range.start..body.start + range.end;
+            }
+            Opened::CloseNotify => self.closed = true,
+        }
+        Ok(true)
+    }
+
+    /// What a read would find without touching the socket: None if it
+    /// would have to read the socket first (nothing, or only part of a
+    /// record, is buffered).
+    fn ready_in_hand(&mut self) -> io::Result<Option<Ready>> {
+        loop {
+            if !self.plain.is_empty() {
+                return Ok(Some(Ready::Data));
+            }
+            if self.closed {
+                return Ok(Some(Ready::Closed));
+            }
+            if !self.open_next()? {
+                break;
+            }
+        }
+        if self.eof {
+            return Ok(Some(Ready::Closed));
+        }
+        Ok(None)
+    }
+
+    /// One read from the socket into the free end of the buffer, moving
+    /// what is left of a record to the front first if a whole one might
+    /// not fit behind it. Only called with no plaintext pending.
+    fn fill(&mut self, tcp: &TcpStream) -> io::Result<()> {
+        debug_assert!(self.plain.is_empty());
+        if self.raw.is_empty() {
+            self.raw = 0..0;
+        } else if self.raw.start + MAX_RECORD > self.buf.len() {
+            self.buf.copy_within(self.raw.clone(), 0);
+            self.raw = 0..self.raw.len();
+        }
+        self.plain = self.raw.start..self.raw.start;
+        let got = loop {
+            match (&*tcp).read(&mut self.buf[self.raw.end..]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other?,
+            }
+        };
+        self.raw.end += got;
+        self.eof = got == 0;
+        Ok(())
     }
 }
