@@ -36,6 +36,8 @@ pub enum ProtocolError {
     UnknownKind(u16),
     #[error("{kind} frame carries unknown flags {flags:#06x}")]
     UnknownFlags { kind: FrameKind, flags: u16 },
+    #[error("a Pages frame without its checksum arrived on a link that does not authenticate its bytes (plain TCP): a wrong or broken peer")]
+    UncheckedOnPlainLink,
     #[error("frame header reserved field is {0:#06x}, not zero")]
     ReservedNonZero(u16),
     #[error("{kind} payload of {len} bytes is over its cap of {cap} bytes")]

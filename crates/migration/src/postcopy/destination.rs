@@ -26,7 +26,7 @@ use crate::postcopy::channel::{accept_fault_channel, wait_readable};
 use crate::postcopy::latency;
 use crate::postcopy::net_intake::NetIntake;
 use crate::protocol::{
-    read_header, read_message, read_pages_into, recv_message, write_message, Abort, FrameKind,
+    read_header, read_message, read_pages_into, PayloadCheck, recv_message, write_message, Abort, FrameKind,
     Message, PageRequest, PageSink, PostcopyComplete, PostcopyReady, ResumeState, Resumed,
     PAGE_SIZE,
 };
@@ -477,7 +477,12 @@ impl FrameReader {
         let header = read_header(main).map_err(|e| format!("{stage}: {e}"))?;
         if header.kind == FrameKind::Pages {
             self.staging.clear();
-            return read_pages_into(main, &header, &mut self.staging)
+            return read_pages_into(
+                main,
+                &header,
+                PayloadCheck::accepted_on(main.is_tls()),
+                &mut self.staging,
+            )
                 .map(|_| ())
                 .map_err(|e| format!("{stage}: {e}"));
         }
@@ -605,7 +610,13 @@ fn receive_push(shared: &Shared, main: &mut Link) -> Result<(), PostcopyError> {
         match header.kind {
             FrameKind::Pages => {
                 staging.clear();
-                read_pages_into(main, &header, &mut staging).map_err(PostcopyError::link(stage))?;
+                read_pages_into(
+                    main,
+                    &header,
+                    PayloadCheck::accepted_on(main.is_tls()),
+                    &mut staging,
+                )
+                .map_err(PostcopyError::link(stage))?;
                 staging.place(shared, stage)?;
             }
             kind => match shared.net.take(
@@ -684,7 +695,12 @@ fn receive_answers(shared: &Shared, mut fault: Link) {
             });
         }
         staging.clear();
-        if let Err(e) = read_pages_into(&mut fault, &header, &mut staging) {
+        if let Err(e) = read_pages_into(
+            &mut fault,
+            &header,
+            PayloadCheck::Crc32,
+            &mut staging,
+        ) {
             if e.is_retryable() {
                 return shared.link_lost(format!("{stage}: {e}"));
             }

@@ -21,7 +21,8 @@ use crate::precopy::error::error_chain as describe;
 use crate::precopy::error::MigrateError;
 use crate::precopy::send::{PageSender, SendError};
 use crate::protocol::{
-    recv_message, write_message, write_pages, Message, PageRun, PostcopyComplete, RamRange, Resume,
+    recv_message, write_message, write_pages, Message, PageRun, PayloadCheck, PostcopyComplete,
+    RamRange, Resume,
     PAGE_SIZE,
 };
 use crate::reconnect;
@@ -622,7 +623,7 @@ fn answer_requests(
             gpa: request.gpa,
             pages: request.pages,
         };
-        write_pages(&mut fault, &[run], &[], &[&buf[..len]])
+        write_pages(&mut fault, &[run], &[], &[&buf[..len]], PayloadCheck::Crc32)
             .map_err(MigrateError::protocol(stage))?;
         for i in 0..u64::from(request.pages) {
             sent.insert(request.gpa + i * PAGE_SIZE as u64);

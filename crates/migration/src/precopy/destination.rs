@@ -17,7 +17,7 @@ use crate::precopy::decision;
 use crate::precopy::error::{error_chain, ReceiveError};
 use crate::precopy::parallel_receive::{accept_streams, receive_striped_round};
 use crate::protocol::{
-    read_header, read_message, read_pages_into, read_state, write_message, Abort, Accept,
+    read_header, read_message, read_pages_into, PayloadCheck, read_state, write_message, Abort, Accept,
     Committed, FrameKind, HelloAck, Message, Offer, PageSink, PostcopyReady, Refuse, Resumed, Role,
     Started, StateLoaded, StreamsOpened, VersionRange, BLACKOUT_TIMING_VERSION,
 };
@@ -311,7 +311,12 @@ fn drive<G: IncomingGuest>(
         };
         match header.kind {
             FrameKind::Pages => {
-                let got = read_pages_into(stream, &header, &mut sink)
+                let got = read_pages_into(
+                    stream,
+                    &header,
+                    PayloadCheck::accepted_on(stream.is_tls()),
+                    &mut sink,
+                )
                     .map_err(ReceiveError::protocol(stage))?;
                 round_pages += got.pages();
                 report.pages += got.pages();

@@ -13,7 +13,7 @@ use crate::postcopy::channel::accept_joining;
 use crate::precopy::error::ReceiveError;
 use crate::precopy::stripes::{cut, owner, MAX_STREAMS};
 use crate::protocol::{
-    read_header, read_message, read_pages_into, FrameKind, Message, PageRun, PageSink, PAGE_SIZE,
+    read_header, read_message, read_pages_into, PayloadCheck, FrameKind, Message, PageRun, PageSink, PAGE_SIZE,
 };
 
 /// Takes the `count` streams of `session` on `listener`, in index order.
@@ -134,7 +134,8 @@ fn receive_stripe(
         let header = read_header(stream).map_err(ReceiveError::protocol(stage))?;
         if header.kind == FrameKind::Pages {
             let got =
-                read_pages_into(stream, &header, sink).map_err(ReceiveError::protocol(stage))?;
+                read_pages_into(stream, &header, PayloadCheck::accepted_on(stream.is_tls()), sink)
+                    .map_err(ReceiveError::protocol(stage))?;
             sink.got.pages += got.pages();
             sink.got.zero_pages += got.zero_pages;
             continue;

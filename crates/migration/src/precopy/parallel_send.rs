@@ -16,7 +16,7 @@ use crate::precopy::error::MigrateError;
 use crate::precopy::send::{PageSender, SentCounts};
 use crate::precopy::stripes::deal;
 use crate::protocol::{
-    recv_message, write_message, Message, PageRun, RoundEnd, StreamJoin, StreamsOpen,
+    recv_message, write_message, Message, PageRun, PayloadCheck, RoundEnd, StreamJoin, StreamsOpen,
 };
 
 /// The page-data streams of one migration, and a reader of guest memory
@@ -24,6 +24,9 @@ use crate::protocol::{
 pub(crate) struct Streams {
     conns: Vec<Link>,
     reader: Arc<dyn PageReader>,
+    /// How their Pages frames are protected (the streams are dialed like
+    /// the main connection, so they authenticate as it does).
+    check: PayloadCheck,
 }
 
 impl Streams {
@@ -39,6 +42,7 @@ pub(crate) fn open_streams(
     main: &mut Link,
     count: u16,
     reader: Arc<dyn PageReader>,
+    check: PayloadCheck,
     io_timeout: Duration,
 ) -> Result<Option<Streams>, MigrateError> {
     let stage = "opening the page-data streams";
@@ -66,7 +70,11 @@ pub(crate) fn open_streams(
     }
     let mut scratch = Vec::new();
     match recv_message(main, &mut scratch).map_err(MigrateError::protocol(stage))? {
-        Message::StreamsOpened(o) if o.count == count => Ok(Some(Streams { conns, reader })),
+        Message::StreamsOpened(o) if o.count == count => Ok(Some(Streams {
+            conns,
+            reader,
+            check,
+        })),
         Message::StreamsOpened(o) if o.count == 0 => Ok(None),
         Message::StreamsOpened(o) => Err(MigrateError::Streams(format!(
             "asked for {count} streams, the destination took {}",
@@ -121,11 +129,12 @@ pub(crate) fn send_striped(
             .zip(&streams.conns)
             .map(|(share, conn)| {
                 let (fail, pages, zero_pages, bytes) = (&fail, &pages, &zero_pages, &bytes);
-                let (reader, cpu_ns) = (&streams.reader, &cpu_ns);
+                let (reader, cpu_ns, check) = (&streams.reader, &cpu_ns, streams.check);
                 scope.spawn(move || {
                     let cpu_start = crate::cpu_clock::thread_cpu_time();
                     let mut sender =
-                        PageSender::new(Pacer::following(tuning.clone(), count as u64));
+                        PageSender::new(Pacer::following(tuning.clone(), count as u64))
+                            .with_check(check);
                     let mut seen = SentCounts::default();
                     let mut on_batch = |t: &SentCounts| {
                         pages.fetch_add(t.pages - seen.pages, Ordering::Relaxed);

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::bandwidth::Pacer;
 use crate::guest::GuestError;
-use crate::protocol::{write_pages, PageRun, MAX_BATCH_DATA_BYTES, MAX_BATCH_RUNS, PAGE_SIZE};
+use crate::protocol::{write_pages, PageRun, PayloadCheck, MAX_BATCH_DATA_BYTES, MAX_BATCH_RUNS, PAGE_SIZE};
 use crate::ProtocolError;
 
 /// Page data per frame: small enough that copying, checksumming and
@@ -63,6 +63,7 @@ pub struct PageSender {
     data: Vec<Staged>,
     zeros: Vec<PageRun>,
     pacer: Pacer,
+    check: PayloadCheck,
     /// Totals over the sender's life.
     pub total: SentCounts,
 }
@@ -83,8 +84,15 @@ impl PageSender {
             data: Vec::new(),
             zeros: Vec::new(),
             pacer,
+            check: PayloadCheck::Crc32,
             total: SentCounts::default(),
         }
+    }
+
+    /// Sends its frames protected as `check` says (`PayloadCheck::for_link`).
+    pub fn with_check(mut self, check: PayloadCheck) -> Self {
+        self.check = check;
+        self
     }
 
     /// Sends every page of `runs`; `on_batch` hears the totals after each
@@ -183,7 +191,7 @@ impl PageSender {
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
-        write_pages(w, &runs, &self.zeros, &slices)?;
+        write_pages(w, &runs, &self.zeros, &slices, self.check)?;
         let zero_pages: u64 = self.zeros.iter().map(|z| u64::from(z.pages)).sum();
         self.total.pages += data_bytes / PAGE_SIZE as u64 + zero_pages;
         self.total.zero_pages += zero_pages;

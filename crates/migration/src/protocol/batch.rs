@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 
-use super::frame::{FrameHeader, FrameKind, PayloadReader};
+use super::frame::{FrameHeader, FrameKind, PayloadCheck, PayloadReader};
 use super::pages::{write_pages, PageRun, MAX_BATCH_DATA_BYTES, MAX_BATCH_RUNS, PAGE_SIZE};
 use crate::error::ProtocolError;
 
@@ -132,7 +132,13 @@ impl PageBatch {
 
     /// Sends the batch as one Pages frame.
     pub fn write(&self, w: &mut impl Write) -> Result<(), ProtocolError> {
-        write_pages(w, &self.data_runs, &self.zero_runs, &[self.data()])
+        write_pages(
+            w,
+            &self.data_runs,
+            &self.zero_runs,
+            &[self.data()],
+            PayloadCheck::Crc32,
+        )
     }
 
     /// Replaces the batch with the payload of a Pages frame whose header was
@@ -145,7 +151,7 @@ impl PageBatch {
             });
         }
         self.clear();
-        let mut payload = PayloadReader::new(r, header);
+        let mut payload = PayloadReader::checked(r, header, PayloadCheck::Crc32)?;
         let data_bytes =
             super::pages::read_table_into(&mut payload, &mut self.data_runs, &mut self.zero_runs)?;
         if self.data.len() < data_bytes {

@@ -7,13 +7,21 @@
 //! offset size field
 //!      0    2 magic          b"FY"
 //!      2    2 kind           FrameKind as u16
-//!      4    2 flags          no bit is defined in version 1: must be 0
+//!      4    2 flags          bit 0: payload checked by the link (v12);
+//!                            no other bit is defined: must be 0
 //!      6    2 reserved       must be 0
 //!      8    4 payload length <= the kind's cap
 //!     12    4 payload crc32  (IEEE) of the payload bytes
 //!     16    4 header crc32   (IEEE) of bytes 0..16
 //!     20    … payload
 //! ```
+//!
+//! A Pages frame on a TLS link may carry bit 0, [`FLAG_LINK_CHECKED`]: its
+//! payload crc32 is then 0 and is neither computed nor verified, because
+//! the link's AEAD has authenticated every byte of it already (the crc
+//! costs each side about a tenth of a TLS pre-copy's CPU). A reader takes
+//! the flag only from a link that says it authenticates, so a plaintext
+//! peer can never turn the check off.
 //!
 //! The header has its own checksum so that a corrupt length or kind is
 //! caught before the reader acts on it (allocates, or waits for bytes that
@@ -38,9 +46,43 @@ pub const MAX_STATE_PAYLOAD: u32 = 32 << 20;
 /// Cap on a Pages frame: 8 MiB of page data plus its run table.
 pub const MAX_PAGES_PAYLOAD: u32 = super::pages::MAX_PAGES_PAYLOAD as u32;
 
-/// Flag bits this version understands (none yet); a frame with any other
-/// bit set came from a newer peer that skipped negotiation, or is corrupt.
-pub const KNOWN_FLAGS: u16 = 0;
+/// A Pages frame whose payload has no crc32: the link authenticates it.
+pub const FLAG_LINK_CHECKED: u16 = 1;
+
+/// Flag bits this version understands; a frame with any other bit set came
+/// from a newer peer that skipped negotiation, or is corrupt.
+pub const KNOWN_FLAGS: u16 = FLAG_LINK_CHECKED;
+
+/// How a frame's payload is protected against corruption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PayloadCheck {
+    /// A crc32 in the header, verified by the reader.
+    #[default]
+    Crc32,
+    /// The link authenticates every byte (TLS): no crc (protocol v12).
+    ByLink,
+}
+
+impl PayloadCheck {
+    /// What a link of this kind, at this negotiated version, may use.
+    pub fn for_link(authenticated: bool, version: u16) -> Self {
+        if authenticated && version >= super::version::LINK_CHECKED_PAGES_VERSION {
+            Self::ByLink
+        } else {
+            Self::Crc32
+        }
+    }
+
+    /// What a reader accepts from a link: a frame without its crc only
+    /// from one that authenticates.
+    pub fn accepted_on(authenticated: bool) -> Self {
+        if authenticated {
+            Self::ByLink
+        } else {
+            Self::Crc32
+        }
+    }
+}
 
 /// What a frame carries. The numbers are the wire encoding: never reuse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -225,7 +267,9 @@ impl FrameHeader {
         let raw_kind = u16_at(2);
         let kind = FrameKind::from_u16(raw_kind).ok_or(ProtocolError::UnknownKind(raw_kind))?;
         let flags = u16_at(4);
-        if flags & !KNOWN_FLAGS != 0 {
+        if flags & !KNOWN_FLAGS != 0
+            || (flags & FLAG_LINK_CHECKED != 0 && kind != FrameKind::Pages)
+        {
             return Err(ProtocolError::UnknownFlags { kind, flags });
         }
         let len = u32_at(8);
@@ -253,20 +297,37 @@ pub fn write_frame_vectored(
     kind: FrameKind,
     parts: &[&[u8]],
 ) -> Result<(), ProtocolError> {
+    write_frame_checked(w, kind, parts, PayloadCheck::Crc32)
+}
+
+/// Like [`write_frame_vectored`], with the payload protected as `check`
+/// says (`ByLink` only for Pages, on a link that authenticates).
+pub fn write_frame_checked(
+    w: &mut impl Write,
+    kind: FrameKind,
+    parts: &[&[u8]],
+    check: PayloadCheck,
+) -> Result<(), ProtocolError> {
     let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
     let cap = kind.max_payload();
     if len > u64::from(cap) {
         return Err(ProtocolError::Oversize { kind, len, cap });
     }
-    let mut hasher = crc32fast::Hasher::new();
-    for part in parts {
-        hasher.update(part);
-    }
+    let (flags, payload_crc) = match check {
+        PayloadCheck::ByLink if kind == FrameKind::Pages => (FLAG_LINK_CHECKED, 0),
+        _ => {
+            let mut hasher = crc32fast::Hasher::new();
+            for part in parts {
+                hasher.update(part);
+            }
+            (0, hasher.finalize())
+        }
+    };
     let header = FrameHeader {
         kind,
-        flags: 0,
+        flags,
         len: len as u32, // fits: checked against a u32 cap above
-        payload_crc: hasher.finalize(),
+        payload_crc,
     }
     .encode();
     let mut slices = Vec::with_capacity(parts.len() + 1);
@@ -345,18 +406,31 @@ pub(crate) struct PayloadReader<'r, R: Read> {
     r: &'r mut R,
     kind: FrameKind,
     expected_crc: u32,
-    hasher: crc32fast::Hasher,
+    /// None when the link checked the payload (`FLAG_LINK_CHECKED`).
+    hasher: Option<crc32fast::Hasher>,
     read: u64,
     len: u64,
 }
 
 impl<'r, R: Read> PayloadReader<'r, R> {
+    /// Refuses a payload without its crc unless `accepted` is `ByLink`.
+    pub(crate) fn checked(
+        r: &'r mut R,
+        header: &FrameHeader,
+        accepted: PayloadCheck,
+    ) -> Result<Self, ProtocolError> {
+        if header.flags & FLAG_LINK_CHECKED != 0 && accepted != PayloadCheck::ByLink {
+            return Err(ProtocolError::UncheckedOnPlainLink);
+        }
+        Ok(Self::new(r, header))
+    }
+
     pub(crate) fn new(r: &'r mut R, header: &FrameHeader) -> Self {
         Self {
             r,
             kind: header.kind,
             expected_crc: header.payload_crc,
-            hasher: crc32fast::Hasher::new(),
+            hasher: (header.flags & FLAG_LINK_CHECKED == 0).then(crc32fast::Hasher::new),
             read: 0,
             len: header.len.into(),
         }
@@ -385,7 +459,9 @@ impl<'r, R: Read> PayloadReader<'r, R> {
                 expected: self.len,
             });
         }
-        self.hasher.update(buf);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(buf);
+        }
         self.read += got as u64;
         Ok(())
     }
@@ -395,7 +471,7 @@ impl<'r, R: Read> PayloadReader<'r, R> {
         if self.remaining() != 0 {
             return Err(self.malformed(format!("{} unread trailing bytes", self.remaining())));
         }
-        if self.hasher.finalize() != self.expected_crc {
+        if self.hasher.is_some_and(|h| h.finalize() != self.expected_crc) {
             return Err(ProtocolError::PayloadChecksum { kind: self.kind });
         }
         Ok(())

@@ -307,3 +307,25 @@ fn short_writes_and_short_reads_are_looped_over() {
     got.read(&mut r, &h).unwrap();
     assert_eq!(got.data(), &[9; 4096][..]);
 }
+
+/// The link-checked flag belongs to Pages frames only.
+#[test]
+fn the_link_checked_flag_on_a_control_frame_is_refused() {
+    let mut wire = Vec::new();
+    crate::protocol::write_frame_checked(
+        &mut wire,
+        FrameKind::RoundEnd,
+        &[&[0u8; 4]],
+        crate::protocol::PayloadCheck::ByLink,
+    )
+    .unwrap();
+    // The writer keeps the crc on anything but Pages.
+    let h = read_header(&mut std::io::Cursor::new(&wire)).unwrap();
+    assert_eq!(h.flags, 0);
+    let mut b: [u8; HEADER_LEN] = wire[..HEADER_LEN].try_into().unwrap();
+    b[4] = crate::protocol::FLAG_LINK_CHECKED as u8;
+    let crc = crc32fast::hash(&b[0..16]);
+    b[16..20].copy_from_slice(&crc.to_le_bytes());
+    let err = FrameHeader::decode(&b).unwrap_err();
+    assert!(matches!(err, ProtocolError::UnknownFlags { flags: 1, .. }), "{err}");
+}

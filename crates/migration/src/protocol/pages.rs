@@ -21,7 +21,7 @@
 
 use std::io::{Read, Write};
 
-use super::frame::{write_frame_vectored, FrameHeader, FrameKind, PayloadReader};
+use super::frame::{write_frame_checked, FrameHeader, FrameKind, PayloadCheck, PayloadReader};
 use crate::error::ProtocolError;
 
 pub const PAGE_SIZE: usize = 4096;
@@ -105,12 +105,14 @@ fn encode_table(data_runs: &[PageRun], zero_runs: &[PageRun]) -> Vec<u8> {
 }
 
 /// Sends one batch: the run table, then `data` (whose concatenation is the
-/// data runs' pages, in order) straight from the caller's slices.
+/// data runs' pages, in order) straight from the caller's slices; `check`
+/// is what the link allows (`PayloadCheck::for_link`).
 pub fn write_pages(
     w: &mut impl Write,
     data_runs: &[PageRun],
     zero_runs: &[PageRun],
     data: &[&[u8]],
+    check: PayloadCheck,
 ) -> Result<(), ProtocolError> {
     let data_bytes = validate_runs(data_runs, zero_runs).map_err(ProtocolError::InvalidBatch)?;
     let given: usize = data.iter().map(|d| d.len()).sum();
@@ -123,7 +125,7 @@ pub fn write_pages(
     let mut parts = Vec::with_capacity(data.len() + 1);
     parts.push(table.as_slice());
     parts.extend_from_slice(data);
-    write_frame_vectored(w, FrameKind::Pages, &parts)
+    write_frame_checked(w, FrameKind::Pages, &parts, check)
 }
 
 /// Reads and validates the run table of a Pages frame; returns how many
@@ -209,14 +211,16 @@ impl PagesSummary {
 /// The checksum can only be verified after the data has landed, so on any
 /// error the sink may hold part of a bad batch: the migration then aborts
 /// and the destination discards all of its memory, as it must anyway.
-/// Zero runs are applied only once the checksum has passed.
+/// Zero runs are applied only once the checksum has passed. `accepted` is
+/// what the link allows (`PayloadCheck::accepted_on`).
 pub fn read_pages_into(
     r: &mut impl Read,
     header: &FrameHeader,
+    accepted: PayloadCheck,
     sink: &mut impl PageSink,
 ) -> Result<PagesSummary, ProtocolError> {
     expect_pages(header)?;
-    let mut payload = PayloadReader::new(r, header);
+    let mut payload = PayloadReader::checked(r, header, accepted)?;
     let (mut data_runs, mut zero_runs) = (Vec::new(), Vec::new());
     read_table_into(&mut payload, &mut data_runs, &mut zero_runs)?;
     for run in &data_runs {

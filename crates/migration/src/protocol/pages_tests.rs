@@ -47,14 +47,14 @@ fn multi_run_batch_with_zero_runs_round_trips_into_a_sink() {
     let pages: Vec<Vec<u8>> = (0..6).map(page).collect();
     let slices: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
     let mut wire = Vec::new();
-    write_pages(&mut wire, &data_runs, &zero_runs, &slices).unwrap();
+    write_pages(&mut wire, &data_runs, &zero_runs, &slices, PayloadCheck::Crc32).unwrap();
     // Zero pages cost only their run entries.
     assert_eq!(wire.len(), 20 + 8 + 5 * 12 + 6 * PAGE_SIZE);
 
     let mut mem = FlatMemory(vec![0xee; 0x40000]);
     let mut r = Cursor::new(wire);
     let h = read_header(&mut r).unwrap();
-    let summary = read_pages_into(&mut r, &h, &mut mem).unwrap();
+    let summary = read_pages_into(&mut r, &h, PayloadCheck::Crc32, &mut mem).unwrap();
     assert_eq!(
         summary,
         PagesSummary {
@@ -180,7 +180,7 @@ fn invalid_batches_are_not_sent() {
     for (data_runs, zero_runs, pages) in cases {
         let slices: Vec<&[u8]> = (0..pages).map(|_| p.as_slice()).collect();
         let mut wire = Vec::new();
-        let err = write_pages(&mut wire, &data_runs, &zero_runs, &slices).unwrap_err();
+        let err = write_pages(&mut wire, &data_runs, &zero_runs, &slices, PayloadCheck::Crc32).unwrap_err();
         assert!(
             matches!(err, ProtocolError::InvalidBatch(_)),
             "{data_runs:?} {zero_runs:?}: {err}"
@@ -222,7 +222,7 @@ fn forged_batches_are_refused_as_malformed() {
         let wire = forged(&payload);
         let mut r = Cursor::new(&wire);
         let h = read_header(&mut r).unwrap();
-        let err = read_pages_into(&mut r, &h, &mut FlatMemory(vec![0; 0x10000])).unwrap_err();
+        let err = read_pages_into(&mut r, &h, PayloadCheck::Crc32, &mut FlatMemory(vec![0; 0x10000])).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -245,7 +245,7 @@ fn pages_outside_the_sink_are_rejected() {
     batch.write(&mut wire).unwrap();
     let mut r = Cursor::new(&wire);
     let h = read_header(&mut r).unwrap();
-    let err = read_pages_into(&mut r, &h, &mut FlatMemory(vec![0; 0x10000])).unwrap_err();
+    let err = read_pages_into(&mut r, &h, PayloadCheck::Crc32, &mut FlatMemory(vec![0; 0x10000])).unwrap_err();
     assert!(
         matches!(
             err,
@@ -263,9 +263,51 @@ fn pages_outside_the_sink_are_rejected() {
     batch.write(&mut wire).unwrap();
     let mut r = Cursor::new(&wire);
     let h = read_header(&mut r).unwrap();
-    let err = read_pages_into(&mut r, &h, &mut FlatMemory(vec![0; 0x10000])).unwrap_err();
+    let err = read_pages_into(&mut r, &h, PayloadCheck::Crc32, &mut FlatMemory(vec![0; 0x10000])).unwrap_err();
     assert!(
         matches!(err, ProtocolError::PageRangeRejected { gpa: 0x10000, .. }),
         "{err}"
     );
+}
+
+/// A Pages frame on a TLS link leaves its crc out; the frame says so, and
+/// only a reader whose link authenticates takes it.
+#[test]
+fn a_batch_without_its_crc_is_taken_only_from_an_authenticating_link() {
+    let data_runs = [run(0x1000, 2)];
+    let pages: Vec<Vec<u8>> = (0..2).map(page).collect();
+    let slices: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
+    let mut wire = Vec::new();
+    write_pages(&mut wire, &data_runs, &[], &slices, PayloadCheck::ByLink).unwrap();
+    let h = read_header(&mut Cursor::new(&wire)).unwrap();
+    assert_eq!(h.flags, crate::protocol::FLAG_LINK_CHECKED);
+    assert_eq!(h.payload_crc, 0);
+
+    let mut mem = FlatMemory(vec![0; 0x4000]);
+    let mut r = Cursor::new(&wire);
+    let h = read_header(&mut r).unwrap();
+    let err = read_pages_into(&mut r, &h, PayloadCheck::Crc32, &mut mem).unwrap_err();
+    assert!(matches!(err, ProtocolError::UncheckedOnPlainLink), "{err}");
+    assert!(mem.0.iter().all(|&b| b == 0), "nothing lands from a refused frame");
+
+    let mut r = Cursor::new(&wire);
+    let h = read_header(&mut r).unwrap();
+    read_pages_into(&mut r, &h, PayloadCheck::ByLink, &mut mem).unwrap();
+    assert_eq!(&mem.0[0x1000..0x2000], pages[0].as_slice());
+    assert_eq!(&mem.0[0x2000..0x3000], pages[1].as_slice());
+
+    // An authenticating link still takes the checked form from an older peer.
+    let mut wire = Vec::new();
+    write_pages(&mut wire, &data_runs, &[], &slices, PayloadCheck::Crc32).unwrap();
+    let mut r = Cursor::new(&wire);
+    let h = read_header(&mut r).unwrap();
+    read_pages_into(&mut r, &h, PayloadCheck::ByLink, &mut mem).unwrap();
+}
+
+#[test]
+fn only_a_tls_link_at_v12_leaves_the_crc_out() {
+    use crate::protocol::LINK_CHECKED_PAGES_VERSION as V12;
+    assert_eq!(PayloadCheck::for_link(true, V12), PayloadCheck::ByLink);
+    assert_eq!(PayloadCheck::for_link(true, V12 - 1), PayloadCheck::Crc32);
+    assert_eq!(PayloadCheck::for_link(false, V12), PayloadCheck::Crc32);
 }

@@ -121,7 +121,7 @@ fn source(mut s: Link, state: &[u8]) -> Vec<u8> {
                 slices.push(&mem[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
             }
         }
-        write_pages(&mut s, &data_runs, &zero_runs, &slices).unwrap();
+        write_pages(&mut s, &data_runs, &zero_runs, &slices, PayloadCheck::Crc32).unwrap();
     }
     write_message(
         &mut s,
@@ -202,7 +202,7 @@ fn destination(mut s: Link) -> (Vec<u8>, Vec<u8>, Vec<u64>) {
         let header = read_header(&mut s).unwrap();
         match header.kind {
             FrameKind::Pages => {
-                in_round += read_pages_into(&mut s, &header, &mut memory)
+                in_round += read_pages_into(&mut s, &header, PayloadCheck::Crc32, &mut memory)
                     .unwrap()
                     .pages()
             }
@@ -321,7 +321,7 @@ fn source_vanishing_mid_batch_is_a_retryable_truncation() {
         offer: offer(),
         mem: vec![0; MEM_BYTES as usize],
     };
-    let err = read_pages_into(&mut dst, &header, &mut memory).unwrap_err();
+    let err = read_pages_into(&mut dst, &header, PayloadCheck::Crc32, &mut memory).unwrap_err();
     assert!(
         matches!(
             err,

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 11;
+pub const PROTOCOL_VERSION: u16 = 12;
 /// The first version with post-copy (frames 14 to 21).
 pub const POSTCOPY_VERSION: u16 = 2;
 /// The first version with page data on several streams (frames 22 to 25).
@@ -38,6 +38,9 @@ pub const STORAGE_COPY_VERSION: u16 = 10;
 /// pages. An older destination's post-copy takes only pages there, so it
 /// gets none (its tap opens at once, as before).
 pub const POSTCOPY_FORWARD_VERSION: u16 = 11;
+/// The first version whose Pages frames on a TLS link may leave out the
+/// payload crc32 (frame flag 1): the link's AEAD authenticates them.
+pub const LINK_CHECKED_PAGES_VERSION: u16 = 12;
 /// The oldest protocol version this build still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 

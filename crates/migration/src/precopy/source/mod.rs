@@ -22,7 +22,7 @@ use crate::precopy::parallel_send::{open_streams, send_striped, Streams};
 use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
-    HelloAck, Message, PageRun, PostcopyBegin, Prepare, RamRange, Role, RoundEnd, StripedRound,
+    HelloAck, Message, PageRun, PayloadCheck, PostcopyBegin, Prepare, RamRange, Role, RoundEnd, StripedRound,
     COMMIT_RECOVERY_VERSION, NET_HANDOVER_VERSION, PAGE_SIZE, POSTCOPY_VERSION,
     STORAGE_COPY_VERSION, STORAGE_VERSION, STREAMS_VERSION,
 };
@@ -379,7 +379,8 @@ fn drive<G: SourceGuest + ?Sized>(
         .tuning
         .clone()
         .unwrap_or_else(|| std::sync::Arc::new(crate::tuning::Tuning::new(options.bandwidth)));
-    let mut sender = PageSender::new(Pacer::following(tuning.clone(), 1));
+    let mut sender = PageSender::new(Pacer::following(tuning.clone(), 1))
+        .with_check(PayloadCheck::for_link(stream.is_tls(), version));
     let (mode, start) = match options.mode {
         Mode::Auto => {
             let start = choose_mode(guest, stream, &mut sender, options, run)?;

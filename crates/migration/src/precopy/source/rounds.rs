@@ -91,7 +91,8 @@ pub(super) fn open_streams_if_asked<G: SourceGuest + ?Sized>(
     let reader = guest.memory_reader().map_err(MigrateError::guest(
         "sharing guest memory with the page-data streams",
     ))?;
-    let streams = open_streams(stream, options.streams, reader, options.io_timeout)?;
+    let check = PayloadCheck::for_link(stream.is_tls(), version);
+    let streams = open_streams(stream, options.streams, reader, check, options.io_timeout)?;
     match &streams {
         Some(s) => run.report.streams = s.count() as u32,
         None => run.say(
