@@ -39,6 +39,10 @@ impl FerryChild {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The guest console; can be taken once.
     pub fn take_stdout(&mut self) -> ChildStdout {
         self.stdout.take().expect("stdout is taken once")

@@ -143,6 +143,10 @@ pub struct FerryOutcome {
     /// With a disk: blocks the destination's guest read back and checked.
     pub disk_blocks_checked: Option<u64>,
     pub wall_ms: f64,
+    /// CPU the source's migration threads used, ms (`bench::cpu`).
+    pub src_cpu_ms: f64,
+    /// CPU the destination process used during the migration, ms.
+    pub dst_cpu_ms: Option<f64>,
     /// Ferry's own report (rounds, blackout parts), without its timeline.
     pub report: MigrationReport,
 }
@@ -275,7 +279,12 @@ pub fn run_ferry_migration_observed(
         token_file: None,
         copy_storage: m.disk.as_ref().is_some_and(|d| d.copy_to.is_some()),
     });
-    let mut report = match call(&socket, &request)? {
+    let dst_cpu_before = super::cpu::process_cpu_ms(dst.pid());
+    let answer = call(&socket, &request)?;
+    let dst_cpu_ms = dst_cpu_before
+        .zip(super::cpu::process_cpu_ms(dst.pid()))
+        .map(|(before, after)| after - before);
+    let mut report = match answer {
         Response::Migrated(r) => *r,
         Response::MigrationFailed { reason, .. } => {
             return Err(anyhow!("Ferry's migration failed: {reason}"))
@@ -319,6 +328,8 @@ pub fn run_ferry_migration_observed(
         verify_failures: verdict.failures,
         disk_blocks_checked: disk_round.map(|_| disk_checked(&dst_state)),
         wall_ms: started.elapsed().as_secs_f64() * 1e3,
+        src_cpu_ms: super::cpu::source_migration_cpu_ms(&report),
+        dst_cpu_ms,
         report: {
             report.timeline.clear();
             report

@@ -4,6 +4,7 @@
 //! row and the Ferry/QEMU ratios.
 
 pub mod console_watch;
+pub mod cpu;
 pub mod ferry_side;
 pub mod iperf;
 pub mod network;
@@ -14,6 +15,7 @@ pub mod qemu_tls;
 pub mod qmp;
 pub mod storage;
 pub mod table;
+pub mod tls_cost;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -266,6 +268,8 @@ pub struct BenchResults {
     pub loopback: Option<iperf::LoopbackLimit>,
     pub loopback_error: Option<String>,
     pub rows: Vec<RowResult>,
+    /// Each TLS row beside its plaintext twin, when both ran.
+    pub tls_costs: Vec<tls_cost::TlsCost>,
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -472,6 +476,7 @@ pub fn run_rows(
     Ok(BenchResults {
         loopback,
         loopback_error,
+        tls_costs: tls_cost::pairs(&results),
         rows: results,
     })
 }

@@ -75,6 +75,7 @@ pub fn print(all: &BenchResults, reps: usize) {
             q.map_or("-".into(), |m| m.verified.clone()),
         );
     }
+    super::tls_cost::print(&all.tls_costs);
     print_postcopy(results);
     for r in results {
         if let Some(n) = &r.network {
