@@ -16,8 +16,10 @@
 //! stops a drain the leader is running, and every VM runs in one place.
 
 mod common;
+#[path = "../../fleet/tests/common/store_waits.rs"]
+mod store_waits;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::peers::{agent_with, host, Fleet};
@@ -31,54 +33,74 @@ use ferry_fleet::scheduler::{Scheduler, SchedulerError};
 use ferry_fleet::store::shared_file::SharedFileBackend;
 use ferry_fleet::store::{Backend, FleetStore};
 use ferry_fleet::time::Timestamp;
+use store_waits::{run_shown, stored_plan, wait_plan_done, wait_registered};
 
 const VMS: [&str; 3] = ["fl-v1", "fl-v2", "fl-v3"];
 
-fn fleet_table(store: &Path, rack: &str) -> String {
+fn fleet_table(store: &Path, rack: &str, lease_ttl_s: u64) -> String {
     format!(
-        "[fleet]\nstore = \"{}\"\nlease_ttl_s = 5\nlabels = {{ rack = \"{rack}\", zone = \"z1\" }}\n",
+        "[fleet]\nstore = \"{}\"\nlease_ttl_s = {lease_ttl_s}\nlabels = {{ rack = \"{rack}\", zone = \"z1\" }}\n",
         store.display()
     )
 }
 
-/// Waits until `hosts` are registered and alive and `vms` are on record
-/// on `on`.
-fn wait_registered(b: &SharedFileBackend, hosts: &[&Agent], vms: &[&str], on: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let alive = hosts::liveness(b).unwrap();
-        let stored = FleetStore::new(b).vms().unwrap();
-        let hosts_up = hosts
-            .iter()
-            .all(|a| alive.get(&host(a)).copied() == Some(true));
-        let vms_in = vms.iter().all(|v| {
-            stored
-                .iter()
-                .any(|s| s.value.id == *v && s.value.host == on && s.value.is_running())
-        });
-        if hosts_up && vms_in {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the fleet never saw every host and VM: alive {alive:?}, vms {:?}",
-            stored
-                .iter()
-                .map(|s| (&s.value.id, &s.value.host))
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// One test's fleet of one machine: agents `PREFIXa`, `PREFIXb`, ... (on
+/// racks r1, r2, ...) registered in one store file, and VMs created on
+/// the first, all on record in the store. Dropping it stops every agent
+/// and VMM and removes every file.
+struct DrainFleet {
+    agents: Vec<Agent>,
+    backend: SharedFileBackend,
+    store: PathBuf,
+    /// Each VM's last heartbeat on the first agent, before anything moved.
+    before: Vec<u64>,
+    _ca: Fleet,
+    _dir: TempDir,
 }
 
-fn stored_plan(b: &SharedFileBackend, id: &str) -> Plan {
-    FleetStore::new(b)
-        .plan_records()
-        .unwrap()
-        .into_iter()
-        .map(|s| s.plan)
-        .find(|p| p.id == id)
-        .expect("the plan is in the store")
+impl DrainFleet {
+    /// An agent of each of `memories`, their registrations' leases
+    /// `lease_ttl_s`; `vms` (id, memory) run `dirty:16:50`.
+    fn start(
+        name: &str,
+        prefix: &str,
+        memories: &[&str],
+        lease_ttl_s: u64,
+        vms: &[(&str, &str)],
+    ) -> Self {
+        let dir = TempDir::new(name);
+        let store = dir.path("fleet.redb");
+        let ca = Fleet::new(name);
+        let agents: Vec<Agent> = memories
+            .iter()
+            .zip('a'..)
+            .enumerate()
+            .map(|(i, (memory, letter))| {
+                let rack = format!("r{}", i + 1);
+                let table = fleet_table(&store, &rack, lease_ttl_s);
+                agent_with(&format!("{prefix}{letter}"), &ca, memory, false, &table)
+            })
+            .collect();
+        for (vm, memory) in vms {
+            agents[0].create_vm(vm, memory, "dirty:16:50");
+        }
+        let backend = SharedFileBackend::open(&store).unwrap();
+        let names: Vec<String> = agents.iter().map(host).collect();
+        let ids: Vec<&str> = vms.iter().map(|(vm, _)| *vm).collect();
+        wait_registered(&backend, &names, &ids, &names[0], Duration::from_secs(30));
+        let before = ids
+            .iter()
+            .map(|vm| agents[0].heartbeat(vm)["seq"].as_u64().unwrap())
+            .collect();
+        Self {
+            agents,
+            backend,
+            store,
+            before,
+            _ca: ca,
+            _dir: dir,
+        }
+    }
 }
 
 /// Every VM of [`VMS`] left `a` once, for one of `targets`, and runs
@@ -166,21 +188,13 @@ impl Drop for Serving {
 
 /// `ferry ARGS --store-file STORE`, the operator's command, to its end.
 fn ferry_on_store(store: &Path, args: &[&str]) -> std::process::Output {
-    let out = std::process::Command::new(common::ferry_bin())
-        .args(args)
-        .arg("--store-file")
-        .arg(store)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run ferry");
-    println!(
-        "$ ferry {} -> {}\n{}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_shown(
+        std::process::Command::new(common::ferry_bin())
+            .args(args)
+            .arg("--store-file")
+            .arg(store)
+            .stdin(std::process::Stdio::null()),
+    )
 }
 
 fn plan_of(out: &std::process::Output) -> Plan {
@@ -193,28 +207,22 @@ fn the_scheduler_drains_a_host_of_real_agents_and_every_vm_arrives_whole() {
     if !kvm_or_skip("the_scheduler_drains_a_host_of_real_agents") {
         return;
     }
-    let dir = TempDir::new("fleet-drain");
-    let store = dir.path("fleet.redb");
-    let ca = Fleet::new("fleet-drain");
-    let a = agent_with("fla", &ca, "2G", false, &fleet_table(&store, "r1"));
-    let b = agent_with("flb", &ca, "1G", false, &fleet_table(&store, "r2"));
-    let c = agent_with("flc", &ca, "1G", false, &fleet_table(&store, "r3"));
-    for vm in VMS {
-        a.create_vm(vm, "64M", "dirty:16:50");
-    }
-    let backend = SharedFileBackend::open(&store).unwrap();
-    wait_registered(&backend, &[&a, &b, &c], &VMS, &host(&a));
-    let before: Vec<u64> = VMS
-        .iter()
-        .map(|v| a.heartbeat(v)["seq"].as_u64().unwrap())
-        .collect();
+    let f = DrainFleet::start(
+        "fleet-drain",
+        "fl",
+        &["2G", "1G", "1G"],
+        5,
+        &VMS.map(|vm| (vm, "64M")),
+    );
+    let (a, b, c) = (&f.agents[0], &f.agents[1], &f.agents[2]);
+    let (backend, store, before) = (&f.backend, &f.store, &f.before);
 
     // The operator's side: a dry run first, then the plan runs.
     let plan_id = {
         let mut s =
             Scheduler::open(backend.clone(), AgentMigrator::new(backend.clone()), None).unwrap();
         let now = Timestamp::now_wall();
-        let plan = s.prepare_drain(&host(&a), now).unwrap().clone();
+        let plan = s.prepare_drain(&host(a), now).unwrap().clone();
         assert_eq!(plan.state, PlanState::Draft, "{plan:?}");
         assert_eq!(plan.entries.len(), VMS.len());
         println!(
@@ -227,48 +235,43 @@ fn the_scheduler_drains_a_host_of_real_agents_and_every_vm_arrives_whole() {
         plan.id
     };
     let started = Instant::now();
-    let mut serving = Serving::start(&store, "serve-1");
+    let mut serving = Some(Serving::start(store, "serve-1"));
     let mut restarted = false;
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let plan = loop {
-        let p = stored_plan(&backend, &plan_id);
-        if p.state == PlanState::Done {
-            break p;
-        }
-        // The scheduler dies mid-migration and another (a new migrator,
-        // nothing in memory) takes the plan over once its lease lapsed:
-        // it follows the migrations in flight by name, starts none twice.
-        let in_flight = p
-            .entries
-            .iter()
-            .filter(|e| matches!(e.state, EntryState::Migrating { .. }))
-            .count();
-        if !restarted && in_flight > 0 {
-            drop(serving);
-            println!("scheduler killed with {in_flight} migrations in flight; another takes over");
-            serving = Serving::start(&store, "serve-2");
-            restarted = true;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the drain never ended: {:?}",
-            p.entries
+    let plan = wait_plan_done(
+        backend,
+        &plan_id,
+        Duration::from_secs(240),
+        "the drain never ended",
+        |p| {
+            // The scheduler dies mid-migration and another (a new
+            // migrator, nothing in memory) takes the plan over once its
+            // lease lapsed: it follows the migrations in flight by name,
+            // starts none twice.
+            let in_flight = p
+                .entries
                 .iter()
-                .map(|e| (&e.vm, &e.state, &e.reason))
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+                .filter(|e| matches!(e.state, EntryState::Migrating { .. }))
+                .count();
+            if !restarted && in_flight > 0 {
+                drop(serving.take());
+                println!(
+                    "scheduler killed with {in_flight} migrations in flight; another takes over"
+                );
+                serving = Some(Serving::start(store, "serve-2"));
+                restarted = true;
+            }
+        },
+    );
     drop(serving);
     assert!(restarted, "the scheduler was restarted mid-drain");
     println!(
         "drain of {} done in {:?}: {:?}",
-        host(&a),
+        host(a),
         started.elapsed(),
         plan.counts()
     );
 
-    assert_drained_whole(&backend, &plan, &a, &[&b, &c], &before);
+    assert_drained_whole(backend, &plan, a, &[b, c], before);
 }
 
 #[test]
@@ -276,46 +279,40 @@ fn an_operators_drain_written_while_serve_runs_is_carried_out() {
     if !kvm_or_skip("an_operators_drain_written_while_serve_runs") {
         return;
     }
-    let dir = TempDir::new("fleet-cli");
-    let store = dir.path("fleet.redb");
-    let ca = Fleet::new("fleet-cli");
-    let a = agent_with("flca", &ca, "2G", false, &fleet_table(&store, "r1"));
-    let b = agent_with("flcb", &ca, "1G", false, &fleet_table(&store, "r2"));
-    let c = agent_with("flcc", &ca, "1G", false, &fleet_table(&store, "r3"));
-    for vm in VMS {
-        a.create_vm(vm, "64M", "dirty:16:50");
-    }
-    let backend = SharedFileBackend::open(&store).unwrap();
-    wait_registered(&backend, &[&a, &b, &c], &VMS, &host(&a));
-    let before: Vec<u64> = VMS
-        .iter()
-        .map(|v| a.heartbeat(v)["seq"].as_u64().unwrap())
-        .collect();
-    let plans = || FleetStore::new(&backend).plan_records().unwrap().len();
+    let f = DrainFleet::start(
+        "fleet-cli",
+        "flc",
+        &["2G", "1G", "1G"],
+        5,
+        &VMS.map(|vm| (vm, "64M")),
+    );
+    let (a, b, c) = (&f.agents[0], &f.agents[1], &f.agents[2]);
+    let (backend, store, before) = (&f.backend, &f.store, &f.before);
+    let plans = || FleetStore::new(backend).plan_records().unwrap().len();
     // The scheduler serves first; everything after is the operator's CLI.
-    let serving = Serving::start(&store, "serve-cli");
+    let serving = Serving::start(store, "serve-cli");
 
     // A host the fleet does not know: a clear error, nothing stored.
-    let out = ferry_on_store(&store, &["host", "drain", "no-such-host"]);
+    let out = ferry_on_store(store, &["host", "drain", "no-such-host"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no host or rack no-such-host"), "{err}");
     assert_eq!(plans(), 0, "a refused drain stores nothing");
 
     // The dry run: each VM's action, target and prediction; nothing starts.
-    let table = ferry_on_store(&store, &["host", "drain", &host(&a), "--dry-run"]);
+    let table = ferry_on_store(store, &["host", "drain", &host(a), "--dry-run"]);
     assert!(table.status.success());
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("predicted finish"), "{table}");
     let dry = plan_of(&ferry_on_store(
-        &store,
-        &["host", "drain", &host(&a), "--dry-run", "--json"],
+        store,
+        &["host", "drain", &host(a), "--dry-run", "--json"],
     ));
     assert_eq!(dry.state, PlanState::Draft);
     assert_eq!(dry.entries.len(), VMS.len());
     for e in &dry.entries {
         let target = e.target.as_deref().expect("the dry run picks a target");
-        assert_ne!(target, host(&a));
+        assert_ne!(target, host(a));
         assert!(e.predicted_ms > 0 && e.predicted_end_ms.is_some(), "{e:?}");
     }
     assert!(dry.predicted_duration_ms.is_some());
@@ -325,7 +322,7 @@ fn an_operators_drain_written_while_serve_runs_is_carried_out() {
         backend.list(JOBS).unwrap().is_empty(),
         "a dry run started a migration"
     );
-    assert_eq!(stored_plan(&backend, &dry.id).state, PlanState::Draft);
+    assert_eq!(stored_plan(backend, &dry.id).state, PlanState::Draft);
     for vm in VMS {
         assert_eq!(a.show(vm)["state"], "running");
     }
@@ -334,42 +331,33 @@ fn an_operators_drain_written_while_serve_runs_is_carried_out() {
     // already running, picks it up from the store.
     let started = Instant::now();
     let plan = plan_of(&ferry_on_store(
-        &store,
-        &["host", "drain", &host(&a), "--json"],
+        store,
+        &["host", "drain", &host(a), "--json"],
     ));
     assert_eq!(plan.state, PlanState::Running);
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let plan = loop {
-        let p = stored_plan(&backend, &plan.id);
-        if p.state == PlanState::Done {
-            break p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the leader never carried the drain out: {:?}",
-            p.entries
-                .iter()
-                .map(|e| (&e.vm, &e.state, &e.reason))
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let plan = wait_plan_done(
+        backend,
+        &plan.id,
+        Duration::from_secs(240),
+        "the leader never carried the drain out",
+        |_| {},
+    );
     drop(serving);
     println!(
         "drain of {} written by the CLI done in {:?} (predicted {:?} ms): {:?}",
-        host(&a),
+        host(a),
         started.elapsed(),
         plan.predicted_duration_ms,
         plan.counts()
     );
-    assert_drained_whole(&backend, &plan, &a, &[&b, &c], &before);
+    assert_drained_whole(backend, &plan, a, &[b, c], before);
 
     // The plan's view shows each VM's end state.
-    let show = ferry_on_store(&store, &["fleet", "plan", "show", &plan.id]);
+    let show = ferry_on_store(store, &["fleet", "plan", "show", &plan.id]);
     assert!(show.status.success());
     let show = String::from_utf8_lossy(&show.stdout);
     assert_eq!(show.matches("migrated").count(), VMS.len(), "{show}");
-    let list = ferry_on_store(&store, &["fleet", "plans"]);
+    let list = ferry_on_store(store, &["fleet", "plans"]);
     assert!(String::from_utf8_lossy(&list.stdout).contains(&plan.id));
 }
 
@@ -378,35 +366,30 @@ fn an_operators_cancel_written_while_serve_runs_stops_the_drain() {
     if !kvm_or_skip("an_operators_cancel_written_while_serve_runs") {
         return;
     }
-    let dir = TempDir::new("fleet-cancel");
-    let store = dir.path("fleet.redb");
-    let ca = Fleet::new("fleet-cancel");
-    let a = agent_with("flxa", &ca, "2G", false, &fleet_table(&store, "r1"));
-    let b = agent_with("flxb", &ca, "1G", false, &fleet_table(&store, "r2"));
-    for vm in VMS {
-        a.create_vm(vm, "64M", "dirty:16:50");
-    }
-    let backend = SharedFileBackend::open(&store).unwrap();
-    wait_registered(&backend, &[&a, &b], &VMS, &host(&a));
-    let before: Vec<u64> = VMS
-        .iter()
-        .map(|v| a.heartbeat(v)["seq"].as_u64().unwrap())
-        .collect();
+    let f = DrainFleet::start(
+        "fleet-cancel",
+        "flx",
+        &["2G", "1G"],
+        5,
+        &VMS.map(|vm| (vm, "64M")),
+    );
+    let (a, b) = (&f.agents[0], &f.agents[1]);
+    let (backend, store, before) = (&f.backend, &f.store, &f.before);
     // One new migration per 30 s fleet-wide: the drain is cancelled while
     // the leader runs it, one VM moved and the others waiting their turn.
     let paced = Policies::default()
         .with_overrides("fleet-pace=1/30s")
         .unwrap();
-    FleetStore::new(&backend)
+    FleetStore::new(backend)
         .seed(&[], &[], &[], &paced)
         .unwrap();
-    let serving = Serving::start(&store, "serve-cancel");
+    let serving = Serving::start(store, "serve-cancel");
     let plan = plan_of(&ferry_on_store(
-        &store,
-        &["host", "drain", &host(&a), "--json"],
+        store,
+        &["host", "drain", &host(a), "--json"],
     ));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !stored_plan(&backend, &plan.id)
+    while !stored_plan(backend, &plan.id)
         .entries
         .iter()
         .any(|e| matches!(e.state, EntryState::Migrated { .. }))
@@ -418,8 +401,8 @@ fn an_operators_cancel_written_while_serve_runs_stops_the_drain() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let cancelled = plan_of(&ferry_on_store(
-        &store,
-        &["host", "drain", &host(&a), "--cancel", "--json"],
+        store,
+        &["host", "drain", &host(a), "--cancel", "--json"],
     ));
     assert_eq!(cancelled.id, plan.id);
     assert_eq!(cancelled.state, PlanState::Cancelled);
@@ -432,7 +415,7 @@ fn an_operators_cancel_written_while_serve_runs_stops_the_drain() {
         jobs,
         "a migration started after the cancel"
     );
-    let p = stored_plan(&backend, &plan.id);
+    let p = stored_plan(backend, &plan.id);
     assert_eq!(p.state, PlanState::Cancelled);
     let counts = p.counts();
     assert_eq!(counts.get("migrated"), Some(&1), "{counts:?}");
@@ -448,8 +431,8 @@ fn an_operators_cancel_written_while_serve_runs_stops_the_drain() {
         p.counts()
     );
     // Every VM runs in exactly one place, whole: moved or back on A.
-    for (vm, &seq) in VMS.iter().zip(&before) {
-        let on: Vec<&Agent> = [&a, &b]
+    for (vm, &seq) in VMS.iter().zip(before) {
+        let on: Vec<&Agent> = [a, b]
             .into_iter()
             .filter(|g| g.get(&format!("/v1/vms/{vm}")).status == 200)
             .collect();
@@ -461,11 +444,11 @@ fn an_operators_cancel_written_while_serve_runs_stops_the_drain() {
         println!("{vm}: on {}, heartbeat {hb}", host(on[0]));
     }
     // A takes VMs again: the drain no longer holds it.
-    let a_rec = FleetStore::new(&backend)
+    let a_rec = FleetStore::new(backend)
         .hosts()
         .unwrap()
         .into_iter()
-        .find(|h| h.value.name == host(&a))
+        .find(|h| h.value.name == host(a))
         .unwrap();
     assert_eq!(a_rec.value.maintenance, Maintenance::None);
 }
@@ -475,18 +458,18 @@ fn a_drain_no_host_has_room_for_is_refused_with_its_reason_and_nothing_moves() {
     if !kvm_or_skip("a_drain_no_host_has_room_for") {
         return;
     }
-    let dir = TempDir::new("fleet-full");
-    let store = dir.path("fleet.redb");
-    let ca = Fleet::new("fleet-full");
-    let a = agent_with("flfa", &ca, "2G", false, &fleet_table(&store, "r1"));
-    let b = agent_with("flfb", &ca, "128M", false, &fleet_table(&store, "r2"));
-    a.create_vm("fl-big", "256M", "dirty:16:50");
-    let backend = SharedFileBackend::open(&store).unwrap();
-    wait_registered(&backend, &[&a, &b], &["fl-big"], &host(&a));
-    let before = a.heartbeat("fl-big")["seq"].as_u64().unwrap();
+    let f = DrainFleet::start(
+        "fleet-full",
+        "flf",
+        &["2G", "128M"],
+        5,
+        &[("fl-big", "256M")],
+    );
+    let (a, b) = (&f.agents[0], &f.agents[1]);
+    let (backend, store, before) = (&f.backend, &f.store, f.before[0]);
 
     // From the CLI: refused, the table says which VM and why, and it fails.
-    let out = ferry_on_store(&store, &["host", "drain", &host(&a)]);
+    let out = ferry_on_store(store, &["host", "drain", &host(a)]);
     assert!(!out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -498,7 +481,7 @@ fn a_drain_no_host_has_room_for_is_refused_with_its_reason_and_nothing_moves() {
     let mut s =
         Scheduler::open(backend.clone(), AgentMigrator::new(backend.clone()), None).unwrap();
     let now = Timestamp::now_wall();
-    let plan = s.prepare_drain(&host(&a), now).unwrap().clone();
+    let plan = s.prepare_drain(&host(a), now).unwrap().clone();
     assert_eq!(plan.state, PlanState::Refused, "{plan:?}");
     let e = &plan.entries[0];
     let why = e.reason.clone().unwrap_or_default();
@@ -521,7 +504,7 @@ fn a_drain_no_host_has_room_for_is_refused_with_its_reason_and_nothing_moves() {
         backend.list(JOBS).unwrap().is_empty(),
         "no migration started"
     );
-    assert_eq!(stored_plan(&backend, &plan.id).state, PlanState::Refused);
+    assert_eq!(stored_plan(backend, &plan.id).state, PlanState::Refused);
     assert_eq!(a.show("fl-big")["state"], "running");
     assert_eq!(b.get("/v1/vms/fl-big").status, 404);
     let hb = a.heartbeat_after("fl-big", before, Duration::from_secs(20));
@@ -530,35 +513,32 @@ fn a_drain_no_host_has_room_for_is_refused_with_its_reason_and_nothing_moves() {
 
 #[test]
 fn a_killed_agents_registration_lapses_and_a_stopped_one_ends_at_once() {
-    let dir = TempDir::new("fleet-lapse");
-    let store = dir.path("fleet.redb");
-    let ca = Fleet::new("fleet-lapse");
-    let table = fleet_table(&store, "r1").replace("lease_ttl_s = 5", "lease_ttl_s = 2");
-    let mut a = agent_with("flla", &ca, "1G", false, &table);
-    let mut b = agent_with("fllb", &ca, "1G", false, &table);
-    let backend = SharedFileBackend::open(&store).unwrap();
-    wait_registered(&backend, &[&a, &b], &[], "");
-    let ep = ferry_fleet::agents::endpoint(&backend, &host(&a))
+    let mut f = DrainFleet::start("fleet-lapse", "fll", &["1G", "1G"], 2, &[]);
+    let [a, b] = &mut f.agents[..] else {
+        unreachable!("two agents")
+    };
+    let backend = &f.backend;
+    let ep = ferry_fleet::agents::endpoint(backend, &host(a))
         .unwrap()
         .expect("the agent wrote its endpoint");
     assert_eq!(ep.socket, a.socket);
     assert_eq!(
         ep.peer_address.as_deref(),
-        Some(common::peers::peer_addr(&a).as_str())
+        Some(common::peers::peer_addr(a).as_str())
     );
 
-    let alive = |name: &str| hosts::liveness(&backend).unwrap().get(name).copied();
+    let alive = |name: &str| hosts::liveness(backend).unwrap().get(name).copied();
     // SIGTERM: it deregisters on its way out.
     assert!(b.terminate().success());
     assert_eq!(
-        alive(&host(&b)),
+        alive(&host(b)),
         Some(false),
         "a stopped agent ends its lease"
     );
     // kill -9: nobody keeps the lease alive; it lapses after its TTL.
     a.kill9();
     let killed = Instant::now();
-    while alive(&host(&a)) == Some(true) {
+    while alive(&host(a)) == Some(true) {
         assert!(
             killed.elapsed() < Duration::from_secs(10),
             "the dead agent's lease never lapsed"
@@ -572,5 +552,5 @@ fn a_killed_agents_registration_lapses_and_a_stopped_one_ends_at_once() {
     assert!(killed.elapsed() >= Duration::from_millis(500));
     // Started again, it registers again.
     a.start();
-    wait_registered(&backend, &[&a], &[], "");
+    wait_registered(backend, &[host(a)], &[], "", Duration::from_secs(30));
 }

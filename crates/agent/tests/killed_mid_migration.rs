@@ -10,15 +10,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::peers::{agent, host, keep_peer_addr, peer_addr, reserved, wait_job, Fleet};
+use common::peers::{
+    agent, cancel_and_wait, host, incoming_ended, keep_peer_addr, peer_addr, reserved, start_slow,
+    wait_job, Fleet,
+};
 use common::{alive, kill9, kvm_or_skip, processes_mentioning, wait_gone};
 use serde_json::{json, Value};
-
-fn job(agent: &common::Agent, id: &str) -> Value {
-    let r = agent.get(&format!("/v1/migrations/{id}"));
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
 
 #[test]
 fn source_agent_killed_mid_migration_settles_in_exactly_one_place() {
@@ -32,44 +29,16 @@ fn source_agent_killed_mid_migration_settles_in_exactly_one_place() {
     let before = a.heartbeat("vm1");
 
     // Slow enough (about 3 s for the first pass) to be killed in flight.
-    let r = a.post(
-        "/v1/vms/vm1/migrations",
-        Some(
-            json!({"target": {"host": host(&b), "address": peer_addr(&b)},
-            "bandwidth": 128u64 << 20}),
-        ),
-    );
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = job(&a, &id);
-        if v["phase"] == "transferring" && v["progress_lines"].as_u64().unwrap_or(0) > 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never transferring: {v}");
-        assert!(v["phase"] != "committed", "ended before the kill: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (id, _) = start_slow(&a, "vm1", &b, 128 << 20);
     let job_file = a.dir.path("state").join(format!("jobs/{id}.json"));
     assert!(
         job_file.exists(),
         "the job was not written down before the data plane"
     );
-    a.kill9();
-    std::thread::sleep(Duration::from_millis(300));
-    a.start();
+    a.kill9_then_start(|| std::thread::sleep(Duration::from_millis(300)));
 
     // The restarted agent knows the job and settles it.
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let settled = loop {
-        let v = job(&a, &id);
-        if v["phase"] == "committed" || v["phase"] == "failed" {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "never settled: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let settled = wait_job(&a, &id, Duration::from_secs(150));
     let on_a = a.get("/v1/vms/vm1");
     let on_b = b.get("/v1/vms/vm1");
     let seq = before["seq"].as_u64().unwrap();
@@ -127,40 +96,15 @@ fn source_agent_killed_and_the_migration_failing_meanwhile_keeps_the_vm_on_the_s
     a.create_vm("vm1", "512M", "dirty:64:100:256");
     let before = a.heartbeat("vm1");
     // About 10 s of first pass: the destination dies well before the end.
-    let r = a.post(
-        "/v1/vms/vm1/migrations",
-        Some(
-            json!({"target": {"host": host(&b), "address": peer_addr(&b)},
-            "bandwidth": 32u64 << 20}),
-        ),
-    );
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = job(&a, &id);
-        if v["phase"] == "transferring" && v["progress_lines"].as_u64().unwrap_or(0) > 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never transferring: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (id, _) = start_slow(&a, "vm1", &b, 32 << 20);
     let receiver = receiver_of(&b).expect("B's receiving VMM");
     // The source agent dies, then the destination's receiver: the source
     // VMM's migration fails while no agent watches it.
-    a.kill9();
-    kill9(receiver);
-    std::thread::sleep(Duration::from_millis(500));
-    a.start();
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let settled = loop {
-        let v = job(&a, &id);
-        if v["phase"] == "committed" || v["phase"] == "failed" {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "never settled: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    a.kill9_then_start(|| {
+        kill9(receiver);
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let settled = wait_job(&a, &id, Duration::from_secs(150));
     assert_eq!(settled["phase"], "failed", "{settled}");
     assert!(
         settled["error"]
@@ -205,44 +149,6 @@ fn wait_no_vmm(agent: &common::Agent, what: &str) {
     }
 }
 
-/// Starts a slow migration of vm1 from `a` to `b` (`bandwidth` bytes/s)
-/// and waits until its data plane is well under way; the job's id and
-/// the destination's id of it.
-fn start_slow(a: &common::Agent, b: &common::Agent, bandwidth: u64) -> (String, String) {
-    let r = a.post(
-        "/v1/vms/vm1/migrations",
-        Some(json!({"target": {"host": host(b), "address": peer_addr(b)},
-            "bandwidth": bandwidth})),
-    );
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = job(a, &id);
-        if v["phase"] == "transferring" && v["progress_lines"].as_u64().unwrap_or(0) > 2 {
-            return (id, v["destination_migration"].as_str().unwrap().to_owned());
-        }
-        assert!(Instant::now() < deadline, "never transferring: {v}");
-        assert!(v["phase"] != "committed", "ended before the kill: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// B's view of its incoming migration `incoming` once it has ended.
-fn incoming_ended(b: &common::Agent, incoming: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = b.get(&format!("/v1/peer/migrations/{incoming}"));
-        assert_eq!(r.status, 200, "{}", r.text());
-        let v = r.json();
-        if v["phase"] != "ready" {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "still ready: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The VM moved to `to` and nothing of it is left on `from`.
 fn assert_only_on(to: &common::Agent, from: &common::Agent, seq: u64) {
     assert_eq!(from.get("/v1/vms/vm1").status, 404);
@@ -275,7 +181,7 @@ fn destination_agent_killed_mid_migration_settles_in_exactly_one_place() {
     let seq = before["seq"].as_u64().unwrap();
 
     // About 3 s of first pass: B's agent dies and comes back within it.
-    let (id, incoming) = start_slow(&a, &b, 128 << 20);
+    let (id, incoming) = start_slow(&a, "vm1", &b, 128 << 20);
     assert!(
         b.dir
             .path("state")
@@ -284,10 +190,10 @@ fn destination_agent_killed_mid_migration_settles_in_exactly_one_place() {
         "B did not write its incoming migration down before the data plane"
     );
     let receiver = receiver_of(&b).expect("B's receiving VMM");
-    b.kill9();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(alive(receiver), "the receiver died with its agent");
-    b.start();
+    b.kill9_then_start(|| {
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(alive(receiver), "the receiver died with its agent");
+    });
 
     let settled = wait_job(&a, &id, Duration::from_secs(150));
     let on_b = incoming_ended(&b, &incoming);
@@ -333,15 +239,10 @@ fn destination_agent_killed_and_the_migration_cancelled_meanwhile_releases_every
     a.create_vm("vm1", "512M", "dirty:64:100:256");
     let seq = a.heartbeat("vm1")["seq"].as_u64().unwrap();
     // About 10 s of first pass: cancelled well before the end.
-    let (id, incoming) = start_slow(&a, &b, 32 << 20);
+    let (id, incoming) = start_slow(&a, "vm1", &b, 32 << 20);
     let receiver = receiver_of(&b).expect("B's receiving VMM");
-    b.kill9();
     // The source cannot tell B's agent: only its receiver learns it.
-    let c = a.delete(&format!("/v1/migrations/{id}"));
-    assert_eq!(c.status, 202, "{}", c.text());
-    let done = wait_job(&a, &id, Duration::from_secs(60));
-    assert_eq!(done["phase"], "cancelled", "{done}");
-    b.start();
+    b.kill9_then_start(|| cancel_and_wait(&a, &id));
     let on_b = incoming_ended(&b, &incoming);
     assert!(
         ["failed", "aborted"].contains(&on_b["phase"].as_str().unwrap()),

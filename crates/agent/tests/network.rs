@@ -17,7 +17,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::peers::{
-    agent_with, host, keep_peer_addr, migrate_verified, peer_addr, reserved, start, wait_job, Fleet,
+    agent_with, cancel_and_wait, incoming_ended, keep_peer_addr, migrate_verified, reserved, start,
+    start_slow, wait_job, Fleet,
 };
 use common::{kvm_or_skip, Agent};
 use ferry_netlab::{FdbPlace, Host, MacAddr, Probe, ProbeConfig, ProbeReport, Topology};
@@ -298,42 +299,12 @@ fn a_destination_agent_killed_while_a_card_arrives_removes_its_tap_after_a_cance
     assert_eq!(r.status, 201, "{}", r.text());
     let seq = a.heartbeat("web")["seq"].as_u64().unwrap();
     // About 10 s of first pass: cancelled well before the end.
-    let r = a.post(
-        "/v1/vms/web/migrations",
-        Some(
-            json!({"target": {"host": host(&b), "address": peer_addr(&b)},
-            "bandwidth": 32u64 << 20}),
-        ),
-    );
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let incoming = loop {
-        let v = a.get(&format!("/v1/migrations/{id}")).json();
-        if v["phase"] == "transferring" && v["progress_lines"].as_u64().unwrap_or(0) > 2 {
-            break v["destination_migration"].as_str().unwrap().to_owned();
-        }
-        assert!(Instant::now() < deadline, "never transferring: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (id, incoming) = start_slow(&a, "web", &b, 32 << 20);
     let taps_b = taps_in(&ns_b);
     assert_eq!(taps_b.len(), 1, "B made one tap for the arriving VM");
-    b.kill9();
-    let c = a.delete(&format!("/v1/migrations/{id}"));
-    assert_eq!(c.status, 202, "{}", c.text());
-    let done = wait_job(&a, &id, Duration::from_secs(60));
-    assert_eq!(done["phase"], "cancelled", "{done}");
-    b.start();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = b.get(&format!("/v1/peer/migrations/{incoming}")).json();
-        if v["phase"] != "ready" {
-            assert_ne!(v["phase"], "committed", "{v}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "still ready: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    b.kill9_then_start(|| cancel_and_wait(&a, &id));
+    let on_b = incoming_ended(&b, &incoming);
+    assert_ne!(on_b["phase"], "committed", "{on_b}");
     wait_tap_gone(&ns_b, &taps_b[0].0, Duration::from_secs(30));
     assert_eq!(taps_in(&ns_b), vec![]);
     assert_eq!(reserved(&b, "ferryd_memory_reserved_bytes"), 0);

@@ -6,6 +6,8 @@
 
 #[path = "../../fleet/tests/common/etcd.rs"]
 mod etcd;
+#[path = "../../fleet/tests/common/store_waits.rs"]
+mod store_waits;
 
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +16,7 @@ use etcd::EtcdServer;
 use ferry_fleet::hosts;
 use ferry_fleet::leader;
 use ferry_fleet::store::etcd::{EtcdBackend, DEFAULT_PREFIX};
+use store_waits::{run_shown, wait_for, wait_plan_done, wait_registered};
 
 /// A child process killed on drop, a failing test's included.
 struct Proc(Child);
@@ -43,15 +46,6 @@ fn spawn(args: &[&str]) -> Proc {
 
 fn run(args: &[&str]) -> Output {
     ferry(args).output().expect("run ferry")
-}
-
-/// Polls `f` every 100 ms for at most `limit`.
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn leader_name(b: &EtcdBackend) -> Option<String> {
@@ -253,10 +247,7 @@ fn a_drain_written_on_etcd_while_serve_leads_is_carried_out() {
     };
     let _h1 = register("h1", "r1");
     let _h2 = register("h2", "r2");
-    wait_for("both hosts register", Duration::from_secs(10), || {
-        let alive = hosts::liveness(&b).unwrap();
-        alive.get("h1") == Some(&true) && alive.get("h2") == Some(&true)
-    });
+    wait_registered(&b, &["h1", "h2"], &[], "", Duration::from_secs(10));
     let vms: Vec<_> = ["v1", "v2", "v3"]
         .iter()
         .map(|id| {
@@ -290,15 +281,7 @@ fn a_drain_written_on_etcd_while_serve_leads_is_carried_out() {
         let mut all = vec!["host", "drain"];
         all.extend_from_slice(args);
         all.extend_from_slice(&["--etcd", e]);
-        let out = run(&all);
-        println!(
-            "$ ferry {} -> {}\n{}{}",
-            all.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        run_shown(&mut ferry(&all))
     };
 
     let out = drain(&["h9"]);
@@ -331,14 +314,12 @@ fn a_drain_written_on_etcd_while_serve_leads_is_carried_out() {
     let plan: Plan = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan.state, PlanState::Running);
     let started = Instant::now();
-    wait_for(
-        "the leader carries the drain out",
+    wait_plan_done(
+        &b,
+        &plan.id,
         Duration::from_secs(60),
-        || {
-            plans()
-                .iter()
-                .any(|s| s.plan.id == plan.id && s.plan.state == PlanState::Done)
-        },
+        "the leader carries the drain out",
+        |_| {},
     );
     println!(
         "drain on etcd done {:?} after the CLI wrote it (predicted {:?} ms)",

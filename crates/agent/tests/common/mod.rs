@@ -189,6 +189,15 @@ impl Agent {
         child.wait().unwrap();
     }
 
+    /// kill -9 the agent, run `meanwhile` while it is down (its VMMs run
+    /// on), and start it again; `meanwhile`'s result.
+    pub fn kill9_then_start<T>(&mut self, meanwhile: impl FnOnce() -> T) -> T {
+        self.kill9();
+        let result = meanwhile();
+        self.start();
+        result
+    }
+
     /// SIGTERM the agent and wait for it to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("ferryd runs");

@@ -101,6 +101,58 @@ pub fn wait_job(agent: &Agent, job: &str, timeout: Duration) -> Value {
     }
 }
 
+/// Starts a slow migration of `vm` from `from` to `to` (`bandwidth`
+/// bytes/s) and waits until its data plane is well under way, so that an
+/// agent can be killed in flight; the job's id and the destination's id
+/// of it.
+pub fn start_slow(from: &Agent, vm: &str, to: &Agent, bandwidth: u64) -> (String, String) {
+    let r = from.post(
+        &format!("/v1/vms/{vm}/migrations"),
+        Some(
+            json!({"target": {"host": host(to), "address": peer_addr(to)},
+            "bandwidth": bandwidth}),
+        ),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = from.get(&format!("/v1/migrations/{id}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        if v["phase"] == "transferring" && v["progress_lines"].as_u64().unwrap_or(0) > 2 {
+            return (id, v["destination_migration"].as_str().unwrap().to_owned());
+        }
+        assert!(Instant::now() < deadline, "never transferring: {v}");
+        assert!(v["phase"] != "committed", "ended before the kill: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Cancels `from`'s job `id` and waits until it has ended cancelled.
+pub fn cancel_and_wait(from: &Agent, id: &str) {
+    let r = from.delete(&format!("/v1/migrations/{id}"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let done = wait_job(from, id, Duration::from_secs(60));
+    assert_eq!(done["phase"], "cancelled", "{done}");
+}
+
+/// The destination's view of its incoming migration `incoming` once it
+/// has ended (it is no longer ready).
+pub fn incoming_ended(to: &Agent, incoming: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = to.get(&format!("/v1/peer/migrations/{incoming}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        if v["phase"] != "ready" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "still ready: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Migrates `vm` and checks it arrived whole (its guest's heartbeats go
 /// on past the last seen on the source, no page error, no break); returns
 /// the ended job.

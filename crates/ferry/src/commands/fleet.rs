@@ -31,7 +31,7 @@ pub enum FleetCommand {
     /// simulated migrator).
     Serve(super::fleet_etcd::ServeArgs),
     /// Hosts in an etcd store: register one under a lease, or list them.
-    Host(super::fleet_etcd::HostArgs),
+    Host(super::fleet_etcd::FleetHostArgs),
     /// Every plan in the store (drains, evacuations, moves) and its
     /// entries' states.
     Plans(super::fleet_plans::PlansArgs),

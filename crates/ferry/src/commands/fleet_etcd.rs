@@ -14,19 +14,10 @@ use ferry_fleet::migrator::Migrator;
 use ferry_fleet::model::{Health, Host, Maintenance, Resources, Version, GIB};
 use ferry_fleet::serve::{serve, ServeConfig, ServeEvent};
 use ferry_fleet::sim::SimMigrator;
-use ferry_fleet::store::etcd::{EtcdBackend, DEFAULT_PREFIX};
 use ferry_fleet::store::shared_file::SharedFileBackend;
 use ferry_fleet::store::{Backend, FleetStore, StoreError};
 
-#[derive(Debug, clap::Args)]
-pub struct EtcdArgs {
-    /// etcd's client URL.
-    #[arg(long, default_value = "http://127.0.0.1:2379")]
-    pub etcd: String,
-    /// The key prefix the fleet lives under.
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
-}
+use super::fleet_store_args::{EtcdArgs, StoreArgs};
 
 /// What carries out the scheduler's migrations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -40,11 +31,7 @@ pub enum MigratorKind {
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    pub store: EtcdArgs,
-    /// The embedded store: the file of a one-machine fleet, shared with
-    /// its ferryd (their `[fleet] store`), instead of etcd.
-    #[arg(long, conflicts_with = "etcd")]
-    pub store_file: Option<std::path::PathBuf>,
+    pub store: StoreArgs,
     #[arg(long, value_enum, default_value_t = MigratorKind::Agents)]
     pub migrator: MigratorKind,
     /// This scheduler's name (the leader key shows it).
@@ -60,14 +47,16 @@ pub struct ServeArgs {
     pub for_s: Option<u64>,
 }
 
+/// `ferry fleet host ...`: the hosts of an etcd fleet (not `ferry host`,
+/// the operator's drain in `host.rs`).
 #[derive(Debug, clap::Args)]
-pub struct HostArgs {
+pub struct FleetHostArgs {
     #[command(subcommand)]
-    pub command: HostCommand,
+    pub command: FleetHostCommand,
 }
 
 #[derive(Debug, clap::Subcommand)]
-pub enum HostCommand {
+pub enum FleetHostCommand {
     /// Register a host and keep its lease alive until SIGINT/SIGTERM (or
     /// --for-s); it is unreachable once the lease lapses.
     Register(RegisterArgs),
@@ -98,12 +87,6 @@ pub struct RegisterArgs {
     pub for_s: Option<u64>,
 }
 
-fn connect(a: &EtcdArgs) -> anyhow::Result<Arc<EtcdBackend>> {
-    Ok(Arc::new(
-        EtcdBackend::connect(&a.etcd, &a.prefix).with_context(|| format!("etcd at {}", a.etcd))?,
-    ))
-}
-
 fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -128,13 +111,15 @@ pub fn serve_cmd(a: ServeArgs) -> anyhow::Result<bool> {
         max_run: a.for_s.map(Duration::from_secs),
     };
     let stop = stop_flag()?;
-    match &a.store_file {
+    // Not `StoreArgs::open`: serve may be the first to open the store file
+    // (which makes it), where the other commands refuse a missing one.
+    match &a.store.store_file {
         Some(path) => {
             let backend = SharedFileBackend::open(path)
                 .with_context(|| format!("the store file {}", path.display()))?;
             serve_on(backend, &cfg, &stop, a.migrator)
         }
-        None => serve_on(connect(&a.store)?, &cfg, &stop, a.migrator),
+        None => serve_on(a.store.etcd.connect()?, &cfg, &stop, a.migrator),
     }
 }
 
@@ -241,10 +226,10 @@ fn serve_on<B: Backend + Clone>(
     Ok(true)
 }
 
-pub fn host_cmd(a: HostArgs) -> anyhow::Result<bool> {
+pub fn host_cmd(a: FleetHostArgs) -> anyhow::Result<bool> {
     match a.command {
-        HostCommand::Register(r) => register_cmd(r),
-        HostCommand::List(s) => list_cmd(&s),
+        FleetHostCommand::Register(r) => register_cmd(r),
+        FleetHostCommand::List(s) => list_cmd(&s),
     }
 }
 
@@ -274,7 +259,7 @@ fn register_cmd(r: RegisterArgs) -> anyhow::Result<bool> {
         maintenance: Maintenance::None,
         link_bytes_per_sec: (r.link_gbit * 1e9 / 8.0) as u64,
     };
-    let backend = connect(&r.store)?;
+    let backend = r.store.connect()?;
     let reg = hosts::register(&backend, &host, ttl).context("register the host")?;
     eprintln!("{}: registered under lease {}", r.name, reg.lease.0);
     let stop = stop_flag()?;
@@ -297,7 +282,7 @@ fn register_cmd(r: RegisterArgs) -> anyhow::Result<bool> {
 }
 
 fn list_cmd(s: &EtcdArgs) -> anyhow::Result<bool> {
-    let backend = connect(s)?;
+    let backend = s.connect()?;
     println!(
         "{:<16} {:>8} {:>6} {:<10} {:<12} {:<8}",
         "HOST", "MEM GiB", "VCPUS", "RACK", "HEALTH", "LEASE"

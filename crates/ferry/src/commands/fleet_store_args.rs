@@ -8,11 +8,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use ferry_fleet::store::etcd::EtcdBackend;
+use ferry_fleet::store::etcd::{EtcdBackend, DEFAULT_PREFIX};
 use ferry_fleet::store::shared_file::SharedFileBackend;
 use ferry_fleet::store::{Backend, Change, Entry, LeaseId, StoreError, Txn};
 
-use super::fleet_etcd::EtcdArgs;
+/// The etcd half of [`StoreArgs`], alone where a command runs on etcd only
+/// (`ferry fleet host register|list`).
+#[derive(Debug, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd's client URL.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    pub etcd: String,
+    /// The key prefix the fleet lives under.
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct StoreArgs {
@@ -30,6 +40,15 @@ pub enum AnyStore {
     Etcd(Arc<EtcdBackend>),
 }
 
+impl EtcdArgs {
+    pub fn connect(&self) -> anyhow::Result<Arc<EtcdBackend>> {
+        Ok(Arc::new(
+            EtcdBackend::connect(&self.etcd, &self.prefix)
+                .with_context(|| format!("etcd at {}", self.etcd))?,
+        ))
+    }
+}
+
 impl StoreArgs {
     pub fn open(&self) -> anyhow::Result<AnyStore> {
         Ok(match &self.store_file {
@@ -44,10 +63,7 @@ impl StoreArgs {
                         .with_context(|| format!("the store file {}", path.display()))?,
                 )
             }
-            None => AnyStore::Etcd(Arc::new(
-                EtcdBackend::connect(&self.etcd.etcd, &self.etcd.prefix)
-                    .with_context(|| format!("etcd at {}", self.etcd.etcd))?,
-            )),
+            None => AnyStore::Etcd(self.etcd.connect()?),
         })
     }
 }
