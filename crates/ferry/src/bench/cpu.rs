@@ -40,11 +40,12 @@ mod tests {
 
     #[test]
     fn this_process_has_used_some_cpu_and_a_dead_one_none() {
+        // Busy for 100 ms of wall time: at least a few clock ticks of CPU.
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(100);
         let mut x = 0u64;
-        for i in 0..20_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while std::time::Instant::now() < until {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
         }
-        std::hint::black_box(x);
         assert!(process_cpu_ms(std::process::id()).unwrap() > 0.0);
         assert_eq!(process_cpu_ms(u32::MAX), None);
     }
