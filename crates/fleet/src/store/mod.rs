@@ -20,7 +20,6 @@
 
 pub mod embedded;
 pub mod etcd;
-pub mod file_turn;
 pub mod fleet_store;
 pub mod memory;
 pub mod shared_file;

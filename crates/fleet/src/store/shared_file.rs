@@ -6,10 +6,6 @@
 //! one redb transaction or a few under one open, so it is atomic against
 //! the other processes.
 //!
-//! Processes take turns at the file through a lock file beside it
-//! (`file_turn`), so a waiter gets the file the moment its holder closes
-//! it; redb's own lock is then only a backstop.
-//!
 //! Leases here lapse: a lease's deadline (wall clock, shared by every
 //! process on the machine) is kept beside it and moved on by each
 //! keep-alive, and a lease past its deadline is revoked by the next call
@@ -50,9 +46,7 @@ impl SharedFileBackend {
     /// Creates the file if it is missing (and checks it opens).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         // The first open makes the tables; later ones only open the file.
-        let turn = Self::turn(path)?;
         drop(Self::wait_for(path, RedbBackend::open)?);
-        drop(turn);
         Ok(Self {
             path: path.to_owned(),
         })
@@ -67,21 +61,7 @@ impl SharedFileBackend {
         &self,
         f: impl FnOnce(&RedbBackend) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let turn = Self::turn(&self.path)?;
-        let db = Self::wait_for(&self.path, RedbBackend::reopen)?;
-        let result = f(&db);
-        // The file is closed before the next process gets its turn.
-        drop(db);
-        drop(turn);
-        result
-    }
-
-    /// This process's turn at the file, until dropped.
-    fn turn(path: &Path) -> Result<super::file_turn::Turn, StoreError> {
-        super::file_turn::take(path, OPEN_WAIT).map_err(|e| StoreError::Open {
-            path: path.display().to_string(),
-            why: e.to_string(),
-        })
+        f(&Self::wait_for(&self.path, RedbBackend::reopen)?)
     }
 
     /// Opens the file with `open`, waiting (bounded) while another process
