@@ -100,8 +100,7 @@ pub fn print(costs: &[TlsCost]) {
             ts,
             td,
             (ts + td) / (ps + pd),
-            c.over_qemu_tls
-                .map_or("-".into(), |r| format!("{r:.2}x")),
+            c.over_qemu_tls.map_or("-".into(), |r| format!("{r:.2}x")),
         );
     }
 }

@@ -26,9 +26,9 @@ use crate::postcopy::channel::{accept_fault_channel, wait_readable};
 use crate::postcopy::latency;
 use crate::postcopy::net_intake::NetIntake;
 use crate::protocol::{
-    read_header, read_message, read_pages_into, PayloadCheck, recv_message, write_message, Abort, FrameKind,
-    Message, PageRequest, PageSink, PostcopyComplete, PostcopyReady, ResumeState, Resumed,
-    PAGE_SIZE,
+    read_header, read_message, read_pages_into, recv_message, write_message, Abort, FrameKind,
+    Message, PageRequest, PageSink, PayloadCheck, PostcopyComplete, PostcopyReady, ResumeState,
+    Resumed, PAGE_SIZE,
 };
 use crate::reconnect;
 use crate::shared_pages::SharedPages;
@@ -483,8 +483,8 @@ impl FrameReader {
                 PayloadCheck::accepted_on(main.is_tls()),
                 &mut self.staging,
             )
-                .map(|_| ())
-                .map_err(|e| format!("{stage}: {e}"));
+            .map(|_| ())
+            .map_err(|e| format!("{stage}: {e}"));
         }
         let message =
             read_message(main, &header, &mut self.scratch).map_err(|e| format!("{stage}: {e}"))?;
@@ -695,12 +695,7 @@ fn receive_answers(shared: &Shared, mut fault: Link) {
             });
         }
         staging.clear();
-        if let Err(e) = read_pages_into(
-            &mut fault,
-            &header,
-            PayloadCheck::Crc32,
-            &mut staging,
-        ) {
+        if let Err(e) = read_pages_into(&mut fault, &header, PayloadCheck::Crc32, &mut staging) {
             if e.is_retryable() {
                 return shared.link_lost(format!("{stage}: {e}"));
             }

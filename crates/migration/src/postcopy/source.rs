@@ -22,8 +22,7 @@ use crate::precopy::error::MigrateError;
 use crate::precopy::send::{PageSender, SendError};
 use crate::protocol::{
     recv_message, write_message, write_pages, Message, PageRun, PayloadCheck, PostcopyComplete,
-    RamRange, Resume,
-    PAGE_SIZE,
+    RamRange, Resume, PAGE_SIZE,
 };
 use crate::reconnect;
 use crate::shared_pages::SharedPages;

@@ -17,9 +17,9 @@ use crate::precopy::decision;
 use crate::precopy::error::{error_chain, ReceiveError};
 use crate::precopy::parallel_receive::{accept_streams, receive_striped_round};
 use crate::protocol::{
-    read_header, read_message, read_pages_into, PayloadCheck, read_state, write_message, Abort, Accept,
-    Committed, FrameKind, HelloAck, Message, Offer, PageSink, PostcopyReady, Refuse, Resumed, Role,
-    Started, StateLoaded, StreamsOpened, VersionRange, BLACKOUT_TIMING_VERSION,
+    read_header, read_message, read_pages_into, read_state, write_message, Abort, Accept,
+    Committed, FrameKind, HelloAck, Message, Offer, PageSink, PayloadCheck, PostcopyReady, Refuse,
+    Resumed, Role, Started, StateLoaded, StreamsOpened, VersionRange, BLACKOUT_TIMING_VERSION,
 };
 
 #[derive(Debug, Clone)]
@@ -317,7 +317,7 @@ fn drive<G: IncomingGuest>(
                     PayloadCheck::accepted_on(stream.is_tls()),
                     &mut sink,
                 )
-                    .map_err(ReceiveError::protocol(stage))?;
+                .map_err(ReceiveError::protocol(stage))?;
                 round_pages += got.pages();
                 report.pages += got.pages();
                 report.zero_pages += got.zero_pages;

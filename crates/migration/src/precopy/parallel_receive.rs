@@ -13,7 +13,8 @@ use crate::postcopy::channel::accept_joining;
 use crate::precopy::error::ReceiveError;
 use crate::precopy::stripes::{cut, owner, MAX_STREAMS};
 use crate::protocol::{
-    read_header, read_message, read_pages_into, PayloadCheck, FrameKind, Message, PageRun, PageSink, PAGE_SIZE,
+    read_header, read_message, read_pages_into, FrameKind, Message, PageRun, PageSink,
+    PayloadCheck, PAGE_SIZE,
 };
 
 /// Takes the `count` streams of `session` on `listener`, in index order.
@@ -133,9 +134,13 @@ fn receive_stripe(
     loop {
         let header = read_header(stream).map_err(ReceiveError::protocol(stage))?;
         if header.kind == FrameKind::Pages {
-            let got =
-                read_pages_into(stream, &header, PayloadCheck::accepted_on(stream.is_tls()), sink)
-                    .map_err(ReceiveError::protocol(stage))?;
+            let got = read_pages_into(
+                stream,
+                &header,
+                PayloadCheck::accepted_on(stream.is_tls()),
+                sink,
+            )
+            .map_err(ReceiveError::protocol(stage))?;
             sink.got.pages += got.pages();
             sink.got.zero_pages += got.zero_pages;
             continue;

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use crate::bandwidth::Pacer;
 use crate::guest::GuestError;
-use crate::protocol::{write_pages, PageRun, PayloadCheck, MAX_BATCH_DATA_BYTES, MAX_BATCH_RUNS, PAGE_SIZE};
+use crate::protocol::{
+    write_pages, PageRun, PayloadCheck, MAX_BATCH_DATA_BYTES, MAX_BATCH_RUNS, PAGE_SIZE,
+};
 use crate::ProtocolError;
 
 /// Page data per frame: small enough that copying, checksumming and

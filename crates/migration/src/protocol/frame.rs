@@ -267,8 +267,7 @@ impl FrameHeader {
         let raw_kind = u16_at(2);
         let kind = FrameKind::from_u16(raw_kind).ok_or(ProtocolError::UnknownKind(raw_kind))?;
         let flags = u16_at(4);
-        if flags & !KNOWN_FLAGS != 0
-            || (flags & FLAG_LINK_CHECKED != 0 && kind != FrameKind::Pages)
+        if flags & !KNOWN_FLAGS != 0 || (flags & FLAG_LINK_CHECKED != 0 && kind != FrameKind::Pages)
         {
             return Err(ProtocolError::UnknownFlags { kind, flags });
         }
@@ -471,7 +470,10 @@ impl<'r, R: Read> PayloadReader<'r, R> {
         if self.remaining() != 0 {
             return Err(self.malformed(format!("{} unread trailing bytes", self.remaining())));
         }
-        if self.hasher.is_some_and(|h| h.finalize() != self.expected_crc) {
+        if self
+            .hasher
+            .is_some_and(|h| h.finalize() != self.expected_crc)
+        {
             return Err(ProtocolError::PayloadChecksum { kind: self.kind });
         }
         Ok(())

@@ -327,5 +327,8 @@ fn the_link_checked_flag_on_a_control_frame_is_refused() {
     let crc = crc32fast::hash(&b[0..16]);
     b[16..20].copy_from_slice(&crc.to_le_bytes());
     let err = FrameHeader::decode(&b).unwrap_err();
-    assert!(matches!(err, ProtocolError::UnknownFlags { flags: 1, .. }), "{err}");
+    assert!(
+        matches!(err, ProtocolError::UnknownFlags { flags: 1, .. }),
+        "{err}"
+    );
 }

@@ -105,8 +105,7 @@ pub use batch::{BatchError, PageBatch};
 pub use frame::{
     read_header, read_payload, read_state, write_frame, write_frame_checked, write_frame_vectored,
     write_state, FrameHeader, FrameKind, PayloadCheck, FLAG_LINK_CHECKED, FRAME_MAGIC, HEADER_LEN,
-    KNOWN_FLAGS, MAX_CONTROL_PAYLOAD,
-    MAX_PAGES_PAYLOAD, MAX_STATE_PAYLOAD,
+    KNOWN_FLAGS, MAX_CONTROL_PAYLOAD, MAX_PAGES_PAYLOAD, MAX_STATE_PAYLOAD,
 };
 pub use messages::{
     read_message, recv_message, write_message, Abort, Accept, Bind, BindAck, BlackoutBegins,
@@ -122,7 +121,7 @@ pub use pages::{
 };
 pub use version::{
     negotiate, NegotiationError, VersionRange, BLACKOUT_TIMING_VERSION, COMMIT_RECOVERY_VERSION,
-    LINK_CHECKED_PAGES_VERSION, NET_HANDOVER_VERSION, POSTCOPY_FORWARD_VERSION, POSTCOPY_VERSION, PROTOCOL_VERSION,
-    PROTOCOL_VERSION_MIN, SESSION_TOKEN_VERSION, STORAGE_COPY_VERSION, STORAGE_VERSION,
-    STREAMS_VERSION,
+    LINK_CHECKED_PAGES_VERSION, NET_HANDOVER_VERSION, POSTCOPY_FORWARD_VERSION, POSTCOPY_VERSION,
+    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, SESSION_TOKEN_VERSION, STORAGE_COPY_VERSION,
+    STORAGE_VERSION, STREAMS_VERSION,
 };

@@ -47,7 +47,14 @@ fn multi_run_batch_with_zero_runs_round_trips_into_a_sink() {
     let pages: Vec<Vec<u8>> = (0..6).map(page).collect();
     let slices: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
     let mut wire = Vec::new();
-    write_pages(&mut wire, &data_runs, &zero_runs, &slices, PayloadCheck::Crc32).unwrap();
+    write_pages(
+        &mut wire,
+        &data_runs,
+        &zero_runs,
+        &slices,
+        PayloadCheck::Crc32,
+    )
+    .unwrap();
     // Zero pages cost only their run entries.
     assert_eq!(wire.len(), 20 + 8 + 5 * 12 + 6 * PAGE_SIZE);
 
@@ -180,7 +187,14 @@ fn invalid_batches_are_not_sent() {
     for (data_runs, zero_runs, pages) in cases {
         let slices: Vec<&[u8]> = (0..pages).map(|_| p.as_slice()).collect();
         let mut wire = Vec::new();
-        let err = write_pages(&mut wire, &data_runs, &zero_runs, &slices, PayloadCheck::Crc32).unwrap_err();
+        let err = write_pages(
+            &mut wire,
+            &data_runs,
+            &zero_runs,
+            &slices,
+            PayloadCheck::Crc32,
+        )
+        .unwrap_err();
         assert!(
             matches!(err, ProtocolError::InvalidBatch(_)),
             "{data_runs:?} {zero_runs:?}: {err}"
@@ -222,7 +236,13 @@ fn forged_batches_are_refused_as_malformed() {
         let wire = forged(&payload);
         let mut r = Cursor::new(&wire);
         let h = read_header(&mut r).unwrap();
-        let err = read_pages_into(&mut r, &h, PayloadCheck::Crc32, &mut FlatMemory(vec![0; 0x10000])).unwrap_err();
+        let err = read_pages_into(
+            &mut r,
+            &h,
+            PayloadCheck::Crc32,
+            &mut FlatMemory(vec![0; 0x10000]),
+        )
+        .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -245,7 +265,13 @@ fn pages_outside_the_sink_are_rejected() {
     batch.write(&mut wire).unwrap();
     let mut r = Cursor::new(&wire);
     let h = read_header(&mut r).unwrap();
-    let err = read_pages_into(&mut r, &h, PayloadCheck::Crc32, &mut FlatMemory(vec![0; 0x10000])).unwrap_err();
+    let err = read_pages_into(
+        &mut r,
+        &h,
+        PayloadCheck::Crc32,
+        &mut FlatMemory(vec![0; 0x10000]),
+    )
+    .unwrap_err();
     assert!(
         matches!(
             err,
@@ -263,7 +289,13 @@ fn pages_outside_the_sink_are_rejected() {
     batch.write(&mut wire).unwrap();
     let mut r = Cursor::new(&wire);
     let h = read_header(&mut r).unwrap();
-    let err = read_pages_into(&mut r, &h, PayloadCheck::Crc32, &mut FlatMemory(vec![0; 0x10000])).unwrap_err();
+    let err = read_pages_into(
+        &mut r,
+        &h,
+        PayloadCheck::Crc32,
+        &mut FlatMemory(vec![0; 0x10000]),
+    )
+    .unwrap_err();
     assert!(
         matches!(err, ProtocolError::PageRangeRejected { gpa: 0x10000, .. }),
         "{err}"
@@ -288,7 +320,10 @@ fn a_batch_without_its_crc_is_taken_only_from_an_authenticating_link() {
     let h = read_header(&mut r).unwrap();
     let err = read_pages_into(&mut r, &h, PayloadCheck::Crc32, &mut mem).unwrap_err();
     assert!(matches!(err, ProtocolError::UncheckedOnPlainLink), "{err}");
-    assert!(mem.0.iter().all(|&b| b == 0), "nothing lands from a refused frame");
+    assert!(
+        mem.0.iter().all(|&b| b == 0),
+        "nothing lands from a refused frame"
+    );
 
     let mut r = Cursor::new(&wire);
     let h = read_header(&mut r).unwrap();

@@ -22,8 +22,8 @@ use crate::precopy::parallel_send::{open_streams, send_striped, Streams};
 use crate::precopy::send::{PageSender, SentCounts};
 use crate::protocol::{
     read_header, read_message, recv_message, write_message, write_state, Abort, Commit, Hello,
-    HelloAck, Message, PageRun, PayloadCheck, PostcopyBegin, Prepare, RamRange, Role, RoundEnd, StripedRound,
-    COMMIT_RECOVERY_VERSION, NET_HANDOVER_VERSION, PAGE_SIZE, POSTCOPY_VERSION,
+    HelloAck, Message, PageRun, PayloadCheck, PostcopyBegin, Prepare, RamRange, Role, RoundEnd,
+    StripedRound, COMMIT_RECOVERY_VERSION, NET_HANDOVER_VERSION, PAGE_SIZE, POSTCOPY_VERSION,
     STORAGE_COPY_VERSION, STORAGE_VERSION, STREAMS_VERSION,
 };
 use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport};
