@@ -141,3 +141,35 @@ fn a_plan_stored_whole_loads_and_is_split_when_next_written() {
     let legacy = stored.iter().find(|p| p.value.id == "legacy").unwrap();
     assert_eq!(&legacy.value, s.plan("legacy").unwrap());
 }
+
+/// Each dry run of a drain stores a draft; the next one of the same hosts
+/// replaces it, so drafts do not pile up, and a running plan is never
+/// touched.
+#[test]
+fn a_new_draft_of_a_drain_replaces_the_last_one_of_the_same_hosts() {
+    let (hosts, vms) = fleet();
+    let mut s = open(&hosts, &vms, &Policies::default());
+    let first = s.prepare_drain("a", Timestamp(0)).unwrap().id.clone();
+    let second = s.prepare_drain("a", Timestamp(1)).unwrap().id.clone();
+    assert_ne!(first, second);
+    let ids: Vec<String> = s.plans().iter().map(|p| p.id.clone()).collect();
+    assert_eq!(ids, vec![second.clone()]);
+    let b = s.store().backend();
+    assert!(b.get(&plan_key(&first)).unwrap().is_none());
+    assert!(b.get(&entry_key(&first, 0)).unwrap().is_none());
+    assert_eq!(
+        b.list(PLAN_ENTRIES).unwrap().len(),
+        8,
+        "only the new draft's"
+    );
+    // A draft that runs stays when the host's next dry run comes.
+    s.execute(&second, Timestamp(2)).unwrap();
+    let third = s.prepare_drain("a", Timestamp(3)).map(|p| p.state);
+    let kept: Vec<String> = s.plans().iter().map(|p| p.id.clone()).collect();
+    assert!(kept.contains(&second), "{kept:?} ({third:?})");
+    assert!(b_has(&s, &second));
+}
+
+fn b_has<M: ferry_fleet::migrator::Migrator>(s: &Scheduler<MemoryBackend, M>, id: &str) -> bool {
+    s.store().backend().get(&plan_key(id)).unwrap().is_some()
+}

@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use crate::migrator::Migrator;
 use crate::model::{Fleet, Health, Host, HostIx, Maintenance, Vm};
 use crate::plan::drain::{prepare_drain, prepare_move};
-use crate::plan::{EntryState, Plan, PlanState};
+use crate::plan::{EntryState, Plan, PlanKind, PlanState};
 use crate::planner::{InFlight, RecentStart};
 use crate::policy::Policies;
 use crate::store::{Backend, FleetStore, LeaseId};
@@ -279,12 +279,24 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
 
     /// Prepares a drain of a host, or of every host of a rack, as a Draft
     /// (or Refused) plan with its dry run, and stores it. Nothing moves.
+    /// It supersedes the drafts and refused plans of the same hosts: each
+    /// dry run would otherwise leave one more behind.
     pub fn prepare_drain(&mut self, name: &str, now: Timestamp) -> Result<&Plan, SchedulerError> {
         let in_flight = self.in_flight();
         let mut plan = prepare_drain(&self.fleet, &self.policies, &in_flight, name, None, now)?;
         if plan.state == PlanState::Draft {
             crate::plan::dry_run::apply(&self.fleet, &self.policies, &mut plan);
         }
+        let superseded: Vec<String> = self
+            .plans
+            .iter()
+            .filter(|p| matches!(p.state, PlanState::Draft | PlanState::Refused))
+            .filter(|p| {
+                matches!(p.kind, PlanKind::Drain { .. }) && p.kind.hosts() == plan.kind.hosts()
+            })
+            .map(|p| p.id.clone())
+            .collect();
+        self.forget_plans(&superseded)?;
         self.add_plan(plan)
     }
 

@@ -84,4 +84,39 @@ impl<B: Backend, M: Migrator> Scheduler<B, M> {
         self.dirty_hosts.clear();
         Ok(())
     }
+
+    /// Deletes the plans `ids` (header and entries), each checked against
+    /// what the scheduler last saw, from the store and from the scheduler.
+    pub(super) fn forget_plans(&mut self, ids: &[String]) -> Result<(), SchedulerError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        // Pending writes first: they name plans by position.
+        self.persist()?;
+        let mut batch = Batch::default();
+        let mut keys = Vec::new();
+        for p in self.plans.iter().filter(|p| ids.contains(&p.id)) {
+            let key = plan_key(&p.id);
+            batch.delete(key.clone(), self.expect(&key));
+            keys.push(key);
+            for ei in 0..p.entries.len() {
+                let key = entry_key(&p.id, ei);
+                // A plan stored whole (before entries had keys) has none.
+                if let Some(&rev) = self.revisions.get(&key) {
+                    batch.delete(key.clone(), Expect::At(rev));
+                    keys.push(key);
+                }
+            }
+        }
+        if let Some((key, rev)) = &self.fence {
+            batch.require(key.clone(), Expect::At(*rev));
+        }
+        self.store.commit(batch, self.lease)?;
+        for k in keys {
+            self.revisions.remove(&k);
+            self.written.remove(&k);
+        }
+        self.plans.retain(|p| !ids.contains(&p.id));
+        Ok(())
+    }
 }

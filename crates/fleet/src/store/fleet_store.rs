@@ -131,6 +131,12 @@ impl Batch {
         Ok(())
     }
 
+    /// Deletes `key`, refused unless it is as expected.
+    pub fn delete(&mut self, key: String, expect: Expect) {
+        self.txn.checks.push((key.clone(), expect));
+        self.txn.ops.push(Op::Delete { key });
+    }
+
     /// A check with no write: the transaction is refused unless `key` is
     /// as expected (the leader key, for a leader's writes).
     pub fn require(&mut self, key: String, expect: Expect) {
