@@ -38,5 +38,6 @@ pub mod procs;
 pub mod server;
 pub mod store;
 pub mod supervisor;
+pub mod tap_gc;
 pub mod time;
 pub mod tune;

@@ -82,7 +82,10 @@ pub fn fresh_tap_name() -> String {
 }
 
 /// `ip [-n NS] ARGS`; its stderr on failure.
-fn ip(netns: Option<&str>, args: &[&str]) -> Result<Result<String, String>, NetworkError> {
+pub(crate) fn ip(
+    netns: Option<&str>,
+    args: &[&str],
+) -> Result<Result<String, String>, NetworkError> {
     let mut cmd = Command::new("ip");
     if let Some(ns) = netns {
         cmd.arg("-n").arg(ns);
@@ -123,9 +126,16 @@ pub fn check_bridge(network: &Network) -> Result<(), NetworkError> {
     }
 }
 
-/// Creates a persistent tap for a VM on `network`, attached to its bridge
-/// and up. On any failure nothing is left behind.
-pub fn create_tap(network: &Network) -> Result<HostTap, NetworkError> {
+/// The interface alias that marks a tap as made by the agent of host
+/// `owner`: what lets a restarted agent tell its own orphaned taps from
+/// another agent's on a shared namespace, or an operator's.
+pub fn owner_alias(owner: &str) -> String {
+    format!("ferry:{owner}")
+}
+
+/// Creates a persistent tap for a VM on `network`, attached to its bridge,
+/// marked as `owner`'s and up. On any failure nothing is left behind.
+pub fn create_tap(network: &Network, owner: &str) -> Result<HostTap, NetworkError> {
     check_bridge(network)?;
     let tap = HostTap {
         name: fresh_tap_name(),
@@ -138,9 +148,19 @@ pub fn create_tap(network: &Network) -> Result<HostTap, NetworkError> {
         network,
         &["tuntap", "add", "dev", &tap.name, "mode", "tap", "vnet_hdr"],
     )?;
+    let alias = owner_alias(owner);
     let attached = ip_or_fail(
         network,
-        &["link", "set", "dev", &tap.name, "master", &network.bridge],
+        &[
+            "link",
+            "set",
+            "dev",
+            &tap.name,
+            "master",
+            &network.bridge,
+            "alias",
+            &alias,
+        ],
     )
     .and_then(|_| ip_or_fail(network, &["link", "set", "dev", &tap.name, "up"]));
     if let Err(e) = attached {

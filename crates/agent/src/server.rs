@@ -161,11 +161,41 @@ impl Agent {
         // After the records: a migration whose VM was recorded here has
         // committed, and the record was re-adopted above.
         agent.restore_incoming().await;
+        agent.remove_orphaned_taps()?;
         for file in pending {
             let agent2 = agent.clone();
             tokio::spawn(async move { agent2.settle(file).await });
         }
         Ok(agent)
+    }
+
+    /// Removes the taps this host's agent made that no VM record and no
+    /// live incoming migration names: left by an agent killed between
+    /// making a tap and recording it.
+    fn remove_orphaned_taps(&self) -> Result<(), StartError> {
+        if self.config.networks.is_empty() {
+            return Ok(());
+        }
+        let mut in_use: std::collections::BTreeSet<String> = self
+            .store
+            .list()?
+            .into_iter()
+            .filter_map(|r| r.tap.map(|t| t.name))
+            .collect();
+        in_use.extend(
+            crate::incoming::load(&self.config.state_dir)
+                .into_iter()
+                .filter(|f| {
+                    matches!(
+                        f.view.phase,
+                        crate::migration::IncomingPhase::Ready
+                            | crate::migration::IncomingPhase::Committed
+                    )
+                })
+                .filter_map(|f| f.tap.map(|t| t.name)),
+        );
+        crate::tap_gc::remove_orphans(&self.config.networks, &self.config.host_name, &in_use);
+        Ok(())
     }
 
     /// Takes over the VMM of a live record, or marks the record failed.
@@ -537,7 +567,8 @@ impl Agent {
         // missing refuses the VM and keeps nothing of it.
         let mut tap = match &network {
             Some(n) => Some(TapGuard::new(
-                crate::network::create_tap(n).map_err(|e| ApiError::Incompatible(e.to_string()))?,
+                crate::network::create_tap(n, &self.config.host_name)
+                    .map_err(|e| ApiError::Incompatible(e.to_string()))?,
                 &id,
             )),
             None => None,

@@ -5,7 +5,8 @@
 //! of its own attached to that bridge, serves TCP to the client, migrates
 //! A to B over the agents' mutual TLS while the client probes one TCP
 //! connection every 1 ms (kept, nothing lost), is re-adopted by a
-//! restarted ferryd with its tap, and its taps go when it leaves a host
+//! restarted ferryd with its tap (which removes any tap of its own that
+//! nothing names), and its taps go when it leaves a host
 //! or is deleted. Bad input (an unknown network, a malformed MAC, a
 //! destination without the network) is refused with a reason and
 //! changes nothing. Without root, netns tools or /dev/kvm the tests that
@@ -17,8 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::peers::{
-    agent_with, cancel_and_wait, incoming_ended, keep_peer_addr, migrate_verified, reserved, start,
-    start_slow, wait_job, Fleet,
+    agent_with, cancel_and_wait, host, incoming_ended, keep_peer_addr, migrate_verified, reserved,
+    start, start_slow, wait_job, Fleet,
 };
 use common::{kvm_or_skip, Agent};
 use ferry_netlab::{FdbPlace, Host, MacAddr, Probe, ProbeConfig, ProbeReport, Topology};
@@ -68,6 +69,25 @@ fn taps_in(ns: &str) -> Vec<(String, Option<String>)> {
             Some((name, master))
         })
         .collect()
+}
+
+fn run_ip(ns: &str, args: &[&str]) {
+    let out = Command::new("ip")
+        .args(["-n", ns])
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// A tap in `ns` on `bridge`, as an agent (marked `alias`) or an operator
+/// would make it; the namespace's removal takes it.
+fn add_tap(ns: &str, name: &str, alias: Option<&str>, bridge: &str) {
+    run_ip(ns, &["tuntap", "add", "dev", name, "mode", "tap"]);
+    run_ip(ns, &["link", "set", "dev", name, "master", bridge]);
+    if let Some(a) = alias {
+        run_ip(ns, &["link", "set", "dev", name, "alias", a]);
+    }
 }
 
 /// Waits (bounded) until namespace `ns` has no tap called `tap`.
@@ -201,14 +221,29 @@ fn a_vm_with_a_card_migrates_between_agents_and_keeps_its_tcp_connection() {
     // The VM has left A: its tap there goes once the old VMM is done.
     wait_tap_gone(&ns_a, &tap_a, Duration::from_secs(70));
 
-    // A restarted ferryd re-adopts the VM with its tap.
+    // A restarted ferryd re-adopts the VM with its tap, and removes the
+    // taps its host's agent made that nothing names (an agent killed
+    // between making a tap and recording it), and only those.
     let pid = on_b["pid"].clone();
     assert!(b.terminate().success());
+    let bridge_b = topo.host(Host::B).bridge.clone();
+    let own = ferry_agent::network::owner_alias(&host(&b));
+    add_tap(&ns_b, "fyorphan1", Some(&own), &bridge_b);
+    add_tap(&ns_b, "fyforeign1", Some("ferry:elsewhere"), &bridge_b);
+    add_tap(&ns_b, "fyplain1", None, &bridge_b);
     b.start();
     let again = b.show("web");
     assert_eq!(again["state"], "running", "{again}");
     assert_eq!(again["pid"], pid, "never restarted");
     assert_eq!(again["tap"]["name"], tap_b.as_str());
+    let mut left: Vec<String> = taps_in(&ns_b).into_iter().map(|(n, _)| n).collect();
+    left.sort();
+    let mut expected = vec![tap_b.clone(), "fyforeign1".into(), "fyplain1".into()];
+    expected.sort();
+    assert_eq!(left, expected, "only the orphan of this host's agent went");
+    for other in ["fyforeign1", "fyplain1"] {
+        run_ip(&ns_b, &["link", "del", "dev", other]);
+    }
     client_is_answered(&topo, "on host B after ferryd restarted");
 
     // Deleted: its tap goes with it.

@@ -117,7 +117,7 @@ impl Agent {
         }
         // The VM's tap, attached to its bridge before any page moves.
         let tap = match &network {
-            Some(n) => match crate::network::create_tap(n) {
+            Some(n) => match crate::network::create_tap(n, &self.config.host_name) {
                 Ok(t) => Some(TapGuard::new(t, &vm)),
                 Err(e) => {
                     lock(&self.ledger).release(&vm);
