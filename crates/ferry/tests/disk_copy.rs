@@ -17,6 +17,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::disk::{assert_image_blocks, disk_source, holds_lock, image, wait_disk};
@@ -25,6 +26,8 @@ use common::migrations::{
     source_handed_over, source_runs_on_after_failure, stop_destination,
 };
 use common::{kvm_or_skip, migration_destination, start_migrate, verify_arrival, TempDir};
+use ferry_testguest::console::DiskCounters;
+use ferry_vmm::devices::block::copy_target::marker_path;
 
 /// 256 checked blocks (and the image's spare MiB): one checked round takes
 /// a few seconds on this host's disk.
@@ -42,9 +45,42 @@ fn a_local_disk_is_copied_with_the_vm_and_every_acknowledged_write_arrives() {
     let img = image(&dir, "local.img", DISK_MB);
     let (mut src, socket) = disk_source(&dir, &img, DISK_MB);
     let copy = dir.path("copied.img");
-    let dst_socket = dir.path("destination.sock");
+    // The first pass on two streams: the disk's pages are striped across
+    // them like memory's.
+    let (mut dst, port, report) = copy_committed(test, &dir, &socket, &copy, &["--streams", "2"]);
+    let d = &report["disk_copy"];
+    let image_blocks = (DISK_MB + 1) << 8;
+    assert_eq!(d["image_bytes"], image_blocks * 4096, "{d}");
+    // The test's image is written all over: the first pass reads it all.
+    assert_eq!(d["first_pass_blocks"], image_blocks, "{d}");
+    let sent = d["blocks_sent"].as_u64().unwrap();
+    assert!(
+        sent >= image_blocks,
+        "fewer blocks sent than the image: {d}"
+    );
+    let later = runs_on_its_copy(test, &mut src, &mut dst, port, &copy);
+    stop_destination(&mut dst);
+    // The copy holds the guest's blocks, and the source's spare MiB as it
+    // was there (copied, not zeroed).
+    assert_image_blocks(&copy, DISK_MB, later.disk_gen + 1);
+    assert!(Path::new(&img).exists(), "the source's image stays");
+}
+
+/// A destination that receives the disk into `copy`, and a pre-copy of
+/// `socket`'s VM to it with `--copy-storage` and `extra`, committed: the
+/// destination, its port and the report.
+fn copy_committed(
+    test: &str,
+    dir: &TempDir,
+    socket: &str,
+    copy: &str,
+    extra: &[&str],
+) -> (common::FerryProc, u16, serde_json::Value) {
+    static DESTINATIONS: AtomicUsize = AtomicUsize::new(0);
+    let n = DESTINATIONS.fetch_add(1, Ordering::Relaxed);
+    let dst_socket = dir.path(&format!("destination-{n}.sock"));
     let disk = format!("path={copy}");
-    let (mut dst, port) = migration_destination(
+    let (dst, port) = migration_destination(
         "destination",
         &[
             "--disk",
@@ -56,63 +92,60 @@ fn a_local_disk_is_copied_with_the_vm_and_every_acknowledged_write_arrives() {
             "--json",
         ],
     );
-    let mut mig = start_migrate(
-        "migrate",
-        &socket,
-        port,
-        &[
-            "--mode",
-            "precopy",
-            "--copy-storage",
-            "--downtime",
-            "10ms",
-            // The first pass on two streams: the disk's pages are striped
-            // across them like memory's.
-            "--streams",
-            "2",
-            "--json",
-        ],
-    );
+    let mut args = vec![
+        "--mode",
+        "precopy",
+        "--copy-storage",
+        "--downtime",
+        "10ms",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let mut mig = start_migrate("migrate", socket, port, &args);
     let (status, report) = finish_migrate(&mut mig, Duration::from_secs(90));
     assert_committed(status, &report, &mig);
     log_rounds(test, &report);
-    let d = &report["disk_copy"];
     eprintln!(
-        "{test}: disk copy {d}; host downtime {} ms",
-        report["blackout"]["host_downtime_ms"]
+        "{test}: disk copy {}; host downtime {} ms",
+        report["disk_copy"], report["blackout"]["host_downtime_ms"]
     );
-    let image_blocks = (DISK_MB + 1) << 8;
-    assert_eq!(d["image_bytes"], image_blocks * 4096, "{d}");
-    // The test's image is written all over: the first pass reads it all.
-    assert_eq!(d["first_pass_blocks"], image_blocks, "{d}");
-    let sent = d["blocks_sent"].as_u64().unwrap();
-    assert!(
-        sent >= image_blocks,
-        "fewer blocks sent than the image: {d}"
-    );
-    let last = source_handed_over(&mut src, port);
-    let (first, _) = verify_arrival(&mut dst, &last, Duration::from_secs(30));
+    (dst, port, report)
+}
+
+/// The VM handed over by `src` runs on `dst`, its memory verified by the
+/// guest, on its copy at `copy` (holding its lock, no longer marked
+/// incomplete), and reads back and checks a whole round of its disk
+/// there: the counters after that round.
+fn runs_on_its_copy(
+    test: &str,
+    src: &mut common::FerryProc,
+    dst: &mut common::FerryProc,
+    port: u16,
+    copy: &str,
+) -> DiskCounters {
+    let last = source_handed_over(src, port);
+    let (first, _) = verify_arrival(dst, &last, Duration::from_secs(30));
     eprintln!("{test}: guest's stall at the move {} us", first.stall_us);
-    let canonical = std::fs::canonicalize(&copy).unwrap();
+    let canonical = std::fs::canonicalize(copy).unwrap();
     assert!(
         holds_lock(dst.pid(), &canonical),
         "the destination runs on its copy, holding its lock"
     );
+    assert!(
+        !marker_path(Path::new(copy)).exists(),
+        "a complete copy is unmarked"
+    );
     // On the destination the guest reads back every block it wrote on the
     // source and checks it: a whole checked round, no error.
-    let arrived = wait_disk(&mut dst, Duration::from_secs(20), "disk counters", |_| true);
+    let arrived = wait_disk(dst, Duration::from_secs(20), "disk counters", |_| true);
     let later = wait_disk(
-        &mut dst,
+        dst,
         Duration::from_secs(90),
         "a checked round on the destination",
         |d| d.disk_ver >= arrived.disk_ver + ROUND,
     );
     eprintln!("{test}: disk on arrival {arrived:?}, after a round {later:?}");
-    stop_destination(&mut dst);
-    // The copy holds the guest's blocks, and the source's spare MiB as it
-    // was there (copied, not zeroed).
-    assert_image_blocks(&copy, DISK_MB, later.disk_gen + 1);
-    assert!(Path::new(&img).exists(), "the source's image stays");
+    later
 }
 
 /// Refusals before any page moves, each leaving nothing on the
@@ -289,9 +322,10 @@ fn a_cancelled_disk_copy_deletes_the_partial_image_and_the_source_runs_on() {
 }
 
 /// The destination dies mid-copy (SIGKILL): the VM runs on, verified, on
-/// its own image. A killed process cannot delete its partial image; it is
-/// left for the operator, and a new copy to that path is refused (see the
-/// refusals above) rather than written over it.
+/// its own image. A killed process cannot delete its partial image, but it
+/// left it marked incomplete: the next copy to that path replaces it, and
+/// the VM arrives there whole. (An unmarked file there is never written
+/// over: see the refusals above.)
 #[test]
 fn a_destination_killed_mid_copy_leaves_the_source_running_on_its_image() {
     let test = "a_destination_killed_mid_copy_leaves_the_source_running_on_its_image";
@@ -301,17 +335,25 @@ fn a_destination_killed_mid_copy_leaves_the_source_running_on_its_image() {
     let SlowCopy {
         _dir,
         img,
+        copy,
         mut src,
+        socket,
         port,
         mut dst,
         mut mig,
-        ..
     } = SlowCopy::start("disk-copy-killed");
     destination_holds_nothing(&mut dst, true);
     let reason = migrate_failed(&mut mig, Duration::from_secs(60));
     eprintln!("{test}: {reason}");
     source_runs_on_after_failure(&mut src, port);
     source_checks_a_round_on_its_own_image(&mut src, &img);
+    assert!(
+        Path::new(&copy).exists() && marker_path(Path::new(&copy)).exists(),
+        "the killed receiver's partial image is left, marked incomplete"
+    );
+    let (mut again, port, _) = copy_committed(test, &_dir, &socket, &copy, &[]);
+    runs_on_its_copy(test, &mut src, &mut again, port, &copy);
+    stop_destination(&mut again);
 }
 
 /// A disk VM whose copy runs slowly enough to be interrupted: the

@@ -224,7 +224,7 @@ pub fn receive(args: ReceiveArgs) -> anyhow::Result<bool> {
             if let Some(d) = disk.as_ref().filter(|_| disk_was_absent) {
                 if d.path.exists() {
                     eprintln!(
-                        "ferry: a partial disk image is left at {}: remove it before another copy there",
+                        "ferry: a partial disk image is left at {}, marked incomplete: the next copy there replaces it",
                         d.path.display()
                     );
                 } else {

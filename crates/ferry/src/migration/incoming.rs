@@ -166,12 +166,13 @@ impl IncomingGuest for Incoming {
 
     fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
         let record = StateRecord::decode(state)?;
-        if let Some(copy) = &self.disk_copy {
-            // Every block is here: on the storage before the source is
-            // told the state loaded, so a commit never leaves a disk that
-            // a crash of this host would lose.
+        if let Some(copy) = &mut self.disk_copy {
+            // Every block is here: on the storage, and no longer marked a
+            // partial copy, before the source is told the state loaded, so
+            // a commit never leaves a disk that a crash of this host would
+            // lose or a later copy would delete.
             let t = std::time::Instant::now();
-            copy.flush()?;
+            copy.complete()?;
             self.disk_flush = Some(t.elapsed());
         }
         if let Some(delay) = self.test_lock_delay {

@@ -7,6 +7,7 @@
 //! at its `--disk` path, which must not exist yet.
 
 use ferry_migration::protocol::{DiskOffer, Offer};
+use ferry_vmm::devices::block::copy_target::left_by_dead_receiver;
 use ferry_vmm::devices::block::device::BlockConfig;
 use ferry_vmm::devices::block::lock::{probe, LockState};
 
@@ -81,9 +82,11 @@ pub fn judge(offer: &Offer, disk: Option<&BlockConfig>) -> Result<Option<DiskPla
 }
 
 /// A copied disk: its image is made here, so nothing may be there yet
-/// (Ferry never writes over a file), and its directory must exist.
+/// (Ferry never writes over a file) but the partial copy a dead receiver
+/// left, and its directory must exist.
 fn judge_copied(offered: &DiskOffer, disk: &BlockConfig) -> Result<DiskPlan, String> {
-    if disk.path.exists() {
+    let replaced = left_by_dead_receiver(&disk.path).map_err(|e| e.to_string())?;
+    if disk.path.exists() && !replaced {
         return Err(format!(
             "the source copies the VM's disk, and {} exists here already: Ferry never writes over a file; give --disk a new path (or use shared storage without --copy-storage)",
             disk.path.display()
