@@ -12,15 +12,18 @@
 //! Without chromium the test says SKIPPED loudly and passes
 //! (scripts/setup.sh installs Debian's `chromium`).
 
+#[path = "common/browser.rs"]
+mod browser;
+
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use browser::{chromium_or_skip, dump_dom, http, run_bounded, screenshot, wait_addr_file, Proc};
 
 use ferry_agent::events::Caller;
 use ferry_agent::fleet_migrator::{JobRecord, JOBS};
@@ -61,59 +64,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// A child in a process group of its own, the whole group killed on drop
-/// (chromium starts helpers of its own), a failing test's included.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(c: &mut Command) -> Self {
-        Self(c.process_group(0).spawn().expect("start a process"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the group this test made; no memory involved.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs `c` to its end, at most `limit`; its stdout.
-fn run_bounded(c: &mut Command, limit: Duration) -> (std::process::ExitStatus, Vec<u8>) {
-    let mut p = Proc::spawn(c.stdin(Stdio::null()).stdout(Stdio::piped()));
-    let mut out = p.0.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{c:?} did not end within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // The group's helpers may hold the pipe open: kill them before reading.
-    drop(p);
-    (status, reader.join().unwrap())
-}
-
-fn chromium() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    ["chromium", "chromium-browser"].iter().find_map(|name| {
-        std::env::split_paths(&path)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 fn host(name: &str, mem_gib: u64, vcpus: u32, health: Health) -> Host {
@@ -371,32 +321,9 @@ fn drain_dry_run(store: &Path, host: &str) -> Plan {
     serde_json::from_slice(&out).expect("the plan as JSON")
 }
 
-/// One HTTP/1.0 request to the page's server: status and body.
-fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nhost: {addr}\r\ncontent-length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).unwrap();
-    let status = r
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = r.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
-    (status, body)
-}
-
 #[test]
 fn the_fleet_page_renders_in_a_headless_browser_and_is_read_only() {
-    let Some(chromium) = chromium() else {
-        let why = "chromium is not installed (scripts/setup.sh installs Debian's chromium)";
-        eprintln!("SKIPPED the_fleet_page_renders_in_a_headless_browser: {why}");
-        println!("SKIPPED the_fleet_page_renders_in_a_headless_browser: {why}");
+    let Some(chromium) = chromium_or_skip("the_fleet_page_renders_in_a_headless_browser") else {
         return;
     };
     let dir = TempDir::new("fleet-web");
@@ -428,17 +355,7 @@ fn the_fleet_page_renders_in_a_headless_browser_and_is_read_only() {
             .arg(&addr_file)
             .stdin(Stdio::null()),
     );
-    let start = Instant::now();
-    let addr = loop {
-        if let Ok(a) = std::fs::read_to_string(&addr_file) {
-            break a;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "serve never wrote its web address"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let addr = wait_addr_file(&addr_file, Duration::from_secs(30));
     let url = format!("http://{addr}/");
     println!("the page: {url}");
 
@@ -479,18 +396,7 @@ fn the_fleet_page_renders_in_a_headless_browser_and_is_read_only() {
     assert_eq!(m[1]["report"]["rounds"].as_array().unwrap().len(), 3);
 
     let profile = dir.path("chromium-profile");
-    let browser = |extra: &[String]| {
-        let mut c = Command::new(&chromium);
-        c.args(["--headless", "--no-sandbox", "--disable-gpu"])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(extra)
-            .arg(&url)
-            .stderr(Stdio::null());
-        run_bounded(&mut c, Duration::from_secs(90))
-    };
-    let (status, dom) = browser(&["--dump-dom".into()]);
-    assert!(status.success(), "chromium --dump-dom: {status}");
-    let dom = String::from_utf8(dom).unwrap();
+    let dom = dump_dom(&chromium, &profile, &url);
     assert!(dom.contains("<h1>Ferry fleet</h1>"), "{dom}");
     for name in ["h-a", "h-b", "h-c", "v-1", "v-2", "v-3", "v-4"] {
         assert!(dom.contains(&format!(">{name}</td>")), "{name} not shown");
@@ -536,22 +442,7 @@ fn the_fleet_page_renders_in_a_headless_browser_and_is_read_only() {
     );
     assert!(!dom.contains("acme <b>"));
 
-    let shot = dir.path("fleet.png");
-    let (status, _) = browser(&[
-        format!("--screenshot={}", shot.display()),
-        "--window-size=1280,1600".into(),
-    ]);
-    assert!(status.success(), "chromium --screenshot: {status}");
-    let png = std::fs::read(&shot).expect("the screenshot");
-    assert!(png.len() > 10_000, "a {} byte screenshot", png.len());
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    let be = |o: usize| u32::from_be_bytes(png[o..o + 4].try_into().unwrap());
-    assert_eq!(&png[12..16], b"IHDR");
-    assert_eq!((be(16), be(20)), (1280, 1600), "the window's size");
-    if let Some(keep) = std::env::var_os("FERRY_FLEET_WEB_SCREENSHOT") {
-        std::fs::copy(&shot, &keep).unwrap();
-        println!("screenshot kept at {}", Path::new(&keep).display());
-    }
+    screenshot(&chromium, &profile, &url, &dir.path("fleet.png"));
 
     // The page asked the agent only GETs, of the two jobs.
     let seen = agent.requests.lock().unwrap().clone();
