@@ -4,7 +4,8 @@
 //! `GET /v1/migrations/{job}` says how far it got (progress) or how it
 //! ended (the engine's report, its rounds and timeline).
 //!
-//! Only reads: the records through the store it is given, the jobs by GET.
+//! Only reads: the records from the page's read of the store, the jobs
+//! by GET.
 //! Each agent call is bounded by a short timeout, so a hung agent slows a
 //! page by that much and shows as unknown, and only the newest records
 //! are asked about.
@@ -25,18 +26,22 @@ use crate::migration::MigrationJob;
 /// Points of a timeline the page gets at most.
 const TIMELINE_POINTS: usize = 400;
 
-pub struct AgentJobs<B> {
-    store: B,
+pub struct AgentJobs {
     /// Longest wait for one agent's answer.
     pub call_timeout: Duration,
     /// The newest records asked about; older ones are left out.
     pub limit: usize,
 }
 
-impl<B: Backend> AgentJobs<B> {
-    pub fn new(store: B) -> Self {
+impl Default for AgentJobs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentJobs {
+    pub fn new() -> Self {
         Self {
-            store,
             call_timeout: Duration::from_secs(2),
             limit: 100,
         }
@@ -44,9 +49,8 @@ impl<B: Backend> AgentJobs<B> {
 
     /// Every record, newest first, at most `limit`; one that does not
     /// decode is left out (the migrator would refuse it too).
-    fn records(&self) -> Result<Vec<(String, JobRecord)>, String> {
-        let mut recs: Vec<(String, JobRecord)> = self
-            .store
+    fn records(&self, store: &dyn Backend) -> Result<Vec<(String, JobRecord)>, String> {
+        let mut recs: Vec<(String, JobRecord)> = store
             .list(JOBS)
             .map_err(|e| e.to_string())?
             .into_iter()
@@ -61,8 +65,8 @@ impl<B: Backend> AgentJobs<B> {
     }
 
     /// The client of `host`'s agent, or why there is none.
-    fn client(&self, host: &str) -> Result<AgentClient, String> {
-        match endpoint(&self.store, host) {
+    fn client(&self, store: &dyn Backend, host: &str) -> Result<AgentClient, String> {
+        match endpoint(&store, host) {
             Ok(Some(ep)) => {
                 let mut c = AgentClient::new(&ep.socket);
                 c.timeout = self.call_timeout;
@@ -135,9 +139,9 @@ fn without_agent(id: &str, rec: &JobRecord, phase: &str, why: String) -> Migrati
     }
 }
 
-impl<B: Backend + Send + Sync> MigrationSource for AgentJobs<B> {
-    fn migrations(&self) -> Vec<MigrationView> {
-        let recs = match self.records() {
+impl MigrationSource for AgentJobs {
+    fn migrations(&self, store: &dyn Backend) -> Vec<MigrationView> {
+        let recs = match self.records(store) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("fleet web: cannot list the migrations' records: {e}");
@@ -157,7 +161,7 @@ impl<B: Backend + Send + Sync> MigrationSource for AgentJobs<B> {
                 };
                 let client = clients
                     .entry(rec.source.clone())
-                    .or_insert_with(|| self.client(&rec.source));
+                    .or_insert_with(|| self.client(store, &rec.source));
                 let c = match client {
                     Ok(c) => c,
                     Err(why) => return without_agent(id, rec, UNKNOWN, why.clone()),

@@ -371,8 +371,10 @@ fn the_fleet_page_renders_in_a_headless_browser_and_is_read_only() {
         assert_eq!(status, 405, "{method} {path}");
     }
     assert_eq!(http(&addr, "GET", "/nothing-here").0, 404);
+    let asked = std::time::Instant::now();
     let (status, body) = http(&addr, "GET", "/api/fleet");
     assert_eq!(status, 200);
+    println!("GET /api/fleet took {:?}", asked.elapsed());
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["hosts"].as_array().unwrap().len(), 3, "{v}");
     assert_eq!(v["vms"].as_array().unwrap().len(), 4);

@@ -147,7 +147,7 @@ fn start_web<B: Backend + Clone + Send + Sync + 'static>(
         return Ok(None);
     };
     let migrations: Arc<dyn MigrationSource> = match a.migrator {
-        MigratorKind::Agents => Arc::new(AgentJobs::new(backend.clone())),
+        MigratorKind::Agents => Arc::new(AgentJobs::new()),
         MigratorKind::Sim => Arc::new(NoMigrations),
     };
     let web = WebServer::start(addr, backend, migrations)?;

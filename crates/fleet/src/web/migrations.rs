@@ -4,20 +4,23 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::store::Backend;
 use crate::time::Timestamp;
 
 /// Supplies the migrations the fleet's migrator started. Called once per
 /// request, off the server's async threads, so it may block on the agents
 /// (each call bounded by its own timeout).
 pub trait MigrationSource: Send + Sync {
-    fn migrations(&self) -> Vec<MigrationView>;
+    /// `store` is the request's read of the store (its records, such as
+    /// the migrator's and the agents' endpoints, are there).
+    fn migrations(&self, store: &dyn Backend) -> Vec<MigrationView>;
 }
 
 /// A fleet whose migrator keeps no agent jobs (the simulated one).
 pub struct NoMigrations;
 
 impl MigrationSource for NoMigrations {
-    fn migrations(&self) -> Vec<MigrationView> {
+    fn migrations(&self, _store: &dyn Backend) -> Vec<MigrationView> {
         Vec::new()
     }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::frozen::Frozen;
 use super::migrations::{MigrationSource, MigrationView};
 use crate::hosts;
 use crate::model::{Health, Maintenance, Resources, VmRunState};
@@ -70,13 +71,14 @@ pub struct FleetView {
     pub migrations: Vec<MigrationView>,
 }
 
-/// Reads the whole view. The reads are several, not one transaction: a
-/// write between them shows at the next request.
+/// Reads the whole view: the store once ([`Frozen`]), then the agents.
 pub fn snapshot<B: Backend>(
-    b: &B,
+    live: &B,
     migrations: &dyn MigrationSource,
 ) -> Result<FleetView, StoreError> {
-    let revision = b.revision()?;
+    let frozen = Frozen::read(live)?;
+    let b = &frozen;
+    let revision = frozen.revision;
     let store = FleetStore::new(b);
     let vms: Vec<VmRow> = store
         .vms()?
@@ -123,7 +125,7 @@ pub fn snapshot<B: Backend>(
             std::cmp::Reverse(p.created_at),
         )
     });
-    let mut migrations = migrations.migrations();
+    let mut migrations = migrations.migrations(b);
     migrations.sort_by_key(|m| std::cmp::Reverse(m.started));
     Ok(FleetView {
         taken_at: Timestamp::now_wall(),
