@@ -162,7 +162,8 @@ pub fn plot(title: &str, r: &ReportView) -> String {
     axes(&mut s, l1, &num(d_max), &num(d_max / 2.0), &ticks);
     let slot = PW / n;
     for (i, round) in r.rounds.iter().enumerate() {
-        let h = (round.dirty_rate_mibs.max(0.0) / d_max * PH).min(PH);
+        // A round the guest dirtied nothing in still shows, as a sliver.
+        let h = (round.dirty_rate_mibs.max(0.0) / d_max * PH).clamp(1.5, PH);
         let (class, fill) = if round.blackout {
             ("bar blackout", "#d1242f")
         } else {
@@ -182,7 +183,7 @@ pub fn plot(title: &str, r: &ReportView) -> String {
     }
     let _ = write!(
         s,
-        r##"<text x="{}" y="{}" font-size="11" text-anchor="middle">round</text>"##,
+        r##"<text x="{}" y="{}" font-size="11" text-anchor="middle">round (red: sent with the VM paused)</text>"##,
         l1 + PW / 2.0,
         TOP + PH + 32.0
     );
