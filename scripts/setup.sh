@@ -12,6 +12,8 @@
 # - protobuf-compiler (`protoc`) and libprotobuf-dev (protobuf's own
 #   .proto files, which etcd's import): the etcd-client crate's build script
 #   generates its gRPC code from etcd's .proto files;
+# - chromium: the fleet web page's test renders the page in headless
+#   chromium (its DOM and a screenshot);
 # - the test guest's crates (cargo fetch), which its offline build needs.
 # Idempotent: installs only what is missing.
 set -euo pipefail
@@ -41,6 +43,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]} (Debian packages)"
   $SUDO apt-get update -qq

@@ -46,3 +46,4 @@ pub mod sim;
 pub mod store;
 pub mod time;
 pub mod watch;
+pub mod web;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ferry_agent::fleet_jobs::AgentJobs;
 use ferry_agent::fleet_migrator::AgentMigrator;
 use ferry_fleet::hosts;
 use ferry_fleet::migrator::Migrator;
@@ -16,6 +17,7 @@ use ferry_fleet::serve::{serve, ServeConfig, ServeEvent};
 use ferry_fleet::sim::SimMigrator;
 use ferry_fleet::store::shared_file::SharedFileBackend;
 use ferry_fleet::store::{Backend, FleetStore, StoreError};
+use ferry_fleet::web::{MigrationSource, NoMigrations, WebServer};
 
 use super::fleet_store_args::{EtcdArgs, StoreArgs};
 
@@ -45,6 +47,14 @@ pub struct ServeArgs {
     /// Stop after this many seconds (default: until SIGINT/SIGTERM).
     #[arg(long)]
     pub for_s: Option<u64>,
+    /// Serve the fleet's read-only web page (and /api/fleet) on ADDR,
+    /// host:port; port 0 takes a free one (the address is printed).
+    #[arg(long, value_name = "ADDR")]
+    pub web: Option<String>,
+    /// Write the web page's bound address (host:port) to this file once it
+    /// listens.
+    #[arg(long, requires = "web")]
+    pub web_addr_file: Option<std::path::PathBuf>,
 }
 
 /// `ferry fleet host ...`: the hosts of an etcd fleet (not `ferry host`,
@@ -117,10 +127,39 @@ pub fn serve_cmd(a: ServeArgs) -> anyhow::Result<bool> {
         Some(path) => {
             let backend = SharedFileBackend::open(path)
                 .with_context(|| format!("the store file {}", path.display()))?;
+            let _web = start_web(&a, backend.clone())?;
             serve_on(backend, &cfg, &stop, a.migrator)
         }
-        None => serve_on(a.store.etcd.connect()?, &cfg, &stop, a.migrator),
+        None => {
+            let backend = a.store.etcd.connect()?;
+            let _web = start_web(&a, backend.clone())?;
+            serve_on(backend, &cfg, &stop, a.migrator)
+        }
     }
+}
+
+/// The web page, if `--web` asked for it; it serves until dropped.
+fn start_web<B: Backend + Clone + Send + Sync + 'static>(
+    a: &ServeArgs,
+    backend: B,
+) -> anyhow::Result<Option<WebServer>> {
+    let Some(addr) = &a.web else {
+        return Ok(None);
+    };
+    let migrations: Arc<dyn MigrationSource> = match a.migrator {
+        MigratorKind::Agents => Arc::new(AgentJobs::new()),
+        MigratorKind::Sim => Arc::new(NoMigrations),
+    };
+    let web = WebServer::start(addr, backend, migrations)?;
+    eprintln!("{}: web page at http://{}/", a.name, web.addr);
+    if let Some(f) = &a.web_addr_file {
+        // Written whole under another name first: a reader never sees half.
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, web.addr.to_string())
+            .and_then(|()| std::fs::rename(&tmp, f))
+            .with_context(|| format!("write the web address to {}", f.display()))?;
+    }
+    Ok(Some(web))
 }
 
 /// One migrator or the other, as the serve loop drives it.
