@@ -153,10 +153,25 @@ pub struct MigrationJob {
     pub ended_at: Option<String>,
 }
 
+/// Who holds the decision about a cancel: the agent until it hands the
+/// migration to the source VMM, then the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Handoff {
+    /// Still preparing: a cancel here stops the job before the data plane.
+    Agent,
+    /// Cancelled before the hand-off: the data plane never starts.
+    Cancelled,
+    /// `Request::Migrate` is on its way or running: only the engine's
+    /// cancel state decides.
+    Engine,
+}
+
 /// A job and what its cancel sets.
 pub struct JobSlot {
     pub view: Mutex<MigrationJob>,
+    /// Set once a cancel was accepted (by the agent or the engine).
     pub(super) cancel: AtomicBool,
+    pub(super) handoff: Mutex<Handoff>,
     /// Set when the policy's completion timeout ended it.
     pub(super) timed_out: AtomicBool,
     /// Set once the engine has gone past the point a cancel holds.
@@ -166,9 +181,14 @@ pub struct JobSlot {
 impl JobSlot {
     /// A job read back from the state directory after a restart.
     pub(crate) fn restored(view: MigrationJob) -> Self {
+        Self::new(view)
+    }
+
+    pub(super) fn new(view: MigrationJob) -> Self {
         Self {
             view: Mutex::new(view),
             cancel: AtomicBool::new(false),
+            handoff: Mutex::new(Handoff::Agent),
             timed_out: AtomicBool::new(false),
             past_cancel: Mutex::new(None),
         }
@@ -180,6 +200,20 @@ impl JobSlot {
 
     pub(super) fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Hands the decision about cancels to the engine; false if a cancel
+    /// came first (the data plane must not start).
+    pub(super) fn hand_to_engine(&self) -> bool {
+        let mut h = lock(&self.handoff);
+        match *h {
+            Handoff::Agent => {
+                *h = Handoff::Engine;
+                true
+            }
+            Handoff::Cancelled => false,
+            Handoff::Engine => true,
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_control::{MigrateRequest, Request, Response};
@@ -116,12 +116,7 @@ impl Agent {
             started_at: now_rfc3339(),
             ended_at: None,
         };
-        let job = Arc::new(JobSlot {
-            view: Mutex::new(view.clone()),
-            cancel: AtomicBool::new(false),
-            timed_out: AtomicBool::new(false),
-            past_cancel: Mutex::new(None),
-        });
+        let job = Arc::new(JobSlot::new(view.clone()));
         *lock(&slot.job) = Some(id.clone());
         lock(&self.jobs).insert(id.clone(), job.clone());
         self.events.publish(Event::Migration {
@@ -303,7 +298,7 @@ impl Agent {
         // Written before the data plane starts: a restart of this agent
         // settles it (crate::jobs).
         self.save_job(job);
-        if job.cancelled() {
+        if !job.hand_to_engine() {
             self.abort_remote(client, job).await;
             return Err("cancelled by the operator before the data plane started".into());
         }
