@@ -251,6 +251,8 @@ impl Agent {
             phase: file.phase,
             transport: file.transport.clone(),
             mode: "unknown (ferryd restarted during the migration)".into(),
+            downtime_target_ms: None,
+            bandwidth_cap: None,
             destination_migration: Some(file.destination_migration.clone()),
             data_plane: None,
             progress: None,

@@ -131,6 +131,14 @@ pub struct MigrationJob {
     /// How guest memory crosses the network.
     pub transport: String,
     pub mode: String,
+    /// The blackout the engine aims for, as asked at the start or by the
+    /// latest `PATCH`; None: not known (ferryd restarted meanwhile).
+    #[serde(default)]
+    pub downtime_target_ms: Option<f64>,
+    /// The send-rate cap in bytes per second, as asked at the start or by
+    /// the latest `PATCH`; None: uncapped (or not known after a restart).
+    #[serde(default)]
+    pub bandwidth_cap: Option<u64>,
     /// The destination's id of its incoming migration.
     pub destination_migration: Option<String>,
     /// The receiving VMM's address.
@@ -156,8 +164,9 @@ pub struct MigrationJob {
 /// Who holds the decision about a cancel: the agent until it hands the
 /// migration to the source VMM, then the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Handoff {
-    /// Still preparing: a cancel here stops the job before the data plane.
+pub(crate) enum Handoff {
+    /// Still preparing: a cancel here stops the job before the data
+    /// plane, and a retune is kept for the engine's start.
     Agent,
     /// Cancelled before the hand-off: the data plane never starts.
     Cancelled,
@@ -171,7 +180,10 @@ pub struct JobSlot {
     pub view: Mutex<MigrationJob>,
     /// Set once a cancel was accepted (by the agent or the engine).
     pub(super) cancel: AtomicBool,
-    pub(super) handoff: Mutex<Handoff>,
+    pub(crate) handoff: Mutex<Handoff>,
+    /// A switch to post-copy asked for before the hand-off (set under the
+    /// hand-off lock): the engine starts in post-copy.
+    pub(crate) postcopy_asked: AtomicBool,
     /// Set when the policy's completion timeout ended it.
     pub(super) timed_out: AtomicBool,
     /// Set once the engine has gone past the point a cancel holds.
@@ -189,6 +201,7 @@ impl JobSlot {
             view: Mutex::new(view),
             cancel: AtomicBool::new(false),
             handoff: Mutex::new(Handoff::Agent),
+            postcopy_asked: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
             past_cancel: Mutex::new(None),
         }

@@ -105,6 +105,8 @@ impl Agent {
             phase: JobPhase::Preparing,
             transport: PLAINTEXT.into(),
             mode: format!("{mode:?}").to_lowercase(),
+            downtime_target_ms: Some(req.downtime_ms.unwrap_or(record.policy.downtime_ms)),
+            bandwidth_cap: req.bandwidth.or(record.policy.bandwidth),
             destination_migration: None,
             data_plane: None,
             progress: None,
@@ -305,11 +307,28 @@ impl Agent {
         self.set_phase(job, JobPhase::Transferring, None);
         slot.departing.store(true, Ordering::SeqCst);
         let local_disk = record.definition.disk.as_ref().is_some_and(|d| d.local);
+        // Retunes made while preparing are in the view (the hand-off lock
+        // orders them before this read; later ones go to the VMM).
+        let (downtime_ms, bandwidth) = {
+            let mut v = lock(&job.view);
+            if job.postcopy_asked.load(Ordering::SeqCst) {
+                v.mode = "postcopy".into();
+            }
+            (
+                v.downtime_target_ms.unwrap_or(record.policy.downtime_ms),
+                v.bandwidth_cap,
+            )
+        };
+        let mode = if job.postcopy_asked.load(Ordering::SeqCst) {
+            Mode::Postcopy
+        } else {
+            mode
+        };
         let request = Request::Migrate(MigrateRequest {
             to: data_plane.to_string(),
-            downtime_ms: req.downtime_ms.unwrap_or(record.policy.downtime_ms),
+            downtime_ms,
             max_downtime_ms: req.max_downtime_ms,
-            bandwidth: req.bandwidth.or(record.policy.bandwidth),
+            bandwidth,
             auto_converge: record.policy.allow_auto_converge,
             mode,
             // A copied disk moves by pre-copy only.
