@@ -147,6 +147,9 @@ impl Agent {
         // status timeout, not one per VM.
         // Jobs in flight when the last agent stopped: their VMs' exits are
         // no failure until the jobs are settled.
+        // Ended migrations beyond the retention policy go first; those in
+        // flight are never pruned.
+        agent.apply_retention();
         let pending: Vec<crate::jobs::JobFile> = crate::jobs::load(&agent.config.state_dir)
             .into_iter()
             .filter(|j| !j.phase.is_done())

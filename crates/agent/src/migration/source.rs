@@ -186,6 +186,7 @@ impl Agent {
         *lock(&slot.job) = None;
         self.set_phase(&job, phase, reason.clone());
         self.save_job(&job);
+        self.apply_retention();
         let view = job.snapshot();
         if let Some(report) = &view.report {
             self.metrics.migration_moved(
