@@ -263,6 +263,8 @@ impl Agent {
             progress_lines: 0,
             report: None,
             error: None,
+            destination_told: None,
+            destination_note: None,
             requested_by: file.requested_by.clone(),
             started_at: file.started_at.clone(),
             ended_at: None,

@@ -155,6 +155,14 @@ pub struct MigrationJob {
     pub report: Option<MigrationReport>,
     /// Why it failed or was cancelled.
     pub error: Option<String>,
+    /// For a job that did not commit after the destination had prepared:
+    /// whether the destination was told to release what it prepared
+    /// (false: it could not be reached, and releases by itself later).
+    #[serde(default)]
+    pub destination_told: Option<bool>,
+    /// What the abort call to the destination came to.
+    #[serde(default)]
+    pub destination_note: Option<String>,
     /// Who asked for it (as the audit log says).
     pub requested_by: Caller,
     pub started_at: String,

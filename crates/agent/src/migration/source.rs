@@ -114,6 +114,8 @@ impl Agent {
             progress_lines: 0,
             report: None,
             error: None,
+            destination_told: None,
+            destination_note: None,
             requested_by: caller.clone(),
             started_at: now_rfc3339(),
             ended_at: None,
@@ -177,6 +179,11 @@ impl Agent {
             ),
             Err(reason) if job.cancelled() => (JobPhase::Cancelled, Some(reason)),
             Err(reason) => (JobPhase::Failed, Some(reason)),
+        };
+        // The outcome says whether the destination was told to let go.
+        let reason = match (reason, lock(&job.view).destination_note.clone()) {
+            (Some(r), Some(note)) if phase != JobPhase::Committed => Some(format!("{r}; {note}")),
+            (r, _) => r,
         };
         // After a commit the old VMM's exit stays no failure: it may come
         // after the VM has come back here under the same id.
