@@ -430,9 +430,10 @@ async fn show_migration(
 
 /// Cancels a migration before its commit: the VM runs on here.
 #[utoipa::path(delete, path = "/v1/migrations/{id}", params(("id" = String, Path)), responses(
-    (status = 202, description = "Cancelling; the job ends `cancelled`", body = MigrationJob),
+    (status = 202, description = "Accepted before the engine's point of no return: the job ends `cancelled` (or `failed`, if it failed first) with the VM on the source", body = MigrationJob),
     (status = 404, body = ErrorBody),
     (status = 409, description = "The job has ended, or is past the point a cancel can keep the VM here (its blackout has begun, post-copy runs, or it has committed); the reason says which", body = ErrorBody),
+    (status = 500, description = "The source VMM could not be reached, or did not start its migration in time; nothing was cancelled", body = ErrorBody),
 ))]
 async fn cancel_migration(
     State(agent): State<Arc<Agent>>,
@@ -454,11 +455,11 @@ async fn cancel_migration(
 /// Retunes a running migration: a new downtime target or bandwidth cap,
 /// or a switch to post-copy where the VM's policy allows it.
 #[utoipa::path(patch, path = "/v1/migrations/{id}", params(("id" = String, Path)), request_body = TuneMigration, responses(
-    (status = 200, description = "Passed to the engine: a bandwidth cap from its next batch, the rest between rounds", body = MigrationJob),
+    (status = 200, description = "Passed to the engine: a bandwidth cap from its next batch, the rest between rounds; while the job prepares, kept and the engine starts with it. The job shows the settings in force", body = MigrationJob),
     (status = 400, description = "Bad values or an empty body; nothing changed", body = ErrorBody),
     (status = 404, body = ErrorBody),
-    (status = 409, description = "The job has ended (naming its phase), or is not in its pre-copy rounds", body = ErrorBody),
-    (status = 422, description = "Post-copy asked for; the VM's policy forbids it", body = ErrorBody),
+    (status = 409, description = "The job has ended (naming its phase), was cancelled, or (for post-copy) is past its pre-copy rounds", body = ErrorBody),
+    (status = 422, description = "Post-copy asked for; the VM's policy forbids it (or, while preparing, its disk is copied)", body = ErrorBody),
 ))]
 async fn tune_migration(
     State(agent): State<Arc<Agent>>,

@@ -51,6 +51,10 @@ struct RawConfig {
     /// The fleet this host registers with: a `[fleet]` table.
     #[serde(default)]
     fleet: Option<crate::fleet_member::FleetMembership>,
+    /// How many ended migrations stay on file, and for how long: a
+    /// `[retention]` table (default keep = 200, max_age_hours = 168).
+    #[serde(default)]
+    retention: crate::retention::Retention,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -116,6 +120,7 @@ pub struct Config {
     pub capacity: Capacity,
     pub networks: Vec<Network>,
     pub fleet: Option<crate::fleet_member::FleetMembership>,
+    pub retention: crate::retention::Retention,
 }
 
 impl Config {
@@ -192,6 +197,9 @@ impl Config {
         if let Some(f) = &raw.fleet {
             f.check().map_err(|e| invalid(format!("fleet: {e}")))?;
         }
+        raw.retention
+            .check()
+            .map_err(|e| invalid(format!("retention: {e}")))?;
         let ferry_bin = match raw.ferry_bin {
             Some(p) => p,
             None => default_ferry_bin()?,
@@ -210,6 +218,7 @@ impl Config {
             },
             networks: raw.networks,
             fleet: raw.fleet,
+            retention: raw.retention,
         })
     }
 

@@ -119,6 +119,7 @@ impl Agent {
         if let Err(e) = save(&self.config.state_dir, &ended) {
             tracing::error!("cannot write job {}: {e}", ended.id);
         }
+        self.apply_retention();
         if let Some(job) = lock(&self.jobs).get(&file.id) {
             let mut v = lock(&job.view);
             v.phase = phase;

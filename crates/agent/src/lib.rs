@@ -36,6 +36,7 @@ pub mod model;
 pub mod network;
 pub mod peer;
 pub mod procs;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod supervisor;

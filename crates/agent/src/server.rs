@@ -147,6 +147,9 @@ impl Agent {
         // status timeout, not one per VM.
         // Jobs in flight when the last agent stopped: their VMs' exits are
         // no failure until the jobs are settled.
+        // Ended migrations beyond the retention policy go first; those in
+        // flight are never pruned.
+        agent.apply_retention();
         let pending: Vec<crate::jobs::JobFile> = crate::jobs::load(&agent.config.state_dir)
             .into_iter()
             .filter(|j| !j.phase.is_done())
@@ -281,6 +284,8 @@ impl Agent {
             phase: file.phase,
             transport: file.transport.clone(),
             mode: "unknown (ferryd restarted during the migration)".into(),
+            downtime_target_ms: None,
+            bandwidth_cap: None,
             destination_migration: Some(file.destination_migration.clone()),
             data_plane: None,
             progress: None,
@@ -288,6 +293,8 @@ impl Agent {
             progress_lines: 0,
             report: None,
             error: None,
+            destination_told: None,
+            destination_note: None,
             requested_by: file.requested_by.clone(),
             started_at: file.started_at.clone(),
             ended_at: None,

@@ -63,6 +63,19 @@ fn bad_configs_are_refused_clearly() {
         err.contains("peer_listen") || err.contains("invalid socket address"),
         "{err}"
     );
+    let err = ferryd_fails(&write(
+        "retention.toml",
+        &format!("{base}[retention]\nkeep = 10\nmax_age_hours = 0\n"),
+    ));
+    assert!(
+        err.contains("retention") && err.contains("max_age_hours"),
+        "{err}"
+    );
+    let err = ferryd_fails(&write(
+        "retention-typo.toml",
+        &format!("{base}[retention]\nkeep_last = 10\n"),
+    ));
+    assert!(err.contains("unknown field `keep_last`"), "{err}");
     let err = ferryd_fails(&write("notoml.toml", "this is not toml"));
     assert!(err.contains("is not valid"), "{err}");
     assert!(

@@ -241,8 +241,15 @@ fn destination_agent_killed_and_the_migration_cancelled_meanwhile_releases_every
     // About 10 s of first pass: cancelled well before the end.
     let (id, incoming) = start_slow(&a, "vm1", &b, 32 << 20);
     let receiver = receiver_of(&b).expect("B's receiving VMM");
-    // The source cannot tell B's agent: only its receiver learns it.
+    // The source cannot tell B's agent: only its receiver learns it. It
+    // tries, with a bounded backoff (about 30 s), and the job says so.
     b.kill9_then_start(|| cancel_and_wait(&a, &id));
+    let job = a.get(&format!("/v1/migrations/{id}")).json();
+    assert_eq!(job["destination_told"], false, "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("could not be told"),
+        "{job}"
+    );
     let on_b = incoming_ended(&b, &incoming);
     assert!(
         ["failed", "aborted"].contains(&on_b["phase"].as_str().unwrap()),
@@ -254,4 +261,40 @@ fn destination_agent_killed_and_the_migration_cancelled_meanwhile_releases_every
         !b.dir.path("state").join("vms/vm1").exists(),
         "B kept the VM's directory"
     );
+}
+
+#[test]
+fn an_abort_to_a_destination_agent_that_is_down_is_retried_until_it_is_back() {
+    if !kvm_or_skip("an_abort_to_a_destination_agent_that_is_down_is_retried_until_it_is_back") {
+        return;
+    }
+    let fleet = Fleet::new("dretry");
+    let a = agent("dretry-a", &fleet, "2G", false);
+    let mut b = agent("dretry-b", &fleet, "2G", false);
+    keep_peer_addr(&b);
+    a.create_vm("vm1", "512M", "dirty:64:100:256");
+    let seq = a.heartbeat("vm1")["seq"].as_u64().unwrap();
+    // About 10 s of first pass: cancelled well before the end.
+    let (id, incoming) = start_slow(&a, "vm1", &b, 32 << 20);
+    let receiver = receiver_of(&b).expect("B's receiving VMM");
+    b.kill9();
+    let c = a.delete(&format!("/v1/migrations/{id}"));
+    assert_eq!(c.status, 202, "{}", c.text());
+    // The first tries find nobody; B is back before the last.
+    std::thread::sleep(Duration::from_secs(3));
+    b.start();
+    let done = wait_job(&a, &id, Duration::from_secs(60));
+    assert_eq!(done["phase"], "cancelled", "{done}");
+    assert_eq!(done["destination_told"], true, "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("was told"),
+        "{done}"
+    );
+    let on_b = incoming_ended(&b, &incoming);
+    assert!(
+        ["failed", "aborted"].contains(&on_b["phase"].as_str().unwrap()),
+        "{on_b}"
+    );
+    wait_gone(receiver, Duration::from_secs(30));
+    assert_only_on(&a, &b, seq);
 }

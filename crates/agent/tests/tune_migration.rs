@@ -5,13 +5,15 @@
 //! 422 and the migration goes on; bad bodies are 400, an unknown job 404,
 //! an ended one 409; and a capped pre-copy switched to post-copy by the
 //! operator, on a VM whose policy allows it, follows a lifted cap in its
-//! push and commits verified.
+//! push and commits verified. A retune while the job still prepares is
+//! kept, shown, and the engine starts with it.
 
 mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::peers::reserved;
 use common::peers::{agent, host, peer_addr, wait_job, Fleet};
 use common::{ferry_bin, kvm_or_skip, Agent};
 use serde_json::{json, Value};
@@ -104,6 +106,8 @@ fn an_uncapped_migration_finishes_faster_than_its_cap_allowed_and_bad_patches_ch
     // by then went at the cap (a line up to 100 ms old only makes the
     // rate after look lower).
     let tuned = a.get(&format!("/v1/migrations/{id}")).json();
+    assert_eq!(tuned["downtime_target_ms"], 50.0, "{tuned}");
+    assert!(tuned["bandwidth_cap"].is_null(), "uncapped: {tuned}");
     let mib = f64::from(1u32 << 20);
     let sent_at_tune = tuned["progress"]["sent_mib"].as_f64().unwrap_or(0.0) * mib;
     let ms_at_tune = tuned["progress"]["elapsed_ms"].as_f64().unwrap_or(0.0);
@@ -161,18 +165,20 @@ fn a_capped_precopy_switched_to_postcopy_by_the_operator_follows_a_new_cap_and_c
     let b = agent("tp-b", &fleet, "2G", true);
     let r = a.post(
         "/v1/vms",
-        Some(json!({"id": "vm1", "definition": {"mem_bytes": 512u64 << 20, "workload": "dirty:16:20:256"}, "policy": {"allow_postcopy": true}})),
+        Some(json!({"id": "vm1", "definition": {"mem_bytes": 512u64 << 20, "workload": "dirty:16:20:64"}, "policy": {"allow_postcopy": true}})),
     );
     assert_eq!(r.status, 201, "{}", r.text());
     let before = a.heartbeat("vm1");
-    // Slow enough that post-copy's push, at the cap, takes seconds.
+    // Slow enough that post-copy's push, at the cap, takes seconds. The
+    // switch comes after the first pass, about 80 MiB here (64 MiB filled):
+    // some 10 s at this cap (with 256 MiB filled it took 34 s).
     let cap: u64 = 8 << 20;
     let body = json!({"target": {"host": host(&b), "address": peer_addr(&b)}, "bandwidth": cap});
     let r = a.post("/v1/vms/vm1/migrations", Some(body));
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_owned();
     let job_until = |what: &str, done: &dyn Fn(&Value) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let v = a.get(&format!("/v1/migrations/{id}")).json();
             if done(&v) {
@@ -216,5 +222,86 @@ fn a_capped_precopy_switched_to_postcopy_by_the_operator_follows_a_new_cap_and_c
     );
     assert_eq!(hb["err"], 0, "{hb}");
     assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+    assert_eq!(b.delete("/v1/vms/vm1").status, 200);
+}
+
+#[test]
+fn a_retune_while_preparing_is_kept_shown_and_the_engine_starts_with_it() {
+    if !kvm_or_skip("a_retune_while_preparing_is_kept_shown_and_the_engine_starts_with_it") {
+        return;
+    }
+    let fleet = Fleet::new("tuneprep");
+    let a = agent("tq-a", &fleet, "2G", true);
+    // The destination's receiver takes a second to start: the job sits in
+    // its preparing phase meanwhile.
+    let id_dir = fleet.issue("test-tq-b");
+    let extra = format!(
+        "tls_dir = \"{}\"\ninsecure_plaintext_data_plane = true\n",
+        id_dir.display()
+    );
+    let slow = fleet.dir.path("slow-ferry");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/sh\nsleep 1\nexec {} \"$@\"\n",
+            ferry_bin().display()
+        ),
+    )
+    .unwrap();
+    let chmod = Command::new("chmod")
+        .arg("755")
+        .arg(&slow)
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+    let b = Agent::with_extra("tq-b", "2G", 4, Some(&slow), &extra, |_| {});
+    a.create_vm("vm1", "256M", "dirty:16:20:64");
+    let before = a.heartbeat("vm1");
+    // At 4 MiB/s the first pass alone would take about 20 s.
+    let cap: u64 = 4 << 20;
+    let body = json!({"target": {"host": host(&b), "address": peer_addr(&b)}, "bandwidth": cap, "downtime_ms": 300.0});
+    let r = a.post("/v1/vms/vm1/migrations", Some(body));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let started = r.json();
+    let id = started["id"].as_str().unwrap().to_owned();
+    assert_eq!(started["bandwidth_cap"], cap, "{started}");
+    assert_eq!(started["downtime_target_ms"], 300.0, "{started}");
+
+    let r = patch(&a, &id, r#"{"bandwidth": 0, "downtime_ms": 40}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let tuned = r.json();
+    assert_eq!(
+        tuned["phase"], "preparing",
+        "the retune came too late to test: {tuned}"
+    );
+    assert!(tuned["bandwidth_cap"].is_null(), "{tuned}");
+    assert_eq!(tuned["downtime_target_ms"], 40.0, "{tuned}");
+    // Post-copy is this VM's policy's to refuse, preparing or not.
+    let refused = patch(&a, &id, r#"{"mode": "postcopy"}"#);
+    assert_eq!(refused.status, 422, "{}", refused.text());
+
+    let done = wait_job(&a, &id, Duration::from_secs(120));
+    assert_eq!(done["phase"], "committed", "{done}");
+    assert!(done["bandwidth_cap"].is_null(), "{done}");
+    assert_eq!(done["downtime_target_ms"], 40.0, "{done}");
+    // The engine itself started with the new settings.
+    let report = &done["report"];
+    assert_eq!(report["downtime_target_ms"], 40.0, "{report}");
+    assert!(report["bandwidth_limit"].is_null(), "{report}");
+    let sent = report["bytes_sent"].as_u64().unwrap() as f64;
+    let at_cap_ms = sent / cap as f64 * 1e3;
+    let total_ms = report["total_ms"].as_f64().unwrap();
+    eprintln!(
+        "retuned while preparing: {total_ms:.0} ms; at the old cap at least {at_cap_ms:.0} ms"
+    );
+    assert!(total_ms < at_cap_ms / 4.0, "not uncapped: {report}");
+    let hb = b.heartbeat_after(
+        "vm1",
+        before["seq"].as_u64().unwrap(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(hb["err"], 0, "{hb}");
+    assert_eq!(hb["sequence_breaks"], 0, "{hb}");
+    assert_eq!(reserved(&a, "ferryd_memory_reserved_bytes"), 0);
     assert_eq!(b.delete("/v1/vms/vm1").status, 200);
 }

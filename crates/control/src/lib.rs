@@ -32,7 +32,9 @@ pub enum Request {
     Resume,
     /// Abandon the migration under way before its commit: the VM runs on
     /// here. Answered at once by the API thread (the VM's owner is busy
-    /// migrating); the engine stops at its next round.
+    /// migrating): `CancelRequested` when the cancel was accepted (the
+    /// engine stops at its next check, at the latest where its blackout
+    /// would begin), `CancelRefused` when the engine had sealed first.
     CancelMigration,
     /// Retune the migration under way: answered at once by the API thread,
     /// like a cancel. The pacers follow a new bandwidth from their next
@@ -178,11 +180,18 @@ pub enum Response {
         resumable: bool,
         report: Box<MigrationReport>,
     },
-    /// A cancel was passed on; the migration's own answer says how it
-    /// ended.
+    /// A cancel was accepted (or, with `migrating` false, no migration
+    /// was under way): the engine stops before its blackout and the VM
+    /// runs on here; the migration's own answer says so.
     CancelRequested {
         /// False when no migration was under way.
         migrating: bool,
+    },
+    /// Too late for a cancel: the engine had passed its point of no
+    /// return first, and the migration goes on to its commit.
+    CancelRefused {
+        sealed: ferry_migration::cancel::Sealed,
+        reason: String,
     },
     /// A retune was passed on to the migration under way.
     TuneRequested {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ferry_control::client::ANSWER_TIMEOUT;
 use ferry_control::{Request, Response, TuneRequest};
+use ferry_migration::cancel::{CancelState, Verdict};
 use ferry_migration::tuning::Tuning;
 
 /// Longest request line accepted.
@@ -22,21 +23,31 @@ const MAX_REQUEST: u64 = 64 << 10;
 
 /// The cancel of the migration under way. The VM's owner is busy inside
 /// the migration, so a `CancelMigration` is answered by the connection's
-/// own thread, which only sets the flag the engine reads between rounds.
+/// own thread, against the engine's cancel state: accepted if it comes
+/// before the engine seals it at its blackout, refused after.
 #[derive(Debug, Default)]
 pub struct MigrationCancel {
-    requested: Arc<AtomicBool>,
+    /// The migration under way's cancel state; None between migrations.
+    current: Mutex<Option<Arc<CancelState>>>,
     active: AtomicBool,
     /// The live settings of the migration under way, retuned the same way.
     tuning: Mutex<Option<Arc<Tuning>>>,
 }
 
+/// What a cancel got from the migration under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CancelAnswer {
+    NotMigrating,
+    Verdict(Verdict),
+}
+
 impl MigrationCancel {
-    /// A migration starts: a fresh, unset flag for the engine.
-    pub fn begin(&self) -> Arc<AtomicBool> {
-        self.requested.store(false, Ordering::SeqCst);
+    /// A migration starts: a fresh, open cancel state for its engine.
+    pub fn begin(&self) -> Arc<CancelState> {
+        let state = Arc::new(CancelState::new());
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
         self.active.store(true, Ordering::SeqCst);
-        self.requested.clone()
+        state
     }
 
     /// The live settings of the migration that starts, from its request.
@@ -50,6 +61,8 @@ impl MigrationCancel {
     pub fn end(&self) {
         self.active.store(false, Ordering::SeqCst);
         *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Kept: a cancel that comes after a commit but before the process
+        // exits is refused by the seal rather than told "nothing runs".
     }
 
     /// Passes `tune` to the migration under way; says whether one ran.
@@ -70,13 +83,33 @@ impl MigrationCancel {
         true
     }
 
-    /// Sets the flag if a migration runs; says whether one did.
-    fn request(&self) -> bool {
-        let active = self.active.load(Ordering::SeqCst);
-        if active {
-            self.requested.store(true, Ordering::SeqCst);
+    /// Races the engine's seal for the migration under way.
+    fn request(&self) -> CancelAnswer {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        match current.as_ref() {
+            Some(state) if self.active.load(Ordering::SeqCst) => {
+                CancelAnswer::Verdict(state.cancel())
+            }
+            // Ended: a sealed one was committing or has committed; an
+            // open or cancelled one has failed or was cancelled.
+            Some(state) => match state.sealed() {
+                Some(sealed) => CancelAnswer::Verdict(Verdict::Refused(sealed)),
+                None => CancelAnswer::NotMigrating,
+            },
+            None => CancelAnswer::NotMigrating,
         }
-        active
+    }
+}
+
+/// The answer to a `CancelMigration`.
+fn cancel_response(answer: CancelAnswer) -> Response {
+    match answer {
+        CancelAnswer::NotMigrating => Response::CancelRequested { migrating: false },
+        CancelAnswer::Verdict(Verdict::Accepted) => Response::CancelRequested { migrating: true },
+        CancelAnswer::Verdict(Verdict::Refused(sealed)) => Response::CancelRefused {
+            sealed,
+            reason: sealed.reason().into(),
+        },
     }
 }
 
@@ -175,9 +208,7 @@ fn serve(stream: UnixStream, owner: Sender<Pending>, cancel: Arc<MigrationCancel
             Err(e) => Response::Error {
                 message: format!("malformed request: {e}"),
             },
-            Ok(Request::CancelMigration) => Response::CancelRequested {
-                migrating: cancel.request(),
-            },
+            Ok(Request::CancelMigration) => cancel_response(cancel.request()),
             Ok(Request::TuneMigration(tune)) => match tune_error(&tune) {
                 Some(message) => Response::Error { message },
                 None => Response::TuneRequested {

@@ -9,6 +9,7 @@
 pub mod auto;
 pub mod bandwidth;
 pub mod bitmap;
+pub mod cancel;
 pub mod cpu_clock;
 pub mod error;
 pub mod guest;

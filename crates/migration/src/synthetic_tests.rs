@@ -408,3 +408,90 @@ fn a_stream_cut_mid_round_leaves_the_guest_running() {
         failure.reason()
     );
 }
+
+/// A cancel accepted while the first pass runs: the engine stops before
+/// any blackout, the guest never paused, and the seal stays unset.
+#[test]
+fn an_accepted_cancel_ends_the_migration_with_the_guest_running_here() {
+    use crate::cancel::{CancelState, Verdict};
+    let mut source = SyntheticSource::new(PAGES, 50);
+    let cancel = std::sync::Arc::new(CancelState::new());
+    // A target far above the pass's send time: without the cancel the
+    // blackout would follow the first pass.
+    let mut opts = options(60_000, Some(32 << 20));
+    opts.cancel = Some(cancel.clone());
+    let (listener, addr) = listen();
+    let dest = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        receive(stream, None, &ReceiveOptions::default(), |offer| {
+            Ok(SyntheticIncoming::new(offer.mem_bytes))
+        })
+        .map(|r| r.vm)
+    });
+    let stream = Link::plain(std::net::TcpStream::connect(&addr).unwrap());
+    let mut verdicts = Vec::new();
+    let result = migrate(&mut source, stream, &addr, &opts, &mut |p| {
+        if p.phase == "round" && p.sent_bytes > 0 {
+            verdicts.push(cancel.cancel());
+        }
+    });
+    let failure = result.expect_err("a cancelled migration commits nothing");
+    assert!(
+        matches!(failure.error, MigrateError::Cancelled),
+        "{}",
+        failure.reason()
+    );
+    assert!(failure.vm_running && !source.is_paused());
+    assert!(!verdicts.is_empty() && verdicts.iter().all(|v| *v == Verdict::Accepted));
+    assert!(cancel.is_cancelled() && cancel.sealed().is_none());
+    assert!(
+        dest.join().unwrap().is_err(),
+        "the destination must not keep the VM"
+    );
+    assert!(failure.report.rounds.iter().all(|r| !r.blackout));
+}
+
+/// A cancel accepted before the engine even starts (the last check comes
+/// after the first pass): the seal at the blackout fails, so the VM stays.
+#[test]
+fn a_cancel_before_the_seal_stops_the_blackout_from_beginning() {
+    use crate::cancel::CancelState;
+    let mut source = SyntheticSource::new(PAGES, 50);
+    let cancel = std::sync::Arc::new(CancelState::new());
+    cancel.cancel();
+    let mut opts = options(60_000, None);
+    opts.cancel = Some(cancel.clone());
+    let (result, dest) = run_pair(&mut source, &opts, |b| Ok(SyntheticIncoming::new(b)));
+    let failure = result.expect_err("cancelled");
+    assert!(matches!(failure.error, MigrateError::Cancelled));
+    assert!(failure.vm_running && !source.is_paused());
+    assert!(dest.is_err());
+}
+
+/// After a commit, pre-copy or post-copy, the engine has sealed: a cancel
+/// is refused with the stage that sealed it.
+#[test]
+fn a_cancel_after_the_seal_is_refused_and_the_migration_commits() {
+    use crate::cancel::{CancelState, Sealed, Verdict};
+    for mode in [crate::mode::Mode::Precopy, crate::mode::Mode::Postcopy] {
+        let mut source = SyntheticSource::new(PAGES, 50);
+        let cancel = std::sync::Arc::new(CancelState::new());
+        let mut opts = options(20, None);
+        opts.mode = mode;
+        opts.cancel = Some(cancel.clone());
+        let result = if mode == crate::mode::Mode::Postcopy {
+            run_postcopy_pair(&mut source, &opts, Vec::new()).0
+        } else {
+            run_pair(&mut source, &opts, |b| Ok(SyntheticIncoming::new(b))).0
+        };
+        let report = result.unwrap_or_else(|f| panic!("{mode:?}: {}", f.reason()));
+        assert_eq!(report.outcome, "committed");
+        let at = if mode == crate::mode::Mode::Postcopy {
+            Sealed::Postcopy
+        } else {
+            Sealed::Blackout
+        };
+        assert_eq!(cancel.cancel(), Verdict::Refused(at), "{mode:?}");
+        assert!(source.is_paused());
+    }
+}

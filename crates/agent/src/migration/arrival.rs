@@ -97,6 +97,7 @@ impl Agent {
         if let Err(e) = crate::incoming::save(&self.config.state_dir, file) {
             tracing::error!("cannot write incoming migration {}: {e}", file.view.id);
         }
+        self.apply_retention();
     }
 
     /// The VM runs here: it gets its record and reservation. `vmm`: its
@@ -175,5 +176,6 @@ impl Agent {
         if let Err(e) = crate::incoming::save(&self.config.state_dir, file) {
             tracing::error!("cannot write incoming migration {}: {e}", file.view.id);
         }
+        self.apply_retention();
     }
 }

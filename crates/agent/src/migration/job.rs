@@ -131,6 +131,14 @@ pub struct MigrationJob {
     /// How guest memory crosses the network.
     pub transport: String,
     pub mode: String,
+    /// The blackout the engine aims for, as asked at the start or by the
+    /// latest `PATCH`; None: not known (ferryd restarted meanwhile).
+    #[serde(default)]
+    pub downtime_target_ms: Option<f64>,
+    /// The send-rate cap in bytes per second, as asked at the start or by
+    /// the latest `PATCH`; None: uncapped (or not known after a restart).
+    #[serde(default)]
+    pub bandwidth_cap: Option<u64>,
     /// The destination's id of its incoming migration.
     pub destination_migration: Option<String>,
     /// The receiving VMM's address.
@@ -147,16 +155,43 @@ pub struct MigrationJob {
     pub report: Option<MigrationReport>,
     /// Why it failed or was cancelled.
     pub error: Option<String>,
+    /// For a job that did not commit after the destination had prepared:
+    /// whether the destination was told to release what it prepared
+    /// (false: it could not be reached, and releases by itself later).
+    #[serde(default)]
+    pub destination_told: Option<bool>,
+    /// What the abort call to the destination came to.
+    #[serde(default)]
+    pub destination_note: Option<String>,
     /// Who asked for it (as the audit log says).
     pub requested_by: Caller,
     pub started_at: String,
     pub ended_at: Option<String>,
 }
 
+/// Who holds the decision about a cancel: the agent until it hands the
+/// migration to the source VMM, then the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handoff {
+    /// Still preparing: a cancel here stops the job before the data
+    /// plane, and a retune is kept for the engine's start.
+    Agent,
+    /// Cancelled before the hand-off: the data plane never starts.
+    Cancelled,
+    /// `Request::Migrate` is on its way or running: only the engine's
+    /// cancel state decides.
+    Engine,
+}
+
 /// A job and what its cancel sets.
 pub struct JobSlot {
     pub view: Mutex<MigrationJob>,
+    /// Set once a cancel was accepted (by the agent or the engine).
     pub(super) cancel: AtomicBool,
+    pub(crate) handoff: Mutex<Handoff>,
+    /// A switch to post-copy asked for before the hand-off (set under the
+    /// hand-off lock): the engine starts in post-copy.
+    pub(crate) postcopy_asked: AtomicBool,
     /// Set when the policy's completion timeout ended it.
     pub(super) timed_out: AtomicBool,
     /// Set once the engine has gone past the point a cancel holds.
@@ -166,9 +201,15 @@ pub struct JobSlot {
 impl JobSlot {
     /// A job read back from the state directory after a restart.
     pub(crate) fn restored(view: MigrationJob) -> Self {
+        Self::new(view)
+    }
+
+    pub(super) fn new(view: MigrationJob) -> Self {
         Self {
             view: Mutex::new(view),
             cancel: AtomicBool::new(false),
+            handoff: Mutex::new(Handoff::Agent),
+            postcopy_asked: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
             past_cancel: Mutex::new(None),
         }
@@ -180,6 +221,20 @@ impl JobSlot {
 
     pub(super) fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Hands the decision about cancels to the engine; false if a cancel
+    /// came first (the data plane must not start).
+    pub(super) fn hand_to_engine(&self) -> bool {
+        let mut h = lock(&self.handoff);
+        match *h {
+            Handoff::Agent => {
+                *h = Handoff::Engine;
+                true
+            }
+            Handoff::Cancelled => false,
+            Handoff::Engine => true,
+        }
     }
 }
 

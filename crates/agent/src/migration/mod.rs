@@ -56,6 +56,7 @@ use crate::server::Agent;
 use crate::supervisor::{self, Vmm};
 
 pub use destination::{IncomingPhase, IncomingSlot, IncomingView, PeerOffer, Prepared};
+pub(crate) use job::Handoff;
 pub use job::{JobPhase, JobProgress, JobSlot, MigrationJob, MigrationTarget, StartMigration};
 
 const STOP_GRACE: Duration = Duration::from_secs(10);

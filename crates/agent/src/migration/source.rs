@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_control::{MigrateRequest, Request, Response};
@@ -105,6 +105,8 @@ impl Agent {
             phase: JobPhase::Preparing,
             transport: PLAINTEXT.into(),
             mode: format!("{mode:?}").to_lowercase(),
+            downtime_target_ms: Some(req.downtime_ms.unwrap_or(record.policy.downtime_ms)),
+            bandwidth_cap: req.bandwidth.or(record.policy.bandwidth),
             destination_migration: None,
             data_plane: None,
             progress: None,
@@ -112,16 +114,13 @@ impl Agent {
             progress_lines: 0,
             report: None,
             error: None,
+            destination_told: None,
+            destination_note: None,
             requested_by: caller.clone(),
             started_at: now_rfc3339(),
             ended_at: None,
         };
-        let job = Arc::new(JobSlot {
-            view: Mutex::new(view.clone()),
-            cancel: AtomicBool::new(false),
-            timed_out: AtomicBool::new(false),
-            past_cancel: Mutex::new(None),
-        });
+        let job = Arc::new(JobSlot::new(view.clone()));
         *lock(&slot.job) = Some(id.clone());
         lock(&self.jobs).insert(id.clone(), job.clone());
         self.events.publish(Event::Migration {
@@ -181,6 +180,11 @@ impl Agent {
             Err(reason) if job.cancelled() => (JobPhase::Cancelled, Some(reason)),
             Err(reason) => (JobPhase::Failed, Some(reason)),
         };
+        // The outcome says whether the destination was told to let go.
+        let reason = match (reason, lock(&job.view).destination_note.clone()) {
+            (Some(r), Some(note)) if phase != JobPhase::Committed => Some(format!("{r}; {note}")),
+            (r, _) => r,
+        };
         // After a commit the old VMM's exit stays no failure: it may come
         // after the VM has come back here under the same id.
         if phase != JobPhase::Committed {
@@ -189,6 +193,7 @@ impl Agent {
         *lock(&slot.job) = None;
         self.set_phase(&job, phase, reason.clone());
         self.save_job(&job);
+        self.apply_retention();
         let view = job.snapshot();
         if let Some(report) = &view.report {
             self.metrics.migration_moved(
@@ -303,18 +308,35 @@ impl Agent {
         // Written before the data plane starts: a restart of this agent
         // settles it (crate::jobs).
         self.save_job(job);
-        if job.cancelled() {
+        if !job.hand_to_engine() {
             self.abort_remote(client, job).await;
             return Err("cancelled by the operator before the data plane started".into());
         }
         self.set_phase(job, JobPhase::Transferring, None);
         slot.departing.store(true, Ordering::SeqCst);
         let local_disk = record.definition.disk.as_ref().is_some_and(|d| d.local);
+        // Retunes made while preparing are in the view (the hand-off lock
+        // orders them before this read; later ones go to the VMM).
+        let (downtime_ms, bandwidth) = {
+            let mut v = lock(&job.view);
+            if job.postcopy_asked.load(Ordering::SeqCst) {
+                v.mode = "postcopy".into();
+            }
+            (
+                v.downtime_target_ms.unwrap_or(record.policy.downtime_ms),
+                v.bandwidth_cap,
+            )
+        };
+        let mode = if job.postcopy_asked.load(Ordering::SeqCst) {
+            Mode::Postcopy
+        } else {
+            mode
+        };
         let request = Request::Migrate(MigrateRequest {
             to: data_plane.to_string(),
-            downtime_ms: req.downtime_ms.unwrap_or(record.policy.downtime_ms),
+            downtime_ms,
             max_downtime_ms: req.max_downtime_ms,
-            bandwidth: req.bandwidth.or(record.policy.bandwidth),
+            bandwidth,
             auto_converge: record.policy.allow_auto_converge,
             mode,
             // A copied disk moves by pre-copy only.

@@ -59,12 +59,12 @@ pub fn migrate_vm(
     migrate_vm_cancellable(vm, request, None, progress)
 }
 
-/// Like [`migrate_vm`]; `cancel`, once set, ends the migration at the next
-/// round with the VM running here.
+/// Like [`migrate_vm`]; a cancel accepted by `cancel` ends the migration
+/// before its blackout with the VM running here.
 pub fn migrate_vm_cancellable(
     vm: &mut Vm,
     request: &MigrateRequest,
-    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    cancel: Option<std::sync::Arc<ferry_migration::cancel::CancelState>>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, Failure> {
     migrate_vm_controlled(vm, request, cancel, None, progress)
@@ -75,7 +75,7 @@ pub fn migrate_vm_cancellable(
 pub fn migrate_vm_controlled(
     vm: &mut Vm,
     request: &MigrateRequest,
-    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    cancel: Option<std::sync::Arc<ferry_migration::cancel::CancelState>>,
     tuning: Option<std::sync::Arc<ferry_migration::tuning::Tuning>>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, Failure> {

@@ -75,10 +75,12 @@ pub struct MigrateOptions {
     /// parked at least this percentage of every brake period, and the
     /// migration's threads run on the cores they leave (0: no floor).
     pub cpu_share: u32,
-    /// Set by an operator's cancel: checked between rounds, it ends the
-    /// migration the way any failure before the commit does (the VM runs
-    /// on here).
-    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// An operator's cancel: checked between rounds, it ends the migration
+    /// the way any failure before the commit does (the VM runs on here).
+    /// The engine seals it when its blackout or its switch to post-copy
+    /// begins; a cancel that came first makes the engine abort there
+    /// instead, and a later one is refused.
+    pub cancel: Option<std::sync::Arc<crate::cancel::CancelState>>,
     /// Set by an operator while the migration runs: the pre-copy pacers
     /// follow its bandwidth cap from their next batch, and the round loop
     /// takes its downtime target or switch to post-copy between rounds.
@@ -451,10 +453,8 @@ fn drive<G: SourceGuest + ?Sized>(
             (sent, None)
         };
         poll_abort(stream, &mut scratch)?;
-        if let Some(cancel) = &options.cancel {
-            if cancel.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(MigrateError::Cancelled);
-            }
+        if options.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            return Err(MigrateError::Cancelled);
         }
         if let Some(target) = tuning.take_downtime() {
             policy.set_downtime_target(target);
@@ -555,6 +555,7 @@ fn drive<G: SourceGuest + ?Sized>(
         forced,
     };
     let limit = policy.config().max_downtime;
+    seal(options, crate::cancel::Sealed::Blackout)?;
     blackout(
         guest,
         stream,
@@ -565,6 +566,14 @@ fn drive<G: SourceGuest + ?Sized>(
         expected,
         limit,
     )
+}
+
+/// Passes the point of no return, unless an operator's cancel came first.
+fn seal(options: &MigrateOptions, at: crate::cancel::Sealed) -> Result<(), MigrateError> {
+    match &options.cancel {
+        Some(cancel) => cancel.seal(at).map_err(|_| MigrateError::Cancelled),
+        None => Ok(()),
+    }
 }
 
 pub(super) fn ranges_to_runs(ranges: &[RamRange]) -> Vec<PageRun> {

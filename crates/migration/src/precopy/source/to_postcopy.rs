@@ -79,6 +79,7 @@ pub(super) fn switch_to_postcopy<G: SourceGuest + ?Sized>(
     predicted: Duration,
     reason: &str,
 ) -> Result<(), MigrateError> {
+    seal(options, crate::cancel::Sealed::Postcopy)?;
     let session = new_session();
     let fault = open_fault_channel(stream, session, options.io_timeout)?;
 
