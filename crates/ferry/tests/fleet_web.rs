@@ -127,6 +127,8 @@ fn jobs() -> Vec<MigrationJob> {
         phase,
         transport: "tls1.3".into(),
         mode: "precopy".into(),
+        downtime_target_ms: None,
+        bandwidth_cap: None,
         destination_migration: None,
         data_plane: None,
         progress: None,
@@ -134,6 +136,8 @@ fn jobs() -> Vec<MigrationJob> {
         progress_lines: 0,
         report: None,
         error: None,
+        destination_told: None,
+        destination_note: None,
         requested_by: Caller::Local {
             uid: 0,
             gid: 0,
