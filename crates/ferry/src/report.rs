@@ -166,6 +166,26 @@ pub fn print_migration_report(r: &MigrationReport) {
                 d.rounds_with_writes
             ),
         ));
+        if d.writes_held > 0 || d.write_blocking_ms > 0.0 {
+            rows.push((
+                "write-blocking",
+                format!(
+                    "{:.1} ms: {} guest writes waited for the copy, the longest {:.1} ms{}",
+                    d.write_blocking_ms,
+                    d.writes_held,
+                    d.longest_hold_ms,
+                    if d.writes_released_unsent > 0 {
+                        format!(
+                            "; {} let through unsent after {} s (sent later)",
+                            d.writes_released_unsent,
+                            ferry_vmm::devices::block::copy_hold::LONGEST_HOLD.as_secs()
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+            ));
+        }
     }
     if !r.rounds.is_empty() {
         rows.push((

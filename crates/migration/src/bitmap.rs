@@ -52,6 +52,19 @@ impl PageBitmap {
         self.count() * PAGE
     }
 
+    /// Bytes of the set in the ranges that start at or above `gpa` (a
+    /// copied disk's blocks, above every RAM range).
+    pub fn bytes_from(&self, gpa: u64) -> u64 {
+        let pages: u64 = self
+            .ranges
+            .iter()
+            .filter(|r| r.gpa >= gpa)
+            .flat_map(|r| &r.bits)
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        pages * PAGE
+    }
+
     /// Adds every page of `other`, which must cover the same ranges.
     pub fn union_with(&mut self, other: &PageBitmap) {
         for (mine, theirs) in self.ranges.iter_mut().zip(&other.ranges) {

@@ -80,6 +80,16 @@ pub trait SourceGuest {
     fn release_storage(&mut self) -> Result<bool, GuestError> {
         Ok(false)
     }
+    /// Write-blocking, for a disk copied with the VM: while on, each write
+    /// the guest makes to it completes only once the copy has sent the
+    /// round that carries its block, so the guest cannot outwrite the
+    /// link. Off (which `pause` and the end of dirty logging imply too)
+    /// releases every waiting write. Whether the VM has such a disk.
+    fn hold_disk_writes(&mut self, _on: bool) -> Result<bool, GuestError> {
+        Ok(false)
+    }
+    /// The round built from the last harvest was sent in full.
+    fn round_sent(&mut self) {}
     /// A reader of guest memory other threads can share: post-copy's
     /// threads read the paused VM's memory through it, and the page-data
     /// streams read the running VM's (with `read`'s rule: a page may come

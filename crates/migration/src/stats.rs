@@ -301,6 +301,19 @@ pub struct DiskCopyReport {
     pub blackout_blocks: u64,
     /// Dirty-block harvests that found guest writes to send again.
     pub rounds_with_writes: u32,
+    /// From the switch to write-blocking (the guest wrote faster than the
+    /// link carried the copy) to the pause; 0: never switched.
+    #[serde(default)]
+    pub write_blocking_ms: f64,
+    /// Guest writes that waited for the copy, and the longest wait.
+    #[serde(default)]
+    pub writes_held: u64,
+    #[serde(default)]
+    pub longest_hold_ms: f64,
+    /// Writes let through after the longest hold with the copy not there
+    /// yet (they are sent later all the same).
+    #[serde(default)]
+    pub writes_released_unsent: u64,
 }
 
 impl MigrationReport {

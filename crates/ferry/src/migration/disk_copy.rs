@@ -94,6 +94,15 @@ impl SourceDisk {
         self.reader.set_tracking(on);
     }
 
+    /// Write-blocking on or off (see `ferry_vmm::devices::block::copy_hold`).
+    pub fn hold_writes(&self, on: bool) {
+        self.reader.hold_writes(on);
+    }
+
+    pub fn round_sent(&self) {
+        self.reader.round_sent();
+    }
+
     /// The blocks written since the last harvest, as the disk range's bits.
     pub fn harvest(&self) -> RangeBits {
         let bits = self.reader.harvest();
@@ -113,6 +122,7 @@ impl SourceDisk {
     }
 
     pub fn report(&self) -> DiskCopyReport {
+        let hold = self.reader.hold_totals();
         DiskCopyReport {
             image: self.reader.path().display().to_string(),
             image_bytes: self.reader.size(),
@@ -120,6 +130,10 @@ impl SourceDisk {
             blocks_sent: self.blocks_sent.load(Ordering::Relaxed),
             blackout_blocks: self.blackout_blocks.load(Ordering::Relaxed),
             rounds_with_writes: self.rounds_with_writes.load(Ordering::Relaxed),
+            write_blocking_ms: hold.blocking.as_secs_f64() * 1e3,
+            writes_held: hold.writes_held,
+            longest_hold_ms: hold.longest.as_secs_f64() * 1e3,
+            writes_released_unsent: hold.released_unsent,
         }
     }
 }

@@ -136,11 +136,32 @@ impl SourceGuest for VmSource<'_> {
         Ok(PageBitmap { ranges })
     }
 
+    fn hold_disk_writes(&mut self, on: bool) -> Result<bool, GuestError> {
+        Ok(match &self.disk_copy {
+            Some(disk) => {
+                disk.hold_writes(on);
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn round_sent(&mut self) {
+        if let Some(disk) = &self.disk_copy {
+            disk.round_sent();
+        }
+    }
+
     fn set_throttle(&mut self, percent: u32) -> Result<(), GuestError> {
         Ok(self.vm.set_throttle(percent)?)
     }
 
     fn pause(&mut self) -> Result<PauseTiming, GuestError> {
+        // A write held for the copy would hold the device's pause, which
+        // waits for the request it serves; the blackout sends the block.
+        if let Some(disk) = &self.disk_copy {
+            disk.hold_writes(false);
+        }
         let paused = self.vm.pause()?;
         // From the blackout on, frames for the VM are kept, not given to
         // the guest: after a commit they go to the destination, after an

@@ -214,17 +214,26 @@ pub fn assert_image_blocks(image: &str, mb: u64, max_gen: u64) {
 /// blocks), up and past its first checked block; returns it and its API
 /// socket.
 pub fn disk_source(dir: &TempDir, img: &str, mb: u64) -> (FerryProc, String) {
+    disk_source_with(dir, img, "512M", &format!("dirty:64:10+disk:{mb}:max"))
+}
+
+/// [`disk_source`] with `mem` and a `workload` that has a disk term.
+pub fn disk_source_with(
+    dir: &TempDir,
+    img: &str,
+    mem: &str,
+    workload: &str,
+) -> (FerryProc, String) {
     let socket = dir.path("source.sock");
     let disk = format!("path={img}");
-    let workload = format!("dirty:64:10+disk:{mb}:max");
     let mut src = FerryProc::spawn(
         "source",
         &[
             "run",
             "--mem",
-            "512M",
+            mem,
             "--workload",
-            &workload,
+            workload,
             "--disk",
             &disk,
             "--api",

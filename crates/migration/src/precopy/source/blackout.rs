@@ -45,6 +45,13 @@ pub(super) fn blackout<G: SourceGuest + ?Sized>(
             .set_throttle(0)
             .map_err(MigrateError::guest("releasing the brake"))?;
     }
+    if run.disk_writes_held {
+        // A write held for the copy would hold up the pause; the blackout
+        // sends its block.
+        guest
+            .hold_disk_writes(false)
+            .map_err(MigrateError::guest("ending write-blocking"))?;
+    }
     let paused = guest
         .pause()
         .map_err(MigrateError::guest("pausing the VM"))?;
@@ -58,7 +65,7 @@ pub(super) fn blackout<G: SourceGuest + ?Sized>(
     if let Some(limit) = limit {
         // The hard limit holds against what is really left, not against
         // what the last live round suggested.
-        let rate = run.rate.unwrap_or(ASSUMED_RATE);
+        let rate = run.link_rate();
         let fixed = expected.total.saturating_sub(expected.pages);
         let now = fixed + Duration::from_secs_f64(dirty.bytes() as f64 / rate) + woke.elapsed();
         if now > limit {

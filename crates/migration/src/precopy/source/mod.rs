@@ -30,12 +30,14 @@ use crate::stats::{mib_per_s, GuestSeen, MigrationReport, Progress, RoundReport}
 
 mod auto_start;
 mod blackout;
+mod disk_hold;
 mod peer;
 mod rounds;
 mod to_postcopy;
 
 use auto_start::*;
 use blackout::*;
+use disk_hold::*;
 use peer::*;
 use rounds::*;
 pub use to_postcopy::resume_postcopy;
@@ -155,9 +157,15 @@ struct Run<'p> {
     /// range): pre-copy only, since post-copy would leave blocks behind
     /// on a host whose crash would lose them.
     copies_disks: bool,
+    /// The copied disk switched to write-blocking (until the pause).
+    disk_writes_held: bool,
+    /// The copied disk's dirty bytes at the last harvest.
+    last_disk_dirty: Option<u64>,
     /// A post-copy given up on, which can be resumed.
     unfinished: Option<Box<Unfinished>>,
     rate: Option<f64>,
+    /// The operator's bandwidth cap as of the last round.
+    send_cap: Option<u64>,
     last_dirty_rate: f64,
     ram_ranges: Vec<RamRange>,
     /// The protocol version agreed on.
@@ -175,6 +183,14 @@ struct Run<'p> {
 impl Run<'_> {
     fn ms(&self) -> f64 {
         self.t0.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// The rate the link sends at, for predictions: the measured one, or
+    /// the operator's cap when that is lower (small rounds measure no
+    /// rate, and the rate assumed then is far above any cap).
+    fn link_rate(&self) -> f64 {
+        let measured = self.rate.unwrap_or(ASSUMED_RATE);
+        self.send_cap.map_or(measured, |c| measured.min(c as f64))
     }
 
     fn tell(
@@ -253,8 +269,11 @@ pub fn migrate<G: SourceGuest + ?Sized>(
         commit_recovery: None,
         postcopy_started: false,
         copies_disks: false,
+        disk_writes_held: false,
+        last_disk_dirty: None,
         unfinished: None,
         rate: None,
+        send_cap: options.bandwidth,
         last_dirty_rate: 0.0,
         ram_ranges: Vec::new(),
         version: 0,
@@ -452,6 +471,7 @@ fn drive<G: SourceGuest + ?Sized>(
             };
             (sent, None)
         };
+        guest.round_sent();
         poll_abort(stream, &mut scratch)?;
         if options.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             return Err(MigrateError::Cancelled);
@@ -464,13 +484,14 @@ fn drive<G: SourceGuest + ?Sized>(
             run.say("post-copy asked for, refused: the VM's disk is being copied, which only pre-copy does safely".into());
             operator_postcopy = false;
         }
-        let round_report = run
+        let round_ms = run
             .report
             .rounds
-            .last_mut()
-            .expect("send_round adds the round");
+            .last()
+            .expect("send_round adds the round")
+            .duration_ms;
         if sent.bytes >= RATE_SAMPLE_MIN {
-            run.rate = Some(sent.bytes as f64 / (round_report.duration_ms / 1e3).max(1e-6));
+            run.rate = Some(sent.bytes as f64 / (round_ms / 1e3).max(1e-6));
         }
         let harvest_cpu = crate::cpu_clock::thread_cpu_time();
         let mut dirty = guest
@@ -480,10 +501,12 @@ fn drive<G: SourceGuest + ?Sized>(
         if let Some(rtt) = crate::cpu_clock::tcp_round_trip(stream.tcp()) {
             run.round_trip = rtt;
         }
+        run.send_cap = tuning.bandwidth();
+        let rate = run.link_rate();
         policy.set_fixed_blackout(crate::policy::fixed_costs(
             run.last_harvest_cost,
             run.round_trip,
-            run.rate.unwrap_or(ASSUMED_RATE),
+            rate,
             run.report.vcpus,
         ));
         if let Some(seen) = &seen {
@@ -492,12 +515,16 @@ fn drive<G: SourceGuest + ?Sized>(
         let elapsed = last_harvest.elapsed();
         last_harvest = Instant::now();
         run.last_dirty_rate = mib_per_s(dirty.bytes(), elapsed.as_secs_f64() * 1e3);
-        round_report.dirty_rate_mibs = run.last_dirty_rate;
+        if let Some(r) = run.report.rounds.last_mut() {
+            r.dirty_rate_mibs = run.last_dirty_rate;
+        }
+        let target = policy.config().downtime_target;
+        hold_disk_if_outrun(guest, run, &dirty, elapsed, target)?;
         let facts = RoundFacts {
             round,
             dirty_bytes: dirty.bytes(),
             elapsed,
-            send_rate: run.rate.unwrap_or(ASSUMED_RATE),
+            send_rate: rate,
             since_start: first_round.elapsed(),
         };
         if operator_postcopy {
@@ -519,7 +546,7 @@ fn drive<G: SourceGuest + ?Sized>(
                     run.throttle,
                     predicted.as_secs_f64() * 1e3,
                     dirty.bytes() as f64 / (1 << 20) as f64,
-                    run.rate.unwrap_or(ASSUMED_RATE) / (1 << 20) as f64,
+                    rate / (1 << 20) as f64,
                     policy.config().max_downtime.unwrap_or_default().as_secs_f64() * 1e3
                 )));
             }

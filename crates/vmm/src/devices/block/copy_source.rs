@@ -12,6 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::copy_hold::{CopyHold, HoldTotals};
 use super::dirty::{DirtyBlocks, DIRTY_BLOCK};
 use super::image::{Bounce, CacheMode};
 
@@ -28,6 +29,7 @@ pub struct DiskCopySource {
     size: u64,
     direct: bool,
     dirty: Arc<DirtyBlocks>,
+    hold: Arc<CopyHold>,
 }
 
 impl DiskCopySource {
@@ -37,6 +39,7 @@ impl DiskCopySource {
         size: u64,
         mode: CacheMode,
         dirty: Arc<DirtyBlocks>,
+        hold: Arc<CopyHold>,
     ) -> DiskCopySource {
         DiskCopySource {
             file,
@@ -44,6 +47,7 @@ impl DiskCopySource {
             size,
             direct: mode == CacheMode::Direct,
             dirty,
+            hold,
         }
     }
 
@@ -131,8 +135,35 @@ impl DiskCopySource {
     }
 
     /// Starts (with an empty set) or stops recording the guest's writes.
+    /// Stopping also ends write-blocking: no copy is left to wait for.
     pub fn set_tracking(&self, on: bool) {
+        if on {
+            self.hold.stop();
+            self.hold.reset_totals();
+        } else {
+            self.hold.stop();
+        }
         self.dirty.set_tracking(on);
+    }
+
+    /// Starts write-blocking (see [`super::copy_hold`]) or ends it,
+    /// letting every waiting write complete.
+    pub fn hold_writes(&self, on: bool) {
+        if on {
+            self.hold.start(&self.dirty);
+        } else {
+            self.hold.stop();
+        }
+    }
+
+    /// The copy sent the round built from the newest harvest.
+    pub fn round_sent(&self) {
+        self.hold.round_sent(&self.dirty);
+    }
+
+    /// What write-blocking did so far.
+    pub fn hold_totals(&self) -> HoldTotals {
+        self.hold.totals()
     }
 
     /// The blocks written since the last harvest (see
@@ -144,6 +175,13 @@ impl DiskCopySource {
     /// Blocks the set covers.
     pub fn blocks(&self) -> u64 {
         self.dirty.blocks()
+    }
+}
+
+impl Drop for DiskCopySource {
+    /// A copy that is gone sends nothing more: no write may wait for it.
+    fn drop(&mut self) {
+        self.hold.stop();
     }
 }
 
@@ -160,6 +198,7 @@ mod tests {
             size,
             CacheMode::Buffered,
             Arc::new(DirtyBlocks::new(size)),
+            Arc::new(CopyHold::default()),
         )
     }
 

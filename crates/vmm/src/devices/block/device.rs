@@ -177,6 +177,7 @@ impl Block {
             image.size(),
             image.mode(),
             rings.backend.dirty.clone(),
+            rings.backend.hold.clone(),
         ))
     }
 

@@ -20,6 +20,9 @@ pub struct DirtyBlocks {
     tracking: AtomicBool,
     blocks: u64,
     words: Vec<AtomicU64>,
+    /// Harvests so far: what a write waiting for the copy counts on
+    /// ([`super::copy_hold`]).
+    harvests: AtomicU64,
 }
 
 impl DirtyBlocks {
@@ -32,6 +35,7 @@ impl DirtyBlocks {
             words: (0..blocks.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            harvests: AtomicU64::new(0),
         }
     }
 
@@ -68,10 +72,18 @@ impl DirtyBlocks {
     /// Every block written since the previous harvest, one bit per block
     /// (bit i of word w is block 64w + i); clears the set.
     pub fn harvest(&self) -> Vec<u64> {
-        self.words
+        let bits = self
+            .words
             .iter()
             .map(|w| w.swap(0, Ordering::SeqCst))
-            .collect()
+            .collect();
+        self.harvests.fetch_add(1, Ordering::SeqCst);
+        bits
+    }
+
+    /// How many harvests there have been.
+    pub fn harvests(&self) -> u64 {
+        self.harvests.load(Ordering::SeqCst)
     }
 }
 

@@ -8,6 +8,7 @@
 //! once it returned, for a migration that copies the disk
 //! (`copy_source` on this side, `copy_target` on the destination).
 
+pub mod copy_hold;
 pub mod copy_source;
 pub mod copy_target;
 pub mod device;
@@ -27,6 +28,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::memory::GuestMemory;
+use copy_hold::CopyHold;
 use dirty::DirtyBlocks;
 use image::{Bounce, Image};
 use request::{Malformed, WriteCache, ID_BYTES, MAX_REQUEST_BYTES};
@@ -58,6 +60,8 @@ pub struct Backend {
     id: [u8; ID_BYTES],
     bounce: Bounce,
     pub dirty: Arc<DirtyBlocks>,
+    /// Write-blocking, when a copy of the disk asks for it.
+    pub hold: Arc<CopyHold>,
 }
 
 impl Backend {
@@ -68,6 +72,7 @@ impl Backend {
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Backend {
             dirty: Arc::new(DirtyBlocks::new(image.size())),
+            hold: Arc::new(CopyHold::default()),
             image,
             id,
             bounce: Bounce::new(MAX_REQUEST_BYTES),
@@ -119,6 +124,13 @@ impl Backend {
             )?;
             if done.status != request::VIRTIO_BLK_S_OK {
                 served.io_errors += 1;
+            }
+            // Write-blocking: the guest learns of its write only once the
+            // copy has sent the block.
+            if done.wrote_image {
+                if let Some(ticket) = self.hold.ticket(&self.dirty) {
+                    self.hold.wait(ticket);
+                }
             }
             queue
                 .add_used(memory, done.head, done.used_len)

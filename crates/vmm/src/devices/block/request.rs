@@ -65,6 +65,8 @@ pub struct Done {
     /// Bytes written into guest memory (data and status): the used length.
     pub used_len: u32,
     pub status: u8,
+    /// Whether the request wrote the image (and so marked dirty blocks).
+    pub wrote_image: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -208,6 +210,7 @@ where
     let req = parse(chain, memory)?;
     let bad = |why: String| Malformed { head, why };
     let mut written = 0u32;
+    let mut wrote_image = false;
     let status = match req.kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => match range(&req, image) {
             None => VIRTIO_BLK_S_IOERR,
@@ -229,6 +232,7 @@ where
                 gather(&req.data, memory, bounce.as_mut_slice()).map_err(bad)?;
                 let mut result = image.write_aligned(bounce, req.data_len, offset);
                 dirty.mark(offset, req.data_len as u64);
+                wrote_image = true;
                 if result.is_ok() && cache == WriteCache::WriteThrough {
                     result = image.flush().map_err(std::io::Error::other);
                 }
@@ -263,6 +267,7 @@ where
         head,
         used_len: written + 1,
         status,
+        wrote_image,
     })
 }
 
