@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -103,6 +104,32 @@ impl Qmp {
 
     /// Runs one command and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let (id, line) = self.command_line(command, arguments);
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| self.io_error(e))?;
+        self.answer(id)
+    }
+
+    /// [`Qmp::execute`] with `fd` passed along (SCM_RIGHTS), for `getfd`:
+    /// QEMU then holds its own copy of the descriptor under the name given.
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        let (id, line) = self.command_line(command, arguments);
+        let sent = send_with_fd(&self.writer, line.as_bytes(), fd).map_err(|e| self.io_error(e))?;
+        // The descriptor went with the first byte; the rest, if the
+        // socket took only part, goes as usual.
+        self.writer
+            .write_all(&line.as_bytes()[sent..])
+            .map_err(|e| self.io_error(e))?;
+        self.answer(id)
+    }
+
+    fn command_line(&mut self, command: &str, arguments: Option<Value>) -> (u64, String) {
         self.next_id += 1;
         let id = self.next_id;
         let mut msg = json!({ "execute": command, "id": id });
@@ -111,9 +138,11 @@ impl Qmp {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|e| self.io_error(e))?;
+        (id, line)
+    }
+
+    /// Reads until the answer to command `id`, setting events aside.
+    fn answer(&mut self, id: u64) -> Result<Value, QmpError> {
         loop {
             let mut reply = self.read_message()?;
             if let Some(event) = reply.get("event") {
@@ -172,6 +201,46 @@ impl Qmp {
             io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => QmpError::Closed,
             _ => QmpError::Io(e),
         }
+    }
+}
+
+/// Sends `bytes` on `socket` with one descriptor in an SCM_RIGHTS message;
+/// returns how many bytes went (at least one, or an error).
+fn send_with_fd(socket: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let fd_len = std::mem::size_of::<libc::c_int>() as libc::c_uint;
+    // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+    let (space, cmsg_len) = unsafe { (libc::CMSG_SPACE(fd_len), libc::CMSG_LEN(fd_len)) };
+    // u64 words: the control buffer must be aligned for a cmsghdr.
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid, empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as usize;
+    // SAFETY: msg_control points at `space` zeroed, aligned bytes, room
+    // for exactly one cmsghdr carrying one descriptor, so CMSG_FIRSTHDR is
+    // non-null and CMSG_DATA has room for the descriptor written there.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = cmsg_len as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
+        // `iov` and `control` outlive the call; the descriptors are open.
+        libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    match sent {
+        n if n > 0 => Ok(n as usize),
+        0 => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "sendmsg sent nothing",
+        )),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 
