@@ -471,8 +471,8 @@ fn migrate(
     let max_bandwidth = effective["max-bandwidth"].as_u64().unwrap_or(0);
     let max_postcopy_bandwidth = effective["max-postcopy-bandwidth"].as_u64().unwrap_or(0);
     let mirror = match &m.disk {
-        Some(_) => Some(start_mirror(src, dst)?),
-        None => None,
+        Some(disk) if disk.mirrored() => Some(start_mirror(src, dst)?),
+        _ => None,
     };
     dst.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
 
@@ -572,9 +572,18 @@ fn migrate(
         );
     }
 
-    let finished = match mirror {
-        Some(mirror) => Some(finish_mirror(src, dst, mirror)?),
-        None => None,
+    let finished = match (mirror, &m.disk) {
+        (Some(mirror), _) => Some(finish_mirror(src, dst, mirror)?),
+        // No mirror (tests): the paused destination continues all the same.
+        (None, Some(_)) => {
+            let completed = Instant::now();
+            continue_destination(dst)?;
+            Some((
+                QemuDiskOutcome::unmirrored(ms(completed.elapsed())),
+                f64::NAN,
+            ))
+        }
+        (None, None) => None,
     };
 
     // The destination: until the guest has shown it continued (memory,
@@ -620,9 +629,10 @@ fn migrate(
         (d, total)
     });
     Ok(QemuOutcome {
-        total_ms: disk
-            .as_ref()
-            .map_or_else(|| total_ms(&info, seen_completed), |(_, total)| *total),
+        total_ms: match &disk {
+            Some((_, total)) if total.is_finite() => *total,
+            _ => total_ms(&info, seen_completed),
+        },
         downtime_ms: float(&info["downtime"]),
         setup_ms: float(&info["setup-time"]),
         transferred_bytes: ram_bytes + disk.as_ref().map_or(0, |(d, _)| d.mirror_bytes_sent),
@@ -775,8 +785,26 @@ fn finish_mirror(
     })?;
     drop(mirror.nbd);
     dst.execute("nbd-server-stop", None)?;
-    // The source's `completed` means all was sent, not that the
-    // destination has loaded it.
+    continue_destination(dst)?;
+    let total_ms = ms(mirror.started.elapsed());
+    Ok((
+        QemuDiskOutcome {
+            mirror_ready_ms: mirror.ready_ms,
+            mirror_cancel_ms,
+            completion_to_cont_ms: ms(completed.elapsed()),
+            mirror_bytes_sent: sent,
+            mirror_bytes_received: received,
+            mirror_job_bytes: job_bytes,
+            ..QemuDiskOutcome::unmirrored(f64::NAN)
+        },
+        total_ms,
+    ))
+}
+
+/// Continues the destination, paused (`-S`) after its incoming migration,
+/// once it has loaded the state: the source's `completed` means all was
+/// sent, not that the destination has it.
+fn continue_destination(dst: &mut Vm) -> Result<(), QemuError> {
     let deadline = Instant::now() + MIRROR_TIMEOUT;
     loop {
         let info = dst.execute("query-migrate", None)?;
@@ -792,9 +820,10 @@ fn finish_mirror(
                 })
             }
             status if Instant::now() > deadline => {
-                return Err(QemuError::Mirror {
-                    what: format!(
-                        "is done but the destination's incoming migration is still `{status}` after {MIRROR_TIMEOUT:?}"
+                return Err(QemuError::MigrationFailed {
+                    status: status.to_owned(),
+                    desc: format!(
+                        "the destination's incoming migration did not complete within {MIRROR_TIMEOUT:?} of the source's"
                     ),
                 })
             }
@@ -802,21 +831,7 @@ fn finish_mirror(
         }
     }
     dst.execute("cont", None)?;
-    let total_ms = ms(mirror.started.elapsed());
-    Ok((
-        QemuDiskOutcome {
-            mirror_ready_ms: mirror.ready_ms,
-            mirror_cancel_ms,
-            completion_to_cont_ms: ms(completed.elapsed()),
-            mirror_bytes_sent: sent,
-            mirror_bytes_received: received,
-            mirror_job_bytes: job_bytes,
-            ram_bytes: 0,
-            disk_blocks_checked: 0,
-            disk_errors: 0,
-        },
-        total_ms,
-    ))
+    Ok(())
 }
 
 /// The mirror job as `query-block-jobs` lists it; None once it has ended.
@@ -1255,6 +1270,64 @@ mod tests {
             outcome.statuses.last().map(String::as_str),
             Some("completed")
         );
+    }
+
+    /// The local-disk row's move: with the mirror the destination's guest
+    /// checks a whole round of its disk, no bad block; without it (the
+    /// destination's image left empty) the same run must not verify.
+    #[test]
+    fn qemu_moves_a_disk_with_its_mirror_and_a_lost_mirror_is_caught() {
+        if !kvm() || !qemu() {
+            return;
+        }
+        let dir = TempDir::create().unwrap();
+        let run = |tag: &str, mirrored: bool| {
+            let (image, copy) = (
+                dir.path().join(format!("{tag}.img")),
+                dir.path().join(format!("{tag}-on-b.img")),
+            );
+            for p in [&image, &copy] {
+                fs::File::create(p).unwrap().set_len(16 * MIB).unwrap();
+            }
+            let disk = QemuDisk::new(image, copy, 1);
+            let m = QemuMigration {
+                disk: Some(if mirrored {
+                    disk
+                } else {
+                    disk.without_mirror()
+                }),
+                ..migration("workload=dirty:64:100 cpus=1 disk=1:max")
+            };
+            run_qemu_migration(&m).unwrap_or_else(|e| panic!("{tag}: {e}"))
+        };
+
+        let good = run("mirrored", true);
+        eprintln!("{}", serde_json::to_string_pretty(&good).unwrap());
+        assert!(good.verified, "{:?}", good.verify_failures);
+        let d = good.disk.as_ref().expect("disk figures");
+        assert!(d.disk_blocks_checked >= 256, "{d:?}");
+        assert_eq!(d.disk_errors, 0);
+        assert!(d.mirror_bytes_sent >= MIB, "{d:?}");
+        assert_eq!(good.transferred_bytes, d.ram_bytes + d.mirror_bytes_sent);
+        assert!(good.total_ms >= d.mirror_ready_ms, "{good:?}");
+
+        let lost = run("unmirrored", false);
+        eprintln!("without the mirror: {:?}", lost.verify_failures);
+        assert!(
+            !lost.verified,
+            "a destination without the disk's blocks verified"
+        );
+        let d = lost.disk.as_ref().expect("disk figures");
+        assert!(d.disk_errors > 0, "{d:?}");
+        assert!(
+            lost.verify_failures
+                .iter()
+                .any(|f| f.contains("bad disk blocks")),
+            "{:?}",
+            lost.verify_failures
+        );
+        // Memory moved fine: only the disk is wrong.
+        assert_eq!(lost.errors, 0);
     }
 
     #[test]

@@ -42,9 +42,35 @@ pub struct QemuDisk {
     pub destination_image: PathBuf,
     /// MiB of blocks the guest writes and checks (`disk=MIB:max`).
     pub mib: u64,
+    /// False only in tests: no mirror at all, so the destination's guest
+    /// finds its disk empty and must say so.
+    mirrored: bool,
 }
 
 impl QemuDisk {
+    pub fn new(source_image: PathBuf, destination_image: PathBuf, mib: u64) -> Self {
+        QemuDisk {
+            source_image,
+            destination_image,
+            mib,
+            mirrored: true,
+        }
+    }
+
+    /// The same disk with no mirror: every block the guest acknowledged
+    /// on the source is missing on the destination.
+    #[cfg(test)]
+    pub(crate) fn without_mirror(self) -> Self {
+        QemuDisk {
+            mirrored: false,
+            ..self
+        }
+    }
+
+    pub(crate) fn mirrored(&self) -> bool {
+        self.mirrored
+    }
+
     /// `-drive` and `-device` for one side: a raw image, no host cache
     /// (O_DIRECT, as Ferry's VMM writes through to the file), QEMU's
     /// default thread-pool I/O, in one of microvm's virtio-mmio slots.
@@ -116,6 +142,23 @@ pub struct QemuDiskOutcome {
     /// Blocks the destination's guest read back and checked after the move.
     pub disk_blocks_checked: u64,
     pub disk_errors: u64,
+}
+
+impl QemuDiskOutcome {
+    /// Nothing mirrored; the guest's figures are filled in later.
+    pub(crate) fn unmirrored(completion_to_cont_ms: f64) -> Self {
+        QemuDiskOutcome {
+            mirror_ready_ms: f64::NAN,
+            mirror_cancel_ms: f64::NAN,
+            completion_to_cont_ms,
+            mirror_bytes_sent: 0,
+            mirror_bytes_received: 0,
+            mirror_job_bytes: 0,
+            ram_bytes: 0,
+            disk_blocks_checked: 0,
+            disk_errors: 0,
+        }
+    }
 }
 
 /// TCP_INFO's bytes_acked and bytes_received of `stream`.

@@ -201,11 +201,7 @@ fn qemu_with_disk(
         q.prealloc = row.prealloc;
         q.downtime_ms = row.downtime_ms;
         q.max_bandwidth = row.bandwidth;
-        q.disk = Some(QemuDisk {
-            source_image: image.clone(),
-            destination_image: copy.clone(),
-            mib: DISK_MIB,
-        });
+        q.disk = Some(QemuDisk::new(image.clone(), copy.clone(), DISK_MIB));
         Ok(run_qemu_migration(&q)?)
     });
     let _ = std::fs::remove_file(&image);
