@@ -247,6 +247,7 @@ fn send_with_fd(socket: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use std::thread;
 
     /// A scripted QEMU: checks each command it receives and sends the
@@ -309,6 +310,72 @@ mod tests {
             qmp.execute("query-status", None),
             Err(QmpError::Closed)
         ));
+    }
+
+    /// Receives one message and the descriptor that came with it, as QEMU
+    /// does for `getfd`.
+    fn recv_with_fd(socket: &UnixStream) -> (Vec<u8>, Option<std::os::fd::OwnedFd>) {
+        use std::os::fd::FromRawFd;
+        let mut data = vec![0u8; 4096];
+        let mut control = vec![0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: msghdr is plain data; all-zero is a valid, empty message.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len() * 8;
+        // SAFETY: the buffers outlive the call and their sizes are the ones
+        // given; a descriptor received is owned here from then on.
+        unsafe {
+            let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, 0);
+            assert!(n > 0, "{}", io::Error::last_os_error());
+            data.truncate(n as usize);
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            let fd = (!cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS).then(|| {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                std::os::fd::OwnedFd::from_raw_fd(raw)
+            });
+            (data, fd)
+        }
+    }
+
+    #[test]
+    fn a_descriptor_goes_with_its_command() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let peer = thread::spawn(move || {
+            let mut out = server.try_clone().unwrap();
+            out.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                let (line, fd) = recv_with_fd(&server);
+                let msg: Value = serde_json::from_slice(&line).unwrap();
+                answers.push((msg["execute"].as_str().unwrap().to_owned(), fd));
+                let reply = format!("{{\"return\": {{}}, \"id\": {}}}\r\n", msg["id"]);
+                out.write_all(reply.as_bytes()).unwrap();
+            }
+            answers
+        });
+        let mut qmp = Qmp::handshake(client, Duration::from_secs(5)).unwrap();
+        // A pipe whose write end goes to the peer: what it writes there
+        // comes out of the read end kept here.
+        let (mut read_end, write_end) = std::io::pipe().unwrap();
+        qmp.execute_with_fd("getfd", Some(json!({ "fdname": "x" })), write_end.as_fd())
+            .unwrap();
+        drop(write_end);
+        let answers = peer.join().unwrap();
+        assert_eq!(answers[0].0, "qmp_capabilities");
+        assert!(answers[0].1.is_none());
+        assert_eq!(answers[1].0, "getfd");
+        let passed = answers.into_iter().nth(1).unwrap().1.expect("a descriptor");
+        std::fs::File::from(passed).write_all(b"hello").unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut read_end, &mut got).unwrap();
+        assert_eq!(got, "hello");
     }
 
     #[test]
