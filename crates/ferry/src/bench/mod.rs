@@ -10,6 +10,7 @@ pub mod iperf;
 pub mod network;
 pub mod observer;
 pub mod qemu;
+pub mod qemu_disk;
 pub mod qemu_net;
 pub mod qemu_tls;
 pub mod qmp;
@@ -186,15 +187,15 @@ pub fn rows() -> Vec<Row> {
             network: true,
             ..row(network::ROW, "dirty:64:100", false, None)
         },
-        // The same VM with a disk and without, Ferry alone.
+        // The same VM with a disk and without; shared: Ferry alone.
         Row {
             disk: Some(storage::DiskRow::Shared),
             qemu: false,
             ..row("disk-shared", "dirty:64:100", false, None)
         },
+        // Copied: QEMU mirrors the same disk over NBD.
         Row {
             disk: Some(storage::DiskRow::Local),
-            qemu: false,
             ..row("disk-local", "dirty:64:100", false, None)
         },
     ]
@@ -385,7 +386,8 @@ pub fn run_rows(
             storage: None,
         };
         if let Some(kind) = row.disk {
-            storage::run_row(&mut result, kind, workload, reps, dir.path(), on_run);
+            let elf = with_qemu.then_some(elf.as_path());
+            storage::run_row(&mut result, kind, workload, reps, dir.path(), elf, on_run);
         } else if row.network {
             network::run_row(
                 &mut result,

@@ -29,7 +29,8 @@ use std::env;
 use std::fmt;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -42,8 +43,13 @@ use ferry_testguest::console::Exit;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::console_watch::{disk_checked, disk_failures};
 use super::console_watch::{dst_done, judge, lock, Console, TAIL_LINES, VERIFY_TIMEOUT};
 use super::observer::{NoObserver, RunObserver};
+use super::qemu_disk::{
+    connect_nbd, nbd_server_arguments, tcp_bytes, QemuDisk, QemuDiskOutcome, DRIVE_ID, JOB_ID,
+    MIRROR_TIMEOUT, NBD_FD_NAME, TARGET_NODE,
+};
 use super::qemu_net::{spawn_on_tap, QemuNet, QemuNetError};
 use super::qmp::{Qmp, QmpError};
 
@@ -108,6 +114,10 @@ pub struct QemuMigration {
     /// namespace, the migration between the hosts' addresses; None: no
     /// card, over loopback.
     pub network: Option<QemuNet>,
+    /// The local-disk row: a virtio-blk disk on each side's own image,
+    /// mirrored to the destination over NBD around the migration (see
+    /// [`super::qemu_disk`]); None: no disk.
+    pub disk: Option<QemuDisk>,
 }
 
 impl QemuMigration {
@@ -132,6 +142,7 @@ impl QemuMigration {
             settle: Duration::from_secs(1),
             timeout: Duration::from_secs(60),
             network: None,
+            disk: None,
         }
     }
 }
@@ -142,13 +153,14 @@ impl QemuMigration {
 pub struct QemuOutcome {
     /// `total-time` of QEMU's final `query-migrate` on the source (our own
     /// clock when QEMU says 0); in post-copy it includes the post-copy
-    /// phase.
+    /// phase. With a disk: from the mirror's start to the destination's
+    /// `cont`, the whole move.
     pub total_ms: f64,
     /// `downtime`: QEMU's own count, without the destination's resume.
     pub downtime_ms: f64,
     /// `setup-time`.
     pub setup_ms: f64,
-    /// `ram.transferred`.
+    /// `ram.transferred`; with a disk, plus the bytes the mirror sent.
     pub transferred_bytes: u64,
     /// `ram.dirty-sync-count`: the pre-copy iterations.
     pub dirty_syncs: u64,
@@ -208,6 +220,8 @@ pub struct QemuOutcome {
     pub boot_to_ready_ms: f64,
     /// The whole run, QEMU start and shutdown included.
     pub wall_ms: f64,
+    /// The disk's mirror, with [`QemuMigration::disk`].
+    pub disk: Option<QemuDiskOutcome>,
 }
 
 /// Why a QEMU migration run could not produce an outcome.
@@ -251,6 +265,8 @@ pub enum QemuError {
     Network(#[from] QemuNetError),
     #[error("the bench's client could not start: {0}")]
     Observer(String),
+    #[error("the disk's mirror to the destination's NBD export {what}")]
+    Mirror { what: String },
     #[error("the migration did not complete within {after:?} (last status `{status}`, {transferred} bytes sent); cancelled with migrate_cancel")]
     Timeout {
         after: Duration,
@@ -454,6 +470,10 @@ fn migrate(
     let downtime_limit_ms = effective["downtime-limit"].as_u64().unwrap_or(0);
     let max_bandwidth = effective["max-bandwidth"].as_u64().unwrap_or(0);
     let max_postcopy_bandwidth = effective["max-postcopy-bandwidth"].as_u64().unwrap_or(0);
+    let mirror = match &m.disk {
+        Some(disk) if disk.mirrored() => Some(start_mirror(src, dst)?),
+        _ => None,
+    };
     dst.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
 
     // Migrate.
@@ -552,11 +572,30 @@ fn migrate(
         );
     }
 
-    // The destination: until the guest has shown it continued, or 10 s.
+    let finished = match (mirror, &m.disk) {
+        (Some(mirror), _) => Some(finish_mirror(src, dst, mirror)?),
+        // No mirror (tests): the paused destination continues all the same.
+        (None, Some(_)) => {
+            let completed = Instant::now();
+            continue_destination(dst)?;
+            Some((
+                QemuDiskOutcome::unmirrored(ms(completed.elapsed())),
+                f64::NAN,
+            ))
+        }
+        (None, None) => None,
+    };
+
+    // The destination: until the guest has shown it continued (memory,
+    // and a whole round of its disk checked), or 10 s.
     let ws_pages = ready.ws_mb * PAGES_PER_MIB;
+    let disk_round = m.disk.as_ref().map(QemuDisk::round_blocks);
     let verify_deadline = Instant::now() + VERIFY_TIMEOUT;
     drop(dst.console.wait_until(verify_deadline, |s| {
-        s.exit.is_some() || s.page_errors > 0 || dst_done(&s.heartbeats, ws_pages)
+        s.exit.is_some()
+            || s.page_errors > 0
+            || (dst_done(&s.heartbeats, ws_pages)
+                && disk_round.is_none_or(|round| disk_checked(s) >= round))
     }));
     observer.guest_moved();
     let dst_status = match dst.execute("query-status", None) {
@@ -565,7 +604,10 @@ fn migrate(
     };
     let src_console = src.console.lock().clone_for_verdict();
     let dst_console = dst.console.lock().clone_for_verdict();
-    let verdict = judge(&src_console, &dst_console, &dst_status, ws_pages);
+    let mut verdict = judge(&src_console, &dst_console, &dst_status, ws_pages);
+    if let Some(round) = disk_round {
+        verdict.failures.extend(disk_failures(&dst_console, round));
+    }
     if !verdict.failures.is_empty() {
         tracing::warn!(
             failures = ?verdict.failures,
@@ -574,11 +616,26 @@ fn migrate(
         );
     }
 
+    let ram_bytes = ram["transferred"].as_u64().unwrap_or(0);
+    let disk = finished.map(|(mut d, total)| {
+        d.ram_bytes = ram_bytes;
+        d.disk_blocks_checked = disk_checked(&dst_console);
+        d.disk_errors = dst_console
+            .disk
+            .iter()
+            .map(|c| c.disk_err)
+            .max()
+            .unwrap_or(0);
+        (d, total)
+    });
     Ok(QemuOutcome {
-        total_ms: total_ms(&info, seen_completed),
+        total_ms: match &disk {
+            Some((_, total)) if total.is_finite() => *total,
+            _ => total_ms(&info, seen_completed),
+        },
         downtime_ms: float(&info["downtime"]),
         setup_ms: float(&info["setup-time"]),
-        transferred_bytes: ram["transferred"].as_u64().unwrap_or(0),
+        transferred_bytes: ram_bytes + disk.as_ref().map_or(0, |(d, _)| d.mirror_bytes_sent),
         dirty_syncs: ram["dirty-sync-count"].as_u64().unwrap_or(0),
         mbps: float(&ram["mbps"]),
         guest_stall_ms: verdict.guest_stall_ms,
@@ -603,7 +660,197 @@ fn migrate(
         qemu_version,
         boot_to_ready_ms,
         wall_ms: f64::NAN,
+        disk: disk.map(|(d, _)| d),
     })
+}
+
+/// A mirror running from the source's disk to the destination's image.
+struct Mirror {
+    started: Instant,
+    ready_ms: f64,
+    /// The bench's copy of the NBD connection, to read its byte counts.
+    nbd: TcpStream,
+}
+
+/// The destination exports its image over NBD; the source mirrors its
+/// disk there until the job is READY.
+fn start_mirror(src: &mut Vm, dst: &mut Vm) -> Result<Mirror, QemuError> {
+    let port = free_port()?;
+    dst.execute("nbd-server-start", Some(nbd_server_arguments(port)))?;
+    dst.execute(
+        "nbd-server-add",
+        Some(json!({ "device": DRIVE_ID, "name": DRIVE_ID, "writable": true })),
+    )?;
+    // Events so far are the boot's.
+    src.take_events();
+    let started = Instant::now();
+    let nbd = connect_nbd(port).map_err(|source| QemuError::Io {
+        what: format!("connect to the destination's NBD server on 127.0.0.1:{port}"),
+        source,
+    })?;
+    src.execute_with_fd("getfd", json!({ "fdname": NBD_FD_NAME }), &nbd)?;
+    src.execute(
+        "blockdev-add",
+        Some(json!({
+            "driver": "nbd",
+            "node-name": TARGET_NODE,
+            "server": { "type": "fd", "str": NBD_FD_NAME },
+            "export": DRIVE_ID,
+        })),
+    )?;
+    src.execute(
+        "blockdev-mirror",
+        Some(json!({
+            "job-id": JOB_ID,
+            "device": DRIVE_ID,
+            "target": TARGET_NODE,
+            "sync": "full",
+        })),
+    )?;
+    let deadline = started + MIRROR_TIMEOUT;
+    loop {
+        match mirror_job(src)? {
+            Some(job) if job["ready"] == true => break,
+            Some(job) if Instant::now() > deadline => {
+                return Err(QemuError::Mirror {
+                    what: format!(
+                        "was not READY within {MIRROR_TIMEOUT:?} ({} of {} bytes)",
+                        job["offset"], job["len"]
+                    ),
+                })
+            }
+            Some(_) => {}
+            None => {
+                return Err(QemuError::Mirror {
+                    what: format!("ended before READY: {}", job_end(src)),
+                })
+            }
+        }
+        dst.check_alive()?;
+        thread::sleep(POLL_INTERVAL);
+    }
+    let ready_ms = ms(started.elapsed());
+    tracing::info!(ready_ms, "QEMU's disk mirror READY");
+    Ok(Mirror {
+        started,
+        ready_ms,
+        nbd,
+    })
+}
+
+/// After the migration: the source cancels its mirror (after READY that
+/// copies what is still dirty, then stops), the destination stops its NBD
+/// server and, once it has loaded the state, continues. Returns the
+/// disk's figures (memory and guest ones left to the caller) and the
+/// whole move's time, from the mirror's start to the `cont`.
+fn finish_mirror(
+    src: &mut Vm,
+    dst: &mut Vm,
+    mirror: Mirror,
+) -> Result<(QemuDiskOutcome, f64), QemuError> {
+    let completed = Instant::now();
+    // The migration's events have been read; what follows is the job's.
+    src.take_events();
+    src.execute("block-job-cancel", Some(json!({ "device": JOB_ID })))?;
+    let mut job_bytes = 0;
+    let deadline = completed + MIRROR_TIMEOUT;
+    while let Some(job) = mirror_job(src)? {
+        job_bytes = job["offset"].as_u64().unwrap_or(job_bytes);
+        if Instant::now() > deadline {
+            return Err(QemuError::Mirror {
+                what: format!("did not end within {MIRROR_TIMEOUT:?} of block-job-cancel"),
+            });
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    let mirror_cancel_ms = ms(completed.elapsed());
+    let end = src.take_events().into_iter().find(|e| {
+        matches!(
+            e["event"].as_str(),
+            Some("BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED")
+        ) && e["data"]["device"] == JOB_ID
+    });
+    match &end {
+        Some(e) if e["data"].get("error").is_some() => {
+            return Err(QemuError::Mirror {
+                what: format!("failed when cancelled: {}", e["data"]["error"]),
+            })
+        }
+        Some(e) => job_bytes = e["data"]["offset"].as_u64().unwrap_or(job_bytes),
+        None => {}
+    }
+    let (sent, received) = tcp_bytes(&mirror.nbd).map_err(|source| QemuError::Io {
+        what: "read TCP_INFO of the mirror's NBD connection".into(),
+        source,
+    })?;
+    drop(mirror.nbd);
+    dst.execute("nbd-server-stop", None)?;
+    continue_destination(dst)?;
+    let total_ms = ms(mirror.started.elapsed());
+    Ok((
+        QemuDiskOutcome {
+            mirror_ready_ms: mirror.ready_ms,
+            mirror_cancel_ms,
+            completion_to_cont_ms: ms(completed.elapsed()),
+            mirror_bytes_sent: sent,
+            mirror_bytes_received: received,
+            mirror_job_bytes: job_bytes,
+            ..QemuDiskOutcome::unmirrored(f64::NAN)
+        },
+        total_ms,
+    ))
+}
+
+/// Continues the destination, paused (`-S`) after its incoming migration,
+/// once it has loaded the state: the source's `completed` means all was
+/// sent, not that the destination has it.
+fn continue_destination(dst: &mut Vm) -> Result<(), QemuError> {
+    let deadline = Instant::now() + MIRROR_TIMEOUT;
+    loop {
+        let info = dst.execute("query-migrate", None)?;
+        match info["status"].as_str().unwrap_or("none") {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                return Err(QemuError::MigrationFailed {
+                    status: info["status"].as_str().unwrap_or("?").to_owned(),
+                    desc: format!(
+                        "on the destination: {}",
+                        info["error-desc"].as_str().unwrap_or("QEMU gave no error-desc")
+                    ),
+                })
+            }
+            status if Instant::now() > deadline => {
+                return Err(QemuError::MigrationFailed {
+                    status: status.to_owned(),
+                    desc: format!(
+                        "the destination's incoming migration did not complete within {MIRROR_TIMEOUT:?} of the source's"
+                    ),
+                })
+            }
+            _ => thread::sleep(POLL_INTERVAL),
+        }
+    }
+    dst.execute("cont", None)?;
+    Ok(())
+}
+
+/// The mirror job as `query-block-jobs` lists it; None once it has ended.
+fn mirror_job(src: &mut Vm) -> Result<Option<Value>, QemuError> {
+    let jobs = src.execute("query-block-jobs", None)?;
+    Ok(jobs
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["device"] == JOB_ID))
+        .cloned())
+}
+
+/// Why the mirror job ended, from its events.
+fn job_end(src: &mut Vm) -> String {
+    src.take_events()
+        .into_iter()
+        .filter(|e| e["data"]["device"] == JOB_ID || e["data"]["id"] == JOB_ID)
+        .map(|e| format!("{} {}", e["event"], e["data"]))
+        .next_back()
+        .unwrap_or_else(|| "QEMU said nothing".into())
 }
 
 /// One QEMU process, its console and its QMP connection. Dropping it
@@ -658,12 +905,20 @@ impl Vm {
         if let Some(net) = &m.network {
             cmd.args(net.device_args());
         }
+        if let Some(disk) = &m.disk {
+            cmd.args(disk.device_args(role == Role::Destination));
+        }
         match role {
             // Paused until both QMP connections are up, so the boot is timed
             // from a known point.
             Role::Source => cmd.arg("-S"),
             Role::Destination => cmd.args(["-incoming", "defer"]),
         };
+        // With a disk the destination stays paused after the migration
+        // until the mirror is done with its image (libvirt's `-S` too).
+        if role == Role::Destination && m.disk.is_some() {
+            cmd.arg("-S");
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -734,6 +989,25 @@ impl Vm {
             .filter(|e| e["event"] == "MIGRATION")
             .filter_map(|e| e["data"]["status"].as_str().map(str::to_owned))
             .collect()
+    }
+
+    /// Every event received so far, and forgets them.
+    fn take_events(&mut self) -> Vec<Value> {
+        self.qmp.as_mut().map(Qmp::take_events).unwrap_or_default()
+    }
+
+    /// A command that hands QEMU a copy of `fd` (`getfd`).
+    fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: &impl AsFd,
+    ) -> Result<Value, QemuError> {
+        let Some(qmp) = self.qmp.as_mut() else {
+            return Err(self.qmp_error(command, QmpError::Closed));
+        };
+        qmp.execute_with_fd(command, Some(arguments), fd.as_fd())
+            .map_err(|source| self.qmp_error(command, source))
     }
 
     fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
@@ -996,6 +1270,64 @@ mod tests {
             outcome.statuses.last().map(String::as_str),
             Some("completed")
         );
+    }
+
+    /// The local-disk row's move: with the mirror the destination's guest
+    /// checks a whole round of its disk, no bad block; without it (the
+    /// destination's image left empty) the same run must not verify.
+    #[test]
+    fn qemu_moves_a_disk_with_its_mirror_and_a_lost_mirror_is_caught() {
+        if !kvm() || !qemu() {
+            return;
+        }
+        let dir = TempDir::create().unwrap();
+        let run = |tag: &str, mirrored: bool| {
+            let (image, copy) = (
+                dir.path().join(format!("{tag}.img")),
+                dir.path().join(format!("{tag}-on-b.img")),
+            );
+            for p in [&image, &copy] {
+                fs::File::create(p).unwrap().set_len(16 * MIB).unwrap();
+            }
+            let disk = QemuDisk::new(image, copy, 1);
+            let m = QemuMigration {
+                disk: Some(if mirrored {
+                    disk
+                } else {
+                    disk.without_mirror()
+                }),
+                ..migration("workload=dirty:64:100 cpus=1 disk=1:max")
+            };
+            run_qemu_migration(&m).unwrap_or_else(|e| panic!("{tag}: {e}"))
+        };
+
+        let good = run("mirrored", true);
+        eprintln!("{}", serde_json::to_string_pretty(&good).unwrap());
+        assert!(good.verified, "{:?}", good.verify_failures);
+        let d = good.disk.as_ref().expect("disk figures");
+        assert!(d.disk_blocks_checked >= 256, "{d:?}");
+        assert_eq!(d.disk_errors, 0);
+        assert!(d.mirror_bytes_sent >= MIB, "{d:?}");
+        assert_eq!(good.transferred_bytes, d.ram_bytes + d.mirror_bytes_sent);
+        assert!(good.total_ms >= d.mirror_ready_ms, "{good:?}");
+
+        let lost = run("unmirrored", false);
+        eprintln!("without the mirror: {:?}", lost.verify_failures);
+        assert!(
+            !lost.verified,
+            "a destination without the disk's blocks verified"
+        );
+        let d = lost.disk.as_ref().expect("disk figures");
+        assert!(d.disk_errors > 0, "{d:?}");
+        assert!(
+            lost.verify_failures
+                .iter()
+                .any(|f| f.contains("bad disk blocks")),
+            "{:?}",
+            lost.verify_failures
+        );
+        // Memory moved fine: only the disk is wrong.
+        assert_eq!(lost.errors, 0);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -103,6 +104,32 @@ impl Qmp {
 
     /// Runs one command and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let (id, line) = self.command_line(command, arguments);
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| self.io_error(e))?;
+        self.answer(id)
+    }
+
+    /// [`Qmp::execute`] with `fd` passed along (SCM_RIGHTS), for `getfd`:
+    /// QEMU then holds its own copy of the descriptor under the name given.
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        let (id, line) = self.command_line(command, arguments);
+        let sent = send_with_fd(&self.writer, line.as_bytes(), fd).map_err(|e| self.io_error(e))?;
+        // The descriptor went with the first byte; the rest, if the
+        // socket took only part, goes as usual.
+        self.writer
+            .write_all(&line.as_bytes()[sent..])
+            .map_err(|e| self.io_error(e))?;
+        self.answer(id)
+    }
+
+    fn command_line(&mut self, command: &str, arguments: Option<Value>) -> (u64, String) {
         self.next_id += 1;
         let id = self.next_id;
         let mut msg = json!({ "execute": command, "id": id });
@@ -111,9 +138,11 @@ impl Qmp {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|e| self.io_error(e))?;
+        (id, line)
+    }
+
+    /// Reads until the answer to command `id`, setting events aside.
+    fn answer(&mut self, id: u64) -> Result<Value, QmpError> {
         loop {
             let mut reply = self.read_message()?;
             if let Some(event) = reply.get("event") {
@@ -175,9 +204,50 @@ impl Qmp {
     }
 }
 
+/// Sends `bytes` on `socket` with one descriptor in an SCM_RIGHTS message;
+/// returns how many bytes went (at least one, or an error).
+fn send_with_fd(socket: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let fd_len = std::mem::size_of::<libc::c_int>() as libc::c_uint;
+    // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+    let (space, cmsg_len) = unsafe { (libc::CMSG_SPACE(fd_len), libc::CMSG_LEN(fd_len)) };
+    // u64 words: the control buffer must be aligned for a cmsghdr.
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid, empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as usize;
+    // SAFETY: msg_control points at `space` zeroed, aligned bytes, room
+    // for exactly one cmsghdr carrying one descriptor, so CMSG_FIRSTHDR is
+    // non-null and CMSG_DATA has room for the descriptor written there.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = cmsg_len as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
+        // `iov` and `control` outlive the call; the descriptors are open.
+        libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    match sent {
+        n if n > 0 => Ok(n as usize),
+        0 => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "sendmsg sent nothing",
+        )),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use std::thread;
 
     /// A scripted QEMU: checks each command it receives and sends the
@@ -240,6 +310,72 @@ mod tests {
             qmp.execute("query-status", None),
             Err(QmpError::Closed)
         ));
+    }
+
+    /// Receives one message and the descriptor that came with it, as QEMU
+    /// does for `getfd`.
+    fn recv_with_fd(socket: &UnixStream) -> (Vec<u8>, Option<std::os::fd::OwnedFd>) {
+        use std::os::fd::FromRawFd;
+        let mut data = vec![0u8; 4096];
+        let mut control = vec![0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: msghdr is plain data; all-zero is a valid, empty message.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len() * 8;
+        // SAFETY: the buffers outlive the call and their sizes are the ones
+        // given; a descriptor received is owned here from then on.
+        unsafe {
+            let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, 0);
+            assert!(n > 0, "{}", io::Error::last_os_error());
+            data.truncate(n as usize);
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            let fd = (!cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS).then(|| {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                std::os::fd::OwnedFd::from_raw_fd(raw)
+            });
+            (data, fd)
+        }
+    }
+
+    #[test]
+    fn a_descriptor_goes_with_its_command() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let peer = thread::spawn(move || {
+            let mut out = server.try_clone().unwrap();
+            out.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                let (line, fd) = recv_with_fd(&server);
+                let msg: Value = serde_json::from_slice(&line).unwrap();
+                answers.push((msg["execute"].as_str().unwrap().to_owned(), fd));
+                let reply = format!("{{\"return\": {{}}, \"id\": {}}}\r\n", msg["id"]);
+                out.write_all(reply.as_bytes()).unwrap();
+            }
+            answers
+        });
+        let mut qmp = Qmp::handshake(client, Duration::from_secs(5)).unwrap();
+        // A pipe whose write end goes to the peer: what it writes there
+        // comes out of the read end kept here.
+        let (mut read_end, write_end) = std::io::pipe().unwrap();
+        qmp.execute_with_fd("getfd", Some(json!({ "fdname": "x" })), write_end.as_fd())
+            .unwrap();
+        drop(write_end);
+        let answers = peer.join().unwrap();
+        assert_eq!(answers[0].0, "qmp_capabilities");
+        assert!(answers[0].1.is_none());
+        assert_eq!(answers[1].0, "getfd");
+        let passed = answers.into_iter().nth(1).unwrap().1.expect("a descriptor");
+        std::fs::File::from(passed).write_all(b"hello").unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut read_end, &mut got).unwrap();
+        assert_eq!(got, "hello");
     }
 
     #[test]

@@ -15,7 +15,9 @@ pub struct BenchArgs {
     /// postcopy-max-300MiBs, hybrid-max-300MiBs, auto-max-300MiBs, network,
     /// disk-shared, disk-local). iperf3, the loopback TCP limit, runs
     /// whenever a throughput row does. The disk rows move the same VM with
-    /// its disk and without (Ferry alone).
+    /// its disk and without; disk-local also runs QEMU with the disk (a
+    /// mirror to an NBD export on its destination), disk-shared is Ferry
+    /// alone.
     /// network needs root (it builds namespaces, bridges and taps) and says
     /// SKIPPED without it.
     #[arg(long, value_delimiter = ',')]
