@@ -492,6 +492,15 @@ mod tests {
     }
 
     #[test]
+    fn figures_are_rewritten_only_when_off_by_more_than_a_fifth() {
+        const MIB: u64 = 1 << 20;
+        assert!(!super::stale(50 * MIB, 45 * MIB), "10% off");
+        assert!(super::stale(50 * MIB, 30 * MIB), "40% off");
+        assert!(super::stale(0, 40 * MIB), "a first rate");
+        assert!(!super::stale(0, MIB / 2), "under a MiB is noise");
+    }
+
+    #[test]
     fn a_fleet_table_names_one_store_and_sane_values() {
         let c = parse("store = \"/tmp/f.redb\"\nlabels = { rack = \"r1\" }\n").unwrap();
         let f = c.fleet.unwrap();
