@@ -11,6 +11,11 @@
 //! concurrent write by the scheduler is never lost: one of the two is
 //! refused and decides again from what the other wrote.
 //!
+//! Beside those, the agent writes what it measured for the fleet's
+//! predictions (crate::fleet_figures): each VM's populated memory and
+//! write rate, refreshed when they change by more than a fifth, and the
+//! host's cost of receiving a VM, refreshed after each incoming migration.
+//!
 //! The store calls block (etcd's client, redb's file), so the member runs
 //! on a thread of its own, beside the agent's runtime.
 
@@ -32,6 +37,7 @@ use ferry_fleet::store::shared_file::SharedFileBackend;
 use ferry_fleet::store::{Backend, Expect, FleetStore, StoreError};
 use serde::Deserialize;
 
+use crate::fleet_figures::{self, DirtyMeter};
 use crate::model::{VmRecord, VmState};
 use crate::server::Agent;
 
@@ -140,20 +146,62 @@ pub fn host_record(agent: &Agent, m: &FleetMembership) -> Host {
         version: this_version(),
         cpu_features: Default::default(),
         maintenance: Maintenance::None,
-        link_bytes_per_sec: (m.link_gbit * 1e9 / 8.0) as u64,
+        link_bytes_per_sec: link_bytes_per_sec(m),
+        receive_setup: Some(fleet_figures::receive_setup(
+            &crate::incoming::load(&agent.config.state_dir),
+            link_bytes_per_sec(m),
+        )),
+        send_setup_ms: Some(fleet_figures::send_setup_ms(&crate::jobs::load(
+            &agent.config.state_dir,
+        ))),
     }
 }
 
-fn fleet_vm(r: &VmRecord, host: &str, tenant: &str) -> Vm {
+fn link_bytes_per_sec(m: &FleetMembership) -> u64 {
+    (m.link_gbit * 1e9 / 8.0) as u64
+}
+
+/// What was measured of a VM just now (crate::fleet_figures).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Measured {
+    populated_bytes: u64,
+    dirty_rate: u64,
+}
+
+fn measure(r: &VmRecord, meter: &mut DirtyMeter) -> Measured {
+    let mem = r.definition.mem_bytes;
+    Measured {
+        // Not measurable: a first pass sends at most all of it.
+        populated_bytes: r
+            .pid
+            .and_then(fleet_figures::populated_bytes)
+            .map_or(mem, |p| p.min(mem)),
+        dirty_rate: meter.sample(&r.id, &r.api_socket).unwrap_or(0),
+    }
+}
+
+/// True when a stored figure is off from the measured one by more than a
+/// fifth (and more than a MiB, or a MiB/s): worth a write to the store.
+fn stale(stored: u64, measured: u64) -> bool {
+    let d = stored.abs_diff(measured);
+    d > 1 << 20 && d > stored.max(measured) / 5
+}
+
+/// True while an outgoing migration of `vm` runs.
+fn migrating(agent: &Agent, vm: &str) -> bool {
+    let slot = crate::server::lock(&agent.slots).get(vm).cloned();
+    slot.is_some_and(|s| crate::server::lock(&s.job).is_some())
+}
+
+fn fleet_vm(r: &VmRecord, host: &str, tenant: &str, measured: Measured) -> Vm {
     let d = &r.definition;
     Vm {
         id: r.id.clone(),
         tenant: tenant.to_string(),
         host: host.to_string(),
         resources: Resources::new(d.mem_bytes, d.vcpus),
-        // Not measured yet: a first pass sends at most all of it.
-        populated_bytes: d.mem_bytes,
-        dirty_rate: 0,
+        populated_bytes: measured.populated_bytes,
+        dirty_rate: measured.dirty_rate,
         availability: Availability::default(),
         migration: MigrationPolicy {
             allow_postcopy: r.policy.allow_postcopy,
@@ -164,6 +212,29 @@ fn fleet_vm(r: &VmRecord, host: &str, tenant: &str) -> Vm {
     }
 }
 
+/// A VM that arrived here by migration is written down by the scheduler
+/// that moved it, at its commit; the agent writes it only if nobody did
+/// this long after it first saw it here (the scheduler died meanwhile, or
+/// an operator moved it). Writing at once only lost the race to the
+/// scheduler's write, or won it and cost the scheduler a reload of the
+/// whole fleet (a second or more with a busy store).
+pub const ARRIVAL_GRACE: Duration = Duration::from_secs(5);
+
+/// A VM's figures are rewritten at most this often (after its first
+/// measured rate): each write makes the scheduler's copy of the record
+/// stale, and its next write of it (the VM's next move) reloads the fleet.
+pub const FIGURES_EVERY: Duration = Duration::from_secs(30);
+
+/// What the member keeps between its rounds.
+#[derive(Debug, Default)]
+pub struct SyncState {
+    pub meter: DirtyMeter,
+    /// When each VM's figures were last rewritten here.
+    figures_at: HashMap<String, Instant>,
+    /// VMs seen running here while the fleet had them elsewhere, since.
+    arrived: HashMap<String, Instant>,
+}
+
 /// Writes what changed of this host's VMs since the fleet last heard:
 /// returns how many records it wrote.
 pub fn sync_vms(
@@ -171,6 +242,7 @@ pub fn sync_vms(
     m: &FleetMembership,
     backend: &FleetBackend,
     reg: &Registration,
+    state: &mut SyncState,
 ) -> Result<usize, MemberError> {
     let me = &agent.config.host_name;
     let records = agent
@@ -186,18 +258,61 @@ pub fn sync_vms(
     let mut n = 0;
     // Only a running VM is surely here: a received VM is recorded at
     // its commit, and a VM leaving is running here until then.
-    for r in records.iter().filter(|r| r.state == VmState::Running) {
+    let running: Vec<&VmRecord> = records
+        .iter()
+        .filter(|r| r.state == VmState::Running)
+        .collect();
+    let here: Vec<&str> = running.iter().map(|r| r.id.as_str()).collect();
+    state.meter.keep(&here);
+    state.arrived.retain(|vm, _| here.contains(&vm.as_str()));
+    state.figures_at.retain(|vm, _| here.contains(&vm.as_str()));
+    let meter = &mut state.meter;
+    for r in running {
+        // A VM migrating out is left alone until it ends: its VMM is busy
+        // sending, and the scheduler writes its record at the commit (a
+        // write of ours in between costs the scheduler a reload).
+        if migrating(agent, &r.id) && stored.contains_key(&r.id) {
+            continue;
+        }
+        let measured = measure(r, meter);
         let vm = match stored.get(&r.id) {
             None => {
-                batch.vm(&fleet_vm(r, me, &m.tenant), Expect::Absent)?;
+                batch.vm(&fleet_vm(r, me, &m.tenant, measured), Expect::Absent)?;
                 true
             }
             Some(v) if v.value.host != *me || !v.value.is_running() => {
+                let since = *state
+                    .arrived
+                    .entry(r.id.clone())
+                    .or_insert_with(Instant::now);
+                if since.elapsed() < ARRIVAL_GRACE {
+                    continue;
+                }
                 let mut vm = v.value.clone();
                 vm.host = me.clone();
                 vm.state = VmRunState::Running;
+                vm.populated_bytes = measured.populated_bytes;
+                vm.dirty_rate = measured.dirty_rate;
                 batch.vm(&vm, Expect::At(v.revision))?;
                 true
+            }
+            // A first rate at once; then at most every FIGURES_EVERY.
+            Some(v)
+                if (v.value.dirty_rate == 0
+                    || state
+                        .figures_at
+                        .get(&r.id)
+                        .is_none_or(|t| t.elapsed() >= FIGURES_EVERY))
+                    && (stale(v.value.populated_bytes, measured.populated_bytes)
+                        || stale(v.value.dirty_rate, measured.dirty_rate)) =>
+            {
+                state.figures_at.insert(r.id.clone(), Instant::now());
+                let mut vm = v.value.clone();
+                vm.populated_bytes = measured.populated_bytes;
+                vm.dirty_rate = measured.dirty_rate;
+                batch.vm(&vm, Expect::At(v.revision))?;
+                n += 1;
+                false
             }
             Some(_) => false,
         };
@@ -296,12 +411,16 @@ fn run(agent: &Agent, m: &FleetMembership, stop: &AtomicBool) {
         }
     };
     let mut reg: Option<Registration> = None;
+    let mut state = SyncState::default();
+    // The cost of receiving a VM last written (register writes it too).
+    let mut setup_written = None;
     loop {
         match &reg {
             None => match register(agent, m, &backend) {
                 Ok(r) => {
                     tracing::info!("fleet: {host} registered under lease {}", r.lease.0);
                     reg = Some(r);
+                    setup_written = None;
                 }
                 Err(e) => tracing::warn!("fleet: cannot register {host}: {e}; trying again"),
             },
@@ -316,7 +435,29 @@ fn run(agent: &Agent, m: &FleetMembership, stop: &AtomicBool) {
             },
         }
         if let Some(r) = &reg {
-            match sync_vms(agent, m, &backend, r) {
+            let me = host_record(agent, m);
+            let costs = (me.receive_setup, me.send_setup_ms);
+            if setup_written != Some(costs) {
+                match hosts::update_own(&backend, &me, r) {
+                    // Being drained: the scheduler's record until it ends.
+                    Ok(false) => {}
+                    Ok(true) => {
+                        if let Some(s) = me.receive_setup {
+                            tracing::info!(
+                                "fleet: {host} receives a VM in {:.0} ms + {:.0} ms/GiB besides its pages ({} measured), sends one in {:.0} ms besides the receiver's part",
+                                s.fixed_ms,
+                                s.per_gib_ms,
+                                s.samples,
+                                me.send_setup_ms.unwrap_or_default()
+                            );
+                        }
+                        setup_written = Some(costs);
+                    }
+                    // The scheduler wrote the record first: again next round.
+                    Err(e) => tracing::info!("fleet: {host}'s record not refreshed: {e}"),
+                }
+            }
+            match sync_vms(agent, m, &backend, r, &mut state) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!("fleet: wrote {n} VM records of {host}"),
                 // The scheduler wrote first: read again next round.
@@ -348,6 +489,15 @@ mod tests {
                 "host_name = \"a\"\nstate_dir = \"/tmp/s\"\nferry_bin = \"/x\"\n[capacity]\nmemory = \"1G\"\nvcpus = 1\n[fleet]\n{fleet}"
             ),
         )
+    }
+
+    #[test]
+    fn figures_are_rewritten_only_when_off_by_more_than_a_fifth() {
+        const MIB: u64 = 1 << 20;
+        assert!(!super::stale(50 * MIB, 45 * MIB), "10% off");
+        assert!(super::stale(50 * MIB, 30 * MIB), "40% off");
+        assert!(super::stale(0, 40 * MIB), "a first rate");
+        assert!(!super::stale(0, MIB / 2), "under a MiB is noise");
     }
 
     #[test]

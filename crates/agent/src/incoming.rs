@@ -49,6 +49,31 @@ pub struct IncomingFile {
     /// When the reservation is released if the VM has not arrived (ms
     /// since the Unix epoch; wall clock, since it outlives this process).
     pub expires_at_ms: u64,
+    /// When the offer arrived (ms since the Unix epoch); 0: not known (a
+    /// file an older agent wrote, or one taken back after a restart, whose
+    /// downtime is no cost of receiving).
+    #[serde(default)]
+    pub offered_at_ms: u64,
+    /// From the offer to the answer: the receiving VMM started and its
+    /// memory reserved.
+    #[serde(default)]
+    pub prepare_ms: Option<u64>,
+    /// What receiving the VM cost here, written when it runs here: the
+    /// fleet is told the cost of receiving from these (crate::fleet_figures).
+    #[serde(default)]
+    pub measured: Option<ReceiveMeasured>,
+}
+
+/// One committed incoming migration as this host lived it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReceiveMeasured {
+    pub mem_bytes: u64,
+    /// From the offer to the answer (VMM start, memory reserved).
+    pub prepare_ms: u64,
+    /// From the offer to the VM running here.
+    pub total_ms: u64,
+    /// The guest memory the receiver holds once the VM runs: what came.
+    pub received_bytes: u64,
 }
 
 fn dir(state_dir: &Path) -> PathBuf {
@@ -94,6 +119,9 @@ impl Agent {
                 "incoming migration {id} of VM {} was in flight when ferryd stopped: taking it back",
                 file.view.vm
             );
+            // Its duration now holds this agent's downtime: no measure of
+            // what receiving costs.
+            file.offered_at_ms = 0;
             self.resume_incoming(inc, &mut file).await;
         }
     }
@@ -242,6 +270,9 @@ mod tests {
             answered: false,
             log_offset: 0,
             expires_at_ms: 0,
+            offered_at_ms: 0,
+            prepare_ms: None,
+            measured: None,
         };
         save(&state, &file).unwrap();
         file.receiver = Some(ReceiverProcess {

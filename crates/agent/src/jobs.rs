@@ -38,6 +38,32 @@ pub struct JobFile {
     pub started_at: String,
     pub ended_at: Option<String>,
     pub error: Option<String>,
+    /// What sending the VM cost this host, for a committed job
+    /// (crate::fleet_figures); none in files older agents wrote.
+    #[serde(default)]
+    pub measured: Option<SendMeasured>,
+}
+
+/// One committed outgoing migration as this (source) host lived it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SendMeasured {
+    /// From the start asked for to the job committed.
+    pub total_ms: u64,
+    /// The offer to the destination, to its answer (its VMM started).
+    pub prepare_call_ms: u64,
+    /// The engine's own span: the connection to the commit acknowledged.
+    pub engine_ms: u64,
+}
+
+impl SendMeasured {
+    /// What the job spent outside the destination's preparation and the
+    /// engine: its start, and after the commit, the confirmation and the
+    /// old VMM's stop.
+    pub fn own_ms(&self) -> u64 {
+        self.total_ms
+            .saturating_sub(self.prepare_call_ms)
+            .saturating_sub(self.engine_ms)
+    }
 }
 
 impl JobFile {
@@ -53,6 +79,7 @@ impl JobFile {
             started_at: job.started_at.clone(),
             ended_at: job.ended_at.clone(),
             error: job.error.clone(),
+            measured: None,
         })
     }
 }

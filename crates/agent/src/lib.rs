@@ -24,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod durable;
 pub mod events;
+pub mod fleet_figures;
 pub mod fleet_jobs;
 pub mod fleet_member;
 pub mod fleet_migrator;

@@ -272,6 +272,7 @@ mod tests {
             started_at: String::new(),
             ended_at: None,
             error: None,
+            measured: None,
         };
         let now = SystemTime::now();
         for (id, phase, hours_ago) in [

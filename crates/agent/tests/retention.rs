@@ -46,6 +46,7 @@ fn seed_jobs(state: &Path, jobs: &[(&str, u64)]) {
             started_at: "2026-12-01T00:00:00.000Z".into(),
             ended_at: Some("2026-12-01T00:00:01.000Z".into()),
             error: None,
+            measured: None,
         };
         ferry_agent::jobs::save(state, &file).unwrap();
         age(&state.join("jobs").join(format!("{id}.json")), *minutes);
@@ -88,6 +89,9 @@ fn seed_incoming(state: &Path, incoming: &[(&str, u64)]) {
             answered: true,
             log_offset: 0,
             expires_at_ms: 0,
+            offered_at_ms: 0,
+            prepare_ms: None,
+            measured: None,
         };
         ferry_agent::incoming::save(state, &file).unwrap();
         age(&state.join("incoming").join(format!("{id}.json")), *minutes);

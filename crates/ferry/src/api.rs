@@ -117,8 +117,17 @@ fn cancel_response(answer: CancelAnswer) -> Response {
 pub struct Pending {
     pub request: Request,
     reply: Sender<Response>,
+    /// Told once the final answer is on the socket.
+    written: Receiver<()>,
     cancel: Arc<MigrationCancel>,
 }
+
+/// How long `answer` waits for the final answer to be written: the VM's
+/// owner may exit right after it (a VM that migrated away), and an answer
+/// still in the connection's thread would be lost with the process (the
+/// source agent then saw "closed the connection without answering" for a
+/// migration that had committed).
+const WRITE_WAIT: Duration = Duration::from_secs(2);
 
 impl Pending {
     /// The cancel a migration started for this request listens to.
@@ -128,7 +137,9 @@ impl Pending {
 
     pub fn answer(self, response: Response) {
         // The client may have gone; the work is done either way.
-        let _ = self.reply.send(response);
+        if self.reply.send(response).is_ok() {
+            let _ = self.written.recv_timeout(WRITE_WAIT);
+        }
     }
 
     /// A line before the answer (migration progress); the client may have
@@ -217,10 +228,12 @@ fn serve(stream: UnixStream, owner: Sender<Pending>, cancel: Arc<MigrationCancel
             },
             Ok(request) => {
                 let (reply, answer) = channel();
+                let (done, written) = channel();
                 if owner
                     .send(Pending {
                         request,
                         reply,
+                        written,
                         cancel,
                     })
                     .is_err()
@@ -237,7 +250,9 @@ fn serve(stream: UnixStream, owner: Sender<Pending>, cancel: Arc<MigrationCancel
                                     message: "the VM did not answer in time".into(),
                                 });
                         if response.is_final() {
-                            break response;
+                            let _ = write_line(&mut writer, &response);
+                            let _ = done.send(());
+                            return;
                         }
                         // A client that went away does not stop the work.
                         let _ = write_line(&mut writer, &response);

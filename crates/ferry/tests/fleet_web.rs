@@ -76,6 +76,8 @@ fn host(name: &str, mem_gib: u64, vcpus: u32, health: Health) -> Host {
         cpu_features: Default::default(),
         maintenance: Maintenance::None,
         link_bytes_per_sec: 1_250_000_000,
+        receive_setup: None,
+        send_setup_ms: None,
     }
 }
 

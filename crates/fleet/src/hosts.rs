@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::migrator::Migrator;
-use crate::model::{Health, Host};
+use crate::model::{Health, Host, Maintenance};
 use crate::scheduler::{Scheduler, SchedulerError};
 use crate::store::fleet_store::{Batch, HOSTS};
 use crate::store::{Backend, Expect, FleetStore, LeaseId, StoreError};
@@ -53,8 +53,28 @@ pub fn register<B: Backend>(b: &B, host: &Host, ttl_ms: u64) -> Result<Registrat
     }
     let store = FleetStore::new(b);
     let lease = b.grant_lease(ttl_ms)?;
-    let key = format!("{HOSTS}{}", host.name);
     let mut batch = Batch::default();
+    own_fields(&store, host, &mut batch)?;
+    let reg = Registration {
+        host: host.name.clone(),
+        lease,
+    };
+    batch.put(format!("{ALIVE}{}", host.name), &reg, Expect::Any)?;
+    store.commit(batch, Some(lease))?;
+    Ok(reg)
+}
+
+/// Adds to `batch` the write of what the host itself knows (capacity,
+/// labels, version, CPU features, link, the costs of receiving and of
+/// sending a VM) over
+/// the stored record, checked against the revision read; nothing if that
+/// is what is stored already.
+fn own_fields<B: Backend>(
+    store: &FleetStore<&B>,
+    host: &Host,
+    batch: &mut Batch,
+) -> Result<(), StoreError> {
+    let key = format!("{HOSTS}{}", host.name);
     match store
         .hosts()?
         .into_iter()
@@ -68,18 +88,36 @@ pub fn register<B: Backend>(b: &B, host: &Host, ttl_ms: u64) -> Result<Registrat
             h.version = host.version;
             h.cpu_features = host.cpu_features.clone();
             h.link_bytes_per_sec = host.link_bytes_per_sec;
+            h.receive_setup = host.receive_setup;
+            h.send_setup_ms = host.send_setup_ms;
             if h != stored.value {
                 batch.put(key, &h, Expect::At(stored.revision))?;
             }
         }
     }
-    let reg = Registration {
-        host: host.name.clone(),
-        lease,
-    };
-    batch.put(format!("{ALIVE}{}", host.name), &reg, Expect::Any)?;
-    store.commit(batch, Some(lease))?;
-    Ok(reg)
+    Ok(())
+}
+
+/// Writes what the host itself knows anew while it stays registered (a
+/// new measurement of what moving a VM costs here), under its lease;
+/// false when it was left for later: a host being drained is the
+/// scheduler's to write until the drain ends (a write of ours would cost
+/// it a reload of the fleet at the drain's last step). A `Conflict` means
+/// the scheduler wrote the record meanwhile: call again.
+pub fn update_own<B: Backend>(b: &B, host: &Host, reg: &Registration) -> Result<bool, StoreError> {
+    let store = FleetStore::new(b);
+    let draining = store.hosts()?.iter().any(|v| {
+        v.value.name == host.name && matches!(v.value.maintenance, Maintenance::Draining { .. })
+    });
+    if draining {
+        return Ok(false);
+    }
+    let mut batch = Batch::default();
+    own_fields(&store, host, &mut batch)?;
+    if !batch.is_empty() {
+        store.commit(batch, Some(reg.lease))?;
+    }
+    Ok(true)
 }
 
 /// Keeps a registration alive; `Fenced` once it lapsed (register again).

@@ -167,6 +167,25 @@ impl Agent {
                 Some(format!("migrated in from {from}, then {why}")),
             ),
         }
+        if let (Some(pid), Some(prepare_ms)) = (pid, file.prepare_ms) {
+            if file.offered_at_ms > 0 {
+                let m = crate::incoming::ReceiveMeasured {
+                    mem_bytes: file.offer.definition.mem_bytes,
+                    prepare_ms,
+                    total_ms: crate::incoming::unix_ms_now().saturating_sub(file.offered_at_ms),
+                    received_bytes: crate::fleet_figures::populated_bytes(pid)
+                        .unwrap_or(file.offer.definition.mem_bytes),
+                };
+                tracing::info!(
+                    "incoming migration {}: prepared in {} ms, VM running here {} ms after the offer ({} MiB received)",
+                    file.view.id,
+                    m.prepare_ms,
+                    m.total_ms,
+                    m.received_bytes >> 20
+                );
+                file.measured = Some(m);
+            }
+        }
         let mut v = lock(&inc.view);
         v.phase = IncomingPhase::Committed;
         v.reason = None;

@@ -196,6 +196,12 @@ pub struct JobSlot {
     pub(super) timed_out: AtomicBool,
     /// Set once the engine has gone past the point a cancel holds.
     pub(super) past_cancel: Mutex<Option<PastCancel>>,
+    /// When the job started here (for what sending cost: SendMeasured).
+    pub(super) started: std::time::Instant,
+    /// The offer call's and the engine's spans, once known.
+    pub(super) spans: Mutex<(Option<u64>, Option<u64>)>,
+    /// Set for a committed job: written with its file.
+    pub(crate) measured: Mutex<Option<crate::jobs::SendMeasured>>,
 }
 
 impl JobSlot {
@@ -212,6 +218,9 @@ impl JobSlot {
             postcopy_asked: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
             past_cancel: Mutex::new(None),
+            started: std::time::Instant::now(),
+            spans: Mutex::new((None, None)),
+            measured: Mutex::new(None),
         }
     }
 

@@ -38,6 +38,8 @@ impl Agent {
         caller: &Caller,
         offer: PeerOffer,
     ) -> Result<Prepared, ApiError> {
+        let offered = Instant::now();
+        let offered_at_ms = crate::incoming::unix_ms_now();
         Self::validate(&CreateVm {
             id: Some(offer.vm.clone()),
             definition: offer.definition.clone(),
@@ -167,6 +169,9 @@ impl Agent {
             answered: false,
             log_offset: 0,
             expires_at_ms: 0,
+            offered_at_ms,
+            prepare_ms: None,
+            measured: None,
         };
         if let Err(e) = crate::incoming::save(&self.config.state_dir, &file) {
             return Err(released(self, ApiError::internal(e)));
@@ -228,6 +233,7 @@ impl Agent {
         file.answered = true;
         file.log_offset = offset;
         file.expires_at_ms = crate::incoming::unix_ms_now() + expires.as_millis() as u64;
+        file.prepare_ms = Some(offered.elapsed().as_millis() as u64);
         if let Err(e) = crate::incoming::save(&self.config.state_dir, &file) {
             kill(vmm).await;
             return Err(released(self, ApiError::internal(e)));

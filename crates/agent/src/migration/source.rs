@@ -191,6 +191,23 @@ impl Agent {
             slot.departing.store(false, Ordering::SeqCst);
         }
         *lock(&slot.job) = None;
+        if phase == JobPhase::Committed {
+            if let (Some(prepare_call_ms), Some(engine_ms)) = *lock(&job.spans) {
+                let m = crate::jobs::SendMeasured {
+                    total_ms: job.started.elapsed().as_millis() as u64,
+                    prepare_call_ms,
+                    engine_ms,
+                };
+                tracing::info!(
+                    "migration {}: {} ms in all, {} ms of it preparing the destination, {} ms in the engine",
+                    lock(&job.view).id,
+                    m.total_ms,
+                    m.prepare_call_ms,
+                    m.engine_ms
+                );
+                *lock(&job.measured) = Some(m);
+            }
+        }
         self.set_phase(&job, phase, reason.clone());
         self.save_job(&job);
         self.apply_retention();
@@ -247,6 +264,7 @@ impl Agent {
             plaintext_data_plane: self.config.insecure_plaintext_data_plane,
         };
         let body = serde_json::to_value(&offer).map_err(|e| e.to_string())?;
+        let offered = std::time::Instant::now();
         let reply = crate::peer::call(
             client,
             &target.host,
@@ -267,6 +285,7 @@ impl Agent {
         }
         let prepared: Prepared = serde_json::from_slice(&reply.body)
             .map_err(|e| format!("{}'s answer to the offer: {e}", target.host))?;
+        lock(&job.spans).0 = Some(offered.elapsed().as_millis() as u64);
         // An unspecified listening address: the host we reached.
         let mut data_plane: SocketAddr = prepared.address.parse().map_err(|_| {
             format!(
@@ -385,6 +404,7 @@ impl Agent {
         timer.abort();
         match answer {
             Ok(Response::Migrated(report)) => {
+                lock(&job.spans).1 = Some(report.total_ms as u64);
                 *lock(&job.past_cancel) = Some(PastCancel::Committed);
                 lock(&job.view).report = Some(*report);
                 self.confirm_commit(client, job).await;
@@ -430,7 +450,8 @@ impl Agent {
     /// Writes the job under the state directory (once the destination
     /// has prepared it; before that there is nothing to settle).
     pub(crate) fn save_job(&self, job: &JobSlot) {
-        if let Some(file) = crate::jobs::JobFile::of(&job.snapshot()) {
+        if let Some(mut file) = crate::jobs::JobFile::of(&job.snapshot()) {
+            file.measured = *lock(&job.measured);
             if let Err(e) = crate::jobs::save(&self.config.state_dir, &file) {
                 tracing::error!("cannot write job {}: {e}", file.id);
             }

@@ -297,6 +297,8 @@ fn register_cmd(r: RegisterArgs) -> anyhow::Result<bool> {
         cpu_features: Default::default(),
         maintenance: Maintenance::None,
         link_bytes_per_sec: (r.link_gbit * 1e9 / 8.0) as u64,
+        receive_setup: None,
+        send_setup_ms: None,
     };
     let backend = r.store.connect()?;
     let reg = hosts::register(&backend, &host, ttl).context("register the host")?;

@@ -267,6 +267,8 @@ mod tests {
             cpu_features: ["sse4_2".to_string()].into(),
             maintenance: Maintenance::None,
             link_bytes_per_sec: 1 << 30,
+            receive_setup: None,
+            send_setup_ms: None,
         }
     }
 

@@ -105,6 +105,40 @@ pub struct Host {
     pub maintenance: Maintenance,
     /// What its migration link carries, bytes per second.
     pub link_bytes_per_sec: u64,
+    /// What receiving a VM costs here besides its pages, as the host's
+    /// agent measured it; None (a host an operator or a seed wrote, or an
+    /// older agent): `ferry bench`'s figure, plan::predict::SETUP_MS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_setup: Option<ReceiveSetup>,
+    /// What sending a VM costs here as the source besides the
+    /// destination's part and the pages, milliseconds, as its agent
+    /// measured it: the job's start and, after the commit, its
+    /// confirmation and the old VMM's stop. None: not reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_setup_ms: Option<f64>,
+}
+
+/// The cost of receiving one VM on a host, besides sending its pages: the
+/// destination starts a VMM process for it and reserves (or preallocates)
+/// its memory, and the two agents make their API round trips; the first
+/// part is the same for every VM, the second grows with its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReceiveSetup {
+    /// Per VM, whatever its size.
+    pub fixed_ms: f64,
+    /// Per GiB of the VM's memory.
+    pub per_gib_ms: f64,
+    /// Ended incoming migrations it was measured from; 0: the agent's
+    /// default, nothing measured yet.
+    #[serde(default)]
+    pub samples: u32,
+}
+
+impl ReceiveSetup {
+    /// The setup of a VM of `mem_bytes`.
+    pub fn ms(&self, mem_bytes: u64) -> f64 {
+        self.fixed_ms + self.per_gib_ms * mem_bytes as f64 / super::GIB as f64
+    }
 }
 
 /// A rack name for hosts without a `rack` label.

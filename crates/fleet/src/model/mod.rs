@@ -8,7 +8,7 @@ pub mod tenant;
 pub mod vm;
 
 pub use fleet::{Fleet, FleetError, HostIx, VmIx};
-pub use host::{Health, Host, Maintenance, Version};
+pub use host::{Health, Host, Maintenance, ReceiveSetup, Version};
 pub use resources::{Resources, GIB, MIB};
 pub use tenant::Tenant;
 pub use vm::{Availability, MigrationPolicy, OnHostMaintenance, Vm, VmRunState};

@@ -62,9 +62,7 @@ fn entry(fleet: &Fleet, v: VmIx, action: Action) -> PlanEntry {
         action,
         target: None,
         predicted_ms: match action {
-            Action::Migrate => {
-                predict(vm.populated_bytes, vm.dirty_rate, host.link_bytes_per_sec).total_ms as u64
-            }
+            Action::Migrate => predicted_ms(fleet, v, None),
             Action::Terminate { .. } => 0,
         },
         predicted_end_ms: None,
@@ -74,6 +72,25 @@ fn entry(fleet: &Fleet, v: VmIx, action: Action) -> PlanEntry {
         avoid: Vec::new(),
         history: Vec::new(),
     }
+}
+
+/// The VM's migration alone, to `target` (whose measured setup it is
+/// charged) or, before one is chosen, with `ferry bench`'s setup.
+fn predicted_ms(fleet: &Fleet, v: VmIx, target: Option<HostIx>) -> u64 {
+    let vm = fleet.vm(v);
+    let source = fleet.host(fleet.vm_host(v));
+    let setup = predict::setup_ms(
+        Some(source),
+        target.map(|h| fleet.host(h)),
+        vm.resources.mem_bytes,
+    );
+    predict(
+        setup,
+        vm.populated_bytes,
+        vm.dirty_rate,
+        source.link_bytes_per_sec,
+    )
+    .total_ms as u64
 }
 
 fn action_for(fleet: &Fleet, v: VmIx) -> Action {
@@ -117,6 +134,9 @@ fn check_places(
             Ok(h) => {
                 targets.reserve(v, h);
                 e.target = Some(fleet.host(h).name.clone());
+                if e.action == Action::Migrate {
+                    e.predicted_ms = predicted_ms(fleet, v, Some(h));
+                }
             }
             Err(why) => {
                 e.state = EntryState::Blocked;
@@ -252,7 +272,10 @@ pub fn prepare_move(
     };
     let e = &mut plan.entries[0];
     match place {
-        Ok(h) => e.target = Some(fleet.host(h).name.clone()),
+        Ok(h) => {
+            e.target = Some(fleet.host(h).name.clone());
+            e.predicted_ms = predicted_ms(fleet, v, Some(h));
+        }
         Err(why) => {
             e.state = EntryState::Blocked;
             e.reason = Some(why);

@@ -129,7 +129,8 @@ pub struct PlanEntry {
     pub action: Action,
     /// The target the dry run chose (a prediction), then the one used.
     pub target: Option<String>,
-    /// The migration alone on the link, from its dirty rate (plan::predict).
+    /// The migration alone on the link, from its dirty rate, with the
+    /// setup its source and target measured (plan::predict).
     pub predicted_ms: u64,
     /// When the dry run predicts it ends, from the plan's start.
     pub predicted_end_ms: Option<u64>,

@@ -30,6 +30,8 @@ pub fn host(name: &str, rack: &str, mem_gib: u64) -> Host {
         cpu_features: ["avx2".to_string()].into(),
         maintenance: Maintenance::None,
         link_bytes_per_sec: 1_250_000_000,
+        receive_setup: None,
+        send_setup_ms: None,
     }
 }
 

@@ -98,6 +98,8 @@ pub fn generate(spec: &FleetSpec) -> (Vec<Host>, Vec<Vm>, Vec<Tenant>) {
                 cpu_features: features,
                 maintenance: Maintenance::None,
                 link_bytes_per_sec: spec.link_bytes_per_sec,
+                receive_setup: None,
+                send_setup_ms: None,
             }
         })
         .collect();

@@ -1,5 +1,7 @@
-//! A simulated migrator. Each migration spends `predict::SETUP_MS` in
-//! setup, then sends the bytes pre-copy would send
+//! A simulated migrator. Each migration spends its setup (the target's
+//! measured cost of receiving a VM of its size, else `predict::SETUP_MS`,
+//! plus the source's measured cost of sending: `predict::setup_ms`), then
+//! sends the bytes pre-copy would send
 //! (`predict::bytes_to_send` over the source's link), then takes
 //! `predict::BLACKOUT_MS` of blackout. While it sends, it gets an equal
 //! share of its source's link among the migrations leaving that host, and
@@ -13,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 use crate::migrator::{MigrationRequest, MigrationStatus, Migrator, MigratorError};
-use crate::model::{Host, Vm};
+use crate::model::{Host, ReceiveSetup, Vm};
 use crate::plan::predict::{bytes_to_send, BLACKOUT_MS, SETUP_MS};
 use crate::time::Timestamp;
 
@@ -54,11 +56,14 @@ pub struct VmOp {
 struct SimHost {
     rack: String,
     link: f64,
+    setup: Option<ReceiveSetup>,
+    send_setup_ms: f64,
     failed: bool,
 }
 
 struct SimVm {
     tenant: String,
+    mem_bytes: u64,
     populated: u64,
     dirty: u64,
 }
@@ -122,6 +127,8 @@ impl SimMigrator {
                 .map(|h| SimHost {
                     rack: h.rack().to_string(),
                     link: h.link_bytes_per_sec as f64,
+                    setup: h.receive_setup,
+                    send_setup_ms: h.send_setup_ms.unwrap_or(0.0).max(0.0),
                     failed: false,
                 })
                 .collect(),
@@ -132,6 +139,7 @@ impl SimMigrator {
                         v.id.clone(),
                         SimVm {
                             tenant: v.tenant.clone(),
+                            mem_bytes: v.resources.mem_bytes,
                             populated: v.populated_bytes,
                             dirty: v.dirty_rate,
                         },
@@ -316,6 +324,10 @@ impl Migrator for SimMigrator {
             return Err(refuse(&req.source, "no such VM"));
         };
         let (bytes, _) = bytes_to_send(vm.populated, vm.dirty, self.hosts[src].link as u64);
+        let setup_ms = self.hosts[dst]
+            .setup
+            .map_or(SETUP_MS, |s| s.ms(vm.mem_bytes).max(0.0))
+            + self.hosts[src].send_setup_ms;
         let fault = self.faults.get_mut(&req.vm).and_then(|f| {
             if f.is_empty() {
                 None
@@ -346,7 +358,7 @@ impl Migrator for SimMigrator {
                 dst,
                 left: bytes.max(1) as f64,
                 total: bytes.max(1) as f64,
-                data_from: now.ms() as f64 + SETUP_MS,
+                data_from: now.ms() as f64 + setup_ms,
                 fault,
             },
         );
