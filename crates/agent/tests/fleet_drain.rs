@@ -569,7 +569,7 @@ fn a_killed_agents_registration_lapses_and_a_stopped_one_ends_at_once() {
 /// report a cost measured from the moves they received.
 #[test]
 fn the_dry_runs_predicted_finish_is_set_beside_the_real_drains() {
-    if !kvm_or_skip("the_dry_runs_predicted_finish_is_within_a_quarter") {
+    if !kvm_or_skip("the_dry_runs_predicted_finish_is_set_beside_the_real_drains") {
         return;
     }
     let f = DrainFleet::start(
