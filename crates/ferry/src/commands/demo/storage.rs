@@ -48,9 +48,8 @@ pub struct StorageOutcome {
     pub lock_handover_ms: Option<f64>,
     /// Local: what the copy did.
     pub copy: Option<ferry_migration::stats::DiskCopyReport>,
-    /// Local: time the guest's writes waited for the copy (write-blocking
-    /// mirroring is not built: a guest that outwrites the link is slowed
-    /// by the brake instead).
+    /// Local: how long the copy was in write-blocking (the guest's writes
+    /// waiting for the copy); 0 when the copy kept up.
     pub write_blocking_ms: f64,
     pub b_holds_lock: bool,
     /// Blocks B's guest read back and checked after the move.
