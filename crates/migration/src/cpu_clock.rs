@@ -32,6 +32,12 @@ fn clock(id: libc::clockid_t) -> Duration {
 /// The kernel's smoothed round-trip time of a TCP connection: the link's
 /// own, without the wake-ups of threads that a busy host delays.
 pub fn tcp_round_trip(stream: &std::net::TcpStream) -> Option<Duration> {
+    let info = tcp_info(stream).ok()?;
+    (info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
+/// The kernel's TCP_INFO of a connection.
+pub fn tcp_info(stream: &std::net::TcpStream) -> std::io::Result<libc::tcp_info> {
     use std::os::fd::AsRawFd;
     // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -47,5 +53,8 @@ pub fn tcp_round_trip(stream: &std::net::TcpStream) -> Option<Duration> {
             &mut len,
         )
     };
-    (rc == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info)
 }

@@ -17,7 +17,6 @@
 //! image's zero areas too, which go as NBD write-zeroes without data).
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -163,22 +162,6 @@ impl QemuDiskOutcome {
 
 /// TCP_INFO's bytes_acked and bytes_received of `stream`.
 pub fn tcp_bytes(stream: &TcpStream) -> std::io::Result<(u64, u64)> {
-    // SAFETY: tcp_info is plain data; all-zero is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` and `len` are valid for writes of the sizes given, and
-    // the descriptor is an open TCP socket owned by `stream`.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let info = ferry_migration::cpu_clock::tcp_info(stream)?;
     Ok((info.tcpi_bytes_acked, info.tcpi_bytes_received))
 }
